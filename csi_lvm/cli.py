@@ -1,0 +1,129 @@
+"""The ``csi-lvm`` command: ``serve`` runs the driver."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from csi_lvm import __version__
+from csi_lvm.config import load_config
+from csi_lvm.controller import ControllerService
+from csi_lvm.errors import ConfigError
+from csi_lvm.identity import IdentityService
+from csi_lvm.locks import KeyedLocks
+from csi_lvm.lvm import Lvm
+from csi_lvm.node import NodeService
+from csi_lvm.server import Server
+from csi_lvm.volumes import Inventory
+
+DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
+DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
+DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"
+# A CSI driver name: a domain-style name of at most 63 characters.
+DRIVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+TOPOLOGY_KEY_RE = re.compile(
+    r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def default_node_id() -> str:
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csi-lvm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"csi-lvm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the CSI services on a unix socket")
+    serve.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="unix:///path/to/csi.sock")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help="device class config (YAML)")
+    serve.add_argument("--node-id", default=None, help="this node's id ($NODE_NAME, else hostname)")
+    serve.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    serve.add_argument(
+        "--topology-key",
+        default=None,
+        help="topology segment key (default topology.<driver-name>/node)",
+    )
+    serve.add_argument("--max-volumes-per-node", type=int, default=0)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--grace-period", type=float, default=30.0, help="seconds for calls to end")
+    serve.add_argument("--lvm-prefix", default="", help="command to run LVM through, e.g. nsenter")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    log = structlog.get_logger("csi_lvm")
+    node_id = args.node_id or default_node_id()
+    if not DRIVER_NAME_RE.fullmatch(args.driver_name):
+        raise ConfigError(f"--driver-name {args.driver_name!r} is not a domain-style name")
+    topology_key = args.topology_key or f"topology.{args.driver_name}/node"
+    if not TOPOLOGY_KEY_RE.fullmatch(topology_key):
+        raise ConfigError(f"--topology-key {topology_key!r} is not a valid label key")
+    if args.max_volumes_per_node < 0:
+        raise ConfigError("--max-volumes-per-node must not be negative")
+    config = load_config(args.config)
+    lvm = Lvm(prefix=args.lvm_prefix.split())
+    inventory = Inventory(config, lvm, node_id, args.driver_name)
+    missing = inventory.missing_storage()
+    if missing:
+        device_class, what = missing[0]
+        raise ConfigError(
+            f"{config.source} line {device_class.line}: device class {device_class.name!r} "
+            f"names {what}, which does not exist on node {node_id}"
+        )
+    locks = KeyedLocks()
+    server = Server(
+        args.endpoint,
+        IdentityService(args.driver_name, inventory),
+        ControllerService(inventory, locks, topology_key),
+        NodeService(inventory, locks, topology_key, args.max_volumes_per_node),
+    )
+    log.info(
+        "starting",
+        version=__version__,
+        driver=args.driver_name,
+        node_id=node_id,
+        topology_key=topology_key,
+        classes=[c.describe() for c in config.device_classes],
+    )
+    server.run_until_signalled(args.grace_period)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+    except ConfigError as exc:
+        print(f"csi-lvm: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

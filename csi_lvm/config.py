@@ -1,0 +1,195 @@
+"""The driver's configuration: device classes read from YAML, checked at start.
+
+Errors name the file and line, so an admin can fix a config map without
+reading code. Whether the named volume groups and pools exist is checked by
+the caller against LVM (see ``cli.serve``); this module does no I/O beyond
+reading the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from csi_lvm.errors import ConfigError
+from csi_lvm.ids import CLASS_NAME_RE, MAX_CLASS_NAME
+
+# LVM's own rule for VG and LV names, minus names it reserves.
+LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
+
+_CLASS_KEYS = {"name", "volumeGroup", "thinPool", "overprovisionRatio", "default"}
+_TOP_KEYS = {"deviceClasses"}
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    name: str
+    volume_group: str
+    thin_pool: str | None = None
+    overprovision_ratio: float = 1.0
+    default: bool = False
+    line: int = 0  # where the class starts in the config file, for messages
+
+    @property
+    def is_thin(self) -> bool:
+        return self.thin_pool is not None
+
+    def describe(self) -> str:
+        where = f"{self.volume_group}/{self.thin_pool}" if self.thin_pool else self.volume_group
+        return f"{self.name} ({'thin pool' if self.is_thin else 'volume group'} {where})"
+
+
+@dataclass(frozen=True)
+class Config:
+    device_classes: tuple[DeviceClass, ...]
+    source: str = "<config>"
+
+    @property
+    def default_class(self) -> DeviceClass | None:
+        for device_class in self.device_classes:
+            if device_class.default:
+                return device_class
+        return self.device_classes[0] if len(self.device_classes) == 1 else None
+
+    def find(self, name: str) -> DeviceClass | None:
+        return next((c for c in self.device_classes if c.name == name), None)
+
+    @property
+    def volume_groups(self) -> list[str]:
+        return sorted({c.volume_group for c in self.device_classes})
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source} line {mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if root is None:
+        raise ConfigError(f"{source}: the file is empty; it must list deviceClasses")
+    top = _mapping(root, source, "the top level")
+    _reject_unknown(top, _TOP_KEYS, source)
+    if "deviceClasses" not in top:
+        raise ConfigError(f"{source} line {root.start_mark.line + 1}: 'deviceClasses' is missing")
+    list_node = top["deviceClasses"][1]
+    if not isinstance(list_node, yaml.SequenceNode) or not list_node.value:
+        raise ConfigError(
+            f"{_at(source, list_node)}: 'deviceClasses' must be a non-empty list of classes"
+        )
+    classes = [_device_class(node, source) for node in list_node.value]
+    _check_classes(classes, source)
+    return Config(tuple(classes), source)
+
+
+def _device_class(node: yaml.Node, source: str) -> DeviceClass:
+    fields = _mapping(node, source, "a device class")
+    _reject_unknown(fields, _CLASS_KEYS, source)
+    for required in ("name", "volumeGroup"):
+        if required not in fields:
+            raise ConfigError(f"{_at(source, node)}: device class lacks '{required}'")
+    name = _string(fields["name"][1], source, "name")
+    if not CLASS_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{_at(source, fields['name'][1])}: class name {name!r} must be lower-case letters, "
+            f"digits and '-', at most {MAX_CLASS_NAME} characters"
+        )
+    volume_group = _lvm_name(fields["volumeGroup"][1], source, "volumeGroup")
+    thin_pool = (
+        _lvm_name(fields["thinPool"][1], source, "thinPool") if "thinPool" in fields else None
+    )
+    ratio = 1.0
+    if "overprovisionRatio" in fields:
+        ratio_node = fields["overprovisionRatio"][1]
+        if thin_pool is None:
+            raise ConfigError(
+                f"{_at(source, ratio_node)}: overprovisionRatio applies to thin classes only; "
+                "add thinPool or remove it"
+            )
+        ratio = _number(ratio_node, source, "overprovisionRatio")
+        if ratio < 1.0:
+            raise ConfigError(f"{_at(source, ratio_node)}: overprovisionRatio must be at least 1")
+    default = False
+    if "default" in fields:
+        default_node = fields["default"][1]
+        value = yaml.safe_load(yaml.serialize(default_node))
+        if not isinstance(value, bool):
+            raise ConfigError(f"{_at(source, default_node)}: default must be true or false")
+        default = value
+    return DeviceClass(name, volume_group, thin_pool, ratio, default, node.start_mark.line + 1)
+
+
+def _check_classes(classes: list[DeviceClass], source: str) -> None:
+    seen: set[str] = set()
+    for device_class in classes:
+        if device_class.name in seen:
+            raise ConfigError(
+                f"{source} line {device_class.line}: device class {device_class.name!r} "
+                "is listed twice"
+            )
+        seen.add(device_class.name)
+    defaults = [c for c in classes if c.default]
+    if len(defaults) > 1:
+        raise ConfigError(
+            f"{source} line {defaults[1].line}: only one device class may be the default "
+            f"({', '.join(c.name for c in defaults)} all say default: true)"
+        )
+
+
+def _at(source: str, node: yaml.Node) -> str:
+    return f"{source} line {node.start_mark.line + 1}"
+
+
+def _mapping(node: yaml.Node, source: str, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_at(source, node)}: {what} must be a mapping of keys to values")
+    fields: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        if key in fields:
+            raise ConfigError(f"{_at(source, key_node)}: key {key!r} appears twice")
+        fields[key] = (key_node, value_node)
+    return fields
+
+
+def _reject_unknown(
+    fields: dict[str, tuple[yaml.Node, yaml.Node]], allowed: set[str], source: str
+) -> None:
+    for key, (key_node, _) in fields.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{_at(source, key_node)}: unknown key {key!r}; "
+                f"allowed here: {', '.join(sorted(allowed))}"
+            )
+
+
+def _string(node: yaml.Node, source: str, what: str) -> str:
+    if not isinstance(node, yaml.ScalarNode) or not str(node.value):
+        raise ConfigError(f"{_at(source, node)}: {what} must be a non-empty string")
+    return str(node.value)
+
+
+def _lvm_name(node: yaml.Node, source: str, what: str) -> str:
+    value = _string(node, source, what)
+    if not LVM_NAME_RE.fullmatch(value) or value in {".", ".."}:
+        raise ConfigError(f"{_at(source, node)}: {what} {value!r} is not a valid LVM name")
+    return value
+
+
+def _number(node: yaml.Node, source: str, what: str) -> float:
+    value = yaml.safe_load(yaml.serialize(node)) if isinstance(node, yaml.ScalarNode) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{_at(source, node)}: {what} must be a number")
+    return float(value)

@@ -1,0 +1,543 @@
+"""The CSI Controller service: volume and snapshot lifecycle on this node.
+
+Each RPC validates its request, then does one thing through the inventory
+(lookups) and the LVM layer (changes). Errors are raised as domain errors;
+the server's interceptor turns them into gRPC statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from csi_lvm.config import DeviceClass
+from csi_lvm.csi import csi_pb2, csi_pb2_grpc
+from csi_lvm.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from csi_lvm.ids import (
+    NEW_UUID_TAG,
+    Kind,
+    ObjectId,
+    Tag,
+    check_csi_name,
+    encode_tags,
+    lv_name_for,
+)
+from csi_lvm.locks import KeyedLocks
+from csi_lvm.lvm import LvmAlreadyExists, LvmNoSpace
+from csi_lvm.rpc import budget, node_topology
+from csi_lvm.validation import (
+    PV_NAME,
+    PVC_NAME,
+    PVC_NAMESPACE,
+    SIDECAR_PARAMETER_PREFIX,
+    SNAPSHOT_CONTENT_NAME,
+    SNAPSHOT_NAME,
+    SNAPSHOT_NAMESPACE,
+    capability_problem,
+    check_capabilities,
+    choose_size,
+    device_class_for,
+    size_range,
+)
+from csi_lvm.volumes import Inventory, Owned
+
+log = structlog.get_logger("csi_lvm.controller")
+
+Cap = csi_pb2.ControllerServiceCapability.RPC.Type
+CAPABILITIES = (
+    Cap.CREATE_DELETE_VOLUME,
+    Cap.LIST_VOLUMES,
+    Cap.GET_CAPACITY,
+    Cap.GET_VOLUME,
+    Cap.VOLUME_CONDITION,
+    Cap.SINGLE_NODE_MULTI_WRITER,
+    Cap.CREATE_DELETE_SNAPSHOT,
+    Cap.LIST_SNAPSHOTS,
+    Cap.CLONE_VOLUME,
+)
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
+    def __init__(self, inventory: Inventory, locks: KeyedLocks, topology_key: str) -> None:
+        self.inventory = inventory
+        self.lvm = inventory.lvm
+        self.locks = locks
+        self.topology_key = topology_key
+
+    @property
+    def node_id(self) -> str:
+        return self.inventory.node_id
+
+    # ------------------------------------------------------------- volumes
+
+    def CreateVolume(self, request: Any, context: Any) -> csi_pb2.CreateVolumeResponse:
+        check_csi_name(request.name)
+        check_capabilities(request.volume_capabilities)
+        parameters = dict(request.parameters)
+        device_class = device_class_for(self.inventory.config, parameters)
+        wanted = size_range(
+            request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+        )
+        source = (
+            self._content_source(request) if request.HasField("volume_content_source") else None
+        )
+        self._check_topology(request, source)
+        timeout = budget(context)
+
+        lv_name = lv_name_for(Kind.VOLUME, request.name)
+        with self.locks.hold(lv_name):
+            existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, timeout)
+            if existing is not None:
+                return self._existing_volume(
+                    request, existing, device_class, wanted, source, timeout
+                )
+            if source is not None:
+                owned = self._create_from_source(
+                    request, lv_name, device_class, wanted, source, timeout
+                )
+            else:
+                owned = self._create_blank(request, lv_name, device_class, wanted, timeout)
+        log.info(
+            "volume created", volume_id=str(owned.id), lv=owned.lv.full_name, bytes=owned.size_bytes
+        )
+        return csi_pb2.CreateVolumeResponse(
+            volume=self._volume(owned, request.volume_content_source)
+        )
+
+    def _create_blank(
+        self,
+        request: Any,
+        lv_name: str,
+        device_class: DeviceClass,
+        wanted: Any,
+        timeout: float | None,
+    ) -> Owned:
+        space = self.inventory.space(device_class, timeout)
+        size = choose_size(wanted, space.extent_bytes)
+        self._check_room(device_class, size, space.available_bytes)
+        tags = self._volume_tags(request, device_class, source_id="")
+        try:
+            if device_class.thin_pool is not None:
+                self.lvm.create_thin_volume(
+                    device_class.volume_group, device_class.thin_pool, lv_name, size, tags, timeout
+                )
+            else:
+                self.lvm.create_linear_volume(
+                    device_class.volume_group, lv_name, size, tags, timeout
+                )
+        except LvmNoSpace as exc:
+            raise ResourceExhausted(
+                f"device class {device_class.name} on node {self.node_id} has no room for "
+                f"{size} bytes: {exc}"
+            ) from exc
+        except LvmAlreadyExists as exc:
+            raise Aborted(f"volume {request.name} appeared while being created; retry") from exc
+        return self._reload(device_class, lv_name, timeout)
+
+    def _create_from_source(
+        self,
+        request: Any,
+        lv_name: str,
+        device_class: DeviceClass,
+        wanted: Any,
+        source: Owned,
+        timeout: float | None,
+    ) -> Owned:
+        if device_class.name != source.device_class.name:
+            raise InvalidArgument(
+                f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
+                f"a volume made from it must use that class, not {device_class.name}"
+            )
+        space = self.inventory.space(device_class, timeout)
+        size = choose_size(wanted, space.extent_bytes, minimum=source.size_bytes)
+        # A thin snapshot copies nothing, but its virtual size still counts
+        # against the class's over-provisioning limit, like any thin volume.
+        self._check_room(device_class, size, space.available_bytes)
+        tags = [*self._volume_tags(request, device_class, source_id=str(source.id)), NEW_UUID_TAG]
+        try:
+            self.lvm.create_thin_snapshot(
+                device_class.volume_group,
+                source.lv.name,
+                lv_name,
+                tags,
+                active=True,
+                timeout=timeout,
+            )
+        except LvmNoSpace as exc:
+            raise ResourceExhausted(
+                f"thin pool of device class {device_class.name} on node {self.node_id} "
+                f"refused a new snapshot: {exc}"
+            ) from exc
+        owned = self._reload(device_class, lv_name, timeout)
+        if owned.size_bytes < size:
+            self.lvm.extend(device_class.volume_group, lv_name, size, timeout)
+            owned = self._reload(device_class, lv_name, timeout)
+        return owned
+
+    def _existing_volume(
+        self,
+        request: Any,
+        existing: Owned,
+        device_class: DeviceClass,
+        wanted: Any,
+        source: Owned | None,
+        timeout: float | None,
+    ) -> csi_pb2.CreateVolumeResponse:
+        """Idempotent repeat, a crash left-over to finish, or a conflict."""
+        if existing.name != request.name or existing.device_class.name != device_class.name:
+            raise AlreadyExists(
+                f"volume {request.name} already exists in device class "
+                f"{existing.device_class.name}, not {device_class.name}"
+            )
+        source_id = str(source.id) if source is not None else ""
+        if existing.source_id != source_id:
+            raise AlreadyExists(
+                f"volume {request.name} already exists with a different content source "
+                f"({existing.source_id or 'none'})"
+            )
+        if source is not None and existing.size_bytes < wanted.required:
+            # A restore interrupted between snapshot and extend: finish it.
+            extent = self.inventory.space(device_class, timeout).extent_bytes
+            size = choose_size(wanted, extent, minimum=source.size_bytes)
+            self.lvm.extend(existing.lv.vg_name, existing.lv.name, size, timeout)
+            existing = self._reload(device_class, existing.lv.name, timeout)
+        if not wanted.allows(existing.size_bytes):
+            raise AlreadyExists(
+                f"volume {request.name} already exists with {existing.size_bytes} bytes, "
+                f"outside the requested range ({wanted.describe()})"
+            )
+        return csi_pb2.CreateVolumeResponse(
+            volume=self._volume(existing, request.volume_content_source)
+        )
+
+    def _content_source(self, request: Any) -> Owned:
+        content = request.volume_content_source
+        which = content.WhichOneof("type")
+        if which == "snapshot":
+            text, kind, what = content.snapshot.snapshot_id, Kind.SNAPSHOT, "snapshot"
+        elif which == "volume":
+            text, kind, what = content.volume.volume_id, Kind.VOLUME, "source volume"
+        else:
+            raise InvalidArgument("volume_content_source must name a snapshot or a volume")
+        if not text:
+            raise InvalidArgument(f"volume_content_source: the {what} id is required")
+        object_id = ObjectId.parse(text)
+        if object_id is not None and object_id.node != self.inventory.node_part:
+            raise ResourceExhausted(
+                f"{what} {text} is held by node {object_id.node}; a volume made from it can "
+                f"only live on that node, not on {self.node_id}"
+            )
+        parsed = self.inventory.parse_local_id(text, kind, what)
+        found = None
+        if parsed is not None:
+            found = self.inventory.get(*parsed, timeout=None)
+        if found is None:
+            raise NotFound(f"{what} {text} does not exist on node {self.node_id}")
+        if found.device_class.thin_pool is None:
+            raise FailedPrecondition(
+                f"{what} {text} is in thick device class {found.device_class.name}; "
+                "restore and clone need a thin device class"
+            )
+        return found
+
+    def _check_topology(self, request: Any, source: Owned | None) -> None:
+        requirements = request.accessibility_requirements
+        wanted = list(requirements.requisite) or list(requirements.preferred)
+        if not wanted:
+            return
+        if any(t.segments.get(self.topology_key) == self.node_id for t in wanted):
+            return
+        asked = "; ".join(
+            ", ".join(f"{k}={v}" for k, v in sorted(t.segments.items())) or "{}" for t in wanted
+        )
+        holder = f" (the source {source.id} is held here)" if source is not None else ""
+        raise ResourceExhausted(
+            f"this driver serves node {self.node_id} ({self.topology_key}={self.node_id}) but "
+            f"the request only accepts: {asked}{holder}"
+        )
+
+    def _check_room(self, device_class: DeviceClass, size: int, available: int) -> None:
+        if size > available:
+            raise ResourceExhausted(
+                f"device class {device_class.name} on node {self.node_id} has {available} "
+                f"bytes available, {size} requested"
+            )
+
+    def _volume_tags(self, request: Any, device_class: DeviceClass, source_id: str) -> list[str]:
+        parameters = request.parameters
+        return encode_tags(
+            {
+                Tag.DRIVER: self.inventory.driver_name,
+                Tag.NAME: request.name,
+                Tag.CLASS: device_class.name,
+                Tag.SOURCE: source_id,
+                Tag.PVC_NAME: parameters.get(PVC_NAME, ""),
+                Tag.PVC_NAMESPACE: parameters.get(PVC_NAMESPACE, ""),
+                Tag.PV_NAME: parameters.get(PV_NAME, ""),
+            }
+        )
+
+    def _reload(self, device_class: DeviceClass, lv_name: str, timeout: float | None) -> Owned:
+        owned = self.inventory.get(
+            self.inventory.make_id(device_class, lv_name), device_class, timeout
+        )
+        if owned is None:
+            raise Aborted(
+                f"LV {device_class.volume_group}/{lv_name} vanished while being made; retry"
+            )
+        return owned
+
+    def _volume(self, owned: Owned, content_source: Any = None) -> csi_pb2.Volume:
+        volume = csi_pb2.Volume(
+            volume_id=str(owned.id),
+            capacity_bytes=owned.size_bytes,
+            accessible_topology=[node_topology(self.topology_key, self.node_id)],
+        )
+        if content_source is not None and content_source.WhichOneof("type"):
+            volume.content_source.CopyFrom(content_source)
+        elif owned.source_id:
+            source = ObjectId.parse(owned.source_id)
+            if source is not None and source.kind is Kind.SNAPSHOT:
+                volume.content_source.snapshot.snapshot_id = owned.source_id
+            elif source is not None:
+                volume.content_source.volume.volume_id = owned.source_id
+        return volume
+
+    def DeleteVolume(self, request: Any, context: Any) -> csi_pb2.DeleteVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        parsed = self.inventory.parse_local_id(request.volume_id, Kind.VOLUME, "volume")
+        if parsed is None:  # not an id csi-lvm makes, so no volume of ours
+            return csi_pb2.DeleteVolumeResponse()
+        object_id, device_class = parsed
+        timeout = budget(context)
+        with self.locks.hold(object_id.lv_name):
+            owned = self.inventory.get(object_id, device_class, timeout)
+            if owned is None:
+                return csi_pb2.DeleteVolumeResponse()
+            if owned.lv.attr.device_open:
+                raise FailedPrecondition(
+                    f"volume {request.volume_id} is still in use on node {self.node_id} "
+                    "(its device is open); unpublish and unstage it first"
+                )
+            self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+        log.info("volume deleted", volume_id=request.volume_id, lv=owned.lv.full_name)
+        return csi_pb2.DeleteVolumeResponse()
+
+    def _require_volume(self, volume_id: str, timeout: float | None) -> Owned:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        parsed = self.inventory.parse_local_id(volume_id, Kind.VOLUME, "volume")
+        owned = self.inventory.get(*parsed, timeout=timeout) if parsed else None
+        if owned is None:
+            raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
+        return owned
+
+    def ValidateVolumeCapabilities(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        device_class_for(self.inventory.config, dict(request.parameters))
+        self._require_volume(request.volume_id, budget(context))
+        problems = [p for c in request.volume_capabilities if (p := capability_problem(c))]
+        if problems:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+            mutable_parameters=request.mutable_parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    def ListVolumes(self, request: Any, context: Any) -> csi_pb2.ListVolumesResponse:
+        timeout = budget(context)
+        volumes = self.inventory.owned(Kind.VOLUME, timeout)
+        page, next_token = _page(volumes, request.max_entries, request.starting_token)
+        entries = []
+        for owned in page:
+            condition = self.inventory.condition(owned, timeout)
+            entries.append(
+                csi_pb2.ListVolumesResponse.Entry(
+                    volume=self._volume(owned),
+                    status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                        volume_condition=_condition(condition)
+                    ),
+                )
+            )
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    def ControllerGetVolume(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ControllerGetVolumeResponse:
+        timeout = budget(context)
+        owned = self._require_volume(request.volume_id, timeout)
+        condition = self.inventory.condition(owned, timeout)
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=self._volume(owned),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                volume_condition=_condition(condition)
+            ),
+        )
+
+    def GetCapacity(self, request: Any, context: Any) -> csi_pb2.GetCapacityResponse:
+        device_class = device_class_for(self.inventory.config, dict(request.parameters))
+        if any(capability_problem(c) for c in request.volume_capabilities):
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        if (
+            request.HasField("accessible_topology")
+            and request.accessible_topology.segments.get(self.topology_key) != self.node_id
+        ):
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        space = self.inventory.space(device_class, budget(context))
+        available = space.available_bytes - space.available_bytes % space.extent_bytes
+        response = csi_pb2.GetCapacityResponse(available_capacity=available)
+        response.maximum_volume_size.value = available
+        response.minimum_volume_size.value = space.extent_bytes
+        return response
+
+    def ControllerGetCapabilities(
+        self, request: Any, context: Any
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.ControllerServiceCapability(
+                    rpc=csi_pb2.ControllerServiceCapability.RPC(type=cap)
+                )
+                for cap in CAPABILITIES
+            ]
+        )
+
+    # ------------------------------------------------------------ snapshots
+
+    def CreateSnapshot(self, request: Any, context: Any) -> csi_pb2.CreateSnapshotResponse:
+        check_csi_name(request.name)
+        if not request.source_volume_id:
+            raise InvalidArgument("source_volume_id is required")
+        parameters = dict(request.parameters)
+        unknown = sorted(k for k in parameters if not k.startswith(SIDECAR_PARAMETER_PREFIX))
+        if unknown:
+            raise InvalidArgument(
+                f"unknown snapshot parameter(s) {', '.join(map(repr, unknown))}; csi-lvm "
+                f"accepts only the sidecars' '{SIDECAR_PARAMETER_PREFIX}*' keys"
+            )
+        timeout = budget(context)
+        lv_name = lv_name_for(Kind.SNAPSHOT, request.name)
+        with self.locks.hold(lv_name):
+            existing = self.inventory.find_by_name(Kind.SNAPSHOT, lv_name, timeout)
+            if existing is not None:
+                if existing.name != request.name or existing.source_id != request.source_volume_id:
+                    raise AlreadyExists(
+                        f"snapshot {request.name} already exists for source volume "
+                        f"{existing.source_id}, not {request.source_volume_id}"
+                    )
+                return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(existing))
+            source = self._require_volume(request.source_volume_id, timeout)
+            device_class = source.device_class
+            if device_class.thin_pool is None:
+                raise FailedPrecondition(
+                    f"volume {request.source_volume_id} is in thick device class "
+                    f"{device_class.name}; snapshots need a thin device class (thinPool set)"
+                )
+            tags = encode_tags(
+                {
+                    Tag.DRIVER: self.inventory.driver_name,
+                    Tag.NAME: request.name,
+                    Tag.CLASS: device_class.name,
+                    Tag.SOURCE: request.source_volume_id,
+                    Tag.SNAPSHOT_NAME: parameters.get(SNAPSHOT_NAME, ""),
+                    Tag.SNAPSHOT_NAMESPACE: parameters.get(SNAPSHOT_NAMESPACE, ""),
+                    Tag.SNAPSHOT_CONTENT_NAME: parameters.get(SNAPSHOT_CONTENT_NAME, ""),
+                }
+            )
+            try:
+                self.lvm.create_thin_snapshot(
+                    device_class.volume_group, source.lv.name, lv_name, tags,
+                    active=False, timeout=timeout,
+                )  # fmt: skip
+            except LvmNoSpace as exc:
+                raise ResourceExhausted(
+                    f"thin pool of device class {device_class.name} refused a snapshot: {exc}"
+                ) from exc
+            snapshot = self.inventory.get(
+                self.inventory.make_id(device_class, lv_name), device_class, timeout
+            )
+            if snapshot is None:
+                raise Aborted(f"snapshot {request.name} vanished while being made; retry")
+        log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
+        return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(snapshot))
+
+    def _snapshot(self, owned: Owned) -> csi_pb2.Snapshot:
+        created = Timestamp()
+        when = owned.lv.created_at
+        if when is not None:
+            created.FromDatetime(when)
+        return csi_pb2.Snapshot(
+            snapshot_id=str(owned.id),
+            source_volume_id=owned.source_id,
+            size_bytes=owned.size_bytes,
+            creation_time=created,
+            ready_to_use=True,
+        )
+
+    def DeleteSnapshot(self, request: Any, context: Any) -> csi_pb2.DeleteSnapshotResponse:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        parsed = self.inventory.parse_local_id(request.snapshot_id, Kind.SNAPSHOT, "snapshot")
+        if parsed is None:
+            return csi_pb2.DeleteSnapshotResponse()
+        object_id, device_class = parsed
+        timeout = budget(context)
+        with self.locks.hold(object_id.lv_name):
+            owned = self.inventory.get(object_id, device_class, timeout)
+            if owned is not None:
+                self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+                log.info("snapshot deleted", snapshot_id=request.snapshot_id)
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request: Any, context: Any) -> csi_pb2.ListSnapshotsResponse:
+        snapshots = self.inventory.owned(Kind.SNAPSHOT, budget(context))
+        if request.snapshot_id:
+            snapshots = [s for s in snapshots if str(s.id) == request.snapshot_id]
+        if request.source_volume_id:
+            snapshots = [s for s in snapshots if s.source_id == request.source_volume_id]
+        page, next_token = _page(snapshots, request.max_entries, request.starting_token)
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot(s)) for s in page],
+            next_token=next_token,
+        )
+
+
+def _page(items: Sequence[Owned], max_entries: int, token: str) -> tuple[list[Owned], str]:
+    """One page of ``items`` (sorted by id) after ``token``, and the next token.
+
+    A token is the id of the last item of the previous page, so items deleted
+    or added between pages never make a page skip or repeat a survivor."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    start = 0
+    if token:
+        if ObjectId.parse(token) is None:
+            raise Aborted(f"starting_token {token!r} is not a token this driver issued")
+        start = next((i for i, item in enumerate(items) if str(item.id) > token), len(items))
+    end = len(items) if max_entries == 0 else start + max_entries
+    page = list(items[start:end])
+    next_token = str(page[-1].id) if end < len(items) and page else ""
+    return page, next_token
+
+
+def _condition(condition: Any) -> csi_pb2.VolumeCondition:
+    return csi_pb2.VolumeCondition(abnormal=condition.abnormal, message=condition.message)

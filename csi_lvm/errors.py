@@ -1,0 +1,73 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Every layer raises these; only the server's interceptor turns them into a
+gRPC status, so a servicer never picks a status code by hand for a failure
+that some lower layer already classified.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class DriverError(Exception):
+    """A failure the caller can act on; its message says what to do."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(DriverError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(DriverError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(DriverError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Aborted(DriverError):
+    """Another operation on the same object is in flight; the caller retries."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(DriverError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class ResourceExhausted(DriverError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(DriverError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(DriverError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(DriverError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(DriverError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(Exception):
+    """The configuration file is unusable; start-up stops with this message."""
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for any exception an RPC handler let escape.
+
+    Unclassified exceptions become INTERNAL (never UNKNOWN) with their type
+    named, so a bug still yields an answer an operator can search for.
+    """
+    if isinstance(error, DriverError):
+        return error.code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}): {error}"

@@ -1,0 +1,235 @@
+"""The only code that formats, mounts, unmounts and inspects filesystems.
+
+Commands run as argument lists with ``LC_ALL=C``; mount state is read from
+``/proc/self/mountinfo`` rather than guessed. Nothing here knows about LVM or
+CSI: callers hand in device nodes and paths they have already checked.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_lvm.errors import DeadlineExceeded, FailedPrecondition, Internal
+
+SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
+DEFAULT_FILESYSTEM = "ext4"
+
+_ENV = {**os.environ, "LC_ALL": "C"}
+
+
+class FsError(Internal):
+    pass
+
+
+def _run(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            list(command),
+            capture_output=True,
+            text=True,
+            env=_ENV,
+            timeout=max(0.1, timeout),
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DeadlineExceeded(f"{command[0]} did not finish within {timeout:.0f}s") from exc
+    except FileNotFoundError as exc:
+        raise FailedPrecondition(f"{command[0]} is not installed on this node") from exc
+
+
+def _check(command: Sequence[str], timeout: float) -> str:
+    done = _run(command, timeout)
+    if done.returncode != 0:
+        message = " ".join((done.stderr or done.stdout).split()) or f"exit code {done.returncode}"
+        raise FsError(f"{' '.join(command[:2])} failed: {message}")
+    return done.stdout
+
+
+# ------------------------------------------------------------------ contents
+
+
+def detect_content(device: str, timeout: float = 60) -> str | None:
+    """What the device already holds ("ext4", "xfs", "partition table dos",
+    ...), or None when blkid finds nothing at all, i.e. it is blank."""
+    done = _run(["blkid", "--probe", "--output", "export", "--", device], timeout)
+    if done.returncode == 2:  # blkid: nothing found
+        return None
+    if done.returncode != 0:
+        message = " ".join(done.stderr.split()) or f"exit code {done.returncode}"
+        raise FsError(f"blkid could not read {device}: {message}")
+    fields = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    if "TYPE" in fields:
+        return fields["TYPE"]
+    if "PTTYPE" in fields:
+        return f"partition table {fields['PTTYPE']}"
+    return "unrecognised data"
+
+
+def make_filesystem(device: str, fs_type: str, timeout: float = 600) -> None:
+    """Format a blank device. No discard pass (thin LVs read zeros already) and
+    lazy initialisation, so formatting costs about the same for any size."""
+    if fs_type == "ext4":
+        command = [
+            "mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            "--", device,
+        ]  # fmt: skip
+    elif fs_type == "xfs":
+        command = ["mkfs.xfs", "-q", "-K", "--", device]
+    else:
+        raise FsError(f"unsupported filesystem {fs_type!r}")
+    _check(command, timeout)
+
+
+def new_filesystem_uuid(device: str, fs_type: str, timeout: float = 120) -> None:
+    """Give a copied filesystem its own UUID (XFS refuses to mount two alike)."""
+    if fs_type == "ext4":
+        _check(["tune2fs", "-U", "random", device], timeout)
+    elif fs_type == "xfs":
+        _check(["xfs_admin", "-U", "generate", device], timeout)
+
+
+# --------------------------------------------------------------------- mounts
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    root: str  # the subtree of the source that is mounted (for bind mounts)
+    device_number: str  # major:minor
+    fs_type: str
+    source: str
+    options: tuple[str, ...]
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape_mountinfo(text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and len(text[i + 1 : i + 4]) == 3 and text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 6 or len(tail) < 2:
+            continue
+        mounts.append(
+            Mount(
+                mount_point=_unescape_mountinfo(fields[4]),
+                root=_unescape_mountinfo(fields[3]),
+                device_number=fields[2],
+                fs_type=tail[0],
+                source=_unescape_mountinfo(tail[1]),
+                options=tuple(fields[5].split(",")),
+            )
+        )
+    return mounts
+
+
+def mounts() -> list[Mount]:
+    return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+
+
+def mount_at(path: str) -> Mount | None:
+    """The topmost mount whose mount point is exactly ``path``."""
+    found = None
+    for entry in mounts():
+        if entry.mount_point == path:
+            found = entry
+    return found
+
+
+def mounted_device(path: str) -> str | None:
+    """major:minor of what is mounted at ``path``: the filesystem's device, or
+    for a bind-mounted device node, the device it stands for."""
+    entry = mount_at(path)
+    if entry is None:
+        return None
+    info = os.stat(path)
+    if stat.S_ISBLK(info.st_mode):
+        return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+    return entry.device_number
+
+
+def device_number(device: str) -> str:
+    info = os.stat(device)
+    if not stat.S_ISBLK(info.st_mode):
+        raise FsError(f"{device} is not a block device")
+    return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+
+
+def mount(device: str, target: str, fs_type: str, options: Sequence[str], timeout: float) -> None:
+    command = ["mount", "-t", fs_type]
+    if options:
+        command += ["-o", ",".join(options)]
+    _check([*command, "--", device, target], timeout)
+
+
+def bind_mount(source: str, target: str, read_only: bool, timeout: float) -> None:
+    _check(["mount", "--bind", "--", source, target], timeout)
+    if read_only:
+        try:
+            _check(["mount", "-o", "remount,bind,ro", "--", target], timeout)
+        except FsError:
+            unmount(target, timeout)
+            raise
+
+
+def unmount(target: str, timeout: float) -> None:
+    _check(["umount", "--", target], timeout)
+
+
+# ---------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Usage:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int
+    free_inodes: int
+    used_inodes: int
+
+
+def usage(path: str) -> Usage:
+    info = os.statvfs(path)
+    total = info.f_blocks * info.f_frsize
+    available = info.f_bavail * info.f_frsize
+    used = (info.f_blocks - info.f_bfree) * info.f_frsize
+    return Usage(
+        total_bytes=total,
+        available_bytes=available,
+        used_bytes=used,
+        total_inodes=info.f_files,
+        free_inodes=info.f_ffree,
+        used_inodes=info.f_files - info.f_ffree,
+    )
+
+
+def block_device_size(device: str) -> int:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)

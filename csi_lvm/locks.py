@@ -1,0 +1,40 @@
+"""Per-key try-locks: a second call for a key already in flight is ABORTED.
+
+CSI sidecars retry ABORTED calls, so refusing (rather than queueing) keeps a
+slow LVM command from piling up duplicate work behind it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from csi_lvm.errors import Aborted
+
+
+class KeyedLocks:
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._held: set[str] = set()
+
+    @contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        """Hold every key at once, or raise Aborted naming the busy one."""
+        wanted = sorted(set(keys))
+        with self._guard:
+            for key in wanted:
+                if key in self._held:
+                    raise Aborted(
+                        f"an operation on {key} is already in progress; retry when it has finished"
+                    )
+            self._held.update(wanted)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._held.difference_update(wanted)
+
+    def busy(self, key: str) -> bool:
+        with self._guard:
+            return key in self._held

@@ -1,0 +1,307 @@
+"""The CSI Node service: format, mount and inspect this node's volumes.
+
+Paths are checked before any mount or unmount, and a mount is only removed
+when it is of the volume the call names: a path holding anything else is
+reported, never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from typing import Any
+
+import structlog
+
+from csi_lvm import fs
+from csi_lvm.csi import csi_pb2, csi_pb2_grpc
+from csi_lvm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_lvm.ids import NEW_UUID_TAG, Kind
+from csi_lvm.locks import KeyedLocks
+from csi_lvm.rpc import budget, node_topology
+from csi_lvm.validation import (
+    READ_ONLY_MODES,
+    AccessMode,
+    check_capability,
+    check_path,
+    filesystem_of,
+)
+from csi_lvm.volumes import Inventory, Owned
+
+log = structlog.get_logger("csi_lvm.node")
+
+NodeCap = csi_pb2.NodeServiceCapability.RPC.Type
+CAPABILITIES = (
+    NodeCap.STAGE_UNSTAGE_VOLUME,
+    NodeCap.GET_VOLUME_STATS,
+    NodeCap.VOLUME_CONDITION,
+    NodeCap.SINGLE_NODE_MULTI_WRITER,
+)
+DEFAULT_TIMEOUT = 300.0
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        inventory: Inventory,
+        locks: KeyedLocks,
+        topology_key: str,
+        max_volumes_per_node: int = 0,
+    ) -> None:
+        self.inventory = inventory
+        self.lvm = inventory.lvm
+        self.locks = locks
+        self.topology_key = topology_key
+        self.max_volumes_per_node = max_volumes_per_node
+
+    @property
+    def node_id(self) -> str:
+        return self.inventory.node_id
+
+    def _volume(self, volume_id: str, timeout: float | None) -> Owned:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        parsed = self.inventory.parse_local_id(volume_id, Kind.VOLUME, "volume")
+        owned = self.inventory.get(*parsed, timeout=timeout) if parsed else None
+        if owned is None:
+            raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
+        return owned
+
+    def _device(self, owned: Owned, timeout: float | None) -> str:
+        """The volume's device node, activating the LV when it is not."""
+        if not owned.lv.attr.active or not os.path.exists(owned.lv.device):
+            self.lvm.activate(owned.lv.vg_name, owned.lv.name, timeout)
+            refreshed = self.inventory.get(owned.id, owned.device_class, timeout)
+            if refreshed is None or not os.path.exists(refreshed.lv.device):
+                raise FailedPrecondition(
+                    f"LV {owned.lv.full_name} could not be activated: its device node is missing"
+                )
+            owned = refreshed
+        return owned.lv.device
+
+    # ------------------------------------------------------------- staging
+
+    def NodeStageVolume(self, request: Any, context: Any) -> csi_pb2.NodeStageVolumeResponse:
+        staging = check_path(request.staging_target_path, "staging_target_path")
+        check_capability(request.volume_capability, request.HasField("volume_capability"))
+        timeout = budget(context) or DEFAULT_TIMEOUT
+        owned = self._volume(request.volume_id, timeout)
+        with self.locks.hold(owned.lv.name):
+            device = self._device(owned, timeout)
+            if request.volume_capability.WhichOneof("access_type") == "block":
+                return csi_pb2.NodeStageVolumeResponse()  # block volumes are used raw
+            wanted_fs = filesystem_of(request.volume_capability)
+            current = fs.mounted_device(staging)
+            if current is not None:
+                if current == fs.device_number(device):
+                    return csi_pb2.NodeStageVolumeResponse()
+                raise AlreadyExists(
+                    f"staging path {staging} already has another device ({current}) mounted"
+                )
+            if not os.path.isdir(staging):
+                raise FailedPrecondition(f"staging path {staging} is not an existing directory")
+            content = fs.detect_content(device, timeout)
+            if content is None:
+                fs.make_filesystem(device, wanted_fs, timeout)
+                log.info("formatted", volume_id=request.volume_id, fs_type=wanted_fs)
+            elif content != wanted_fs:
+                raise FailedPrecondition(
+                    f"volume {request.volume_id} already holds {content}, not {wanted_fs}; "
+                    "csi-lvm never reformats a volume that holds data: ask for "
+                    f"fsType {content} or use a new volume"
+                )
+            elif NEW_UUID_TAG in owned.lv.tags:
+                fs.new_filesystem_uuid(device, content, timeout)
+                self.lvm.delete_tag(owned.lv.vg_name, owned.lv.name, NEW_UUID_TAG, timeout)
+                log.info("new filesystem uuid", volume_id=request.volume_id, fs_type=content)
+            flags = list(request.volume_capability.mount.mount_flags)
+            fs.mount(device, staging, wanted_fs, flags, timeout)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def NodeUnstageVolume(self, request: Any, context: Any) -> csi_pb2.NodeUnstageVolumeResponse:
+        staging = check_path(request.staging_target_path, "staging_target_path")
+        timeout = budget(context) or DEFAULT_TIMEOUT
+        owned = self._volume(request.volume_id, timeout)
+        with self.locks.hold(owned.lv.name):
+            self._unmount_ours(owned, staging, "staging path", timeout)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    def _unmount_ours(self, owned: Owned, path: str, what: str, timeout: float) -> None:
+        """Unmount every layer of this volume at ``path``; refuse anything else."""
+        while (current := fs.mounted_device(path)) is not None:
+            ours = fs.device_number(owned.lv.device) if os.path.exists(owned.lv.device) else None
+            if current != ours:
+                raise FailedPrecondition(
+                    f"{what} {path} has a mount of another device ({current}); csi-lvm "
+                    "leaves it alone: unmount it by hand if it is stale"
+                )
+            fs.unmount(path, timeout)
+
+    # ----------------------------------------------------------- publishing
+
+    def NodePublishVolume(self, request: Any, context: Any) -> csi_pb2.NodePublishVolumeResponse:
+        target = check_path(request.target_path, "target_path")
+        check_capability(request.volume_capability, request.HasField("volume_capability"))
+        block = request.volume_capability.WhichOneof("access_type") == "block"
+        staging = (
+            check_path(request.staging_target_path, "staging_target_path")
+            if request.staging_target_path or not block
+            else ""
+        )
+        timeout = budget(context) or DEFAULT_TIMEOUT
+        owned = self._volume(request.volume_id, timeout)
+        read_only = (
+            request.readonly or request.volume_capability.access_mode.mode in READ_ONLY_MODES
+        )
+        with self.locks.hold(owned.lv.name):
+            device = self._device(owned, timeout)
+            ours = fs.device_number(device)
+            current = fs.mounted_device(target)
+            if current is not None:
+                entry = fs.mount_at(target)
+                if current == ours and entry is not None and entry.read_only == read_only:
+                    return csi_pb2.NodePublishVolumeResponse()
+                raise AlreadyExists(
+                    f"target path {target} is already mounted "
+                    + ("with other options" if current == ours else f"with device {current}")
+                )
+            mode = request.volume_capability.access_mode.mode
+            if mode == AccessMode.SINGLE_NODE_SINGLE_WRITER:
+                self._check_single_writer(ours, device, staging, target)
+            if block:
+                self._make_target_file(target)
+                fs.bind_mount(device, target, read_only, timeout)
+            else:
+                if fs.mounted_device(staging) != ours:
+                    raise FailedPrecondition(
+                        f"volume {request.volume_id} is not staged at {staging}; "
+                        "call NodeStageVolume first"
+                    )
+                self._make_target_dir(target)
+                fs.bind_mount(staging, target, read_only, timeout)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _check_single_writer(self, ours: str, device: str, staging: str, target: str) -> None:
+        for entry in fs.mounts():
+            if entry.mount_point in (staging, target):
+                continue
+            if entry.device_number == ours or entry.root.endswith("/" + os.path.basename(device)):
+                raise FailedPrecondition(
+                    f"the volume is already published at {entry.mount_point} and its access "
+                    "mode SINGLE_NODE_SINGLE_WRITER allows one publication only"
+                )
+
+    @staticmethod
+    def _make_target_dir(target: str) -> None:
+        try:
+            os.mkdir(target, 0o750)
+        except FileExistsError:
+            if not os.path.isdir(target) or os.path.islink(target):
+                raise FailedPrecondition(
+                    f"target path {target} exists and is not a directory"
+                ) from None
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"the parent directory of target path {target} does not exist"
+            ) from None
+
+    @staticmethod
+    def _make_target_file(target: str) -> None:
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            os.close(fd)
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"the parent directory of target path {target} does not exist"
+            ) from None
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"target path {target} cannot hold a block device: {exc.strerror}"
+            ) from None
+
+    def NodeUnpublishVolume(
+        self, request: Any, context: Any
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        target = check_path(request.target_path, "target_path")
+        timeout = budget(context) or DEFAULT_TIMEOUT
+        owned = self._volume(request.volume_id, timeout)
+        with self.locks.hold(owned.lv.name):
+            self._unmount_ours(owned, target, "target path", timeout)
+            self._remove_target(target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    @staticmethod
+    def _remove_target(target: str) -> None:
+        """Remove the empty directory or file NodePublish made; leave anything else."""
+        try:
+            info = os.lstat(target)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            try:
+                os.rmdir(target)
+            except OSError as exc:
+                raise FailedPrecondition(
+                    f"target path {target} is not empty after unmount; csi-lvm leaves it: "
+                    f"{exc.strerror}"
+                ) from None
+        elif stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+
+    # ---------------------------------------------------------- inspection
+
+    def NodeGetVolumeStats(self, request: Any, context: Any) -> csi_pb2.NodeGetVolumeStatsResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        path = check_path(request.volume_path, "volume_path")
+        timeout = budget(context) or DEFAULT_TIMEOUT
+        owned = self._volume(request.volume_id, timeout)
+        if not os.path.exists(path):
+            raise NotFound(f"volume_path {path} does not exist")
+        ours = fs.device_number(owned.lv.device) if os.path.exists(owned.lv.device) else None
+        current = fs.mounted_device(path)
+        if ours is None or current != ours:
+            raise NotFound(f"volume {request.volume_id} is not mounted at {path}")
+        condition = self.inventory.condition(owned, timeout)
+        volume_condition = csi_pb2.VolumeCondition(
+            abnormal=condition.abnormal, message=condition.message
+        )
+        Usage = csi_pb2.VolumeUsage
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            usage = [Usage(unit=Usage.BYTES, total=fs.block_device_size(owned.lv.device))]
+        else:
+            space = fs.usage(path)
+            usage = [
+                Usage(
+                    unit=Usage.BYTES,
+                    total=space.total_bytes,
+                    available=space.available_bytes,
+                    used=space.used_bytes,
+                ),
+                Usage(
+                    unit=Usage.INODES,
+                    total=space.total_inodes,
+                    available=space.free_inodes,
+                    used=space.used_inodes,
+                ),
+            ]
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=volume_condition)
+
+    def NodeGetCapabilities(
+        self, request: Any, context: Any
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=cap))
+                for cap in CAPABILITIES
+            ]
+        )
+
+    def NodeGetInfo(self, request: Any, context: Any) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.node_id,
+            max_volumes_per_node=self.max_volumes_per_node,
+            accessible_topology=node_topology(self.topology_key, self.node_id),
+        )

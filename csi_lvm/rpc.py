@@ -1,0 +1,18 @@
+"""Small helpers every servicer shares: the call's time budget and the
+node's topology segment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from csi_lvm.csi import csi_pb2
+
+
+def budget(context: Any) -> float | None:
+    """Seconds left before the caller's deadline, or None when it set none."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None else float(remaining)
+
+
+def node_topology(topology_key: str, node_id: str) -> csi_pb2.Topology:
+    return csi_pb2.Topology(segments={topology_key: node_id})

@@ -1,0 +1,236 @@
+"""The driver's inventory: which LVs it owns, and what each one is.
+
+An LV belongs to csi-lvm only when it carries this driver's ownership tag and
+a name and class tag that agree with its id. Everything that answers "does
+volume X exist?" goes through here, so "no tag, no touch" holds everywhere.
+This module asks the LVM layer for records; it never runs a command itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from csi_lvm.config import Config, DeviceClass
+from csi_lvm.errors import AlreadyExists, FailedPrecondition
+from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, escape_tag_value, node_component
+from csi_lvm.lvm import LogicalVolume, Lvm, VolumeGroup
+
+
+@dataclass(frozen=True)
+class Owned:
+    """An LV csi-lvm created: a volume or a snapshot."""
+
+    id: ObjectId
+    lv: LogicalVolume
+    device_class: DeviceClass
+    tags: dict[Tag, str]
+
+    @property
+    def kind(self) -> Kind:
+        return self.id.kind
+
+    @property
+    def name(self) -> str:
+        return self.tags.get(Tag.NAME, "")
+
+    @property
+    def size_bytes(self) -> int:
+        return self.lv.size_bytes
+
+    @property
+    def source_id(self) -> str:
+        return self.tags.get(Tag.SOURCE, "")
+
+
+@dataclass(frozen=True)
+class Condition:
+    abnormal: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class ClassSpace:
+    """Room in a device class, in bytes."""
+
+    available_bytes: int
+    extent_bytes: int
+    total_bytes: int
+    used_bytes: int  # provisioned (thin: virtual sizes) or allocated (thick)
+
+
+class Inventory:
+    def __init__(self, config: Config, lvm: Lvm, node_id: str, driver_name: str):
+        self.config = config
+        self.lvm = lvm
+        self.node_id = node_id
+        self.node_part = node_component(node_id)
+        self.driver_name = driver_name
+        self.owner_value = escape_tag_value(driver_name)
+
+    # ---- ids
+
+    def make_id(self, device_class: DeviceClass, lv_name: str) -> ObjectId:
+        return ObjectId(self.node_part, device_class.name, lv_name)
+
+    def parse_local_id(
+        self, text: str, kind: Kind, what: str
+    ) -> tuple[ObjectId, DeviceClass] | None:
+        """The id and its class when ``text`` names an object of this node;
+        None when it cannot be one of ours at all. An id of another node, or
+        of a class this node lacks, is refused, never treated as absent: the
+        object may well exist where the id says."""
+        object_id = ObjectId.parse(text)
+        if object_id is None or object_id.kind is not kind:
+            return None
+        if object_id.node != self.node_part:
+            raise FailedPrecondition(
+                f"{what} {text} belongs to node {object_id.node}, not to this node "
+                f"({self.node_id}); send the call to the csi-lvm of that node"
+            )
+        device_class = self.config.find(object_id.device_class)
+        if device_class is None:
+            raise FailedPrecondition(
+                f"{what} {text} is in device class {object_id.device_class!r}, which this "
+                f"node's config does not define (it has: {self.class_names()}); "
+                "restore the class to reach it"
+            )
+        return object_id, device_class
+
+    def class_names(self) -> str:
+        return ", ".join(c.name for c in self.config.device_classes)
+
+    # ---- ownership
+
+    def _adopt(self, lv: LogicalVolume, device_class: DeviceClass | None = None) -> Owned | None:
+        """The LV as an owned object, or None when csi-lvm did not make it."""
+        tags = decode_tags(lv.tags)
+        if tags.get(Tag.DRIVER) != self.driver_name:
+            return None
+        device_class = device_class or self.config.find(tags.get(Tag.CLASS, ""))
+        if device_class is None or tags.get(Tag.CLASS) != device_class.name:
+            return None
+        if lv.vg_name != device_class.volume_group:
+            return None
+        if device_class.thin_pool is not None and lv.pool != device_class.thin_pool:
+            return None
+        object_id = self.make_id(device_class, lv.name)
+        if ObjectId.parse(str(object_id)) is None or not tags.get(Tag.NAME):
+            return None
+        return Owned(object_id, lv, device_class, tags)
+
+    def get(
+        self, object_id: ObjectId, device_class: DeviceClass, timeout: float | None = None
+    ) -> Owned | None:
+        lv = self.lvm.find_lv(device_class.volume_group, object_id.lv_name, timeout)
+        if lv is None:
+            return None
+        return self._adopt(lv, device_class)
+
+    def find_by_name(self, kind: Kind, lv_name: str, timeout: float | None = None) -> Owned | None:
+        """The owned object with this LV name in any configured volume group.
+
+        An LV of that name that csi-lvm did not make is an error: the driver
+        will neither adopt nor replace it."""
+        for group in self.config.volume_groups:
+            lv = self.lvm.find_lv(group, lv_name, timeout)
+            if lv is None:
+                continue
+            owned = self._adopt(lv)
+            if owned is None or owned.kind is not kind:
+                raise AlreadyExists(
+                    f"volume group {group} already has an LV named {lv_name} that csi-lvm "
+                    "does not own; rename or remove it, or use another name"
+                )
+            return owned
+        return None
+
+    def owned(self, kind: Kind | None = None, timeout: float | None = None) -> list[Owned]:
+        found = []
+        for lv in self.lvm.list_lvs(self.config.volume_groups, timeout):
+            item = self._adopt(lv)
+            if item is not None and (kind is None or item.kind is kind):
+                found.append(item)
+        return sorted(found, key=lambda o: str(o.id))
+
+    def missing_storage(self, timeout: float | None = None) -> list[tuple[DeviceClass, str]]:
+        """Each class whose volume group or thin pool is absent, with what is missing."""
+        present = {vg.name for vg in self.lvm.list_vgs(self.config.volume_groups, timeout)}
+        pools: set[str] = set()
+        if any(c.thin_pool for c in self.config.device_classes):
+            groups = [c.volume_group for c in self.config.device_classes if c.thin_pool]
+            pools = {
+                lv.full_name
+                for lv in self.lvm.list_lvs([g for g in groups if g in present], timeout)
+                if lv.attr.is_thin_pool
+            }
+        missing = []
+        for device_class in self.config.device_classes:
+            if device_class.volume_group not in present:
+                missing.append((device_class, f"volume group {device_class.volume_group!r}"))
+            elif (
+                device_class.thin_pool
+                and f"{device_class.volume_group}/{device_class.thin_pool}" not in pools
+            ):
+                missing.append(
+                    (
+                        device_class,
+                        f"thin pool {device_class.thin_pool!r} in volume group "
+                        f"{device_class.volume_group!r}",
+                    )
+                )
+        return missing
+
+    # ---- space
+
+    def volume_group(self, name: str, timeout: float | None = None) -> VolumeGroup:
+        groups = self.lvm.list_vgs([name], timeout)
+        if not groups:
+            raise FailedPrecondition(
+                f"volume group {name} is not present on node {self.node_id}; "
+                "check the node's disks and the csi-lvm config"
+            )
+        return groups[0]
+
+    def space(self, device_class: DeviceClass, timeout: float | None = None) -> ClassSpace:
+        group = self.volume_group(device_class.volume_group, timeout)
+        if device_class.thin_pool is None:
+            return ClassSpace(
+                available_bytes=group.free_bytes,
+                extent_bytes=group.extent_bytes,
+                total_bytes=group.size_bytes,
+                used_bytes=group.size_bytes - group.free_bytes,
+            )
+        lvs = self.lvm.list_lvs([device_class.volume_group], timeout)
+        pool = next((lv for lv in lvs if lv.name == device_class.thin_pool), None)
+        if pool is None or not pool.attr.is_thin_pool:
+            raise FailedPrecondition(
+                f"thin pool {device_class.volume_group}/{device_class.thin_pool} of device class "
+                f"{device_class.name} is missing on node {self.node_id}"
+            )
+        provisioned = sum(lv.size_bytes for lv in lvs if lv.pool == device_class.thin_pool)
+        limit = math.floor(pool.size_bytes * device_class.overprovision_ratio)
+        return ClassSpace(
+            available_bytes=max(0, limit - provisioned),
+            extent_bytes=group.extent_bytes,
+            total_bytes=limit,
+            used_bytes=provisioned,
+        )
+
+    # ---- health
+
+    def condition(self, owned: Owned, timeout: float | None = None) -> Condition:
+        problem = owned.lv.attr.problem
+        if problem is None and owned.device_class.thin_pool is not None:
+            pool = self.lvm.find_lv(owned.lv.vg_name, owned.device_class.thin_pool, timeout)
+            if pool is None:
+                problem = f"its thin pool {owned.device_class.thin_pool} is missing"
+            elif pool.attr.problem is not None:
+                problem = f"thin pool {pool.full_name}: {pool.attr.problem}"
+        if problem is None and owned.kind is Kind.VOLUME:
+            group = self.lvm.list_vgs([owned.lv.vg_name], timeout)
+            if group and group[0].partial:
+                problem = f"volume group {owned.lv.vg_name} is missing a physical volume"
+        if problem is not None:
+            return Condition(True, f"LV {owned.lv.full_name}: {problem}")
+        return Condition(False, "healthy")

@@ -1,0 +1,80 @@
+"""Session fixtures for the real-LVM suite: one loop-backed VG with a thin
+pool, a hand-made LV the driver must never touch, and one running driver."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csi_lvm.csi import csi_pb2
+from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
+
+HANDMADE_LV = "root"  # made by hand: no csi-lvm tags, so untouchable
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="csi-lvm-test-", dir="/tmp") as path:
+        yield Path(path)
+
+
+@pytest.fixture(scope="session")
+def vg(workdir: Path) -> Iterator[LoopVolumeGroup]:
+    group = LoopVolumeGroup(workdir, name=f"csitest{os.getpid()}").create()
+    group.lvcreate("-L", "64M", "-n", HANDMADE_LV, group.name)
+    try:
+        yield group
+    finally:
+        group.destroy()
+
+
+@pytest.fixture(scope="session")
+def driver(workdir: Path, vg: LoopVolumeGroup) -> Iterator[Driver]:
+    config = write_config(workdir / "config.yaml", vg.name, vg.pool)
+    process = Driver(workdir, config)
+    process.start()
+    try:
+        yield process
+    finally:
+        code = process.stop()
+        assert code == 0, f"driver exited with {code}"
+
+
+@pytest.fixture(scope="session")
+def csi(driver: Driver) -> Iterator[CsiClient]:
+    client = CsiClient(driver.socket)
+    yield client
+    client.close()
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A unique CSI name per test."""
+    base = request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")
+    return f"{base[:30].strip('-')}-{next(_names)}"
+
+
+def mount_capability(fs_type: str = "", mode: int = 0) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=mode or csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+        ),
+    )
+
+
+def block_capability() -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+        ),
+    )

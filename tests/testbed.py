@@ -1,0 +1,148 @@
+"""A throwaway LVM test bed: a loop-backed volume group with a thin pool, a
+running ``csi-lvm serve`` on it, and a CSI client for its socket.
+
+Used by the real-LVM tests, the demo and the benchmarks. It only runs where
+device-mapper works (inside the VM, or on a real node) and only ever touches
+the volume group it made itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from csi_lvm.csi import csi_pb2, csi_pb2_grpc
+
+DRIVER_NAME = "lvm.csi-lvm.io"
+NODE_ID = "node-under-test"
+TOPOLOGY_KEY = "topology.lvm.csi-lvm.io/node"
+
+
+def sh(*args: str, check: bool = True) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def load_kernel_modules() -> None:
+    for module in ("loop", "dm-mod", "dm-thin-pool", "dm-snapshot"):
+        subprocess.run(["modprobe", module], capture_output=True, check=False)
+
+
+@dataclass
+class LoopVolumeGroup:
+    """A VG on a sparse file: ``pool_size`` of thin pool, the rest free for thick LVs."""
+
+    workdir: Path
+    name: str = "csitest"
+    size: str = "8G"
+    pool: str = "pool0"
+    pool_size: str = "2G"
+    image: Path = field(init=False)
+    device: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.image = self.workdir / f"{self.name}.img"
+
+    def create(self) -> LoopVolumeGroup:
+        load_kernel_modules()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        sh("truncate", "-s", self.size, str(self.image))
+        self.device = sh("losetup", "--find", "--show", str(self.image)).strip()
+        sh("pvcreate", "-q", "-y", self.device)
+        sh("vgcreate", "-q", "-y", self.name, self.device)
+        sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size,
+           "-n", self.pool, self.name)  # fmt: skip
+        return self
+
+    def lvcreate(self, *args: str) -> None:
+        sh("lvcreate", "-q", "-y", *args)
+
+    def lv_names(self) -> set[str]:
+        out = sh("lvs", "--noheadings", "-o", "lv_name", self.name)
+        return {line.strip() for line in out.splitlines() if line.strip()}
+
+    def destroy(self) -> None:
+        subprocess.run(["vgremove", "-f", "-y", self.name], capture_output=True, check=False)
+        if self.device:
+            subprocess.run(["pvremove", "-y", self.device], capture_output=True, check=False)
+            subprocess.run(["losetup", "-d", self.device], capture_output=True, check=False)
+        self.image.unlink(missing_ok=True)
+
+
+def write_config(path: Path, vg: str, pool: str, ratio: float = 4.0) -> Path:
+    path.write_text(
+        "deviceClasses:\n"
+        "  - name: thin\n"
+        f"    volumeGroup: {vg}\n"
+        f"    thinPool: {pool}\n"
+        f"    overprovisionRatio: {ratio}\n"
+        "    default: true\n"
+        "  - name: thick\n"
+        f"    volumeGroup: {vg}\n"
+    )
+    return path
+
+
+class CsiClient:
+    def __init__(self, socket_path: str) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{socket_path}")
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class Driver:
+    """``csi-lvm serve`` as a child process, logging to a file."""
+
+    def __init__(self, workdir: Path, config: Path, *extra: str) -> None:
+        self.workdir = workdir
+        self.socket = str(workdir / "csi.sock")
+        self.log_path = workdir / "driver.log"
+        self.config = config
+        self.extra = list(extra)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> CsiClient:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "csi_lvm.cli", "serve",
+                "--endpoint", f"unix://{self.socket}", "--config", str(self.config),
+                "--node-id", NODE_ID, "--driver-name", DRIVER_NAME, *self.extra,
+            ],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )  # fmt: skip
+        client = CsiClient(self.socket)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"csi-lvm exited early:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                grpc.channel_ready_future(client.channel).result(timeout=1)
+                return client
+            except grpc.FutureTimeoutError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("csi-lvm did not open its socket in time") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
