@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from csi_lvm.csi import csi_pb2, csi_pb2_grpc
+from csi_lvm.csi import csi_pb2_grpc
 
 DRIVER_NAME = "lvm.csi-lvm.io"
 NODE_ID = "node-under-test"

@@ -1,0 +1,33 @@
+# csi-lvm: `make setup` once, then `make demo` or `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+VMRUN  := $(PY) scripts/vmrun.py
+
+.PHONY: setup proto lint unit lvm-tests test demo sanity bench clean
+
+setup:
+	scripts/setup.sh
+
+proto: setup
+	$(PY) -m grpc_tools.protoc --proto_path=csi_lvm/csi=proto \
+	    --python_out=. --pyi_out=. --grpc_python_out=. csi_lvm/csi/csi.proto
+
+lint: setup
+	$(VENV)/bin/ruff check csi_lvm tests scripts
+	$(VENV)/bin/ruff format --check csi_lvm tests scripts
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+# The real-LVM suite: inside one VM where this kernel lacks device-mapper.
+lvm-tests: setup
+	$(VMRUN) -- python -m pytest -q -p no:cacheprovider --junitxml=build/vm/lvm-junit.xml tests/lvm
+
+test: lint unit lvm-tests
+
+demo: setup
+	$(VMRUN) -- python scripts/demo.py
+
+clean:
+	rm -rf build

@@ -1,0 +1,99 @@
+"""Run the upstream csi-sanity suite against csi-lvm, once per device class.
+
+    python sanity/run.py            # on the host: finds the binary, boots the VM
+    python sanity/run.py --inside BINARY   # what runs inside the VM
+
+The binary comes from $CSI_SANITY or PATH. Exit codes: 0 every spec passed,
+1 some spec failed, 4 no csi-sanity binary (see sanity/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.testbed import Driver, LoopVolumeGroup, write_config  # noqa: E402
+
+NO_BINARY = 4
+CLASSES = ("thin", "thick")
+SUMMARY = re.compile(r"^(Ran \d+ of \d+ Specs.*|(SUCCESS|FAIL)! -- .*)$")
+
+
+def find_binary() -> str | None:
+    candidate = os.environ.get("CSI_SANITY") or shutil.which("csi-sanity")
+    if candidate and os.access(candidate, os.X_OK):
+        return str(Path(candidate).resolve())
+    return None
+
+
+def host_main() -> int:
+    binary = find_binary()
+    if binary is None:
+        print(
+            "sanity: no csi-sanity binary. Build it from kubernetes-csi/csi-test "
+            "(go build ./cmd/csi-sanity) and put it on PATH or in $CSI_SANITY; "
+            "see sanity/README.md.",
+            file=sys.stderr,
+        )
+        return NO_BINARY
+    vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--memory", "4G"]
+    return subprocess.call([*vmrun, "--", "python", "sanity/run.py", "--inside", binary])
+
+
+def inside_main(binary: str, focus: str | None) -> int:
+    work = Path(tempfile.mkdtemp(prefix="csi-sanity-", dir="/tmp"))
+    vg = LoopVolumeGroup(work, name="sanityvg", size="96G", pool_size="12G").create()
+    driver = Driver(work, write_config(work / "config.yaml", vg.name, vg.pool, ratio=20))
+    failed = False
+    try:
+        driver.start()
+        for device_class in CLASSES:
+            parameters = work / f"{device_class}.yaml"
+            parameters.write_text(f"deviceClass: {device_class}\n")
+            command = [
+                binary,
+                f"-csi.endpoint=unix://{driver.socket}",
+                f"-csi.testvolumeparameters={parameters}",
+                f"-csi.stagingdir={work}/staging-{device_class}",
+                f"-csi.mountdir={work}/mount-{device_class}",
+                f"-csi.junitfile={ROOT}/build/vm/sanity-{device_class}.xml",
+                "-ginkgo.no-color",
+            ]
+            if focus:
+                command.append(f"-ginkgo.focus={focus}")
+            log_path = ROOT / "build" / "vm" / f"sanity-{device_class}.log"
+            with open(log_path, "w") as log:
+                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+            failed |= code != 0
+            print(f"== csi-sanity, device class {device_class} (exit {code}, log {log_path})")
+            for line in log_path.read_text().splitlines():
+                if SUMMARY.match(line.strip()):
+                    print("   " + line.strip())
+    finally:
+        driver.stop()
+        vg.destroy()
+        shutil.copy(driver.log_path, ROOT / "build" / "vm" / "sanity-driver.log")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inside", metavar="BINARY", help="run in this VM with BINARY")
+    parser.add_argument("--focus", help="only specs matching this regular expression")
+    args = parser.parse_args()
+    if args.inside:
+        return inside_main(args.inside, args.focus)
+    return host_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

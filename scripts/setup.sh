@@ -1,0 +1,30 @@
+#!/bin/sh
+# Installs what csi-lvm's tests, demo and benchmarks need on a fresh Debian
+# machine: LVM and filesystem tools, and (for kernels without device-mapper)
+# QEMU and a Debian kernel for the VM; then the project's virtualenv.
+set -eu
+root=$(cd "$(dirname "$0")/.." && pwd)
+packages="lvm2 thin-provisioning-tools xfsprogs e2fsprogs util-linux kmod udev
+    qemu-system-x86 linux-image-amd64 busybox-static"
+missing=""
+for package in $packages; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
+        || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+if [ ! -x "$root/.venv/bin/python" ]; then
+    python3 -m venv "$root/.venv"
+fi
+stamp="$root/.venv/.installed"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    "$root/.venv/bin/pip" install -q --upgrade pip
+    "$root/.venv/bin/pip" install -q -e "$root[test]"
+    touch "$stamp"
+fi
+echo "setup: ready"

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+
+from csi_lvm.config import parse_config
+from csi_lvm.errors import ConfigError
+
+GOOD = """\
+deviceClasses:
+  - name: thin            # what StorageClasses ask for
+    volumeGroup: vg0
+    thinPool: pool0
+    overprovisionRatio: 4
+    default: true
+  - name: thick
+    volumeGroup: vg0
+"""
+
+
+def test_issue_example_parses() -> None:
+    config = parse_config(GOOD)
+    thin, thick = config.device_classes
+    assert (thin.name, thin.volume_group, thin.thin_pool, thin.overprovision_ratio) == (
+        "thin", "vg0", "pool0", 4.0,
+    )  # fmt: skip
+    assert thin.default and thin.is_thin and not thick.is_thin
+    assert config.default_class is thin
+    assert config.volume_groups == ["vg0"]
+
+
+def test_single_class_is_the_default() -> None:
+    config = parse_config("deviceClasses:\n  - name: only\n    volumeGroup: vg1\n")
+    assert config.default_class is not None and config.default_class.name == "only"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("deviceClasses: [", "line 1: not valid YAML"),
+        ("classes: []\n", "line 1: unknown key 'classes'"),
+        ("deviceClasses: []\n", "line 1: 'deviceClasses' must be a non-empty list"),
+        ("deviceClasses:\n  - name: a\n", "line 2: device class lacks 'volumeGroup'"),
+        (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    pool: p\n",
+            "line 4: unknown key 'pool'",
+        ),
+        ("deviceClasses:\n  - name: Bad_Name\n    volumeGroup: vg0\n", "line 2: class name"),
+        ("deviceClasses:\n  - name: a\n    volumeGroup: 'vg 0'\n", "line 3: volumeGroup"),
+        (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    overprovisionRatio: 2\n",
+            "line 4: overprovisionRatio applies to thin classes only",
+        ),
+        (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    thinPool: p\n"
+            "    overprovisionRatio: 0.5\n",
+            "line 5: overprovisionRatio must be at least 1",
+        ),
+        (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n  - name: a\n    volumeGroup: vg1\n",
+            "line 4: device class 'a' is listed twice",
+        ),
+        (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    default: true\n"
+            "  - name: b\n    volumeGroup: vg0\n    default: true\n",
+            "line 5: only one device class may be the default",
+        ),
+        ("deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    default: yes please\n", "line 4"),
+    ],
+)
+def test_bad_configs_name_the_line(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, "config.yaml")

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from csi_lvm.fs import parse_mountinfo
+
+MOUNTINFO = (
+    "22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+    "98 22 253:3 / /tmp/staging rw,relatime shared:50 - xfs /dev/mapper/vg0-csi--a rw,attr2\n"
+    "99 22 253:3 / /tmp/my\\040target ro,relatime shared:50 - xfs /dev/mapper/vg0-csi--a rw\n"
+    "100 22 0:5 /dm-3 /tmp/block rw,nosuid shared:2 - devtmpfs udev rw,size=1k\n"
+)
+
+
+def test_mountinfo_parsing() -> None:
+    root, staging, target, block = parse_mountinfo(MOUNTINFO)
+    assert root.mount_point == "/" and root.fs_type == "ext4"
+    assert staging.device_number == "253:3" and staging.source == "/dev/mapper/vg0-csi--a"
+    assert target.mount_point == "/tmp/my target" and target.read_only
+    assert not staging.read_only
+    assert block.root == "/dm-3" and block.fs_type == "devtmpfs"

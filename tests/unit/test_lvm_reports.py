@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from csi_lvm.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from csi_lvm.lvm import LvAttr, Lvm, LvmError, classify_failure, parse_lv_report, parse_vg_report
+
+LVS = json.loads("""
+{"report": [{"lv": [
+  {"lv_name":"pool0", "vg_name":"vg0", "lv_uuid":"u1", "lv_size":"536870912", "lv_attr":"twi-aotz--",
+   "pool_lv":"", "origin":"", "lv_tags":"", "data_percent":"12.50", "metadata_percent":"10.94",
+   "lv_path":"", "lv_dm_path":"/dev/mapper/vg0-pool0", "lv_time":"2026-11-25 22:50:01 +0000"},
+  {"lv_name":"csi-pvc-1", "vg_name":"vg0", "lv_uuid":"u2", "lv_size":"1073741824", "lv_attr":"Vwi-aotz--",
+   "pool_lv":"pool0", "origin":"", "lv_tags":"csi-lvm/driver=d,csi-lvm/name=pvc-1",
+   "data_percent":"0.00", "metadata_percent":"", "lv_path":"/dev/vg0/csi-pvc-1",
+   "lv_dm_path":"/dev/mapper/vg0-csi--pvc--1", "lv_time":"2026-11-25 22:51:02 +0000"}
+]}]}
+""")
+
+
+def test_lv_report_decodes_into_typed_records() -> None:
+    pool, volume = parse_lv_report(LVS)
+    assert pool.attr.is_thin_pool and pool.data_percent == 12.5 and pool.size_bytes == 512 << 20
+    assert volume.attr.is_thin_volume and volume.attr.active and volume.attr.device_open
+    assert volume.tags == ("csi-lvm/driver=d", "csi-lvm/name=pvc-1")
+    assert volume.metadata_percent is None
+    assert volume.full_name == "vg0/csi-pvc-1"
+    assert volume.device == "/dev/mapper/vg0-csi--pvc--1"
+    assert volume.created_at is not None and volume.created_at.minute == 51
+
+
+def test_vg_report() -> None:
+    (vg,) = parse_vg_report(
+        {
+            "report": [
+                {
+                    "vg": [
+                        {
+                            "vg_name": "vg0",
+                            "vg_size": "8589934592",
+                            "vg_free": "4194304",
+                            "vg_extent_size": "4194304",
+                            "vg_attr": "wz--n-",
+                            "pv_count": "1",
+                            "vg_missing_pv_count": "0",
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+    assert (vg.size_bytes, vg.free_bytes, vg.extent_bytes, vg.partial) == (
+        8 << 30,
+        4 << 20,
+        4 << 20,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("attr", "problem"),
+    [
+        ("Vwi-aotz--", None),
+        ("Vwi---tz-k", None),
+        ("twi-aotzD-", "out of data space"),
+        ("twi-aotzM-", "metadata is read-only"),
+        ("Vwi-aotzF-", "failed"),
+        ("-wi-a---p-", "missing (partial)"),
+        ("-wi-d-----", "without a table"),
+    ],
+)
+def test_lv_attr_health(attr: str, problem: str | None) -> None:
+    found = LvAttr(attr).problem
+    assert found == problem if problem is None else (found is not None and problem in found)
+
+
+def test_skip_activation_flag() -> None:
+    assert LvAttr("Vwi---tz-k").skip_activation and not LvAttr("Vwi---tz-k").active
+
+
+@pytest.mark.parametrize(
+    ("stderr", "error"),
+    [
+        ('  Logical Volume "csi-x" already exists in volume group "vg0"', AlreadyExists),
+        (
+            '  Volume group "vg0" has insufficient free space (10 extents): 256 required.',
+            ResourceExhausted,
+        ),
+        (
+            "  Cannot create new thin volume, free space in thin pool vg0/pool0 reached threshold.",
+            ResourceExhausted,
+        ),
+        ('  Failed to find logical volume "vg0/csi-x"', NotFound),
+        ('  Volume group "vg9" not found', NotFound),
+        ("  Something unexpected", LvmError),
+    ],
+)
+def test_failures_are_classified(stderr: str, error: type[Exception]) -> None:
+    assert isinstance(classify_failure(["lvm", "lvcreate"], 5, stderr), error)
+
+
+def test_names_are_checked_before_reaching_lvm() -> None:
+    lvm = Lvm(binary="/nonexistent/lvm")
+    for bad in ("../x", "a b", "-rf", "", ".."):
+        with pytest.raises(InvalidArgument):
+            lvm.find_lv("vg0", bad)
+    with pytest.raises(InvalidArgument):
+        lvm.create_thin_volume("vg0", "pool0", "ok", 1 << 20, ["bad tag with space"])
