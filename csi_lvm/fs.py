@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +74,12 @@ def detect_content(device: str, timeout: float = 60) -> str | None:
 
 def make_filesystem(device: str, fs_type: str, timeout: float = 600) -> None:
     """Format a blank device. No discard pass (thin LVs read zeros already) and
-    lazy initialisation, so formatting costs about the same for any size."""
+    lazy initialisation, so formatting costs about the same for any size; ext4
+    gets a checksum seed so a copy's UUID can change without a full check."""
     if fs_type == "ext4":
         command = [
-            "mkfs.ext4", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            "mkfs.ext4", "-q", "-O", "metadata_csum_seed",
+            "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
             "--", device,
         ]  # fmt: skip
     elif fs_type == "xfs":
@@ -87,11 +90,32 @@ def make_filesystem(device: str, fs_type: str, timeout: float = 600) -> None:
 
 
 def new_filesystem_uuid(device: str, fs_type: str, timeout: float = 120) -> None:
-    """Give a copied filesystem its own UUID (XFS refuses to mount two alike)."""
+    """Give a copied filesystem its own UUID (XFS refuses to mount two alike).
+
+    A snapshot of a mounted filesystem carries an unreplayed journal, which
+    both tools refuse to work past: one private mount and unmount replays it.
+    """
+    command = (
+        ["tune2fs", "-U", "random", device]
+        if fs_type == "ext4"
+        else ["xfs_admin", "-U", "generate", device]
+    )
+    if _run(command, timeout).returncode == 0:
+        return
+    with tempfile.TemporaryDirectory(prefix="csi-lvm-replay-") as scratch:
+        mount(device, scratch, fs_type, ["nouuid"] if fs_type == "xfs" else [], timeout)
+        unmount(scratch, timeout)
+    _check(command, timeout)
+
+
+def grow_filesystem(device: str, mount_point: str, fs_type: str, timeout: float = 600) -> None:
+    """Grow a mounted filesystem to fill its device (online)."""
     if fs_type == "ext4":
-        _check(["tune2fs", "-U", "random", device], timeout)
+        _check(["resize2fs", device], timeout)
     elif fs_type == "xfs":
-        _check(["xfs_admin", "-U", "generate", device], timeout)
+        _check(["xfs_growfs", mount_point], timeout)
+    else:
+        raise FsError(f"cannot grow filesystem {fs_type!r}")
 
 
 # --------------------------------------------------------------------- mounts

@@ -111,12 +111,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     "csi-lvm never reformats a volume that holds data: ask for "
                     f"fsType {content} or use a new volume"
                 )
-            elif NEW_UUID_TAG in owned.lv.tags:
-                fs.new_filesystem_uuid(device, content, timeout)
-                self.lvm.delete_tag(owned.lv.vg_name, owned.lv.name, NEW_UUID_TAG, timeout)
-                log.info("new filesystem uuid", volume_id=request.volume_id, fs_type=content)
+            first_stage_of_copy = content is not None and NEW_UUID_TAG in owned.lv.tags
+            if first_stage_of_copy:
+                fs.new_filesystem_uuid(device, wanted_fs, timeout)
             flags = list(request.volume_capability.mount.mount_flags)
             fs.mount(device, staging, wanted_fs, flags, timeout)
+            if first_stage_of_copy:
+                # A restore or clone may be larger than its source.
+                fs.grow_filesystem(device, staging, wanted_fs, timeout)
+                self.lvm.delete_tag(owned.lv.vg_name, owned.lv.name, NEW_UUID_TAG, timeout)
+                log.info("copy prepared", volume_id=request.volume_id, fs_type=wanted_fs)
         return csi_pb2.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(self, request: Any, context: Any) -> csi_pb2.NodeUnstageVolumeResponse:
@@ -255,9 +259,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeGetVolumeStats(self, request: Any, context: Any) -> csi_pb2.NodeGetVolumeStatsResponse:
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
-        path = check_path(request.volume_path, "volume_path")
+        if not request.volume_path:
+            raise InvalidArgument("volume_path is required")
         timeout = budget(context) or DEFAULT_TIMEOUT
         owned = self._volume(request.volume_id, timeout)
+        try:
+            path = check_path(request.volume_path, "volume_path")
+        except InvalidArgument as exc:  # no such path can hold the volume
+            raise NotFound(str(exc)) from None
         if not os.path.exists(path):
             raise NotFound(f"volume_path {path} does not exist")
         ours = fs.device_number(owned.lv.device) if os.path.exists(owned.lv.device) else None

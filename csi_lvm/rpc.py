@@ -7,11 +7,16 @@ from typing import Any
 
 from csi_lvm.csi import csi_pb2
 
+# Calls without a deadline report an effectively infinite time remaining.
+NO_DEADLINE_SECONDS = 24 * 3600
+
 
 def budget(context: Any) -> float | None:
     """Seconds left before the caller's deadline, or None when it set none."""
     remaining = context.time_remaining() if context is not None else None
-    return None if remaining is None else float(remaining)
+    if remaining is None or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return max(0.1, float(remaining))
 
 
 def node_topology(topology_key: str, node_id: str) -> csi_pb2.Topology:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from csi_lvm.csi import csi_pb2
 from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
 
 HANDMADE_LV = "root"  # made by hand: no csi-lvm tags, so untouchable
@@ -60,21 +59,3 @@ def name(request: pytest.FixtureRequest) -> str:
     """A unique CSI name per test."""
     base = request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")
     return f"{base[:30].strip('-')}-{next(_names)}"
-
-
-def mount_capability(fs_type: str = "", mode: int = 0) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
-        access_mode=csi_pb2.VolumeCapability.AccessMode(
-            mode=mode or csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-        ),
-    )
-
-
-def block_capability() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(),
-        access_mode=csi_pb2.VolumeCapability.AccessMode(
-            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-        ),
-    )

@@ -1,0 +1,134 @@
+"""Request builders and assertions shared by the real-LVM tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_lvm.csi import csi_pb2
+from tests.testbed import CsiClient
+
+MiB = 1 << 20
+GiB = 1 << 30
+Mode = csi_pb2.VolumeCapability.AccessMode
+
+
+def mount_capability(
+    fs_type: str = "", mode: int = Mode.SINGLE_NODE_WRITER, flags: tuple[str, ...] = ()
+) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
+        access_mode=Mode(mode=mode),
+    )
+
+
+def block_capability(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=mode)
+    )
+
+
+def create_request(
+    name: str, size: int = 16 * MiB, device_class: str = "thin", **extra: Any
+) -> csi_pb2.CreateVolumeRequest:
+    return csi_pb2.CreateVolumeRequest(
+        name=name,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+        volume_capabilities=[extra.pop("capability", mount_capability())],
+        parameters={"deviceClass": device_class, **extra.pop("parameters", {})},
+        **extra,
+    )
+
+
+def create(
+    csi: CsiClient, name: str, size: int = 16 * MiB, device_class: str = "thin", **extra: Any
+) -> csi_pb2.Volume:
+    return csi.controller.CreateVolume(create_request(name, size, device_class, **extra)).volume
+
+
+def expect_error(
+    code: grpc.StatusCode, call: Callable[..., Any], request: Any, *fragments: str
+) -> str:
+    """Call and require a gRPC error with ``code`` whose message has ``fragments``."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request)
+    error = caught.value
+    assert error.code() == code, f"expected {code.name}, got {error.code().name}: {error.details()}"
+    for fragment in fragments:
+        assert fragment in error.details(), f"{fragment!r} not in {error.details()!r}"
+    return str(error.details())
+
+
+def stage(
+    csi: CsiClient, volume_id: str, staging: str, capability: csi_pb2.VolumeCapability
+) -> None:
+    os.makedirs(staging, exist_ok=True)
+    csi.node.NodeStageVolume(
+        csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=staging, volume_capability=capability
+        )
+    )
+
+
+def publish(
+    csi: CsiClient,
+    volume_id: str,
+    staging: str,
+    target: str,
+    capability: csi_pb2.VolumeCapability,
+    readonly: bool = False,
+) -> None:
+    csi.node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id,
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=capability,
+            readonly=readonly,
+        )
+    )
+
+
+def unpublish(csi: CsiClient, volume_id: str, target: str) -> None:
+    csi.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target)
+    )
+
+
+def unstage(csi: CsiClient, volume_id: str, staging: str) -> None:
+    csi.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging)
+    )
+
+
+def delete(csi: CsiClient, volume_id: str) -> None:
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+
+
+def is_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(line.split()[4] == path for line in mountinfo)
+
+
+def lv_tags(vg: str, lv: str) -> list[str]:
+    out = subprocess.run(
+        ["lvs", "--noheadings", "-o", "lv_tags", f"{vg}/{lv}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [t for t in out.strip().split(",") if t]
+
+
+def fs_type_of(device_or_path: str) -> str:
+    return subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", device_or_path],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()

@@ -1,0 +1,197 @@
+"""Node RPCs on real devices: format, mount, publish, stats, cleanup."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_lvm.csi import csi_pb2
+from tests.lvm.helpers import (
+    MiB,
+    Mode,
+    block_capability,
+    create,
+    delete,
+    expect_error,
+    fs_type_of,
+    is_mounted,
+    mount_capability,
+    publish,
+    stage,
+    unpublish,
+    unstage,
+)
+from tests.testbed import NODE_ID, TOPOLOGY_KEY, CsiClient
+
+Code = grpc.StatusCode
+
+
+@pytest.mark.parametrize(
+    ("device_class", "fs_type"), [("thin", "ext4"), ("thin", "xfs"), ("thick", "")]
+)
+def test_filesystem_lifecycle(
+    csi: CsiClient, workdir: Path, name: str, device_class: str, fs_type: str
+) -> None:
+    capability = mount_capability(fs_type)
+    volume = create(csi, name, 320 * MiB, device_class, capability=capability)
+    staging, target = str(workdir / f"{name}-staging"), str(workdir / f"{name}-target")
+    stage(csi, volume.volume_id, staging, capability)
+    stage(csi, volume.volume_id, staging, capability)  # idempotent
+    assert fs_type_of(staging) == (fs_type or "ext4")
+    publish(csi, volume.volume_id, staging, target, capability)
+    publish(csi, volume.volume_id, staging, target, capability)  # idempotent
+    Path(target, "hello.txt").write_text("hello from csi-lvm\n")
+
+    stats = csi.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=target)
+    )
+    by_unit = {u.unit: u for u in stats.usage}
+    space = by_unit[csi_pb2.VolumeUsage.BYTES]
+    assert 250 * MiB < space.total <= 320 * MiB and space.used > 0 and space.available > 0
+    assert by_unit[csi_pb2.VolumeUsage.INODES].total > 0
+    assert stats.volume_condition.abnormal is False
+
+    expect_error(
+        Code.FAILED_PRECONDITION,
+        csi.controller.DeleteVolume,
+        csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id),
+        "in use",
+    )
+    unpublish(csi, volume.volume_id, target)
+    unpublish(csi, volume.volume_id, target)  # idempotent
+    assert not os.path.exists(target)
+    unstage(csi, volume.volume_id, staging)
+    unstage(csi, volume.volume_id, staging)
+    assert not is_mounted(staging)
+
+    # Data survives a second stage; the filesystem is found, not reformatted.
+    stage(csi, volume.volume_id, staging, capability)
+    publish(csi, volume.volume_id, staging, target, capability)
+    assert Path(target, "hello.txt").read_text() == "hello from csi-lvm\n"
+    unpublish(csi, volume.volume_id, target)
+    unstage(csi, volume.volume_id, staging)
+    delete(csi, volume.volume_id)
+
+
+def test_read_only_publish(csi: CsiClient, workdir: Path, name: str) -> None:
+    capability = mount_capability("ext4")
+    volume = create(csi, name, 64 * MiB, capability=capability)
+    staging, target = str(workdir / f"{name}-s"), str(workdir / f"{name}-t")
+    stage(csi, volume.volume_id, staging, capability)
+    publish(csi, volume.volume_id, staging, target, capability, readonly=True)
+    with pytest.raises(OSError) as caught:
+        Path(target, "nope").write_text("x")
+    assert caught.value.errno == errno.EROFS
+    # The same target with other options is a conflict, not a silent success.
+    with pytest.raises(grpc.RpcError) as conflict:
+        publish(csi, volume.volume_id, staging, target, capability, readonly=False)
+    assert conflict.value.code() == Code.ALREADY_EXISTS
+    unpublish(csi, volume.volume_id, target)
+    unstage(csi, volume.volume_id, staging)
+    delete(csi, volume.volume_id)
+
+
+def test_block_volume(csi: CsiClient, workdir: Path, name: str) -> None:
+    capability = block_capability()
+    volume = create(csi, name, 16 * MiB, "thick", capability=capability)
+    staging, target = str(workdir / f"{name}-s"), str(workdir / f"{name}-dev")
+    stage(csi, volume.volume_id, staging, capability)
+    publish(csi, volume.volume_id, staging, target, capability)
+    with open(target, "r+b") as device:
+        device.write(b"csi-lvm block")
+        device.flush()
+        os.fsync(device.fileno())
+        device.seek(0)
+        assert device.read(13) == b"csi-lvm block"
+        assert device.seek(0, os.SEEK_END) == 16 * MiB
+    stats = csi.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=target)
+    )
+    assert [(u.unit, u.total) for u in stats.usage] == [(csi_pb2.VolumeUsage.BYTES, 16 * MiB)]
+    unpublish(csi, volume.volume_id, target)
+    assert not os.path.exists(target)
+    unstage(csi, volume.volume_id, staging)
+    delete(csi, volume.volume_id)
+
+
+def test_existing_filesystem_is_never_reformatted(csi: CsiClient, workdir: Path, name: str) -> None:
+    volume = create(csi, name, 64 * MiB)
+    staging = str(workdir / f"{name}-s")
+    stage(csi, volume.volume_id, staging, mount_capability("ext4"))
+    unstage(csi, volume.volume_id, staging)
+    expect_error(
+        Code.FAILED_PRECONDITION, csi.node.NodeStageVolume,
+        csi_pb2.NodeStageVolumeRequest(volume_id=volume.volume_id, staging_target_path=staging,
+                                       volume_capability=mount_capability("xfs")),
+        "already holds ext4", "never reformats",
+    )  # fmt: skip
+    assert not is_mounted(staging)
+    delete(csi, volume.volume_id)
+
+
+def test_single_writer_allows_one_publication(csi: CsiClient, workdir: Path, name: str) -> None:
+    capability = mount_capability("ext4", Mode.SINGLE_NODE_SINGLE_WRITER)
+    volume = create(csi, name, 64 * MiB, capability=capability)
+    staging, first, second = (str(workdir / f"{name}-{s}") for s in ("s", "a", "b"))
+    stage(csi, volume.volume_id, staging, capability)
+    publish(csi, volume.volume_id, staging, first, capability)
+    with pytest.raises(grpc.RpcError) as caught:
+        publish(csi, volume.volume_id, staging, second, capability)
+    assert caught.value.code() == Code.FAILED_PRECONDITION
+    unpublish(csi, volume.volume_id, first)
+    unstage(csi, volume.volume_id, staging)
+    delete(csi, volume.volume_id)
+
+
+def test_foreign_mounts_and_bad_paths_are_left_alone(
+    csi: CsiClient, workdir: Path, name: str
+) -> None:
+    handmade = workdir / "handmade-mount"
+    handmade.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "handmade", str(handmade)], check=True)
+    try:
+        volume = create(csi, name, 16 * MiB)
+        for call, request in (
+            (
+                csi.node.NodeUnpublishVolume,
+                csi_pb2.NodeUnpublishVolumeRequest(
+                    volume_id=volume.volume_id, target_path=str(handmade)
+                ),
+            ),
+            (
+                csi.node.NodeUnstageVolume,
+                csi_pb2.NodeUnstageVolumeRequest(
+                    volume_id=volume.volume_id, staging_target_path=str(handmade)
+                ),
+            ),
+        ):
+            expect_error(Code.FAILED_PRECONDITION, call, request, "another device")
+        expect_error(Code.NOT_FOUND, csi.node.NodeUnpublishVolume,
+                     csi_pb2.NodeUnpublishVolumeRequest(volume_id=f"{NODE_ID}:thin:csi-nothing", target_path=str(handmade)))  # fmt: skip
+        expect_error(Code.ALREADY_EXISTS, csi.node.NodeStageVolume,
+                     csi_pb2.NodeStageVolumeRequest(volume_id=volume.volume_id, staging_target_path=str(handmade),
+                                                    volume_capability=mount_capability()))  # fmt: skip
+        for path in ("relative/path", f"{workdir}/../etc", ""):
+            expect_error(Code.INVALID_ARGUMENT, csi.node.NodePublishVolume,
+                         csi_pb2.NodePublishVolumeRequest(volume_id=volume.volume_id, staging_target_path=str(handmade),
+                                                          target_path=path, volume_capability=mount_capability()))  # fmt: skip
+        assert is_mounted(str(handmade))
+        delete(csi, volume.volume_id)
+    finally:
+        subprocess.run(["umount", str(handmade)], check=False)
+
+
+def test_node_info_and_capabilities(csi: CsiClient) -> None:
+    info = csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+    assert info.node_id == NODE_ID
+    assert dict(info.accessible_topology.segments) == {TOPOLOGY_KEY: NODE_ID}
+    caps = csi.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())
+    Cap = csi_pb2.NodeServiceCapability.RPC
+    assert {Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION} <= {
+        c.rpc.type for c in caps.capabilities
+    }

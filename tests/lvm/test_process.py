@@ -1,0 +1,66 @@
+"""The ``csi-lvm serve`` process: socket, start-up checks, signals, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from csi_lvm.csi import csi_pb2
+from tests.testbed import Driver, LoopVolumeGroup, write_config
+
+
+def serve(config: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "csi_lvm.cli", "serve", "--endpoint", endpoint, "--config", str(config), "--node-id", "n1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_socket_is_private_and_logs_are_json(driver: Driver) -> None:
+    mode = stat.S_IMODE(os.stat(driver.socket).st_mode)
+    assert mode & 0o002 == 0, oct(mode)  # never world-writable
+    lines = [
+        json.loads(line)
+        for line in driver.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    rpcs = [line for line in lines if line.get("event") == "rpc"]
+    assert rpcs, "no rpc log lines"
+    assert {"method", "code", "ms", "timestamp"} <= set(rpcs[-1])
+
+
+def test_missing_volume_group_or_pool_stops_start_up(workdir: Path, vg: LoopVolumeGroup) -> None:
+    config = workdir / "bad.yaml"
+    config.write_text(
+        f"deviceClasses:\n  - name: ok\n    volumeGroup: {vg.name}\n  - name: gone\n    volumeGroup: vg-missing\n"
+    )
+    done = serve(config, f"unix://{workdir}/bad.sock")
+    assert done.returncode == 2
+    assert "line 4" in done.stderr and "vg-missing" in done.stderr
+    config.write_text(
+        f"deviceClasses:\n  - name: ok\n    volumeGroup: {vg.name}\n    thinPool: nopool\n"
+    )
+    done = serve(config, f"unix://{workdir}/bad.sock")
+    assert done.returncode == 2 and "line 2" in done.stderr and "nopool" in done.stderr
+
+
+def test_stale_socket_is_replaced_and_sigterm_stops_cleanly(
+    workdir: Path, vg: LoopVolumeGroup
+) -> None:
+    home = workdir / "second"
+    home.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(home / "csi.sock"))
+    stale.close()  # leaves the socket file behind, as a crashed driver would
+    second = Driver(home, write_config(home / "config.yaml", vg.name, vg.pool))
+    client = second.start()
+    assert client.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    client.close()
+    assert second.stop(signal.SIGTERM) == 0
+    assert not os.path.exists(second.socket)
