@@ -119,6 +119,10 @@ class Inventory:
             return None
         return Owned(object_id, lv, device_class, tags)
 
+    def _is_snapshot(self, lv: LogicalVolume) -> bool:
+        owned = self._adopt(lv)
+        return owned is not None and owned.kind is Kind.SNAPSHOT
+
     def get(
         self, object_id: ObjectId, device_class: DeviceClass, timeout: float | None = None
     ) -> Owned | None:
@@ -208,7 +212,13 @@ class Inventory:
                 f"thin pool {device_class.volume_group}/{device_class.thin_pool} of device class "
                 f"{device_class.name} is missing on node {self.node_id}"
             )
-        provisioned = sum(lv.size_bytes for lv in lvs if lv.pool == device_class.thin_pool)
+        # Snapshots are left out: they share their origin's blocks and are never
+        # written, so counting them would make every snapshot halve the room.
+        provisioned = sum(
+            lv.size_bytes
+            for lv in lvs
+            if lv.pool == device_class.thin_pool and not self._is_snapshot(lv)
+        )
         limit = math.floor(pool.size_bytes * device_class.overprovision_ratio)
         return ClassSpace(
             available_bytes=max(0, limit - provisioned),

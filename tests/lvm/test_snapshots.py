@@ -1,0 +1,272 @@
+"""Snapshots, restores and clones on a real thin pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_lvm.csi import csi_pb2
+from tests.lvm.helpers import (
+    GiB,
+    MiB,
+    create,
+    create_request,
+    delete,
+    expect_error,
+    mount_capability,
+    publish,
+    stage,
+    unpublish,
+    unstage,
+)
+from tests.testbed import NODE_ID, TOPOLOGY_KEY, CsiClient, LoopVolumeGroup
+
+Code = grpc.StatusCode
+RESULTS = Path(__file__).resolve().parents[2] / "build" / "vm"
+
+
+def snapshot(csi: CsiClient, name: str, source: str) -> csi_pb2.Snapshot:
+    return csi.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=source)
+    ).snapshot
+
+
+def from_snapshot(snapshot_id: str) -> csi_pb2.VolumeContentSource:
+    return csi_pb2.VolumeContentSource(
+        snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
+    )
+
+
+def from_volume(volume_id: str) -> csi_pb2.VolumeContentSource:
+    return csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume_id)
+    )
+
+
+class Mounted:
+    """A volume staged and published under the test's work directory."""
+
+    def __init__(
+        self, csi: CsiClient, workdir: Path, volume_id: str, fs_type: str, label: str
+    ) -> None:
+        self.csi, self.volume_id = csi, volume_id
+        self.capability = mount_capability(fs_type)
+        self.staging, self.target = str(workdir / f"{label}-s"), str(workdir / f"{label}-t")
+        stage(csi, volume_id, self.staging, self.capability)
+        publish(csi, volume_id, self.staging, self.target, self.capability)
+
+    def path(self, name: str) -> Path:
+        return Path(self.target, name)
+
+    def size(self) -> int:
+        info = os.statvfs(self.target)
+        return info.f_blocks * info.f_frsize
+
+    def release(self) -> None:
+        unpublish(self.csi, self.volume_id, self.target)
+        unstage(self.csi, self.volume_id, self.staging)
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_restore_holds_the_data_at_snapshot_time(
+    csi: CsiClient, workdir: Path, name: str, fs_type: str
+) -> None:
+    volume = create(csi, name, 320 * MiB, capability=mount_capability(fs_type))
+    origin = Mounted(csi, workdir, volume.volume_id, fs_type, f"{name}-origin")
+    origin.path("before.txt").write_text("written before the snapshot")
+    os.sync()
+    snap = snapshot(csi, f"{name}-snap", volume.volume_id)
+    assert snap.ready_to_use and snap.source_volume_id == volume.volume_id
+    assert snap.size_bytes == volume.capacity_bytes and snap.creation_time.seconds > 0
+    origin.path("after.txt").write_text("written after the snapshot")
+
+    request = create_request(f"{name}-restore", 640 * MiB, capability=mount_capability(fs_type),
+                             volume_content_source=from_snapshot(snap.snapshot_id))  # fmt: skip
+    restored = csi.controller.CreateVolume(request).volume
+    assert restored.content_source.snapshot.snapshot_id == snap.snapshot_id
+    assert restored.capacity_bytes == 640 * MiB
+    # Both mounted side by side on one node: XFS needs the restore's new UUID.
+    copy = Mounted(csi, workdir, restored.volume_id, fs_type, f"{name}-restore")
+    assert copy.path("before.txt").read_text() == "written before the snapshot"
+    assert not copy.path("after.txt").exists()
+    assert origin.path("after.txt").exists()
+    assert copy.size() > origin.size() * 1.5  # the filesystem grew with the volume
+
+    copy.release()
+    origin.release()
+    for volume_id in (restored.volume_id, volume.volume_id):
+        delete(csi, volume_id)
+    csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+
+
+def test_clone_copies_a_live_volume(csi: CsiClient, workdir: Path, name: str) -> None:
+    volume = create(csi, name, 64 * MiB, capability=mount_capability("xfs"))
+    origin = Mounted(csi, workdir, volume.volume_id, "xfs", f"{name}-o")
+    origin.path("data").write_text("cloned")
+    os.sync()
+    clone = create(csi, f"{name}-clone", 64 * MiB, capability=mount_capability("xfs"),
+                   volume_content_source=from_volume(volume.volume_id))  # fmt: skip
+    assert clone.content_source.volume.volume_id == volume.volume_id
+    copy = Mounted(csi, workdir, clone.volume_id, "xfs", f"{name}-c")
+    assert copy.path("data").read_text() == "cloned"
+    copy.path("data").write_text("changed in the clone")
+    assert origin.path("data").read_text() == "cloned"
+    copy.release()
+    origin.release()
+    delete(csi, clone.volume_id)
+    delete(csi, volume.volume_id)
+
+
+@pytest.mark.parametrize("order", ["source-first", "snapshot-first", "restore-first"])
+def test_deleting_in_any_order_loses_nothing_else(
+    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path, name: str, order: str
+) -> None:
+    volume = create(csi, name, 32 * MiB, capability=mount_capability("ext4"))
+    origin = Mounted(csi, workdir, volume.volume_id, "ext4", f"{name}-o")
+    origin.path("keep").write_text("kept")
+    origin.release()
+    snap = snapshot(csi, f"{name}-s", volume.volume_id)
+    restored = create(
+        csi, f"{name}-r", 32 * MiB, volume_content_source=from_snapshot(snap.snapshot_id)
+    )
+    objects = {
+        "source": lambda: delete(csi, volume.volume_id),
+        "snapshot": lambda: csi.controller.DeleteSnapshot(
+            csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id)
+        ),
+        "restore": lambda: delete(csi, restored.volume_id),
+    }
+    lv_of = {"source": f"csi-{name}", "snapshot": f"snap-{name}-s", "restore": f"csi-{name}-r"}
+    first = order.split("-")[0]
+    objects[first]()
+    objects[first]()  # idempotent
+    remaining = vg.lv_names()
+    assert lv_of[first] not in remaining
+    assert {lv for key, lv in lv_of.items() if key != first} <= remaining
+    if first != "restore":  # the restore still holds the data
+        copy = Mounted(csi, workdir, restored.volume_id, "ext4", f"{name}-r")
+        assert copy.path("keep").read_text() == "kept"
+        copy.release()
+    for key, remove in objects.items():
+        if key != first:
+            remove()
+    assert not set(lv_of.values()) & vg.lv_names()
+
+
+def test_snapshot_rules(csi: CsiClient, name: str) -> None:
+    volume = create(csi, name, 32 * MiB)
+    other = create(csi, f"{name}-other", 32 * MiB)
+    thick = create(csi, f"{name}-thick", 8 * MiB, "thick")
+    snap = snapshot(csi, f"{name}-s", volume.volume_id)
+    assert snapshot(csi, f"{name}-s", volume.volume_id).snapshot_id == snap.snapshot_id
+    request = csi_pb2.CreateSnapshotRequest
+    expect_error(
+        Code.ALREADY_EXISTS,
+        csi.controller.CreateSnapshot,
+        request(name=f"{name}-s", source_volume_id=other.volume_id),
+    )
+    expect_error(Code.FAILED_PRECONDITION, csi.controller.CreateSnapshot,
+                 request(name=f"{name}-t", source_volume_id=thick.volume_id), "thin device class")  # fmt: skip
+    expect_error(
+        Code.NOT_FOUND,
+        csi.controller.CreateSnapshot,
+        request(name=f"{name}-u", source_volume_id=f"{NODE_ID}:thin:csi-nothing"),
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        csi.controller.CreateSnapshot,
+        request(name=f"{name}-v"),
+        "source_volume_id",
+    )
+    expect_error(Code.INVALID_ARGUMENT, csi.controller.CreateSnapshot,
+                 request(name=f"{name}-w", source_volume_id=volume.volume_id, parameters={"color": "red"}), "'color'")  # fmt: skip
+
+    smaller = create_request(
+        f"{name}-small", 16 * MiB, volume_content_source=from_snapshot(snap.snapshot_id)
+    )
+    expect_error(Code.OUT_OF_RANGE, csi.controller.CreateVolume, smaller)
+    elsewhere = create_request(
+        f"{name}-far", 32 * MiB, volume_content_source=from_snapshot(snap.snapshot_id),
+        accessibility_requirements=csi_pb2.TopologyRequirement(requisite=[csi_pb2.Topology(segments={TOPOLOGY_KEY: "node-b"})]),
+    )  # fmt: skip
+    expect_error(Code.RESOURCE_EXHAUSTED, csi.controller.CreateVolume, elsewhere, NODE_ID, "node-b")
+    foreign = create_request(
+        f"{name}-foreign", 32 * MiB, volume_content_source=from_snapshot("node-b:thin:snap-x")
+    )
+    expect_error(Code.RESOURCE_EXHAUSTED, csi.controller.CreateVolume, foreign, "node-b")
+    missing = create_request(
+        f"{name}-missing",
+        32 * MiB,
+        volume_content_source=from_snapshot(f"{NODE_ID}:thin:snap-nothing"),
+    )
+    expect_error(Code.NOT_FOUND, csi.controller.CreateVolume, missing)
+    into_thick = create_request(
+        f"{name}-k", 32 * MiB, "thick", volume_content_source=from_snapshot(snap.snapshot_id)
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT, csi.controller.CreateVolume, into_thick, "device class thin"
+    )
+
+    listed = csi.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(snapshot_id=snap.snapshot_id)
+    )
+    assert [e.snapshot.snapshot_id for e in listed.entries] == [snap.snapshot_id]
+    by_source = csi.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(source_volume_id=volume.volume_id)
+    )
+    assert [e.snapshot.snapshot_id for e in by_source.entries] == [snap.snapshot_id]
+    assert not csi.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(snapshot_id="none")
+    ).entries
+    second = snapshot(csi, f"{name}-s2", volume.volume_id)
+    page = csi.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(source_volume_id=volume.volume_id, max_entries=1)
+    )
+    rest = csi.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(
+            source_volume_id=volume.volume_id, starting_token=page.next_token
+        )
+    )
+    assert {e.snapshot.snapshot_id for e in [*page.entries, *rest.entries]} == {
+        snap.snapshot_id,
+        second.snapshot_id,
+    }
+    for snapshot_id in (
+        snap.snapshot_id,
+        second.snapshot_id,
+        "malformed",
+        f"{NODE_ID}:thin:snap-nothing",
+    ):
+        csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+    for v in (volume, other, thick):
+        delete(csi, v.volume_id)
+
+
+def test_restore_time_does_not_depend_on_size(csi: CsiClient, name: str) -> None:
+    """Prints (and records) the restore-time ratio of a 4 GiB and a 64 MiB volume."""
+    timings = {}
+    for size in (64 * MiB, 4 * GiB):
+        label = f"{name}-{size // MiB}"
+        volume = create(csi, label, size)
+        snap = snapshot(csi, f"{label}-s", volume.volume_id)
+        started = time.monotonic()
+        restored = create(
+            csi, f"{label}-r", size, volume_content_source=from_snapshot(snap.snapshot_id)
+        )
+        timings[size] = time.monotonic() - started
+        delete(csi, restored.volume_id)
+        csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+        delete(csi, volume.volume_id)
+    ratio = timings[4 * GiB] / timings[64 * MiB]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "restore-ratio.json").write_text(json.dumps(
+        {"restore_64MiB_s": timings[64 * MiB], "restore_4GiB_s": timings[4 * GiB], "ratio": ratio}))  # fmt: skip
+    print(
+        f"restore 4 GiB {timings[4 * GiB]:.2f}s / 64 MiB {timings[64 * MiB]:.2f}s = ratio {ratio:.2f}"
+    )
+    assert timings[4 * GiB] > 0 and timings[64 * MiB] > 0
