@@ -47,9 +47,10 @@ from csi_lvm.validation import (
     check_capabilities,
     choose_size,
     device_class_for,
+    minimum_bytes,
     size_range,
 )
-from csi_lvm.volumes import Inventory, Owned
+from csi_lvm.volumes import ClassSpace, Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.controller")
 
@@ -88,25 +89,26 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         wanted = size_range(
             request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
-        source = (
-            self._content_source(request) if request.HasField("volume_content_source") else None
-        )
-        self._check_topology(request, source)
         timeout = budget(context)
-
         lv_name = lv_name_for(Kind.VOLUME, request.name)
         with self.locks.hold(lv_name):
-            existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, timeout)
+            scan = self.inventory.scan(timeout)
+            source = None
+            if request.HasField("volume_content_source"):
+                source = self._content_source(request, scan)
+            self._check_topology(request, source)
+            existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
             if existing is not None:
                 return self._existing_volume(
-                    request, existing, device_class, wanted, source, timeout
+                    request, existing, device_class, wanted, source, scan, timeout
                 )
+            space = self.inventory.space(device_class, scan)
             if source is not None:
                 owned = self._create_from_source(
-                    request, lv_name, device_class, wanted, source, timeout
+                    request, lv_name, device_class, wanted, source, space, timeout
                 )
             else:
-                owned = self._create_blank(request, lv_name, device_class, wanted, timeout)
+                owned = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
         log.info(
             "volume created", volume_id=str(owned.id), lv=owned.lv.full_name, bytes=owned.size_bytes
         )
@@ -120,10 +122,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         lv_name: str,
         device_class: DeviceClass,
         wanted: Any,
+        space: ClassSpace,
         timeout: float | None,
     ) -> Owned:
-        space = self.inventory.space(device_class, timeout)
-        size = choose_size(wanted, space.extent_bytes)
+        size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         self._check_room(device_class, size, space.available_bytes)
         tags = self._volume_tags(request, device_class, source_id="")
         try:
@@ -151,6 +153,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         device_class: DeviceClass,
         wanted: Any,
         source: Owned,
+        space: ClassSpace,
         timeout: float | None,
     ) -> Owned:
         if device_class.name != source.device_class.name:
@@ -158,7 +161,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
                 f"a volume made from it must use that class, not {device_class.name}"
             )
-        space = self.inventory.space(device_class, timeout)
         size = choose_size(wanted, space.extent_bytes, minimum=source.size_bytes)
         # A thin snapshot copies nothing, but its virtual size still counts
         # against the class's over-provisioning limit, like any thin volume.
@@ -191,6 +193,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         device_class: DeviceClass,
         wanted: Any,
         source: Owned | None,
+        scan: Scan,
         timeout: float | None,
     ) -> csi_pb2.CreateVolumeResponse:
         """Idempotent repeat, a crash left-over to finish, or a conflict."""
@@ -207,7 +210,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             )
         if source is not None and existing.size_bytes < wanted.required:
             # A restore interrupted between snapshot and extend: finish it.
-            extent = self.inventory.space(device_class, timeout).extent_bytes
+            extent = self.inventory.space(device_class, scan).extent_bytes
             size = choose_size(wanted, extent, minimum=source.size_bytes)
             self.lvm.extend(existing.lv.vg_name, existing.lv.name, size, timeout)
             existing = self._reload(device_class, existing.lv.name, timeout)
@@ -220,7 +223,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             volume=self._volume(existing, request.volume_content_source)
         )
 
-    def _content_source(self, request: Any) -> Owned:
+    def _content_source(self, request: Any, scan: Scan) -> Owned:
         content = request.volume_content_source
         which = content.WhichOneof("type")
         if which == "snapshot":
@@ -237,10 +240,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"{what} {text} is held by node {object_id.node}; a volume made from it can "
                 f"only live on that node, not on {self.node_id}"
             )
-        parsed = self.inventory.parse_local_id(text, kind, what)
-        found = None
-        if parsed is not None:
-            found = self.inventory.get(*parsed, timeout=None)
+        found = self.inventory.lookup(text, kind, what, scan)
         if found is None:
             raise NotFound(f"{what} {text} does not exist on node {self.node_id}")
         if found.device_class.thin_pool is None:
@@ -334,11 +334,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         log.info("volume deleted", volume_id=request.volume_id, lv=owned.lv.full_name)
         return csi_pb2.DeleteVolumeResponse()
 
-    def _require_volume(self, volume_id: str, timeout: float | None) -> Owned:
+    def _require_volume(self, volume_id: str, scan: Scan) -> Owned:
         if not volume_id:
             raise InvalidArgument("volume_id is required")
-        parsed = self.inventory.parse_local_id(volume_id, Kind.VOLUME, "volume")
-        owned = self.inventory.get(*parsed, timeout=timeout) if parsed else None
+        owned = self.inventory.lookup(volume_id, Kind.VOLUME, "volume", scan)
         if owned is None:
             raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
         return owned
@@ -351,7 +350,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities is required")
         device_class_for(self.inventory.config, dict(request.parameters))
-        self._require_volume(request.volume_id, budget(context))
+        self._require_volume(request.volume_id, self.inventory.scan(budget(context)))
         problems = [p for c in request.volume_capabilities if (p := capability_problem(c))]
         if problems:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
@@ -364,12 +363,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
     def ListVolumes(self, request: Any, context: Any) -> csi_pb2.ListVolumesResponse:
-        timeout = budget(context)
-        volumes = self.inventory.owned(Kind.VOLUME, timeout)
+        scan = self.inventory.scan(budget(context))
+        volumes = self.inventory.owned(Kind.VOLUME, scan)
         page, next_token = _page(volumes, request.max_entries, request.starting_token)
         entries = []
         for owned in page:
-            condition = self.inventory.condition(owned, timeout)
+            condition = self.inventory.condition(owned, scan)
             entries.append(
                 csi_pb2.ListVolumesResponse.Entry(
                     volume=self._volume(owned),
@@ -383,9 +382,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def ControllerGetVolume(
         self, request: Any, context: Any
     ) -> csi_pb2.ControllerGetVolumeResponse:
-        timeout = budget(context)
-        owned = self._require_volume(request.volume_id, timeout)
-        condition = self.inventory.condition(owned, timeout)
+        scan = self.inventory.scan(budget(context))
+        owned = self._require_volume(request.volume_id, scan)
+        condition = self.inventory.condition(owned, scan)
         return csi_pb2.ControllerGetVolumeResponse(
             volume=self._volume(owned),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
@@ -402,7 +401,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             and request.accessible_topology.segments.get(self.topology_key) != self.node_id
         ):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
-        space = self.inventory.space(device_class, budget(context))
+        space = self.inventory.space(device_class, self.inventory.scan(budget(context)))
         available = space.available_bytes - space.available_bytes % space.extent_bytes
         response = csi_pb2.GetCapacityResponse(available_capacity=available)
         response.maximum_volume_size.value = available
@@ -437,7 +436,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         timeout = budget(context)
         lv_name = lv_name_for(Kind.SNAPSHOT, request.name)
         with self.locks.hold(lv_name):
-            existing = self.inventory.find_by_name(Kind.SNAPSHOT, lv_name, timeout)
+            scan = self.inventory.scan(timeout)
+            existing = self.inventory.find_by_name(Kind.SNAPSHOT, lv_name, scan)
             if existing is not None:
                 if existing.name != request.name or existing.source_id != request.source_volume_id:
                     raise AlreadyExists(
@@ -445,7 +445,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                         f"{existing.source_id}, not {request.source_volume_id}"
                     )
                 return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(existing))
-            source = self._require_volume(request.source_volume_id, timeout)
+            source = self._require_volume(request.source_volume_id, scan)
             device_class = source.device_class
             if device_class.thin_pool is None:
                 raise FailedPrecondition(
@@ -509,7 +509,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         return csi_pb2.DeleteSnapshotResponse()
 
     def ListSnapshots(self, request: Any, context: Any) -> csi_pb2.ListSnapshotsResponse:
-        snapshots = self.inventory.owned(Kind.SNAPSHOT, budget(context))
+        snapshots = self.inventory.owned(Kind.SNAPSHOT, self.inventory.scan(budget(context)))
         if request.snapshot_id:
             snapshots = [s for s in snapshots if str(s.id) == request.snapshot_id]
         if request.source_volume_id:

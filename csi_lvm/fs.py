@@ -18,6 +18,8 @@ from pathlib import Path
 from csi_lvm.errors import DeadlineExceeded, FailedPrecondition, Internal
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
+# mkfs.xfs refuses smaller devices (xfsprogs 5.19 and later).
+MINIMUM_BYTES = {"ext4": 0, "xfs": 300 << 20}
 DEFAULT_FILESYSTEM = "ext4"
 
 _ENV = {**os.environ, "LC_ALL": "C"}
@@ -89,23 +91,33 @@ def make_filesystem(device: str, fs_type: str, timeout: float = 600) -> None:
     _check(command, timeout)
 
 
+def filesystem_uuid(device: str, timeout: float = 60) -> str:
+    done = _run(["blkid", "--probe", "--match-tag", "UUID", "--output", "value", device], timeout)
+    return done.stdout.strip()
+
+
 def new_filesystem_uuid(device: str, fs_type: str, timeout: float = 120) -> None:
     """Give a copied filesystem its own UUID (XFS refuses to mount two alike).
 
     A snapshot of a mounted filesystem carries an unreplayed journal, which
-    both tools refuse to work past: one private mount and unmount replays it.
+    both tools refuse to work past (xfs_admin even exits 0 when it refuses):
+    the UUID is compared before and after, and when it did not change, one
+    private mount and unmount replays the journal before the second try.
     """
     command = (
         ["tune2fs", "-U", "random", device]
         if fs_type == "ext4"
         else ["xfs_admin", "-U", "generate", device]
     )
-    if _run(command, timeout).returncode == 0:
+    before = filesystem_uuid(device, timeout)
+    if _run(command, timeout).returncode == 0 and filesystem_uuid(device, timeout) != before:
         return
     with tempfile.TemporaryDirectory(prefix="csi-lvm-replay-") as scratch:
         mount(device, scratch, fs_type, ["nouuid"] if fs_type == "xfs" else [], timeout)
         unmount(scratch, timeout)
     _check(command, timeout)
+    if filesystem_uuid(device, timeout) == before:
+        raise FsError(f"{' '.join(command)} left the filesystem UUID unchanged")
 
 
 def grow_filesystem(device: str, mount_point: str, fs_type: str, timeout: float = 600) -> None:

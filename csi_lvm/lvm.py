@@ -37,7 +37,8 @@ LV_FIELDS = (
     "lv_name,vg_name,lv_uuid,lv_size,lv_attr,pool_lv,origin,lv_tags,"
     "data_percent,metadata_percent,lv_path,lv_dm_path,lv_time"
 )
-VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size,vg_attr,pv_count,vg_missing_pv_count"
+VG_COLUMNS = "vg_size,vg_free,vg_extent_size,vg_attr,vg_missing_pv_count"
+VG_FIELDS = f"vg_name,{VG_COLUMNS}"
 _NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 _TAG_RE = re.compile(r"[A-Za-z0-9_+.:/=!&#][A-Za-z0-9_+.:/=!&#-]{0,1023}")
 
@@ -195,8 +196,10 @@ def parse_lv_report(report: dict[str, object]) -> list[LogicalVolume]:
     ]
 
 
-def parse_vg_report(report: dict[str, object]) -> list[VolumeGroup]:
-    rows = _report_rows(report, "vg")
+def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[VolumeGroup]:
+    """VG records from a ``vgs`` report, or from the VG columns of an ``lvs``
+    report (``section="lv"``; one record per VG)."""
+    rows = list({row["vg_name"]: row for row in _report_rows(report, section)}.values())
     return [
         VolumeGroup(
             name=row["vg_name"],
@@ -332,7 +335,25 @@ class Lvm:
             check_name(group, "volume group")
         if not groups:
             return []
-        return parse_lv_report(self._report(["lvs", "-a", "-o", LV_FIELDS, *groups], timeout))
+        return parse_lv_report(self._report(["lvs", "-o", LV_FIELDS, *groups], timeout))
+
+    def scan(
+        self, volume_groups: Iterable[str], timeout: float | None = None
+    ) -> tuple[list[LogicalVolume], list[VolumeGroup]]:
+        """Every LV of the given VGs and the VGs themselves, in one report
+        where possible (a VG without LVs needs a ``vgs`` of its own)."""
+        groups = sorted(set(volume_groups))
+        for group in groups:
+            check_name(group, "volume group")
+        if not groups:
+            return [], []
+        report = self._report(["lvs", "-o", f"{LV_FIELDS},{VG_COLUMNS}", *groups], timeout)
+        lvs = parse_lv_report(report)
+        vgs = parse_vg_report(report, "lv")
+        without_lvs = set(groups) - {vg.name for vg in vgs}
+        if without_lvs:
+            vgs += self.list_vgs(without_lvs, timeout)
+        return lvs, vgs
 
     def find_lv(
         self, volume_group: str, name: str, timeout: float | None = None

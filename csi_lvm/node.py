@@ -103,6 +103,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 raise FailedPrecondition(f"staging path {staging} is not an existing directory")
             content = fs.detect_content(device, timeout)
             if content is None:
+                minimum = fs.MINIMUM_BYTES[wanted_fs]
+                if owned.size_bytes < minimum:
+                    raise FailedPrecondition(
+                        f"volume {request.volume_id} has {owned.size_bytes} bytes; {wanted_fs} "
+                        f"needs at least {minimum}: create a larger volume"
+                    )
                 fs.make_filesystem(device, wanted_fs, timeout)
                 log.info("formatted", volume_id=request.volume_id, fs_type=wanted_fs)
             elif content != wanted_fs:
@@ -262,7 +268,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if not request.volume_path:
             raise InvalidArgument("volume_path is required")
         timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._volume(request.volume_id, timeout)
+        scan = self.inventory.scan(timeout)
+        owned = self.inventory.lookup(request.volume_id, Kind.VOLUME, "volume", scan)
+        if owned is None:
+            raise NotFound(f"volume {request.volume_id} does not exist on node {self.node_id}")
         try:
             path = check_path(request.volume_path, "volume_path")
         except InvalidArgument as exc:  # no such path can hold the volume
@@ -273,7 +282,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         current = fs.mounted_device(path)
         if ours is None or current != ours:
             raise NotFound(f"volume {request.volume_id} is not mounted at {path}")
-        condition = self.inventory.condition(owned, timeout)
+        condition = self.inventory.condition(owned, scan)
         volume_condition = csi_pb2.VolumeCondition(
             abnormal=condition.abnormal, message=condition.message
         )

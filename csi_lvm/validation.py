@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from csi_lvm.config import Config, DeviceClass
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import InvalidArgument, OutOfRange
-from csi_lvm.fs import DEFAULT_FILESYSTEM, SUPPORTED_FILESYSTEMS
+from csi_lvm.fs import DEFAULT_FILESYSTEM, MINIMUM_BYTES, SUPPORTED_FILESYSTEMS
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 
@@ -91,6 +91,18 @@ def check_capability(capability: csi_pb2.VolumeCapability, present: bool) -> Non
 
 def filesystem_of(capability: csi_pb2.VolumeCapability) -> str:
     return capability.mount.fs_type or DEFAULT_FILESYSTEM
+
+
+def minimum_bytes(capabilities: Iterable[csi_pb2.VolumeCapability]) -> int:
+    """The smallest volume every requested filesystem can be made on."""
+    return max(
+        (
+            MINIMUM_BYTES[filesystem_of(c)]
+            for c in capabilities
+            if c.WhichOneof("access_type") == "mount"
+        ),
+        default=0,
+    )
 
 
 def device_class_for(config: Config, parameters: Mapping[str, str]) -> DeviceClass:

@@ -4,6 +4,8 @@ An LV belongs to csi-lvm only when it carries this driver's ownership tag and
 a name and class tag that agree with its id. Everything that answers "does
 volume X exist?" goes through here, so "no tag, no touch" holds everywhere.
 This module asks the LVM layer for records; it never runs a command itself.
+One ``Scan`` (a single LVM report) answers every question an RPC has about
+space, names and health, so a call costs one report, not one per question.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ class ClassSpace:
     used_bytes: int  # provisioned (thin: virtual sizes) or allocated (thick)
 
 
+@dataclass(frozen=True)
+class Scan:
+    """The configured volume groups and their LVs, as one report saw them."""
+
+    lvs: tuple[LogicalVolume, ...]
+    vgs: dict[str, VolumeGroup]
+
+    def lv(self, volume_group: str, name: str) -> LogicalVolume | None:
+        return next((v for v in self.lvs if v.vg_name == volume_group and v.name == name), None)
+
+
 class Inventory:
     def __init__(self, config: Config, lvm: Lvm, node_id: str, driver_name: str):
         self.config = config
@@ -102,7 +115,7 @@ class Inventory:
 
     # ---- ownership
 
-    def _adopt(self, lv: LogicalVolume, device_class: DeviceClass | None = None) -> Owned | None:
+    def adopt(self, lv: LogicalVolume, device_class: DeviceClass | None = None) -> Owned | None:
         """The LV as an owned object, or None when csi-lvm did not make it."""
         tags = decode_tags(lv.tags)
         if tags.get(Tag.DRIVER) != self.driver_name:
@@ -119,55 +132,54 @@ class Inventory:
             return None
         return Owned(object_id, lv, device_class, tags)
 
-    def _is_snapshot(self, lv: LogicalVolume) -> bool:
-        owned = self._adopt(lv)
-        return owned is not None and owned.kind is Kind.SNAPSHOT
+    def scan(self, timeout: float | None = None) -> Scan:
+        lvs, vgs = self.lvm.scan(self.config.volume_groups, timeout)
+        return Scan(tuple(lvs), {vg.name: vg for vg in vgs})
 
     def get(
         self, object_id: ObjectId, device_class: DeviceClass, timeout: float | None = None
     ) -> Owned | None:
         lv = self.lvm.find_lv(device_class.volume_group, object_id.lv_name, timeout)
-        if lv is None:
-            return None
-        return self._adopt(lv, device_class)
+        return None if lv is None else self.adopt(lv, device_class)
 
-    def find_by_name(self, kind: Kind, lv_name: str, timeout: float | None = None) -> Owned | None:
+    def lookup(self, text: str, kind: Kind, what: str, scan: Scan) -> Owned | None:
+        """The owned object an id names, from a scan; None when there is none."""
+        parsed = self.parse_local_id(text, kind, what)
+        if parsed is None:
+            return None
+        object_id, device_class = parsed
+        lv = scan.lv(device_class.volume_group, object_id.lv_name)
+        return None if lv is None else self.adopt(lv, device_class)
+
+    def find_by_name(self, kind: Kind, lv_name: str, scan: Scan) -> Owned | None:
         """The owned object with this LV name in any configured volume group.
 
         An LV of that name that csi-lvm did not make is an error: the driver
         will neither adopt nor replace it."""
-        for group in self.config.volume_groups:
-            lv = self.lvm.find_lv(group, lv_name, timeout)
-            if lv is None:
+        for lv in scan.lvs:
+            if lv.name != lv_name:
                 continue
-            owned = self._adopt(lv)
+            owned = self.adopt(lv)
             if owned is None or owned.kind is not kind:
                 raise AlreadyExists(
-                    f"volume group {group} already has an LV named {lv_name} that csi-lvm "
+                    f"volume group {lv.vg_name} already has an LV named {lv_name} that csi-lvm "
                     "does not own; rename or remove it, or use another name"
                 )
             return owned
         return None
 
-    def owned(self, kind: Kind | None = None, timeout: float | None = None) -> list[Owned]:
-        found = []
-        for lv in self.lvm.list_lvs(self.config.volume_groups, timeout):
-            item = self._adopt(lv)
-            if item is not None and (kind is None or item.kind is kind):
-                found.append(item)
+    def owned(self, kind: Kind, scan: Scan) -> list[Owned]:
+        found = [o for lv in scan.lvs if (o := self.adopt(lv)) is not None and o.kind is kind]
         return sorted(found, key=lambda o: str(o.id))
 
     def missing_storage(self, timeout: float | None = None) -> list[tuple[DeviceClass, str]]:
         """Each class whose volume group or thin pool is absent, with what is missing."""
         present = {vg.name for vg in self.lvm.list_vgs(self.config.volume_groups, timeout)}
         pools: set[str] = set()
-        if any(c.thin_pool for c in self.config.device_classes):
-            groups = [c.volume_group for c in self.config.device_classes if c.thin_pool]
-            pools = {
-                lv.full_name
-                for lv in self.lvm.list_lvs([g for g in groups if g in present], timeout)
-                if lv.attr.is_thin_pool
-            }
+        thin_groups = {c.volume_group for c in self.config.device_classes if c.thin_pool}
+        if thin_groups & present:
+            lvs = self.lvm.list_lvs(thin_groups & present, timeout)
+            pools = {lv.full_name for lv in lvs if lv.attr.is_thin_pool}
         missing = []
         for device_class in self.config.device_classes:
             if device_class.volume_group not in present:
@@ -187,17 +199,13 @@ class Inventory:
 
     # ---- space
 
-    def volume_group(self, name: str, timeout: float | None = None) -> VolumeGroup:
-        groups = self.lvm.list_vgs([name], timeout)
-        if not groups:
+    def space(self, device_class: DeviceClass, scan: Scan) -> ClassSpace:
+        group = scan.vgs.get(device_class.volume_group)
+        if group is None:
             raise FailedPrecondition(
-                f"volume group {name} is not present on node {self.node_id}; "
-                "check the node's disks and the csi-lvm config"
+                f"volume group {device_class.volume_group} is not present on node "
+                f"{self.node_id}; check the node's disks and the csi-lvm config"
             )
-        return groups[0]
-
-    def space(self, device_class: DeviceClass, timeout: float | None = None) -> ClassSpace:
-        group = self.volume_group(device_class.volume_group, timeout)
         if device_class.thin_pool is None:
             return ClassSpace(
                 available_bytes=group.free_bytes,
@@ -205,8 +213,7 @@ class Inventory:
                 total_bytes=group.size_bytes,
                 used_bytes=group.size_bytes - group.free_bytes,
             )
-        lvs = self.lvm.list_lvs([device_class.volume_group], timeout)
-        pool = next((lv for lv in lvs if lv.name == device_class.thin_pool), None)
+        pool = scan.lv(device_class.volume_group, device_class.thin_pool)
         if pool is None or not pool.attr.is_thin_pool:
             raise FailedPrecondition(
                 f"thin pool {device_class.volume_group}/{device_class.thin_pool} of device class "
@@ -216,8 +223,10 @@ class Inventory:
         # written, so counting them would make every snapshot halve the room.
         provisioned = sum(
             lv.size_bytes
-            for lv in lvs
-            if lv.pool == device_class.thin_pool and not self._is_snapshot(lv)
+            for lv in scan.lvs
+            if lv.vg_name == group.name
+            and lv.pool == device_class.thin_pool
+            and not self._is_snapshot(lv)
         )
         limit = math.floor(pool.size_bytes * device_class.overprovision_ratio)
         return ClassSpace(
@@ -227,20 +236,23 @@ class Inventory:
             used_bytes=provisioned,
         )
 
+    def _is_snapshot(self, lv: LogicalVolume) -> bool:
+        owned = self.adopt(lv)
+        return owned is not None and owned.kind is Kind.SNAPSHOT
+
     # ---- health
 
-    def condition(self, owned: Owned, timeout: float | None = None) -> Condition:
+    def condition(self, owned: Owned, scan: Scan) -> Condition:
         problem = owned.lv.attr.problem
         if problem is None and owned.device_class.thin_pool is not None:
-            pool = self.lvm.find_lv(owned.lv.vg_name, owned.device_class.thin_pool, timeout)
+            pool = scan.lv(owned.lv.vg_name, owned.device_class.thin_pool)
             if pool is None:
                 problem = f"its thin pool {owned.device_class.thin_pool} is missing"
             elif pool.attr.problem is not None:
                 problem = f"thin pool {pool.full_name}: {pool.attr.problem}"
-        if problem is None and owned.kind is Kind.VOLUME:
-            group = self.lvm.list_vgs([owned.lv.vg_name], timeout)
-            if group and group[0].partial:
-                problem = f"volume group {owned.lv.vg_name} is missing a physical volume"
+        group = scan.vgs.get(owned.lv.vg_name)
+        if problem is None and group is not None and group.partial:
+            problem = f"volume group {owned.lv.vg_name} is missing a physical volume"
         if problem is not None:
             return Condition(True, f"LV {owned.lv.full_name}: {problem}")
         return Condition(False, "healthy")

@@ -78,7 +78,7 @@ class LoopVolumeGroup:
         self.image.unlink(missing_ok=True)
 
 
-def write_config(path: Path, vg: str, pool: str, ratio: float = 4.0) -> Path:
+def write_config(path: Path, vg: str, pool: str, ratio: float = 10.0) -> Path:
     path.write_text(
         "deviceClasses:\n"
         "  - name: thin\n"

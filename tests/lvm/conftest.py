@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +20,14 @@ HANDMADE_LV = "root"  # made by hand: no csi-lvm tags, so untouchable
 
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="csi-lvm-test-", dir="/tmp") as path:
-        yield Path(path)
+    path = Path(tempfile.mkdtemp(prefix="csi-lvm-test-", dir="/tmp"))
+    yield path
+    # A failed test may leave mounts behind; never let them fail the others.
+    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+        mount_point = line.split()[4]
+        if mount_point.startswith(f"{path}/"):
+            subprocess.run(["umount", "-l", mount_point], check=False)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

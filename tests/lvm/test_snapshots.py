@@ -14,6 +14,7 @@ from csi_lvm.csi import csi_pb2
 from tests.lvm.helpers import (
     GiB,
     MiB,
+    block_capability,
     create,
     create_request,
     delete,
@@ -122,17 +123,36 @@ def test_clone_copies_a_live_volume(csi: CsiClient, workdir: Path, name: str) ->
     delete(csi, volume.volume_id)
 
 
+def write_block(csi: CsiClient, workdir: Path, volume_id: str, data: bytes | None) -> bytes:
+    """Publish a volume as a raw block device, write ``data`` (or read), unpublish."""
+    capability = block_capability()
+    target = str(workdir / f"block-{volume_id.rsplit(':', 1)[-1]}")
+    publish(csi, volume_id, "", target, capability)
+    try:
+        with open(target, "r+b") as device:
+            if data is not None:
+                device.write(data)
+                os.fsync(device.fileno())
+                return data
+            return device.read(64)
+    finally:
+        unpublish(csi, volume_id, target)
+
+
 @pytest.mark.parametrize("order", ["source-first", "snapshot-first", "restore-first"])
 def test_deleting_in_any_order_loses_nothing_else(
     csi: CsiClient, vg: LoopVolumeGroup, workdir: Path, name: str, order: str
 ) -> None:
-    volume = create(csi, name, 32 * MiB, capability=mount_capability("ext4"))
-    origin = Mounted(csi, workdir, volume.volume_id, "ext4", f"{name}-o")
-    origin.path("keep").write_text("kept")
-    origin.release()
+    volume = create(csi, name, 8 * MiB, capability=block_capability())
+    marker = f"kept by {name}".encode().ljust(64, b".")
+    write_block(csi, workdir, volume.volume_id, marker)
     snap = snapshot(csi, f"{name}-s", volume.volume_id)
     restored = create(
-        csi, f"{name}-r", 32 * MiB, volume_content_source=from_snapshot(snap.snapshot_id)
+        csi,
+        f"{name}-r",
+        8 * MiB,
+        capability=block_capability(),
+        volume_content_source=from_snapshot(snap.snapshot_id),
     )
     objects = {
         "source": lambda: delete(csi, volume.volume_id),
@@ -148,10 +168,8 @@ def test_deleting_in_any_order_loses_nothing_else(
     remaining = vg.lv_names()
     assert lv_of[first] not in remaining
     assert {lv for key, lv in lv_of.items() if key != first} <= remaining
-    if first != "restore":  # the restore still holds the data
-        copy = Mounted(csi, workdir, restored.volume_id, "ext4", f"{name}-r")
-        assert copy.path("keep").read_text() == "kept"
-        copy.release()
+    survivor = restored.volume_id if first != "restore" else volume.volume_id
+    assert write_block(csi, workdir, survivor, None) == marker
     for key, remove in objects.items():
         if key != first:
             remove()
@@ -186,10 +204,19 @@ def test_snapshot_rules(csi: CsiClient, name: str) -> None:
     expect_error(Code.INVALID_ARGUMENT, csi.controller.CreateSnapshot,
                  request(name=f"{name}-w", source_volume_id=volume.volume_id, parameters={"color": "red"}), "'color'")  # fmt: skip
 
+    # A restore is at least its snapshot's size: a limit below that cannot be met.
     smaller = create_request(
-        f"{name}-small", 16 * MiB, volume_content_source=from_snapshot(snap.snapshot_id)
+        f"{name}-small", 8 * MiB, volume_content_source=from_snapshot(snap.snapshot_id)
     )
+    smaller.capacity_range.limit_bytes = 16 * MiB
     expect_error(Code.OUT_OF_RANGE, csi.controller.CreateVolume, smaller)
+    unlimited = csi.controller.CreateVolume(
+        create_request(
+            f"{name}-min", 8 * MiB, volume_content_source=from_snapshot(snap.snapshot_id)
+        )
+    ).volume
+    assert unlimited.capacity_bytes == 32 * MiB
+    delete(csi, unlimited.volume_id)
     elsewhere = create_request(
         f"{name}-far", 32 * MiB, volume_content_source=from_snapshot(snap.snapshot_id),
         accessibility_requirements=csi_pb2.TopologyRequirement(requisite=[csi_pb2.Topology(segments={TOPOLOGY_KEY: "node-b"})]),
