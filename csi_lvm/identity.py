@@ -24,12 +24,19 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
         self, request: Any, context: Any
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
         services = (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
-        return csi_pb2.GetPluginCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.PluginCapability(service=csi_pb2.PluginCapability.Service(type=s))
-                for s in services
-            ]
+        capabilities = [
+            csi_pb2.PluginCapability(service=csi_pb2.PluginCapability.Service(type=s))
+            for s in services
+        ]
+        # Volumes grow while mounted (NodeExpandVolume on the volume's node).
+        capabilities.append(
+            csi_pb2.PluginCapability(
+                volume_expansion=csi_pb2.PluginCapability.VolumeExpansion(
+                    type=csi_pb2.PluginCapability.VolumeExpansion.ONLINE
+                )
+            )
         )
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=capabilities)
 
     def Probe(self, request: Any, context: Any) -> csi_pb2.ProbeResponse:
         response = csi_pb2.ProbeResponse()

@@ -16,16 +16,25 @@ import structlog
 
 from csi_lvm import fs
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
-from csi_lvm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_lvm.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+)
 from csi_lvm.ids import NEW_UUID_TAG, Kind
 from csi_lvm.locks import KeyedLocks
+from csi_lvm.lvm import LvmNoSpace
 from csi_lvm.rpc import budget, node_topology
 from csi_lvm.validation import (
     READ_ONLY_MODES,
     AccessMode,
     check_capability,
     check_path,
+    choose_size,
     filesystem_of,
+    size_range,
 )
 from csi_lvm.volumes import Inventory, Owned
 
@@ -37,6 +46,7 @@ CAPABILITIES = (
     NodeCap.GET_VOLUME_STATS,
     NodeCap.VOLUME_CONDITION,
     NodeCap.SINGLE_NODE_MULTI_WRITER,
+    NodeCap.EXPAND_VOLUME,
 )
 DEFAULT_TIMEOUT = 300.0
 
@@ -306,6 +316,54 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 ),
             ]
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=volume_condition)
+
+    # ----------------------------------------------------------- expansion
+
+    def NodeExpandVolume(self, request: Any, context: Any) -> csi_pb2.NodeExpandVolumeResponse:
+        """Grow the LV, then the mounted filesystem on it, while in use.
+
+        csi-lvm has no ControllerExpandVolume: the external-resizer only records
+        the new size, and the kubelet of the volume's own node calls this."""
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not request.volume_path:
+            raise InvalidArgument("volume_path is required")
+        wanted = size_range(
+            request.capacity_range.required_bytes, request.capacity_range.limit_bytes
+        )
+        timeout = budget(context) or DEFAULT_TIMEOUT
+        scan = self.inventory.scan(timeout)
+        owned = self.inventory.lookup(request.volume_id, Kind.VOLUME, "volume", scan)
+        if owned is None:
+            raise NotFound(f"volume {request.volume_id} does not exist on node {self.node_id}")
+        volume_path = check_path(request.volume_path, "volume_path")
+        with self.locks.hold(owned.lv.name):
+            space = self.inventory.space(owned.device_class, scan)
+            size = choose_size(wanted, space.extent_bytes, minimum=owned.size_bytes)
+            if size > owned.size_bytes:
+                growth = size - owned.size_bytes
+                if owned.device_class.thin_pool is not None and growth > space.available_bytes:
+                    raise OutOfRange(
+                        f"device class {owned.device_class.name} has {space.available_bytes} "
+                        f"bytes of room; growing to {size} needs {growth}"
+                    )
+                try:
+                    self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
+                except LvmNoSpace as exc:
+                    raise OutOfRange(
+                        f"device class {owned.device_class.name} cannot grow the volume to "
+                        f"{size} bytes: {exc}"
+                    ) from exc
+                log.info("volume extended", volume_id=request.volume_id, bytes=size)
+            device = self._device(owned, timeout)
+            ours = fs.device_number(device)
+            for path in (request.staging_target_path, volume_path):
+                entry = fs.mount_at(path) if path else None
+                if entry is not None and fs.mounted_device(path) == ours:
+                    if entry.fs_type in fs.SUPPORTED_FILESYSTEMS:
+                        fs.grow_filesystem(device, path, entry.fs_type, timeout)
+                    break
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(
         self, request: Any, context: Any
