@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 VMRUN  := $(PY) scripts/vmrun.py
 
-.PHONY: setup proto lint unit lvm-tests test demo sanity bench clean
+.PHONY: setup proto lint unit image-test lvm-tests test demo sanity bench clean
 
 setup:
 	scripts/setup.sh
@@ -20,11 +20,16 @@ lint: setup
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
+# The plugin image: built and run in Docker on this host, not in the VM
+# (starts dockerd if none runs; makes the base image offline if missing).
+image-test: setup
+	$(PY) -m pytest -q tests/image
+
 # The real-LVM suite: inside one VM where this kernel lacks device-mapper.
 lvm-tests: setup
 	$(VMRUN) -- python -m pytest -q -p no:cacheprovider --junitxml=build/vm/lvm-junit.xml tests/lvm
 
-test: lint unit lvm-tests
+test: lint unit image-test lvm-tests
 
 demo: setup
 	$(VMRUN) -- python scripts/demo.py

@@ -1,0 +1,304 @@
+"""The plugin image, run the way the DaemonSet runs it, as far as this machine allows.
+
+The container gets no network, every capability but CAP_SYS_RESOURCE (this
+machine cannot grant that one, so --privileged fails) and a socket directory
+bind-mounted from the host. It runs the DaemonSet's own command line for the
+plugin container.
+
+The plugin refuses to start unless the volume group of its config exists,
+and this kernel has no device-mapper, so no LV can be activated. A VG does
+not need device-mapper: LVM only writes metadata to the PV. So the container
+first attaches a sparse file in its own filesystem to a free loop device
+(/dev/loop-control is passed in, the loop block devices are allowed by a
+device-cgroup rule, and the node is made with mknod in the container's
+private /dev), then runs pvcreate and vgcreate on it, and starts the plugin
+with a config whose one thick device class names that VG. When the plugin
+exits, the same shell removes the VG and detaches the loop device. Nothing
+is written to the host's filesystem but the socket and config directories
+below pytest's temporary directory; the loop device is a kernel object,
+attached only for the test's duration (and detached by the fixture if a
+crash left one behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import grpc
+import pytest
+import yaml
+from testcontainers.core.config import testcontainers_config
+from testcontainers.core.container import DockerContainer
+
+from csi_lvm import __version__
+from csi_lvm.cli import DEFAULT_DRIVER_NAME
+from csi_lvm.csi import csi_pb2, csi_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_NAME = "image-test-node"
+VOLUME_GROUP = f"csiimagetest{os.getpid()}"
+# Inside the container. The prefix lets the fixture find loop devices a
+# crashed run left attached.
+BACKING_PREFIX = "/var/tmp/csi-lvm-image-test-"
+BACKING_FILE = f"{BACKING_PREFIX}{os.getpid()}.img"
+START_SECONDS = 60
+
+testcontainers_config.ryuk_disabled = True
+
+# PID 1 of the container: make the VG on a loop device, run the plugin
+# ("$@"), pass SIGTERM on to it, then remove the VG and free the loop device.
+START = r"""
+set -u
+img=$TEST_BACKING_FILE
+vg=$TEST_VOLUME_GROUP
+dev=""
+cleanup() {
+    if [ -n "$dev" ]; then
+        vgremove -qq -f "$vg" >/dev/null 2>&1
+        pvremove -qq -y "$dev" >/dev/null 2>&1
+        losetup -d "$dev" || echo "start: could not detach $dev" >&2
+    fi
+    rm -f "$img"
+}
+truncate -s 64M "$img" || exit 10
+for attempt in 1 2 3 4 5; do
+    candidate=$(losetup --find) || break
+    [ -b "$candidate" ] || mknod "$candidate" b 7 "${candidate#/dev/loop}" || break
+    if losetup "$candidate" "$img"; then dev=$candidate; break; fi
+    sleep 1
+done
+if [ -z "$dev" ]; then
+    echo "start: no loop device could be attached" >&2
+    cleanup
+    exit 11
+fi
+if ! pvcreate -qq -y "$dev" || ! vgcreate -qq "$vg" "$dev"; then
+    echo "start: pvcreate/vgcreate on $dev failed" >&2
+    cleanup
+    exit 12
+fi
+echo "start: volume group $vg on $dev ($img)" >&2
+"$@" &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+wait "$child"
+status=$?
+while kill -0 "$child" 2>/dev/null; do
+    wait "$child"
+    status=$?
+done
+cleanup
+echo "start: plugin exited with $status; $dev detached" >&2
+exit "$status"
+"""
+
+
+def plugin_command() -> list[str]:
+    """The plugin container's command line from the DaemonSet, for this node."""
+    manifest = yaml.safe_load((ROOT / "deploy/kubernetes/daemonset.yaml").read_text())
+    containers = manifest["spec"]["template"]["spec"]["containers"]
+    plugin = next(c for c in containers if c["name"] == "csi-lvm")
+    return [a.replace("$(NODE_NAME)", NODE_NAME) for a in plugin["command"] + plugin["args"]]
+
+
+def loop_devices_backed_by(prefix: str) -> list[str]:
+    done = subprocess.run(
+        ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        return []
+    devices = json.loads(done.stdout).get("loopdevices", [])
+    return [d["name"] for d in devices if (d.get("back-file") or "").startswith(prefix)]
+
+
+def detach_stale_loop_devices() -> None:
+    for device in loop_devices_backed_by(BACKING_PREFIX):
+        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+
+
+class Plugin:
+    """The running container and a gRPC channel to its socket."""
+
+    def __init__(self, container: DockerContainer, socket: Path) -> None:
+        self.container = container
+        self.socket = socket
+        self.channel = grpc.insecure_channel(f"unix://{socket}")
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.exit_code: int | None = None
+
+    @property
+    def wrapped(self) -> Any:
+        return self.container.get_wrapped_container()
+
+    def logs(self) -> str:
+        out: bytes = self.wrapped.logs()
+        return out.decode(errors="replace")
+
+    def exec(self, *command: str) -> tuple[int, str]:
+        result = self.wrapped.exec_run(list(command))
+        return result.exit_code, result.output.decode(errors="replace")
+
+    def wait_until_serving(self) -> None:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            self.wrapped.reload()
+            if self.wrapped.status != "running":
+                pytest.fail(f"the container stopped ({self.wrapped.status}):\n{self.logs()}")
+            if self.socket.exists():
+                try:
+                    self.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=5)
+                    return
+                except grpc.RpcError:
+                    pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no answer on {self.socket} within {START_SECONDS}s:\n{self.logs()}")
+            time.sleep(0.5)
+
+    def stop(self) -> int:
+        """SIGTERM, as kubelet does; the exit code of the container."""
+        if self.exit_code is None:
+            self.channel.close()
+            self.wrapped.stop(timeout=45)
+            self.exit_code = int(self.wrapped.wait(timeout=60)["StatusCode"])
+        return self.exit_code
+
+
+@pytest.fixture(scope="module")
+def plugin(
+    image: str, docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Plugin]:
+    if not Path("/dev/loop-control").exists():
+        pytest.fail("/dev/loop-control is missing: the test needs loop devices for its VG")
+    detach_stale_loop_devices()
+    workdir = tmp_path_factory.mktemp("plugin")
+    socket_dir = workdir / "csi"
+    config_dir = workdir / "config"
+    socket_dir.mkdir()
+    config_dir.mkdir()
+    (config_dir / "config.yaml").write_text(
+        f"deviceClasses:\n  - name: thick\n    volumeGroup: {VOLUME_GROUP}\n    default: true\n"
+    )
+    container = (
+        DockerContainer(image)
+        .with_command(plugin_command())
+        .with_env("TEST_BACKING_FILE", BACKING_FILE)
+        .with_env("TEST_VOLUME_GROUP", VOLUME_GROUP)
+        .with_volume_mapping(str(socket_dir), "/csi", "rw")
+        .with_volume_mapping(str(config_dir), "/etc/csi-lvm", "ro")
+        .with_kwargs(
+            entrypoint=["sh", "-c", START, "start"],
+            network_mode="none",
+            cap_add=["ALL"],
+            cap_drop=["SYS_RESOURCE"],
+            devices=["/dev/loop-control:/dev/loop-control:rwm"],
+            device_cgroup_rules=["b 7:* rmw"],
+        )
+    )
+    container.start()
+    running = Plugin(container, socket_dir / "csi.sock")
+    try:
+        running.wait_until_serving()
+        yield running
+    finally:
+        try:
+            running.stop()
+        finally:
+            container.stop(force=True)
+            detach_stale_loop_devices()
+
+
+def test_identity_answers_over_the_bind_mounted_socket(plugin: Plugin) -> None:
+    info = plugin.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+    assert info.name == DEFAULT_DRIVER_NAME
+    assert info.vendor_version == __version__
+
+
+def test_probe_is_ready(plugin: Plugin) -> None:
+    probe = plugin.identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
+    assert probe.HasField("ready") and probe.ready.value
+
+
+def test_node_reports_its_topology(plugin: Plugin) -> None:
+    node = csi_pb2_grpc.NodeStub(plugin.channel)
+    info = node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+    assert info.node_id == NODE_NAME
+    assert dict(info.accessible_topology.segments) == {
+        f"topology.{DEFAULT_DRIVER_NAME}/node": NODE_NAME
+    }
+
+
+def test_lvm_runs_and_sees_the_volume_group(plugin: Plugin) -> None:
+    code, output = plugin.exec("lvm", "version")
+    assert code == 0, output
+    assert "LVM version" in output
+    code, output = plugin.exec("vgs", "--noheadings", "-o", "vg_name", VOLUME_GROUP)
+    assert code == 0 and output.strip() == VOLUME_GROUP, output
+
+
+def test_lvm_is_configured_for_a_container(plugin: Plugin) -> None:
+    code, output = plugin.exec(
+        "lvmconfig",
+        "activation/udev_sync",
+        "activation/udev_rules",
+        "activation/monitoring",
+        "devices/obtain_device_list_from_udev",
+        "global/locking_dir",
+        "global/use_lvmpolld",
+    )
+    assert code == 0, output
+    assert dict(line.split("=", 1) for line in output.split()) == {
+        "udev_sync": "0",
+        "udev_rules": "0",
+        "monitoring": "0",
+        "obtain_device_list_from_udev": "0",
+        "locking_dir": '"/run/lock/lvm"',
+        "use_lvmpolld": "0",
+    }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("mkfs.xfs", "-V"),
+        ("mkfs.ext4", "-V"),
+        ("xfs_growfs", "-V"),
+        ("thin_check", "-V"),
+        ("blkid", "-V"),
+        ("mount", "-V"),
+    ],
+    ids=lambda command: command[0],
+)
+def test_filesystem_and_thin_tools_run(plugin: Plugin, command: tuple[str, ...]) -> None:
+    code, output = plugin.exec(*command)
+    assert code == 0, output
+
+
+def test_image_is_small_and_has_no_build_tools(
+    plugin: Plugin,
+    image: str,
+    docker_client: docker.DockerClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, output = plugin.exec("sh", "-c", "command -v pip pip3 gcc cc make apt-file || true")
+    assert code == 0 and output.strip() == "", f"build tools in the image: {output}"
+    size = docker_client.images.get(image).attrs["Size"]
+    with capsys.disabled():
+        print(f"\n{image}: {size / 1e6:.0f} MB")
+
+
+def test_stops_on_sigterm_and_frees_its_loop_device(plugin: Plugin) -> None:
+    assert plugin.stop() == 0, plugin.logs()
+    logs = plugin.logs()
+    assert '"event": "stopped"' in logs
+    assert "plugin exited with 0" in logs
+    assert loop_devices_backed_by(BACKING_FILE) == []
