@@ -27,7 +27,8 @@ image-test: setup
 
 # The real-LVM suite: inside one VM where this kernel lacks device-mapper.
 lvm-tests: setup
-	$(VMRUN) -- python -m pytest -q -p no:cacheprovider --junitxml=build/vm/lvm-junit.xml tests/lvm
+	$(VMRUN) -- python -m pytest -q -p no:cacheprovider -p no:hypothesispytest \
+	    --junitxml=build/vm/lvm-junit.xml tests/lvm
 
 test: lint unit image-test lvm-tests
 

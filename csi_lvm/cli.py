@@ -20,7 +20,7 @@ from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm import Lvm
 from csi_lvm.node import NodeService
-from csi_lvm.server import Server
+from csi_lvm.server import Server, socket_path
 from csi_lvm.volumes import Inventory
 
 DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
@@ -83,6 +83,7 @@ def serve(args: argparse.Namespace) -> int:
     topology_key = args.topology_key or f"topology.{args.driver_name}/node"
     if not TOPOLOGY_KEY_RE.fullmatch(topology_key):
         raise ConfigError(f"--topology-key {topology_key!r} is not a valid label key")
+    socket_path(args.endpoint)  # a bad endpoint is refused before any LVM work
     if args.max_volumes_per_node < 0:
         raise ConfigError("--max-volumes-per-node must not be negative")
     config = load_config(args.config)
@@ -90,9 +91,9 @@ def serve(args: argparse.Namespace) -> int:
     inventory = Inventory(config, lvm, node_id, args.driver_name)
     missing = inventory.missing_storage()
     if missing:
-        device_class, what = missing[0]
+        device_class, what, line = missing[0]
         raise ConfigError(
-            f"{config.source} line {device_class.line}: device class {device_class.name!r} "
+            f"{config.source} line {line}: device class {device_class.name!r} "
             f"names {what}, which does not exist on node {node_id}"
         )
     locks = KeyedLocks()

@@ -32,6 +32,8 @@ class DeviceClass:
     overprovision_ratio: float = 1.0
     default: bool = False
     line: int = 0  # where the class starts in the config file, for messages
+    volume_group_line: int = 0
+    thin_pool_line: int = 0
 
     @property
     def is_thin(self) -> bool:
@@ -128,7 +130,16 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
         if not isinstance(value, bool):
             raise ConfigError(f"{_at(source, default_node)}: default must be true or false")
         default = value
-    return DeviceClass(name, volume_group, thin_pool, ratio, default, node.start_mark.line + 1)
+    return DeviceClass(
+        name,
+        volume_group,
+        thin_pool,
+        ratio,
+        default,
+        line=node.start_mark.line + 1,
+        volume_group_line=fields["volumeGroup"][1].start_mark.line + 1,
+        thin_pool_line=fields["thinPool"][1].start_mark.line + 1 if thin_pool else 0,
+    )
 
 
 def _check_classes(classes: list[DeviceClass], source: str) -> None:

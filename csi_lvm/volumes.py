@@ -172,8 +172,9 @@ class Inventory:
         found = [o for lv in scan.lvs if (o := self.adopt(lv)) is not None and o.kind is kind]
         return sorted(found, key=lambda o: str(o.id))
 
-    def missing_storage(self, timeout: float | None = None) -> list[tuple[DeviceClass, str]]:
-        """Each class whose volume group or thin pool is absent, with what is missing."""
+    def missing_storage(self, timeout: float | None = None) -> list[tuple[DeviceClass, str, int]]:
+        """Each class whose volume group or thin pool is absent: the class, what
+        is missing, and the config line that names it."""
         present = {vg.name for vg in self.lvm.list_vgs(self.config.volume_groups, timeout)}
         pools: set[str] = set()
         thin_groups = {c.volume_group for c in self.config.device_classes if c.thin_pool}
@@ -183,7 +184,13 @@ class Inventory:
         missing = []
         for device_class in self.config.device_classes:
             if device_class.volume_group not in present:
-                missing.append((device_class, f"volume group {device_class.volume_group!r}"))
+                missing.append(
+                    (
+                        device_class,
+                        f"volume group {device_class.volume_group!r}",
+                        device_class.volume_group_line,
+                    )
+                )
             elif (
                 device_class.thin_pool
                 and f"{device_class.volume_group}/{device_class.thin_pool}" not in pools
@@ -193,6 +200,7 @@ class Inventory:
                         device_class,
                         f"thin pool {device_class.thin_pool!r} in volume group "
                         f"{device_class.volume_group!r}",
+                        device_class.thin_pool_line,
                     )
                 )
         return missing

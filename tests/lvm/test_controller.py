@@ -36,6 +36,10 @@ def test_identity(csi: CsiClient) -> None:
     services = {c.service.type for c in caps.capabilities}
     Service = csi_pb2.PluginCapability.Service
     assert {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS} <= services
+    expansion = [
+        c.volume_expansion.type for c in caps.capabilities if c.HasField("volume_expansion")
+    ]
+    assert expansion == [csi_pb2.PluginCapability.VolumeExpansion.ONLINE]
     assert csi.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
 
 

@@ -503,11 +503,6 @@ def test_downward_api_environment(name: str) -> None:
             assert variable in env, f"{name}: {arg} names {variable}, which is not set"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csi-resizer needs node-side expansion in the driver (node EXPAND_VOLUME, "
-    "plugin VolumeExpansion ONLINE); without it the resizer exits at start",
-)
 def test_driver_offers_the_node_side_expansion_the_resizer_relies_on() -> None:
     assert "csi-resizer" in containers()
     node = csi_pb2.NodeServiceCapability.RPC
