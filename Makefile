@@ -25,15 +25,20 @@ unit: setup
 image-test: setup
 	$(PY) -m pytest -q tests/image
 
-# The real-LVM suite: inside one VM where this kernel lacks device-mapper.
+# The real-LVM suite: inside one VM where this kernel lacks device-mapper. Two
+# workers keep both virtual CPUs busy; each has its own volume group and driver.
 lvm-tests: setup
-	$(VMRUN) -- python -m pytest -q -p no:cacheprovider -p no:hypothesispytest \
+	$(VMRUN) -- python -m pytest -q -p no:cacheprovider -p no:hypothesispytest -n 2 \
 	    --junitxml=build/vm/lvm-junit.xml tests/lvm
 
 test: lint unit image-test lvm-tests
 
 demo: setup
 	$(VMRUN) -- python scripts/demo.py
+
+# Upstream csi-sanity, once per device class (needs the binary; see sanity/README.md).
+sanity: setup
+	$(PY) sanity/run.py
 
 clean:
 	rm -rf build

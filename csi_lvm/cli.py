@@ -1,8 +1,10 @@
-"""The ``csi-lvm`` command: ``serve`` runs the driver."""
+"""The ``csi-lvm`` command: ``serve`` runs the driver; ``status`` and ``doctor``
+are for admins."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -13,12 +15,15 @@ from collections.abc import Sequence
 import structlog
 
 from csi_lvm import __version__
+from csi_lvm.admin import doctor as run_doctor
+from csi_lvm.admin import node_status, status_json, status_text
 from csi_lvm.config import load_config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
 from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm import Lvm
+from csi_lvm.metrics import serve_metrics
 from csi_lvm.node import NodeService
 from csi_lvm.server import Server, socket_path
 from csi_lvm.volumes import Inventory
@@ -71,7 +76,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds for calls to end")
     serve.add_argument("--lvm-prefix", default="", help="command to run LVM through, e.g. nsenter")
+    serve.add_argument(
+        "--metrics-address", default="", help="host:port for Prometheus /metrics (off when empty)"
+    )
+    status = commands.add_parser("status", help="device classes, volumes and snapshots here")
+    status.add_argument("--config", default=DEFAULT_CONFIG)
+    status.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor = commands.add_parser("doctor", help="check what this node needs to run csi-lvm")
+    doctor.add_argument("--config", default=DEFAULT_CONFIG)
+    doctor.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     return parser
+
+
+def status(args: argparse.Namespace) -> int:
+    configure_logging("warning")
+    inventory = Inventory(load_config(args.config), Lvm(), default_node_id(), args.driver_name)
+    classes = node_status(inventory)
+    if args.json:
+        print(json.dumps(status_json(classes), indent=2))
+    else:
+        print(status_text(classes))
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    configure_logging("warning")
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"FAIL config: {error}")
+        config = None
+    checks = run_doctor(config, Lvm(), os.path.dirname(socket_path(args.endpoint)))
+    for check in checks:
+        print(f"ok   {check.what}" if check.ok else f"FAIL {check.what}: {check.fix}")
+    return 0 if config is not None and all(c.ok for c in checks) else 1
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -84,6 +123,8 @@ def serve(args: argparse.Namespace) -> int:
     if not TOPOLOGY_KEY_RE.fullmatch(topology_key):
         raise ConfigError(f"--topology-key {topology_key!r} is not a valid label key")
     socket_path(args.endpoint)  # a bad endpoint is refused before any LVM work
+    if args.metrics_address and not re.fullmatch(r".*:\d{1,5}", args.metrics_address):
+        raise ConfigError(f"--metrics-address {args.metrics_address!r} must be host:port")
     if args.max_volumes_per_node < 0:
         raise ConfigError("--max-volumes-per-node must not be negative")
     config = load_config(args.config)
@@ -96,6 +137,8 @@ def serve(args: argparse.Namespace) -> int:
             f"{config.source} line {line}: device class {device_class.name!r} "
             f"names {what}, which does not exist on node {node_id}"
         )
+    if args.metrics_address:
+        serve_metrics(args.metrics_address, inventory)
     locks = KeyedLocks()
     server = Server(
         args.endpoint,
@@ -120,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "status":
+            return status(args)
+        if args.command == "doctor":
+            return doctor(args)
     except ConfigError as exc:
         print(f"csi-lvm: {exc}", file=sys.stderr)
         return 2

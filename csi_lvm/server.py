@@ -22,6 +22,7 @@ import structlog
 
 from csi_lvm.csi import csi_pb2_grpc
 from csi_lvm.errors import ConfigError, status_for
+from csi_lvm.metrics import observe_rpc
 
 log = structlog.get_logger("csi_lvm.server")
 
@@ -66,13 +67,15 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     log.exception("rpc crashed", method=method)
                 context.abort(code, message)
             finally:
+                elapsed = time.monotonic() - started
+                observe_rpc(method, code.name, elapsed)
                 log.info(
                     "rpc",
                     method=method,
                     **_request_ids(request),
                     code=code.name,
                     error=message or None,
-                    ms=round((time.monotonic() - started) * 1000, 1),
+                    ms=round(elapsed * 1000, 1),
                 )
 
         return grpc.unary_unary_rpc_method_handler(

@@ -18,6 +18,12 @@ from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
 HANDMADE_LV = "root"  # made by hand: no csi-lvm tags, so untouchable
 
 
+def metrics_port() -> int:
+    """One port per pytest-xdist worker (gw0, gw1, ...), on the VM's loopback."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return 9810 + int(worker.removeprefix("gw") or 0)
+
+
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="csi-lvm-test-", dir="/tmp"))
@@ -43,7 +49,7 @@ def vg(workdir: Path) -> Iterator[LoopVolumeGroup]:
 @pytest.fixture(scope="session")
 def driver(workdir: Path, vg: LoopVolumeGroup) -> Iterator[Driver]:
     config = write_config(workdir / "config.yaml", vg.name, vg.pool)
-    process = Driver(workdir, config)
+    process = Driver(workdir, config, "--metrics-address", f"127.0.0.1:{metrics_port()}")
     process.start()
     try:
         yield process

@@ -51,3 +51,22 @@ def test_bad_flags_are_refused(tmp_path: Path) -> None:
     assert "--driver-name" in serve(config, "--driver-name", "Not A Name").stderr
     assert "--topology-key" in serve(config, "--topology-key", "bad key/x/y").stderr
     assert "unix socket" in serve(config, "--endpoint", "tcp://0:1").stderr
+
+
+def test_doctor_reports_device_mapper_as_this_kernel_has_it(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("deviceClasses:\n  - name: a\n    volumeGroup: csi-lvm-no-such-vg\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "csi_lvm.cli", "doctor", "--config", str(config),
+         "--endpoint", f"unix://{tmp_path}/csi.sock"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1  # the volume group is missing on any machine
+    has_device_mapper = "device-mapper" in Path("/proc/misc").read_text()
+    if has_device_mapper:
+        assert "ok   kernel device-mapper" in done.stdout
+    else:
+        assert "FAIL kernel device-mapper: this kernel has no device-mapper" in done.stdout
+    assert "'csi-lvm-no-such-vg' is missing: create it or fix line 3" in done.stdout
+    assert f"ok   socket directory {tmp_path}" in done.stdout
+    assert "ok   LVM tools" in done.stdout

@@ -1,0 +1,177 @@
+"""What an admin asks of a node: ``csi-lvm status`` (classes, volumes,
+snapshots) and ``csi-lvm doctor`` (is this node fit to run csi-lvm?)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from csi_lvm.config import Config
+from csi_lvm.errors import DriverError
+from csi_lvm.ids import Kind, Tag
+from csi_lvm.lvm import Lvm
+from csi_lvm.volumes import Inventory
+
+
+@dataclass
+class ObjectStatus:
+    kind: str
+    id: str
+    name: str
+    lv: str
+    size_bytes: int
+    used_percent: float | None
+    condition: str
+    abnormal: bool
+    kubernetes: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class ClassStatus:
+    name: str
+    backing: str
+    size_bytes: int
+    used_bytes: int
+    available_bytes: int
+    overprovision_ratio: float
+    data_percent: float | None = None
+    metadata_percent: float | None = None
+    objects: list[ObjectStatus] = field(default_factory=list)
+
+
+_KUBERNETES_TAGS = {
+    Tag.PVC_NAMESPACE: "pvcNamespace",
+    Tag.PVC_NAME: "pvc",
+    Tag.PV_NAME: "pv",
+    Tag.SNAPSHOT_NAMESPACE: "volumeSnapshotNamespace",
+    Tag.SNAPSHOT_NAME: "volumeSnapshot",
+    Tag.SNAPSHOT_CONTENT_NAME: "volumeSnapshotContent",
+}
+
+
+def node_status(inventory: Inventory) -> list[ClassStatus]:
+    scan = inventory.scan()
+    owned = [*inventory.owned(Kind.VOLUME, scan), *inventory.owned(Kind.SNAPSHOT, scan)]
+    classes = []
+    for device_class in inventory.config.device_classes:
+        space = inventory.space(device_class, scan)
+        status = ClassStatus(
+            name=device_class.name,
+            backing=device_class.describe(),
+            size_bytes=space.total_bytes,
+            used_bytes=space.used_bytes,
+            available_bytes=space.available_bytes,
+            overprovision_ratio=device_class.overprovision_ratio,
+        )
+        if device_class.thin_pool is not None:
+            pool = scan.lv(device_class.volume_group, device_class.thin_pool)
+            if pool is not None:
+                status.data_percent = pool.data_percent
+                status.metadata_percent = pool.metadata_percent
+        for item in owned:
+            if item.device_class.name != device_class.name:
+                continue
+            condition = inventory.condition(item, scan)
+            status.objects.append(
+                ObjectStatus(
+                    kind=item.kind.value,
+                    id=str(item.id),
+                    name=item.name,
+                    lv=item.lv.full_name,
+                    size_bytes=item.size_bytes,
+                    used_percent=item.lv.data_percent,
+                    condition=condition.message,
+                    abnormal=condition.abnormal,
+                    kubernetes={
+                        v: item.tags[k] for k, v in _KUBERNETES_TAGS.items() if k in item.tags
+                    },
+                    source=item.source_id,
+                )
+            )
+        classes.append(status)
+    return classes
+
+
+def status_json(classes: list[ClassStatus]) -> list[dict[str, object]]:
+    return [asdict(c) for c in classes]
+
+
+def _size(value: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024  # type: ignore[assignment]
+    return str(value)
+
+
+def status_text(classes: list[ClassStatus]) -> str:
+    lines = []
+    for c in classes:
+        pool = ""
+        if c.data_percent is not None:
+            pool = f", pool data {c.data_percent:.1f}%, metadata {c.metadata_percent or 0:.1f}%"
+        lines.append(
+            f"{c.name}: {c.backing}; {_size(c.used_bytes)} of {_size(c.size_bytes)} provisioned, "
+            f"{_size(c.available_bytes)} free (overprovision x{c.overprovision_ratio:g}){pool}"
+        )
+        for o in c.objects:
+            owner = " ".join(f"{k}={v}" for k, v in o.kubernetes.items()) or "-"
+            used = f"{o.used_percent:.1f}% used" if o.used_percent is not None else "thick"
+            flag = "ABNORMAL " if o.abnormal else ""
+            lines.append(
+                f"  {o.kind:<8} {o.name:<40} {_size(o.size_bytes):>10} {used:<12} "
+                f"{owner}  {flag}{o.condition}"
+            )
+        if not c.objects:
+            lines.append("  (no volumes or snapshots)")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    what: str
+    fix: str = ""
+
+
+def doctor(config: Config | None, lvm: Lvm, socket_dir: str) -> list[Check]:
+    """Everything a node needs, each with what to do when it is missing."""
+    checks: list[Check] = []
+    misc = Path("/proc/misc").read_text() if Path("/proc/misc").exists() else ""
+    checks.append(
+        Check("device-mapper" in misc, "kernel device-mapper",
+              "this kernel has no device-mapper: LVM cannot activate volumes here; "
+              "load dm_mod or use a kernel built with CONFIG_BLK_DEV_DM")
+    )  # fmt: skip
+    thin = Path("/sys/module/dm_thin_pool").exists()
+    checks.append(
+        Check(
+            thin, "kernel module dm_thin_pool", "run `modprobe dm_thin_pool` (thin classes need it)"
+        )
+    )
+    try:
+        version = lvm.version().splitlines()[0]
+        checks.append(Check(True, f"LVM tools ({version.strip()})"))
+    except DriverError as error:
+        checks.append(Check(False, "LVM tools", f"install lvm2: {error}"))
+    if config is None:
+        checks.append(Check(False, "config", "give --config with the node's device classes"))
+    else:
+        inventory = Inventory(config, lvm, "doctor", "doctor")
+        try:
+            missing = inventory.missing_storage()
+        except DriverError as error:
+            missing = []
+            checks.append(Check(False, "volume groups", str(error)))
+        for device_class in config.device_classes:
+            gaps = [(what, line) for c, what, line in missing if c is device_class]
+            fix = "; ".join(f"{what} is missing: create it or fix line {line} of {config.source}"
+                            for what, line in gaps)  # fmt: skip
+            checks.append(Check(not gaps, f"device class {device_class.describe()}", fix))
+    usable = os.path.isdir(socket_dir) and os.access(socket_dir, os.W_OK)
+    checks.append(
+        Check(usable, f"socket directory {socket_dir}", "create it and make it writable by root")
+    )
+    return checks

@@ -1,0 +1,97 @@
+"""Prometheus metrics: RPC counts and latencies, and per device class space,
+thin pool usage and object counts (read from LVM at scrape time)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from csi_lvm.ids import Kind
+from csi_lvm.volumes import Inventory
+
+log = structlog.get_logger("csi_lvm.metrics")
+
+REGISTRY = CollectorRegistry()
+RPCS = Counter(
+    "csi_lvm_rpcs", "CSI calls served, by method and gRPC status code.",
+    ["method", "code"], registry=REGISTRY,
+)  # fmt: skip
+RPC_SECONDS = Histogram(
+    "csi_lvm_rpc_duration_seconds", "Time to serve a CSI call, by method.",
+    ["method"], registry=REGISTRY,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)  # fmt: skip
+
+
+def observe_rpc(method: str, code: str, seconds: float) -> None:
+    RPCS.labels(method, code).inc()
+    RPC_SECONDS.labels(method).observe(seconds)
+
+
+class DeviceClassCollector(Collector):
+    """Space and counts per device class, from one LVM report per scrape."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["device_class"]
+        size = GaugeMetricFamily(
+            "csi_lvm_device_class_size_bytes",
+            "Capacity of the class: VG size, or thin pool size x overprovisionRatio.",
+            labels=labels,
+        )
+        available = GaugeMetricFamily(
+            "csi_lvm_device_class_available_bytes", "Room left for new volumes.", labels=labels
+        )
+        data = GaugeMetricFamily(
+            "csi_lvm_thin_pool_data_usage_ratio", "Thin pool data in use (0-1).", labels=labels
+        )
+        metadata = GaugeMetricFamily(
+            "csi_lvm_thin_pool_metadata_usage_ratio",
+            "Thin pool metadata in use (0-1).",
+            labels=labels,
+        )
+        volumes = GaugeMetricFamily("csi_lvm_volumes", "Volumes csi-lvm owns.", labels=labels)
+        snapshots = GaugeMetricFamily("csi_lvm_snapshots", "Snapshots csi-lvm owns.", labels=labels)
+        try:
+            scan = self.inventory.scan(timeout=30)
+        except Exception as error:  # a scrape must never crash the server
+            log.warning("metrics scan failed", error=str(error))
+            return
+        owned = [
+            *self.inventory.owned(Kind.VOLUME, scan),
+            *self.inventory.owned(Kind.SNAPSHOT, scan),
+        ]
+        for device_class in self.inventory.config.device_classes:
+            name = [device_class.name]
+            try:
+                space = self.inventory.space(device_class, scan)
+            except Exception as error:
+                log.warning(
+                    "metrics space failed", device_class=device_class.name, error=str(error)
+                )
+                continue
+            size.add_metric(name, space.total_bytes)
+            available.add_metric(name, space.available_bytes)
+            if device_class.thin_pool is not None:
+                pool = scan.lv(device_class.volume_group, device_class.thin_pool)
+                if pool is not None:
+                    data.add_metric(name, (pool.data_percent or 0.0) / 100)
+                    metadata.add_metric(name, (pool.metadata_percent or 0.0) / 100)
+            mine = [o for o in owned if o.device_class.name == device_class.name]
+            volumes.add_metric(name, sum(o.kind is Kind.VOLUME for o in mine))
+            snapshots.add_metric(name, sum(o.kind is Kind.SNAPSHOT for o in mine))
+        yield from (size, available, data, metadata, volumes, snapshots)
+
+
+def serve_metrics(address: str, inventory: Inventory) -> None:
+    """Expose /metrics on ``host:port``."""
+    host, _, port = address.rpartition(":")
+    REGISTRY.register(DeviceClassCollector(inventory))
+    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=REGISTRY)  # noqa: S104
+    log.info("metrics", address=address)

@@ -1,0 +1,104 @@
+"""What an admin sees: the metrics endpoint after a scripted workload, and
+``csi-lvm status`` on the live volume group."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import grpc
+
+from csi_lvm.admin import node_status, status_text
+from csi_lvm.config import load_config
+from csi_lvm.csi import csi_pb2
+from csi_lvm.lvm import Lvm
+from csi_lvm.volumes import Inventory
+from tests.lvm.helpers import MiB, create, create_request, delete
+from tests.testbed import DRIVER_NAME, NODE_ID, CsiClient, Driver
+
+METRICS_URL = "http://127.0.0.1:9810/metrics"
+
+
+def scrape() -> str:
+    with urllib.request.urlopen(METRICS_URL, timeout=60) as response:
+        return str(response.read().decode())
+
+
+def sample(text: str, metric: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == f"{metric}{{{wanted}}}" or (not labels and name == metric):
+            return float(value)
+    return 0.0
+
+
+def test_metrics_count_a_scripted_workload(csi: CsiClient, name: str) -> None:
+    before = scrape()
+    volumes = [create(csi, f"{name}-{i}", 8 * MiB) for i in range(2)]
+    try:
+        csi.controller.CreateVolume(create_request(name, device_class="gold"))
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    during = scrape()
+    for volume in volumes:
+        delete(csi, volume.volume_id)
+    after = scrape()
+    count = "csi_lvm_rpcs_total"
+    assert (
+        sample(after, count, method="CreateVolume", code="OK")
+        - sample(before, count, method="CreateVolume", code="OK")
+        == 2
+    )
+    assert (
+        sample(after, count, method="CreateVolume", code="INVALID_ARGUMENT")
+        - sample(before, count, method="CreateVolume", code="INVALID_ARGUMENT")
+        == 1
+    )
+    assert (
+        sample(after, count, method="DeleteVolume", code="OK")
+        - sample(before, count, method="DeleteVolume", code="OK")
+        == 2
+    )
+    assert sample(after, "csi_lvm_rpc_duration_seconds_count", method="CreateVolume") >= 3
+    assert (
+        sample(during, "csi_lvm_volumes", device_class="thin")
+        == sample(after, "csi_lvm_volumes", device_class="thin") + 2
+    )
+    assert (
+        sample(during, "csi_lvm_device_class_available_bytes", device_class="thin")
+        == sample(after, "csi_lvm_device_class_available_bytes", device_class="thin") - 16 * MiB
+    )
+    assert 0 <= sample(after, "csi_lvm_thin_pool_data_usage_ratio", device_class="thin") < 1
+    assert re.search(r'^csi_lvm_device_class_size_bytes\{device_class="thick"\} \d', after, re.M)
+
+
+def test_status_lists_classes_and_owned_objects(csi: CsiClient, driver: Driver, name: str) -> None:
+    volume = create(
+        csi,
+        name,
+        8 * MiB,
+        parameters={
+            "csi.storage.k8s.io/pvc/name": "db",
+            "csi.storage.k8s.io/pvc/namespace": "shop",
+        },
+    )
+    snap = csi.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+        name=f"{name}-s", source_volume_id=volume.volume_id,
+        parameters={"csi.storage.k8s.io/volumesnapshot/name": "nightly"})).snapshot  # fmt: skip
+    inventory = Inventory(load_config(driver.config), Lvm(), NODE_ID, DRIVER_NAME)
+    classes = {c.name: c for c in node_status(inventory)}
+    assert set(classes) == {"thin", "thick"}
+    objects = {o.name: o for o in classes["thin"].objects}
+    assert objects[name].kubernetes == {"pvcNamespace": "shop", "pvc": "db"}
+    assert objects[name].size_bytes == 8 * MiB and not objects[name].abnormal
+    assert (
+        objects[f"{name}-s"].kind == "snapshot" and objects[f"{name}-s"].source == volume.volume_id
+    )
+    assert objects[f"{name}-s"].kubernetes == {"volumeSnapshot": "nightly"}
+    assert classes["thin"].data_percent is not None
+    text = status_text(list(classes.values()))
+    assert "pvc=db" in text and "volumeSnapshot=nightly" in text and "thin pool" in text
+    assert "root" not in {o.lv.split("/")[1] for c in classes.values() for o in c.objects}
+    csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    delete(csi, volume.volume_id)
