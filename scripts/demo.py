@@ -56,7 +56,7 @@ class Walkthrough:
         self.controller, self.node, self.identity = csi.controller, csi.node, csi.identity
         self.vg, self.work = vg, work
 
-    def create(self, name: str, size: int, source: str = "") -> str:
+    def create(self, name: str, size: int, source: str = "") -> csi_pb2.Volume:
         request = csi_pb2.CreateVolumeRequest(
             name=name,
             capacity_range=csi_pb2.CapacityRange(required_bytes=size),
@@ -68,7 +68,7 @@ class Walkthrough:
         )
         if source:
             request.volume_content_source.snapshot.snapshot_id = source
-        return str(self.controller.CreateVolume(request).volume.volume_id)
+        return self.controller.CreateVolume(request).volume
 
     def stage_and_publish(self, volume_id: str, name: str) -> Path:
         staging, target = self.work / f"{name}-staging", self.work / f"{name}-pod"
@@ -111,9 +111,10 @@ class Walkthrough:
             out.append(f"{capacity.available_capacity // MiB} MiB (1 GiB pool x ratio 4)")
 
         print("\n== a volume's life: create, stage, publish, write, stats")
-        with step("CreateVolume pvc-demo, 256 MiB, thin, xfs") as out:
-            volume_id = self.create("pvc-demo", 256 * MiB)
-            out.append(f"id {volume_id}")
+        with step("CreateVolume pvc-demo, 256 MiB asked, thin, xfs") as out:
+            volume = self.create("pvc-demo", 256 * MiB)
+            volume_id = volume.volume_id
+            out.append(f"id {volume_id}, {volume.capacity_bytes // MiB} MiB (xfs minimum)")
         with step("NodeStageVolume + NodePublishVolume") as out:
             target = self.stage_and_publish(volume_id, "demo")
             out.append(f"mounted at {target}")
@@ -125,7 +126,7 @@ class Walkthrough:
                 csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=str(target))
             )
             used, total = stats.usage[0].used, stats.usage[0].total
-            out.append(f"{used // MiB} MiB used of {total // MiB} MiB, ")
+            out.append(f"{used // MiB} MiB used of {total // MiB} MiB,")
             out.append(f"abnormal={stats.volume_condition.abnormal}")
 
         print("\n== the lecture: snapshot, write more, restore into a new volume")
@@ -138,7 +139,9 @@ class Walkthrough:
             (target / "orders.txt").write_text(LATER)
             out.append("3 orders")
         with step("CreateVolume pvc-restore from snap-1, 512 MiB") as out:
-            restore_id = self.create("pvc-restore", 512 * MiB, source=snapshot.snapshot_id)
+            restore_id = self.create(
+                "pvc-restore", 512 * MiB, source=snapshot.snapshot_id
+            ).volume_id
             out.append(f"id {restore_id}")
         with step("stage + publish the restore beside the original") as out:
             restored = self.stage_and_publish(restore_id, "restore")
@@ -174,7 +177,7 @@ def main() -> int:
     print(f"== a loop-backed volume group with a thin pool, in {work}")
     with step("vgcreate demo (4 GiB) + thin pool pool0 (1 GiB)"):
         vg = LoopVolumeGroup(work, "demo", "4G", pool_size="1G").create()
-    driver = Driver(work, write_config(work / "config.yaml", vg.name, vg.pool))
+    driver = Driver(work, write_config(work / "config.yaml", vg.name, vg.pool, ratio=4))
     try:
         with step("csi-lvm serve") as out:
             csi = driver.start()
