@@ -8,6 +8,7 @@ import urllib.request
 
 import grpc
 
+from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.admin import node_status, status_text
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
@@ -102,3 +103,11 @@ def test_status_lists_classes_and_owned_objects(csi: CsiClient, driver: Driver, 
     assert "root" not in {o.lv.split("/")[1] for c in classes.values() for o in c.objects}
     csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     delete(csi, volume.volume_id)
+
+
+def test_doctor_passes_on_a_node_that_has_everything(driver: Driver) -> None:
+    checks = run_doctor(load_config(driver.config), Lvm(), str(driver.workdir))
+    failed = [f"{c.what}: {c.fix}" for c in checks if not c.ok]
+    assert not failed
+    assert {"kernel device-mapper", "kernel module dm_thin_pool"} <= {c.what for c in checks}
+    assert sum(c.what.startswith("device class") for c in checks) == 2
