@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from csi_lvm.config import Config, DeviceClass
 from csi_lvm.errors import AlreadyExists, FailedPrecondition
-from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, escape_tag_value, node_component
+from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component
 from csi_lvm.lvm import LogicalVolume, Lvm, VolumeGroup
 
 
@@ -79,7 +79,6 @@ class Inventory:
         self.node_id = node_id
         self.node_part = node_component(node_id)
         self.driver_name = driver_name
-        self.owner_value = escape_tag_value(driver_name)
 
     # ---- ids
 
