@@ -20,7 +20,6 @@ from csi_lvm.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
 )
 from csi_lvm.ids import (
@@ -240,9 +239,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"{what} {text} is held by node {object_id.node}; a volume made from it can "
                 f"only live on that node, not on {self.node_id}"
             )
-        found = self.inventory.lookup(text, kind, what, scan)
-        if found is None:
-            raise NotFound(f"{what} {text} does not exist on node {self.node_id}")
+        found = self.inventory.require(text, kind, what, scan)
         if found.device_class.thin_pool is None:
             raise FailedPrecondition(
                 f"{what} {text} is in thick device class {found.device_class.name}; "
@@ -337,10 +334,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def _require_volume(self, volume_id: str, scan: Scan) -> Owned:
         if not volume_id:
             raise InvalidArgument("volume_id is required")
-        owned = self.inventory.lookup(volume_id, Kind.VOLUME, "volume", scan)
-        if owned is None:
-            raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
-        return owned
+        return self.inventory.require(volume_id, Kind.VOLUME, "volume", scan)
 
     def ValidateVolumeCapabilities(
         self, request: Any, context: Any

@@ -279,9 +279,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise InvalidArgument("volume_path is required")
         timeout = budget(context) or DEFAULT_TIMEOUT
         scan = self.inventory.scan(timeout)
-        owned = self.inventory.lookup(request.volume_id, Kind.VOLUME, "volume", scan)
-        if owned is None:
-            raise NotFound(f"volume {request.volume_id} does not exist on node {self.node_id}")
+        owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
         try:
             path = check_path(request.volume_path, "volume_path")
         except InvalidArgument as exc:  # no such path can hold the volume
@@ -333,9 +331,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         )
         timeout = budget(context) or DEFAULT_TIMEOUT
         scan = self.inventory.scan(timeout)
-        owned = self.inventory.lookup(request.volume_id, Kind.VOLUME, "volume", scan)
-        if owned is None:
-            raise NotFound(f"volume {request.volume_id} does not exist on node {self.node_id}")
+        owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
         volume_path = check_path(request.volume_path, "volume_path")
         with self.locks.hold(owned.lv.name):
             space = self.inventory.space(owned.device_class, scan)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from csi_lvm.config import Config, DeviceClass
-from csi_lvm.errors import AlreadyExists, FailedPrecondition
+from csi_lvm.errors import AlreadyExists, FailedPrecondition, NotFound
 from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component
 from csi_lvm.lvm import LogicalVolume, Lvm, VolumeGroup
 
@@ -149,6 +149,13 @@ class Inventory:
         object_id, device_class = parsed
         lv = scan.lv(device_class.volume_group, object_id.lv_name)
         return None if lv is None else self.adopt(lv, device_class)
+
+    def require(self, text: str, kind: Kind, what: str, scan: Scan) -> Owned:
+        """Like ``lookup``, but an absent object is NOT_FOUND."""
+        found = self.lookup(text, kind, what, scan)
+        if found is None:
+            raise NotFound(f"{what} {text} does not exist on node {self.node_id}")
+        return found
 
     def find_by_name(self, kind: Kind, lv_name: str, scan: Scan) -> Owned | None:
         """The owned object with this LV name in any configured volume group.
