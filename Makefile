@@ -2,6 +2,8 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 VMRUN  := $(PY) scripts/vmrun.py
+# A subset of the real-LVM suite: make lvm-tests LVM_TESTS=tests/lvm/test_node.py
+LVM_TESTS ?= tests/lvm
 
 .PHONY: setup proto lint unit image-test lvm-tests test demo sanity bench clean
 
@@ -29,7 +31,7 @@ image-test: setup
 # workers keep both virtual CPUs busy; each has its own volume group and driver.
 lvm-tests: setup
 	$(VMRUN) -- python -m pytest -q -p no:cacheprovider -p no:hypothesispytest -n 2 \
-	    --junitxml=build/vm/lvm-junit.xml tests/lvm
+	    --junitxml=build/vm/lvm-junit.xml $(LVM_TESTS)
 
 test: lint unit image-test lvm-tests
 

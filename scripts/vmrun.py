@@ -12,6 +12,7 @@ is visible here afterwards.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import os
 import shlex
@@ -22,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "build" / "vm"
+# Two TCG guests on a 2-core machine starve each other: one VM at a time.
+VM_LOCK = Path("/tmp/csi-lvm-vm.lock")
 
 
 def host_has_device_mapper() -> bool:
@@ -58,6 +61,12 @@ def main() -> int:
     vng = shutil.which("vng", path=search_path)
     if vng is None:
         sys.exit("vmrun: virtme-ng (vng) is missing; run `make setup`")
+    lock = VM_LOCK.open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("vmrun: another VM is running; waiting for it to end", file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
     rc_file = RESULTS / "rc"
     rc_file.unlink(missing_ok=True)
     inner = shlex.join([str(guest), str(RESULTS), *command])
