@@ -5,7 +5,7 @@ VMRUN  := $(PY) scripts/vmrun.py
 # A subset of the real-LVM suite: make lvm-tests LVM_TESTS=tests/lvm/test_node.py
 LVM_TESTS ?= tests/lvm
 
-.PHONY: setup proto lint unit image-test lvm-tests test demo sanity bench clean
+.PHONY: setup proto lint unit image-test lvm-tests stress test demo sanity bench clean
 
 setup:
 	scripts/setup.sh
@@ -34,6 +34,12 @@ lvm-tests: setup
 	    --junitxml=build/vm/lvm-junit.xml $(LVM_TESTS)
 
 test: lint unit image-test lvm-tests
+
+# Crashes (SIGKILL mid-call), 64+8 concurrent calls and hostile input, in one
+# VM: longer than the main suite, so a target of its own.
+stress: setup
+	$(VMRUN) -- python -m pytest -q -p no:cacheprovider -n 2 -s \
+	    --junitxml=build/vm/stress-junit.xml tests/stress
 
 demo: setup
 	$(VMRUN) -- python scripts/demo.py

@@ -140,10 +140,12 @@ def serve(args: argparse.Namespace) -> int:
     if args.metrics_address:
         serve_metrics(args.metrics_address, inventory)
     locks = KeyedLocks()
+    controller = ControllerService(inventory, locks, topology_key)
+    controller.repair_interrupted()
     server = Server(
         args.endpoint,
         IdentityService(args.driver_name, inventory),
-        ControllerService(inventory, locks, topology_key),
+        controller,
         NodeService(inventory, locks, topology_key, args.max_volumes_per_node),
     )
     log.info(

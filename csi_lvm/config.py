@@ -20,7 +20,12 @@ from csi_lvm.ids import CLASS_NAME_RE, MAX_CLASS_NAME
 # LVM's own rule for VG and LV names, minus names it reserves.
 LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 
-_CLASS_KEYS = {"name", "volumeGroup", "thinPool", "overprovisionRatio", "default"}
+_CLASS_KEYS = {
+    "name", "volumeGroup", "thinPool", "overprovisionRatio", "fullThresholdPercent", "default",
+}  # fmt: skip
+# A thin pool this full refuses new volumes: writes to a full pool fail, so
+# leave headroom for the volumes that already exist.
+DEFAULT_FULL_THRESHOLD_PERCENT = 95.0
 _TOP_KEYS = {"deviceClasses"}
 
 
@@ -31,6 +36,7 @@ class DeviceClass:
     thin_pool: str | None = None
     overprovision_ratio: float = 1.0
     default: bool = False
+    full_threshold_percent: float = DEFAULT_FULL_THRESHOLD_PERCENT  # thin pools only
     line: int = 0  # where the class starts in the config file, for messages
     volume_group_line: int = 0
     thin_pool_line: int = 0
@@ -123,6 +129,20 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
         ratio = _number(ratio_node, source, "overprovisionRatio")
         if ratio < 1.0:
             raise ConfigError(f"{_at(source, ratio_node)}: overprovisionRatio must be at least 1")
+    threshold = DEFAULT_FULL_THRESHOLD_PERCENT
+    if "fullThresholdPercent" in fields:
+        threshold_node = fields["fullThresholdPercent"][1]
+        if thin_pool is None:
+            raise ConfigError(
+                f"{_at(source, threshold_node)}: fullThresholdPercent applies to thin classes "
+                "only; add thinPool or remove it"
+            )
+        threshold = _number(threshold_node, source, "fullThresholdPercent")
+        if not 0 < threshold <= 100:
+            raise ConfigError(
+                f"{_at(source, threshold_node)}: fullThresholdPercent must be above 0 and at "
+                "most 100 (the pool data or metadata use, in percent, that stops new volumes)"
+            )
     default = False
     if "default" in fields:
         default_node = fields["default"][1]
@@ -136,6 +156,7 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
         thin_pool,
         ratio,
         default,
+        full_threshold_percent=threshold,
         line=node.start_mark.line + 1,
         volume_group_line=fields["volumeGroup"][1].start_mark.line + 1,
         thin_pool_line=fields["thinPool"][1].start_mark.line + 1 if thin_pool else 0,

@@ -23,6 +23,7 @@ from csi_lvm.errors import (
     ResourceExhausted,
 )
 from csi_lvm.ids import (
+    INCOMPLETE_TAG,
     NEW_UUID_TAG,
     Kind,
     ObjectId,
@@ -97,6 +98,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 source = self._content_source(request, scan)
             self._check_topology(request, source)
             existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
+            if existing is not None and INCOMPLETE_TAG in existing.lv.tags:
+                self._remove_incomplete(existing, timeout)
+                scan, existing = self.inventory.scan(timeout), None
             if existing is not None:
                 return self._existing_volume(
                     request, existing, device_class, wanted, source, scan, timeout
@@ -125,7 +129,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         timeout: float | None,
     ) -> Owned:
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
-        self._check_room(device_class, size, space.available_bytes)
+        self._check_room(device_class, size, space)
         tags = self._volume_tags(request, device_class, source_id="")
         try:
             if device_class.thin_pool is not None:
@@ -133,9 +137,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     device_class.volume_group, device_class.thin_pool, lv_name, size, tags, timeout
                 )
             else:
+                # lvcreate commits the LV before it zeroes the start: a kill in
+                # between would leave an earlier tenant's data in a "new" volume.
                 self.lvm.create_linear_volume(
-                    device_class.volume_group, lv_name, size, tags, timeout
+                    device_class.volume_group, lv_name, size, [*tags, INCOMPLETE_TAG], timeout
                 )
+                self.lvm.delete_tag(device_class.volume_group, lv_name, INCOMPLETE_TAG, timeout)
         except LvmNoSpace as exc:
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} has no room for "
@@ -163,7 +170,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         size = choose_size(wanted, space.extent_bytes, minimum=source.size_bytes)
         # A thin snapshot copies nothing, but its virtual size still counts
         # against the class's over-provisioning limit, like any thin volume.
-        self._check_room(device_class, size, space.available_bytes)
+        self._check_room(device_class, size, space)
         tags = [*self._volume_tags(request, device_class, source_id=str(source.id)), NEW_UUID_TAG]
         try:
             self.lvm.create_thin_snapshot(
@@ -184,6 +191,31 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             self.lvm.extend(device_class.volume_group, lv_name, size, timeout)
             owned = self._reload(device_class, lv_name, timeout)
         return owned
+
+    def _remove_incomplete(self, owned: Owned, timeout: float | None) -> None:
+        log.warning(
+            "repairing an interrupted creation: removing the LV to make it again",
+            lv=owned.lv.full_name,
+            name=owned.name,
+        )
+        self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+
+    def repair_interrupted(self, timeout: float | None = None) -> int:
+        """At start-up: remove every owned LV whose creation never finished.
+
+        Its id was never returned, so nothing refers to it; a retry of the
+        call makes it again. Returns how many were removed."""
+        scan = self.inventory.scan(timeout)
+        incomplete = [
+            owned
+            for kind in Kind
+            for owned in self.inventory.owned(kind, scan)
+            if INCOMPLETE_TAG in owned.lv.tags
+        ]
+        for owned in incomplete:
+            with self.locks.hold(owned.lv.name):
+                self._remove_incomplete(owned, timeout)
+        return len(incomplete)
 
     def _existing_volume(
         self,
@@ -263,11 +295,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             f"the request only accepts: {asked}{holder}"
         )
 
-    def _check_room(self, device_class: DeviceClass, size: int, available: int) -> None:
-        if size > available:
+    def _check_room(self, device_class: DeviceClass, size: int, space: ClassSpace) -> None:
+        if space.full is not None:
+            log.warning("device class full", device_class=device_class.name, reason=space.full)
             raise ResourceExhausted(
-                f"device class {device_class.name} on node {self.node_id} has {available} "
-                f"bytes available, {size} requested"
+                f"device class {device_class.name} on node {self.node_id} takes no new "
+                f"volumes: {space.full}"
+            )
+        if size > space.available_bytes:
+            raise ResourceExhausted(
+                f"device class {device_class.name} on node {self.node_id} has "
+                f"{space.available_bytes} bytes available, {size} requested"
             )
 
     def _volume_tags(self, request: Any, device_class: DeviceClass, source_id: str) -> list[str]:
@@ -446,6 +484,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"volume {request.source_volume_id} is in thick device class "
                     f"{device_class.name}; snapshots need a thin device class (thinPool set)"
                 )
+            full = self.inventory.space(device_class, scan).full
+            if full is not None:
+                # A snapshot pins the origin's blocks, so every later write to
+                # the origin needs new ones: not on a pool that is out of room.
+                log.warning("device class full", device_class=device_class.name, reason=full)
+                raise ResourceExhausted(f"no snapshot of volume {request.source_volume_id}: {full}")
             tags = encode_tags(
                 {
                     Tag.DRIVER: self.inventory.driver_name,

@@ -113,6 +113,10 @@ TAG_PREFIX = "csi-lvm/"
 # A restored or cloned filesystem keeps its source's UUID until its first
 # stage gives it a new one; this tag marks that pending work.
 NEW_UUID_TAG = "csi-lvm/new-fs-uuid"
+# Written by the creating command and removed once the LV is fully made. An LV
+# that still has it was interrupted (a crash, a kill) before its id was ever
+# returned, so it is removed and made again: its content cannot be trusted.
+INCOMPLETE_TAG = "csi-lvm/incomplete"
 _TAG_SAFE = frozenset(string.ascii_letters + string.digits + "_.-")
 
 

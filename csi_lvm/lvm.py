@@ -100,8 +100,8 @@ class LvAttr:
             "r": "a RAID image needs refresh",
             "m": "RAID images have mismatches",
             "F": "the thin pool or volume has failed",
-            "D": "its thin pool is out of data space",
-            "M": "its thin pool metadata is read-only (out of metadata space or damaged)",
+            "D": "the thin pool is out of data space",
+            "M": "the thin pool metadata is read-only (out of metadata space or damaged)",
             "X": "LVM cannot tell its health",
         }
         state_text = {

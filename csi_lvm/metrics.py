@@ -56,6 +56,12 @@ class DeviceClassCollector(Collector):
             "Thin pool metadata in use (0-1).",
             labels=labels,
         )
+        full = GaugeMetricFamily(
+            "csi_lvm_device_class_full",
+            "1 when the class takes no new volumes (thin pool past fullThresholdPercent "
+            "or out of space), else 0.",
+            labels=labels,
+        )
         volumes = GaugeMetricFamily("csi_lvm_volumes", "Volumes csi-lvm owns.", labels=labels)
         snapshots = GaugeMetricFamily("csi_lvm_snapshots", "Snapshots csi-lvm owns.", labels=labels)
         try:
@@ -78,6 +84,7 @@ class DeviceClassCollector(Collector):
                 continue
             size.add_metric(name, space.total_bytes)
             available.add_metric(name, space.available_bytes)
+            full.add_metric(name, 0 if space.full is None else 1)
             if device_class.thin_pool is not None:
                 pool = scan.lv(device_class.volume_group, device_class.thin_pool)
                 if pool is not None:
@@ -86,7 +93,7 @@ class DeviceClassCollector(Collector):
             mine = [o for o in owned if o.device_class.name == device_class.name]
             volumes.add_metric(name, sum(o.kind is Kind.VOLUME for o in mine))
             snapshots.add_metric(name, sum(o.kind is Kind.SNAPSHOT for o in mine))
-        yield from (size, available, data, metadata, volumes, snapshots)
+        yield from (size, available, full, data, metadata, volumes, snapshots)
 
 
 def serve_metrics(address: str, inventory: Inventory) -> None:

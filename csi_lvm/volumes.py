@@ -59,6 +59,7 @@ class ClassSpace:
     extent_bytes: int
     total_bytes: int
     used_bytes: int  # provisioned (thin: virtual sizes) or allocated (thick)
+    full: str | None = None  # why the class takes no new volumes, when it is full
 
 
 @dataclass(frozen=True)
@@ -243,11 +244,13 @@ class Inventory:
             and not self._is_snapshot(lv)
         )
         limit = math.floor(pool.size_bytes * device_class.overprovision_ratio)
+        full = pool_fullness(device_class, pool)
         return ClassSpace(
-            available_bytes=max(0, limit - provisioned),
+            available_bytes=0 if full else max(0, limit - provisioned),
             extent_bytes=group.extent_bytes,
             total_bytes=limit,
             used_bytes=provisioned,
+            full=full,
         )
 
     def _is_snapshot(self, lv: LogicalVolume) -> bool:
@@ -262,11 +265,29 @@ class Inventory:
             pool = scan.lv(owned.lv.vg_name, owned.device_class.thin_pool)
             if pool is None:
                 problem = f"its thin pool {owned.device_class.thin_pool} is missing"
-            elif pool.attr.problem is not None:
-                problem = f"thin pool {pool.full_name}: {pool.attr.problem}"
+            else:
+                problem = pool_fullness(owned.device_class, pool)
         group = scan.vgs.get(owned.lv.vg_name)
         if problem is None and group is not None and group.partial:
             problem = f"volume group {owned.lv.vg_name} is missing a physical volume"
         if problem is not None:
             return Condition(True, f"LV {owned.lv.full_name}: {problem}")
         return Condition(False, "healthy")
+
+
+def pool_fullness(device_class: DeviceClass, pool: LogicalVolume) -> str | None:
+    """Why a thin pool should take no new volumes, or None while it has headroom.
+
+    Past the threshold, the blocks left belong to the volumes that exist: a new
+    volume would only bring the moment their writes fail closer."""
+    if pool.attr.problem is not None:
+        return f"thin pool {pool.full_name}: {pool.attr.problem}"
+    threshold = device_class.full_threshold_percent
+    for what, percent in (("data", pool.data_percent), ("metadata", pool.metadata_percent)):
+        if percent is not None and percent >= threshold:
+            return (
+                f"thin pool {pool.full_name} is {percent:g}% full of {what} (device class "
+                f"{device_class.name} stops at {threshold:g}%); writes fail when it reaches "
+                "100%: extend the pool (lvextend) or delete volumes and snapshots"
+            )
+    return None

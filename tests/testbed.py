@@ -8,6 +8,7 @@ the volume group it made itself.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -146,3 +147,86 @@ class Driver:
         code = self.process.wait(timeout)
         self.process = None
         return code
+
+
+class ForkedDriver:
+    """``csi-lvm serve`` children of one fork server (tests/forkserver.py), for
+    tests that kill the driver with SIGKILL and start it again many times."""
+
+    def __init__(self, workdir: Path, config: Path, *extra: str) -> None:
+        self.socket = str(workdir / "csi.sock")
+        self.log_path = workdir / "driver.log"
+        self.argv = [
+            "serve", "--endpoint", f"unix://{self.socket}", "--config", str(config),
+            "--node-id", NODE_ID, "--driver-name", DRIVER_NAME, *extra,
+        ]  # fmt: skip
+        self.pid = 0
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "tests.forkserver"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+
+    def start(self, client: CsiClient, timeout: float = 90.0) -> None:
+        """Fork a driver and wait until ``client`` reaches it."""
+        assert self.server.stdin is not None and self.server.stdout is not None
+        self.server.stdin.write(json.dumps({"argv": self.argv, "log": str(self.log_path)}) + "\n")
+        self.server.stdin.flush()
+        self.pid = int(self.server.stdout.readline())
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                grpc.channel_ready_future(client.channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                if not self.alive():
+                    raise RuntimeError(
+                        f"csi-lvm died:\n{self.log_path.read_text()[-3000:]}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("csi-lvm did not open its socket in time") from None
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def group_commands(self) -> list[str]:
+        """The names of the processes in the driver's group: the driver and
+        whatever LVM or filesystem command it is running."""
+        names = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+            if int(rest.split()[2]) == self.pid and int(entry) != self.pid:
+                names.append(comm)
+        return names
+
+    def crash(self) -> list[str]:
+        """SIGKILL the driver and everything it runs, as the end of its
+        container would; returns the commands that were running then."""
+        os.killpg(self.pid, signal.SIGSTOP)  # freeze the group to see what it was doing
+        running = self.group_commands()
+        os.killpg(self.pid, signal.SIGKILL)
+        while self.alive():
+            time.sleep(0.01)
+        return running
+
+    def stop(self) -> None:
+        if self.pid and self.alive():
+            os.killpg(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if self.server.stdin is not None:
+            self.server.stdin.close()
+        self.server.wait(30)

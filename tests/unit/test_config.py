@@ -57,6 +57,15 @@ def test_single_class_is_the_default() -> None:
             "line 5: overprovisionRatio must be at least 1",
         ),
         (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    fullThresholdPercent: 90\n",
+            "line 4: fullThresholdPercent applies to thin classes only",
+        ),
+        (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    thinPool: p\n"
+            "    fullThresholdPercent: 120\n",
+            "line 5: fullThresholdPercent must be above 0 and at most 100",
+        ),
+        (
             "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n  - name: a\n    volumeGroup: vg1\n",
             "line 4: device class 'a' is listed twice",
         ),
@@ -71,3 +80,12 @@ def test_single_class_is_the_default() -> None:
 def test_bad_configs_name_the_line(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(text, "config.yaml")
+
+
+def test_full_threshold_defaults_to_95_and_can_be_set() -> None:
+    config = parse_config(
+        "deviceClasses:\n"
+        "  - name: a\n    volumeGroup: vg0\n    thinPool: p\n"
+        "  - name: b\n    volumeGroup: vg0\n    thinPool: q\n    fullThresholdPercent: 80.5\n"
+    )
+    assert [c.full_threshold_percent for c in config.device_classes] == [95.0, 80.5]
