@@ -109,8 +109,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 raise AlreadyExists(
                     f"staging path {staging} already has another device ({current}) mounted"
                 )
-            if not os.path.isdir(staging):
-                raise FailedPrecondition(f"staging path {staging} is not an existing directory")
+            if not os.path.isdir(staging) or os.path.islink(staging):
+                # A symlink would take the mount wherever it points.
+                raise FailedPrecondition(
+                    f"staging path {staging} is not an existing directory (a symlink is refused)"
+                )
             content = fs.detect_content(device, timeout)
             if content is None:
                 minimum = fs.MINIMUM_BYTES[wanted_fs]

@@ -61,6 +61,15 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             message = ""
             try:
                 return inner(request, context)
+            except NotImplementedError:
+                # The generated base class answers RPCs csi-lvm does not offer.
+                code = grpc.StatusCode.UNIMPLEMENTED
+                message = (
+                    f"csi-lvm does not offer {method}; its capabilities "
+                    "(GetPluginCapabilities, ControllerGetCapabilities, NodeGetCapabilities) "
+                    "list what it serves"
+                )
+                context.abort(code, message)
             except Exception as error:  # every failure leaves as a proper status
                 code, message = status_for(error)
                 if code is grpc.StatusCode.INTERNAL:

@@ -16,6 +16,9 @@ import pytest
 from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
 
 HANDMADE_LV = "root"  # made by hand: no csi-lvm tags, so untouchable
+# A thin pool small enough to fill in a test. It errors when full instead of
+# queueing writes for 60 s, so a write that finds it full fails at once.
+SMALL_POOL, SMALL_POOL_MIB, SMALL_CLASS = "smallpool", 32, "small"
 
 
 def metrics_port() -> int:
@@ -40,6 +43,10 @@ def workdir() -> Iterator[Path]:
 def vg(workdir: Path) -> Iterator[LoopVolumeGroup]:
     group = LoopVolumeGroup(workdir, name=f"csitest{os.getpid()}").create()
     group.lvcreate("-L", "64M", "-n", HANDMADE_LV, group.name)
+    group.lvcreate("--type", "thin-pool", "-L", f"{SMALL_POOL_MIB}M", "-n", SMALL_POOL, group.name)
+    subprocess.run(
+        ["lvchange", "-q", "--errorwhenfull", "y", f"{group.name}/{SMALL_POOL}"], check=True
+    )
     try:
         yield group
     finally:
@@ -49,6 +56,11 @@ def vg(workdir: Path) -> Iterator[LoopVolumeGroup]:
 @pytest.fixture(scope="session")
 def driver(workdir: Path, vg: LoopVolumeGroup) -> Iterator[Driver]:
     config = write_config(workdir / "config.yaml", vg.name, vg.pool)
+    with config.open("a") as text:
+        text.write(
+            f"  - name: {SMALL_CLASS}\n    volumeGroup: {vg.name}\n    thinPool: {SMALL_POOL}\n"
+            "    overprovisionRatio: 4\n    fullThresholdPercent: 90\n"
+        )
     process = Driver(workdir, config, "--metrics-address", f"127.0.0.1:{metrics_port()}")
     process.start()
     try:

@@ -14,14 +14,15 @@ from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
 from csi_lvm.lvm import Lvm
 from csi_lvm.volumes import Inventory
+from tests.lvm.conftest import SMALL_CLASS, metrics_port
 from tests.lvm.helpers import MiB, create, create_request, delete
 from tests.testbed import DRIVER_NAME, NODE_ID, CsiClient, Driver
 
-METRICS_URL = "http://127.0.0.1:9810/metrics"
-
 
 def scrape() -> str:
-    with urllib.request.urlopen(METRICS_URL, timeout=60) as response:
+    """This worker's driver's metrics (each xdist worker runs its own driver)."""
+    url = f"http://127.0.0.1:{metrics_port()}/metrics"
+    with urllib.request.urlopen(url, timeout=60) as response:
         return str(response.read().decode())
 
 
@@ -89,7 +90,7 @@ def test_status_lists_classes_and_owned_objects(csi: CsiClient, driver: Driver, 
         parameters={"csi.storage.k8s.io/volumesnapshot/name": "nightly"})).snapshot  # fmt: skip
     inventory = Inventory(load_config(driver.config), Lvm(), NODE_ID, DRIVER_NAME)
     classes = {c.name: c for c in node_status(inventory)}
-    assert set(classes) == {"thin", "thick"}
+    assert set(classes) == {"thin", "thick", SMALL_CLASS}
     objects = {o.name: o for o in classes["thin"].objects}
     assert objects[name].kubernetes == {"pvcNamespace": "shop", "pvc": "db"}
     assert objects[name].size_bytes == 8 * MiB and not objects[name].abnormal
@@ -110,4 +111,4 @@ def test_doctor_passes_on_a_node_that_has_everything(driver: Driver) -> None:
     failed = [f"{c.what}: {c.fix}" for c in checks if not c.ok]
     assert not failed
     assert {"kernel device-mapper", "kernel module dm_thin_pool"} <= {c.what for c in checks}
-    assert sum(c.what.startswith("device class") for c in checks) == 2
+    assert sum(c.what.startswith("device class") for c in checks) == 3
