@@ -95,7 +95,16 @@ def write_config(path: Path, vg: str, pool: str, ratio: float = 10.0) -> Path:
 
 class CsiClient:
     def __init__(self, socket_path: str) -> None:
-        self.channel = grpc.insecure_channel(f"unix://{socket_path}")
+        # A driver restarted by a test must be reached at once, not after
+        # gRPC's exponential reconnect backoff (which grows to minutes).
+        self.channel = grpc.insecure_channel(
+            f"unix://{socket_path}",
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 500),
+            ],
+        )
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)

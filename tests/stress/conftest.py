@@ -44,7 +44,13 @@ def owned_by_driver(row: dict[str, str]) -> dict[Tag, str] | None:
 def untouched_part(rows: list[dict[str, str]]) -> list[tuple[str, str, str, str]]:
     """What the driver must never change: every LV it does not own, exactly."""
     return sorted(
-        (r["lv_name"], r["lv_size"], r["lv_attr"], r["lv_tags"])
+        (r["lv_name"], r["lv_size"], _settled_attr(r["lv_attr"]), r["lv_tags"])
         for r in rows
         if owned_by_driver(r) is None
     )
+
+
+def _settled_attr(attr: str) -> str:
+    """lv_attr without a thin pool's "open" flag: LVM keeps a pool open while
+    any thin LV of it is active, whoever made that LV."""
+    return attr[:5] + "-" + attr[6:] if attr.startswith("t") else attr

@@ -46,6 +46,7 @@ class CrashBed:
         self.driver.start(self.client)
         self.rng = random.Random(SEED)
         self.stats: dict[str, collections.Counter[str]] = {}
+        self.seconds: collections.Counter[str] = collections.Counter()
 
     def retry(self, call: Callable[..., Any], request: Any) -> Any:
         """What a sidecar does: try again until the call answers for real."""
@@ -80,8 +81,13 @@ class CrashBed:
             counts["in the driver's own code"] += 1
         with contextlib.suppress(grpc.RpcError):
             pending.result()
+        started = time.monotonic()
         self.driver.start(self.client)
-        return self.retry(call, request)
+        restarted = time.monotonic()
+        answer = self.retry(call, request)
+        self.seconds["restart"] += restarted - started
+        self.seconds["retried call"] += time.monotonic() - restarted
+        return answer
 
     def close(self) -> None:
         self.client.close()
@@ -97,6 +103,7 @@ def bed(workdir: Path, vg: LoopVolumeGroup) -> Iterator[CrashBed]:
         "seed": SEED,
         "kills_per_kind": KILLS,
         "by_call": {kind: dict(counts) for kind, counts in crash_bed.stats.items()},
+        "seconds": {what: round(total, 1) for what, total in crash_bed.seconds.items()},
     }
     (RESULTS / "crash-kills.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ncrash test seed {SEED}: {json.dumps(summary['by_call'])}")
