@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds for calls to end")
     serve.add_argument("--lvm-prefix", default="", help="command to run LVM through, e.g. nsenter")
     serve.add_argument(
+        "--no-lvm-shell",
+        action="store_true",
+        help="run one lvm process per command instead of one long-lived lvm shell",
+    )
+    serve.add_argument(
         "--metrics-address", default="", help="host:port for Prometheus /metrics (off when empty)"
     )
     status = commands.add_parser("status", help="device classes, volumes and snapshots here")
@@ -128,7 +133,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_volumes_per_node < 0:
         raise ConfigError("--max-volumes-per-node must not be negative")
     config = load_config(args.config)
-    lvm = Lvm(prefix=args.lvm_prefix.split())
+    lvm = Lvm(prefix=args.lvm_prefix.split(), shell=not args.no_lvm_shell)
     inventory = Inventory(config, lvm, node_id, args.driver_name)
     missing = inventory.missing_storage()
     if missing:
@@ -154,7 +159,10 @@ def serve(args: argparse.Namespace) -> int:
         topology_key=topology_key,
         classes=[c.describe() for c in config.device_classes],
     )
-    server.run_until_signalled(args.grace_period)
+    try:
+        server.run_until_signalled(args.grace_period)
+    finally:
+        lvm.close()
     return 0
 
 
