@@ -438,7 +438,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=str(ROOT / "build" / "vm" / "bench.json"))
     parser.add_argument("--latency-samples", type=int, default=12)
-    parser.add_argument("--calls", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=32)
     parser.add_argument("--restore-samples", type=int, default=3)
     parser.add_argument("--stage-samples", type=int, default=2)
     parser.add_argument("--rpcs", type=int, default=1000)

@@ -333,14 +333,16 @@ def shell_status(report: dict[str, object]) -> int | None:
 
 
 def log_errors(report: dict[str, object]) -> str:
-    """The error messages of a command log (``lastlog``), one per line."""
+    """The messages of a command log (``lastlog``), one per line, as a
+    command run on its own would print them on stderr: errors and warnings,
+    not its status entries or ordinary output."""
     entries = report.get("log")
     if not isinstance(entries, list):
         return ""
     return "\n".join(
         str(e.get("log_message", ""))
         for e in entries
-        if isinstance(e, dict) and e.get("log_type") == "error"
+        if isinstance(e, dict) and e.get("log_type") not in ("status", "print", None)
     )
 
 
