@@ -106,14 +106,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 owned = self._create_from_source(
                     request, lv_name, device_class, wanted, source, space, timeout
                 )
+                volume = self._volume(owned, request.volume_content_source)
             else:
-                owned = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
+                size = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
+                volume = csi_pb2.Volume(
+                    volume_id=str(self.inventory.make_id(device_class, lv_name)),
+                    capacity_bytes=size,
+                    accessible_topology=[node_topology(self.topology_key, self.node_id)],
+                )
         log.info(
-            "volume created", volume_id=str(owned.id), lv=owned.lv.full_name, bytes=owned.size_bytes
+            "volume created",
+            volume_id=volume.volume_id,
+            lv=f"{device_class.volume_group}/{lv_name}",
+            bytes=volume.capacity_bytes,
         )
-        return csi_pb2.CreateVolumeResponse(
-            volume=self._volume(owned, request.volume_content_source)
-        )
+        return csi_pb2.CreateVolumeResponse(volume=volume)
 
     def _create_blank(
         self,
@@ -123,7 +130,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         wanted: Any,
         space: ClassSpace,
         timeout: float | None,
-    ) -> Owned:
+    ) -> int:
+        """Make a blank volume; its size in bytes. The size is whole extents
+        already, which is exactly what lvcreate makes, so no report is needed
+        to learn it (a repeated call reads it from LVM, in _existing_volume)."""
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         self._check_room(device_class, size, space.available_bytes)
         tags = self._volume_tags(request, device_class, source_id="")
@@ -143,7 +153,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             ) from exc
         except LvmAlreadyExists as exc:
             raise Aborted(f"volume {request.name} appeared while being created; retry") from exc
-        return self._reload(device_class, lv_name, timeout)
+        return size
 
     def _create_from_source(
         self,
