@@ -465,7 +465,7 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "build" / "vm" / "bench.json"))
     parser.add_argument("--latency-samples", type=int, default=12)
     parser.add_argument("--calls", type=int, default=32)
-    parser.add_argument("--restore-samples", type=int, default=3)
+    parser.add_argument("--restore-samples", type=int, default=5)
     parser.add_argument("--stage-samples", type=int, default=2)
     parser.add_argument("--rpcs", type=int, default=1000)
     parser.add_argument("--only", default="memory,latency,throughput,restore,stage")
