@@ -106,21 +106,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 owned = self._create_from_source(
                     request, lv_name, device_class, wanted, source, space, timeout
                 )
-                volume = self._volume(owned, request.volume_content_source)
             else:
-                size = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
-                volume = csi_pb2.Volume(
-                    volume_id=str(self.inventory.make_id(device_class, lv_name)),
-                    capacity_bytes=size,
-                    accessible_topology=[node_topology(self.topology_key, self.node_id)],
-                )
+                owned = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
         log.info(
-            "volume created",
-            volume_id=volume.volume_id,
-            lv=f"{device_class.volume_group}/{lv_name}",
-            bytes=volume.capacity_bytes,
+            "volume created", volume_id=str(owned.id), lv=owned.lv.full_name, bytes=owned.size_bytes
         )
-        return csi_pb2.CreateVolumeResponse(volume=volume)
+        return csi_pb2.CreateVolumeResponse(
+            volume=self._volume(owned, request.volume_content_source)
+        )
 
     def _create_blank(
         self,
@@ -130,10 +123,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         wanted: Any,
         space: ClassSpace,
         timeout: float | None,
-    ) -> int:
-        """Make a blank volume; its size in bytes. The size is whole extents
-        already, which is exactly what lvcreate makes, so no report is needed
-        to learn it (a repeated call reads it from LVM, in _existing_volume)."""
+    ) -> Owned:
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         self._check_room(device_class, size, space.available_bytes)
         tags = self._volume_tags(request, device_class, source_id="")
@@ -153,7 +143,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             ) from exc
         except LvmAlreadyExists as exc:
             raise Aborted(f"volume {request.name} appeared while being created; retry") from exc
-        return size
+        return self._reload(device_class, lv_name, timeout)
 
     def _create_from_source(
         self,
