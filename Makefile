@@ -15,8 +15,8 @@ proto: setup
 	    --python_out=. --pyi_out=. --grpc_python_out=. csi_lvm/csi/csi.proto
 
 lint: setup
-	$(VENV)/bin/ruff check csi_lvm tests scripts
-	$(VENV)/bin/ruff format --check csi_lvm tests scripts
+	$(VENV)/bin/ruff check csi_lvm tests scripts bench
+	$(VENV)/bin/ruff format --check csi_lvm tests scripts bench
 	$(VENV)/bin/mypy
 
 unit: setup
@@ -43,6 +43,13 @@ stress: setup
 
 demo: setup
 	$(VMRUN) -- python scripts/demo.py
+
+# The benchmark of issue 7: the driver against raw LVM in one VM run (~15 min
+# under TCG); prints the table and keeps the JSON as bench/results.json.
+BENCH_ARGS ?=
+bench: setup
+	$(VMRUN) --memory 5G -- python bench/run.py --json build/vm/bench.json $(BENCH_ARGS)
+	cp build/vm/bench.json bench/results.json
 
 # Upstream csi-sanity, once per device class (needs the binary; see sanity/README.md).
 sanity: setup

@@ -4,6 +4,7 @@ are for admins."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds for calls to end")
     serve.add_argument("--lvm-prefix", default="", help="command to run LVM through, e.g. nsenter")
     serve.add_argument(
+        "--no-lvm-shell",
+        action="store_true",
+        help="run one lvm process per command instead of one long-lived lvm shell",
+    )
+    serve.add_argument(
         "--metrics-address", default="", help="host:port for Prometheus /metrics (off when empty)"
     )
     status = commands.add_parser("status", help="device classes, volumes and snapshots here")
@@ -113,7 +119,23 @@ def doctor(args: argparse.Namespace) -> int:
     return 0 if config is not None and all(c.ok for c in checks) else 1
 
 
+# glibc's mallopt parameter for the number of malloc arenas.
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Let the RPC threads share a few malloc arenas instead of one each
+    (glibc's default is up to 8 per CPU), so the driver's memory does not grow
+    with every thread the server starts. Must run before those threads."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+
+
 def serve(args: argparse.Namespace) -> int:
+    limit_malloc_arenas()
     configure_logging(args.log_level)
     log = structlog.get_logger("csi_lvm")
     node_id = args.node_id or default_node_id()
@@ -128,7 +150,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_volumes_per_node < 0:
         raise ConfigError("--max-volumes-per-node must not be negative")
     config = load_config(args.config)
-    lvm = Lvm(prefix=args.lvm_prefix.split())
+    lvm = Lvm(prefix=args.lvm_prefix.split(), shell=not args.no_lvm_shell)
     inventory = Inventory(config, lvm, node_id, args.driver_name)
     missing = inventory.missing_storage()
     if missing:
@@ -156,7 +178,10 @@ def serve(args: argparse.Namespace) -> int:
         topology_key=topology_key,
         classes=[c.describe() for c in config.device_classes],
     )
-    server.run_until_signalled(args.grace_period)
+    try:
+        server.run_until_signalled(args.grace_period)
+    finally:
+        lvm.close()
     return 0
 
 

@@ -323,9 +323,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
     def _reload(self, device_class: DeviceClass, lv_name: str, timeout: float | None) -> Owned:
-        owned = self.inventory.get(
-            self.inventory.make_id(device_class, lv_name), device_class, timeout
-        )
+        # A shared scan, not an ``lvs`` of this LV: concurrent creates share it.
+        lv = self.inventory.scan(timeout).lv(device_class.volume_group, lv_name)
+        owned = None if lv is None else self.inventory.adopt(lv, device_class)
         if owned is None:
             raise Aborted(
                 f"LV {device_class.volume_group}/{lv_name} vanished while being made; retry"

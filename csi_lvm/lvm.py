@@ -9,14 +9,17 @@ states. Failures become the domain errors of ``csi_lvm.errors``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 
@@ -174,6 +177,15 @@ def _percent(value: str) -> float | None:
     return float(value) if value else None
 
 
+def _created(value: str) -> str:
+    """``lv_time`` as LVM prints it by default; a profile may ask for seconds
+    since the epoch (the lvm shell's does), which is turned into that form."""
+    if value.isdigit():
+        when = datetime.fromtimestamp(int(value), UTC)
+        return when.strftime("%Y-%m-%d %H:%M:%S %z")
+    return value
+
+
 def parse_lv_report(report: dict[str, object]) -> list[LogicalVolume]:
     rows = _report_rows(report, "lv")
     return [
@@ -190,7 +202,7 @@ def parse_lv_report(report: dict[str, object]) -> list[LogicalVolume]:
             metadata_percent=_percent(row.get("metadata_percent", "")),
             path=row.get("lv_path", ""),
             dm_path=row.get("lv_dm_path", ""),
-            created=row.get("lv_time", ""),
+            created=_created(row.get("lv_time", "")),
         )
         for row in rows
     ]
@@ -258,6 +270,264 @@ def classify_failure(command: Sequence[str], returncode: int, stderr: str) -> Dr
     return LvmError(f"lvm {verb} failed: {message}")
 
 
+# --------------------------------------------------------------------- shell
+
+# What the shell runs; anything else (``version``) runs as a process.
+SHELL_VERBS = frozenset({"lvs", "vgs", "lvcreate", "lvremove", "lvchange", "lvextend"})
+# lvm splits a shell line into at most 64 words (MAX_ARGS in lvm2's tools).
+_SHELL_MAX_WORDS = 60
+# The command profile lvm2 ships for lvmdbusd: JSON reports, bytes, and a
+# command log whose "shell" entry carries each command's return code.
+SHELL_PROFILE = "lvmdbusd"
+_SUCCESS = 1  # ECMD_PROCESSED, lvm's return code for success
+
+
+class ShellUnavailable(Exception):
+    """The shell cannot be used (it failed to start or speaks another protocol)."""
+
+
+class ShellDied(LvmError):
+    """The shell ended; ``sent`` tells whether it may have run the command."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+def shell_line(args: Sequence[str]) -> str | None:
+    """``args`` as one line for the lvm shell, or None when its simple
+    quoting (a word may start with a quote and ends at the same quote) cannot
+    carry them."""
+    if not args or len(args) > _SHELL_MAX_WORDS:
+        return None
+    words = []
+    for arg in args:
+        if not arg or any(c in arg for c in "\n\r\0"):
+            return None
+        if '"' not in arg:
+            words.append(f'"{arg}"')
+        elif "'" not in arg:
+            words.append(f"'{arg}'")
+        else:
+            return None
+    return " ".join(words) + "\n"
+
+
+def shell_status(report: dict[str, object]) -> int | None:
+    """The return code of the shell's entry in a command log, if any."""
+    entries = report.get("log")
+    if not isinstance(entries, list):
+        return None
+    code = None
+    for entry in entries:
+        if (
+            isinstance(entry, dict)
+            and entry.get("log_context") == "shell"
+            and entry.get("log_object_type") == "cmd"
+        ):
+            try:
+                code = int(entry.get("log_ret_code", ""))
+            except ValueError:
+                return None
+    return code
+
+
+def log_errors(report: dict[str, object]) -> str:
+    """The messages of a command log (``lastlog``), one per line, as a
+    command run on its own would print them on stderr: errors and warnings,
+    not its status entries or ordinary output."""
+    entries = report.get("log")
+    if not isinstance(entries, list):
+        return ""
+    return "\n".join(
+        str(e.get("log_message", ""))
+        for e in entries
+        if isinstance(e, dict) and e.get("log_type") not in ("status", "print", None)
+    )
+
+
+class LvmShell:
+    """One long-lived ``lvm`` process fed one command per line on stdin.
+
+    LVM writes each command's report, followed by its command log, as one
+    JSON document to ``LVM_REPORT_FD``; the log's "shell" entry says whether
+    the command succeeded, and ``lastlog`` gives the messages of a failure.
+    Commands run one at a time. A command that outlives its timeout kills
+    the shell (as a timed-out process would be killed); a shell that dies is
+    started again for the next command. When the shell cannot be started or
+    does not speak this protocol (an LVM without the lvmdbusd profile, for
+    example), it is given up for good and every command runs as a process.
+    """
+
+    def __init__(self, command: Sequence[str], env: dict[str, str]) -> None:
+        self.command = list(command)
+        self.env = {
+            **env,
+            "LVM_COMMAND_PROFILE": SHELL_PROFILE,
+            # The shell logs to the command log without end; never abort on it.
+            "LVM_LOG_FILE_MAX_LINES": "0",
+        }
+        self.disabled = False
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._report_fd = -1
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def execute(
+        self, args: Sequence[str], timeout: float
+    ) -> tuple[dict[str, object], int, str] | None:
+        """Run ``args``: (report without its log, return code, error
+        messages), or None when the command must run as a process instead."""
+        line = shell_line(args)
+        if self.disabled or line is None or args[0] not in SHELL_VERBS:
+            return None
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
+            raise DeadlineExceeded(
+                f"lvm {args[0]} did not start within {timeout:.1f}s (LVM is busy); "
+                "the call may be retried"
+            )
+        try:
+            for attempt in (1, 2):
+                if self._process is None:
+                    try:
+                        self._start(deadline)
+                    except ShellUnavailable as exc:
+                        self.disabled = True
+                        self._stop()
+                        log.warning(
+                            "lvm shell unavailable; one process per command", reason=str(exc)
+                        )
+                        return None
+                try:
+                    report = self._command(line, args[0], deadline)
+                    break
+                except ShellDied as exc:
+                    # A report is safe to ask again, and so is a change the
+                    # shell never received; a new shell takes it.
+                    log.warning("lvm shell died", verb=args[0], error=str(exc))
+                    if attempt == 2 or (exc.sent and args[0] not in ("lvs", "vgs")):
+                        raise
+            code = shell_status(report)
+            if code is None:
+                self._stop()
+                raise LvmError(f"lvm {args[0]}: the lvm shell reported no status; retry")
+            messages = ""
+            if code != _SUCCESS:
+                messages = log_errors(self._command("lastlog\n", args[0], deadline))
+            report.pop("log", None)
+            return report, 0 if code == _SUCCESS else code, messages
+        finally:
+            self._lock.release()
+
+    def _start(self, deadline: float) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**self.env, "LVM_REPORT_FD": str(write_end)},
+                pass_fds=(write_end,),
+                cwd="/",
+            )
+        except OSError as exc:
+            os.close(read_end)
+            raise ShellUnavailable(f"cannot start {self.command[0]}: {exc}") from exc
+        finally:
+            os.close(write_end)
+        os.set_blocking(read_end, False)
+        self._report_fd = read_end
+        try:
+            report = self._command(
+                '"vgs" "-o" "vg_name" "--reportformat" "json"\n', "vgs", deadline
+            )
+        except DeadlineExceeded:
+            self._stop()  # slow, not broken: the next command tries again
+            raise
+        except (DriverError, OSError) as exc:
+            raise ShellUnavailable(f"the lvm shell did not answer: {exc}") from exc
+        if shell_status(report) != _SUCCESS:
+            raise ShellUnavailable(f"the lvm shell answered without a command log: {report}")
+        log.info("lvm shell started", pid=self._process.pid)
+
+    def _command(self, line: str, verb: str, deadline: float) -> dict[str, object]:
+        """Send one line and read one JSON document from the report pipe."""
+        process = self._process
+        if process is None or process.stdin is None:
+            raise ShellDied(f"lvm {verb}: the lvm shell is not running; retry", sent=False)
+        try:
+            process.stdin.write(line.encode())
+            process.stdin.flush()
+        except OSError as exc:
+            self._stop()
+            raise ShellDied(
+                f"lvm {verb}: the lvm shell is gone ({exc}); retry", sent=False
+            ) from exc
+        data = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._stop()
+                raise DeadlineExceeded(
+                    f"lvm {verb} did not finish in time (the lvm shell was stopped); "
+                    "the call may be retried"
+                )
+            ready, _, _ = select.select([self._report_fd], [], [], min(remaining, 1.0))
+            if not ready:
+                if process.poll() is not None:
+                    self._stop()
+                    raise ShellDied(
+                        f"lvm {verb}: the lvm shell died; the call may be retried", True
+                    )
+                continue
+            chunk = os.read(self._report_fd, 1 << 20)
+            if not chunk:
+                self._stop()
+                raise ShellDied(f"lvm {verb}: the lvm shell died; the call may be retried", True)
+            data += chunk
+            if data.rstrip().endswith(b"}"):
+                try:
+                    report = json.loads(data)
+                except json.JSONDecodeError:
+                    continue  # a "}" inside an unfinished document
+                if not isinstance(report, dict):
+                    self._stop()
+                    raise LvmError(f"lvm {verb}: unexpected report {data[:200]!r}")
+                return report
+
+    def _stop(self) -> None:
+        process, self._process = self._process, None
+        if self._report_fd >= 0:
+            os.close(self._report_fd)
+            self._report_fd = -1
+        if process is None:
+            return
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
+
+    def close(self) -> None:
+        """End the shell: it exits when its input ends."""
+        with self._lock:
+            process = self._process
+            if process is not None and process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(10)
+            self._stop()
+            self.disabled = True
+
+
 # --------------------------------------------------------------------- runner
 
 
@@ -271,10 +541,20 @@ class Lvm:
     """Runs LVM commands and decodes their reports.
 
     ``prefix`` runs every command through another program (``nsenter`` into
-    the host's namespaces, for example); ``binary`` is the ``lvm`` tool.
+    the host's namespaces, for example); ``binary`` is the ``lvm`` tool. With
+    ``shell``, reports and changes go to one long-lived ``lvm`` shell process
+    (see ``LvmShell``), which saves a process start and LVM's initialisation
+    per command; whatever the shell cannot take falls back to a process per
+    command, with the same results and errors.
     """
 
-    def __init__(self, binary: str = "lvm", prefix: Sequence[str] = (), timeout: float = 120.0):
+    def __init__(
+        self,
+        binary: str = "lvm",
+        prefix: Sequence[str] = (),
+        timeout: float = 120.0,
+        shell: bool = False,
+    ):
         self.binary = binary
         self.prefix = list(prefix)
         self.timeout = timeout
@@ -283,10 +563,19 @@ class Lvm:
             "LC_ALL": "C",
             "LVM_SUPPRESS_FD_WARNINGS": "1",
         }
+        self.shell = LvmShell([*self.prefix, binary], self._env) if shell else None
+
+    def close(self) -> None:
+        if self.shell is not None:
+            self.shell.close()
+
+    def _limit(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))
 
     def run(self, args: Sequence[str], timeout: float | None = None) -> str:
+        """One ``lvm`` process for ``args``; its standard output."""
         command = [*self.prefix, self.binary, *args]
-        limit = self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))
+        limit = self._limit(timeout)
         started = time.monotonic()
         try:
             done = subprocess.run(
@@ -312,8 +601,39 @@ class Lvm:
             raise classify_failure(command[len(self.prefix) :], done.returncode, done.stderr)
         return done.stdout
 
+    def _execute(self, args: Sequence[str], timeout: float | None) -> dict[str, object] | None:
+        """Run a report or a change through the shell; None when the shell
+        cannot take it (the caller then runs a process)."""
+        if self.shell is None:
+            return None
+        limit = self._limit(timeout)
+        started = time.monotonic()
+        outcome = self.shell.execute(args, limit)
+        if outcome is None:
+            return None
+        report, returncode, messages = outcome
+        log.debug(
+            "lvm",
+            args=list(args),
+            rc=returncode,
+            seconds=round(time.monotonic() - started, 3),
+            via="shell",
+        )
+        if returncode != 0:
+            raise classify_failure([self.binary, *args], returncode, messages)
+        return report
+
+    def change(self, args: Sequence[str], timeout: float | None = None) -> None:
+        """A command that changes LVM state (its output is not needed)."""
+        if self._execute(args, timeout) is None:
+            self.run(args, timeout)
+
     def _report(self, args: Sequence[str], timeout: float | None) -> dict[str, object]:
-        out = self.run([*args, "--reportformat", "json", "--units", "b", "--nosuffix"], timeout)
+        full = [*args, "--reportformat", "json", "--units", "b", "--nosuffix"]
+        report = self._execute(full, timeout)
+        if report is not None:
+            return report
+        out = self.run(full, timeout)
         try:
             report = json.loads(out)
         except json.JSONDecodeError as exc:
@@ -391,7 +711,7 @@ class Lvm:
         check_name(volume_group, "volume group")
         check_name(pool, "thin pool")
         check_name(name, "logical volume")
-        self.run(
+        self.change(
             [
                 "lvcreate", "--yes", "--name", name,
                 "--virtualsize", f"{size_bytes}b", "--thinpool", pool,
@@ -412,7 +732,7 @@ class Lvm:
         check_name(name, "logical volume")
         # Wipe signatures and zero the start: extents freed by an earlier LV
         # must never show up as a filesystem in a new volume.
-        self.run(
+        self.change(
             [
                 "lvcreate", "--yes", "--name", name, "--size", f"{size_bytes}b",
                 "--wipesignatures", "y", "--zero", "y",
@@ -441,7 +761,7 @@ class Lvm:
             if active
             else ["--setactivationskip", "y", "--activate", "n"]
         )
-        self.run(
+        self.change(
             [
                 "lvcreate", "--yes", "--snapshot", "--name", name, *activation,
                 *_tag_args(tags), f"{volume_group}/{origin}",
@@ -452,12 +772,12 @@ class Lvm:
     def remove(self, volume_group: str, name: str, timeout: float | None = None) -> None:
         check_name(volume_group, "volume group")
         check_name(name, "logical volume")
-        self.run(["lvremove", "--yes", f"{volume_group}/{name}"], timeout)
+        self.change(["lvremove", "--yes", f"{volume_group}/{name}"], timeout)
 
     def activate(self, volume_group: str, name: str, timeout: float | None = None) -> None:
         check_name(volume_group, "volume group")
         check_name(name, "logical volume")
-        self.run(
+        self.change(
             ["lvchange", "--activate", "y", "--ignoreactivationskip", f"{volume_group}/{name}"],
             timeout,
         )
@@ -467,7 +787,7 @@ class Lvm:
     ) -> None:
         check_name(volume_group, "volume group")
         check_name(name, "logical volume")
-        self.run(
+        self.change(
             ["lvextend", "--yes", "--size", f"{size_bytes}b", f"{volume_group}/{name}"], timeout
         )
 
@@ -476,7 +796,7 @@ class Lvm:
     ) -> None:
         check_name(volume_group, "volume group")
         check_name(name, "logical volume")
-        self.run(["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"], timeout)
+        self.change(["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"], timeout)
 
     def version(self, timeout: float | None = None) -> str:
         return self.run(["version"], timeout).strip()

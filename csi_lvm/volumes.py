@@ -5,16 +5,20 @@ a name and class tag that agree with its id. Everything that answers "does
 volume X exist?" goes through here, so "no tag, no touch" holds everywhere.
 This module asks the LVM layer for records; it never runs a command itself.
 One ``Scan`` (a single LVM report) answers every question an RPC has about
-space, names and health, so a call costs one report, not one per question.
+space, names and health, so a call costs one report, not one per question;
+calls that want a scan at the same time share one (``ScanBatcher``).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from csi_lvm.config import Config, DeviceClass
-from csi_lvm.errors import AlreadyExists, FailedPrecondition, NotFound
+from csi_lvm.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
 from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component
 from csi_lvm.lvm import LogicalVolume, Lvm, VolumeGroup
 
@@ -73,6 +77,52 @@ class Scan:
         return next((v for v in self.lvs if v.vg_name == volume_group and v.name == name), None)
 
 
+class ScanBatcher:
+    """Shares LVM reports between calls that want one at the same time.
+
+    A caller always gets a report that *started* after it asked, so it sees
+    every change that finished before its call; callers that arrive while a
+    report runs wait for it to end and then share the next one. Under load
+    this turns one ``lvs`` per call into one per batch of calls.
+    """
+
+    def __init__(self, scan: Callable[[float | None], Scan]) -> None:
+        self._scan = scan
+        self._cond = threading.Condition()
+        self._running = False
+        self._started = 0  # reports started so far; the number of the latest
+        self._finished = 0  # number of the latest report that ended
+        self._result: Scan | None = None  # its result (None when it failed)
+
+    def get(self, timeout: float | None) -> Scan:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            wanted = self._started + 1  # any report numbered >= this started after now
+            while True:
+                if self._finished >= wanted and self._result is not None:
+                    return self._result
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    number = self._started
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("LVM report did not finish in time; retry")
+                self._cond.wait(remaining)
+        result = None
+        try:
+            result = self._scan(timeout)
+            return result
+        finally:
+            # A failed report is not shared: each waiter runs its own next.
+            with self._cond:
+                self._running = False
+                self._finished = number
+                self._result = result
+                self._cond.notify_all()
+
+
 class Inventory:
     def __init__(self, config: Config, lvm: Lvm, node_id: str, driver_name: str):
         self.config = config
@@ -80,6 +130,7 @@ class Inventory:
         self.node_id = node_id
         self.node_part = node_component(node_id)
         self.driver_name = driver_name
+        self._batcher = ScanBatcher(self._fresh_scan)
 
     # ---- ids
 
@@ -133,6 +184,10 @@ class Inventory:
         return Owned(object_id, lv, device_class, tags)
 
     def scan(self, timeout: float | None = None) -> Scan:
+        """The configured VGs and their LVs, from a report begun after this call."""
+        return self._batcher.get(timeout)
+
+    def _fresh_scan(self, timeout: float | None) -> Scan:
         lvs, vgs = self.lvm.scan(self.config.volume_groups, timeout)
         return Scan(tuple(lvs), {vg.name: vg for vg in vgs})
 
@@ -182,12 +237,17 @@ class Inventory:
     def missing_storage(self, timeout: float | None = None) -> list[tuple[DeviceClass, str, int]]:
         """Each class whose volume group or thin pool is absent: the class, what
         is missing, and the config line that names it."""
-        present = {vg.name for vg in self.lvm.list_vgs(self.config.volume_groups, timeout)}
-        pools: set[str] = set()
-        thin_groups = {c.volume_group for c in self.config.device_classes if c.thin_pool}
-        if thin_groups & present:
-            lvs = self.lvm.list_lvs(thin_groups & present, timeout)
-            pools = {lv.full_name for lv in lvs if lv.attr.is_thin_pool}
+        try:
+            scan = self.scan(timeout)  # one report when all is well
+            present = set(scan.vgs)
+            pools = {lv.full_name for lv in scan.lvs if lv.attr.is_thin_pool}
+        except NotFound:  # a VG is missing: ask about each one on its own
+            present = {vg.name for vg in self.lvm.list_vgs(self.config.volume_groups, timeout)}
+            pools = set()
+            thin_groups = {c.volume_group for c in self.config.device_classes if c.thin_pool}
+            if thin_groups & present:
+                lvs = self.lvm.list_lvs(thin_groups & present, timeout)
+                pools = {lv.full_name for lv in lvs if lv.attr.is_thin_pool}
         missing = []
         for device_class in self.config.device_classes:
             if device_class.volume_group not in present:

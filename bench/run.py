@@ -1,0 +1,524 @@
+"""The csi-lvm benchmark (issue 7): the driver against raw LVM, in one run.
+
+Makes a loop-backed volume group with a thin pool, starts ``csi-lvm serve``
+on it and measures every figure against a baseline taken in the same run:
+
+1. CreateVolume latency (p50, p95) against a raw ``lvs`` + ``lvcreate`` (the
+   same fields and tags the driver uses), run by hand: the overhead ratio.
+2. 64 CreateVolume calls at concurrency 1, 4 and 16 against a sequential
+   loop of raw ``lvcreate``: the throughput ratio.
+3. Restore (CreateVolume from a snapshot) of a 4 GiB volume with 1 GiB
+   written against a 64 MiB one: the size ratio.
+4. The first NodeStageVolume of a 4 GiB thin volume (ext4, xfs) against a
+   plain ``mkfs`` with its defaults: the stage ratio.
+5. The driver's RSS idle and after 1,000 mixed RPCs.
+6. Round trips of Probe and NodeGetInfo (p50, p99).
+
+Prints one table and writes the same as JSON (``--json``, default
+build/vm/bench.json; ``make bench`` copies it to bench/results.json).
+Run it with ``make bench`` (inside the VM where this kernel lacks
+device-mapper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from csi_lvm import fs  # noqa: E402
+from csi_lvm.csi import csi_pb2  # noqa: E402
+from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for  # noqa: E402
+from csi_lvm.lvm import LV_FIELDS, VG_COLUMNS  # noqa: E402
+from tests.testbed import (  # noqa: E402
+    DRIVER_NAME,
+    CsiClient,
+    Driver,
+    LoopVolumeGroup,
+    write_config,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+Mode = csi_pb2.VolumeCapability.AccessMode
+ENV = {**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+
+def mount_cap(fs_type: str = "ext4") -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
+        access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
+    )
+
+
+BLOCK = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(),
+    access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
+)
+
+
+def run(*args: str) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, env=ENV, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])} failed ({done.returncode}): {done.stderr}")
+    return done.stdout
+
+
+def timed(call: Callable[[], Any]) -> float:
+    started = time.monotonic()
+    call()
+    return time.monotonic() - started
+
+
+@contextmanager
+def clock(times: list[float]) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    times.append(time.monotonic() - started)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (p50 of an even count is the upper middle)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(fraction * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@dataclass
+class Row:
+    figure: str
+    value: float
+    baseline: float | None
+    ratio: float | None
+    target: str
+    passed: bool | None  # None: informational, no target
+    unit: str
+    samples: str
+
+
+class Bench:
+    def __init__(self, csi: CsiClient, vg: LoopVolumeGroup, driver: Driver, work: Path) -> None:
+        self.csi, self.vg, self.driver, self.work = csi, vg, driver, work
+        self.rows: list[Row] = []
+        self.counter = 0
+
+    # ---- helpers
+
+    def name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"pvc-{prefix}-{self.counter}"
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(f"  {row.figure}: {row.value:.3f} {row.unit}", flush=True)
+
+    def create(self, name: str, size: int, cap: Any = None, source: str = "") -> csi_pb2.Volume:
+        request = csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[cap or mount_cap()],
+            parameters={"deviceClass": "thin"},
+        )
+        if source:
+            request.volume_content_source.snapshot.snapshot_id = source
+        volume: csi_pb2.Volume = self.csi.controller.CreateVolume(request, timeout=300).volume
+        return volume
+
+    def delete(self, volume_id: str) -> None:
+        self.csi.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=300
+        )
+
+    def raw_create(self, csi_name: str, size: int) -> None:
+        """What the driver asks LVM for, typed by hand: same name, size, tags."""
+        tags = encode_tags({Tag.DRIVER: DRIVER_NAME, Tag.NAME: csi_name, Tag.CLASS: "thin"})
+        tag_args = [a for t in tags for a in ("--addtag", t)]
+        run(
+            "lvm", "lvcreate", "--yes", "--name", lv_name_for(Kind.VOLUME, csi_name),
+            "--virtualsize", f"{size}b", "--thinpool", self.vg.pool, *tag_args, self.vg.name,
+        )  # fmt: skip
+
+    def raw_lvs(self) -> None:
+        run(
+            "lvm", "lvs", "-o", f"{LV_FIELDS},{VG_COLUMNS}", "--reportformat", "json",
+            "--units", "b", "--nosuffix", self.vg.name,
+        )  # fmt: skip
+
+    def dm_path(self, lv: str) -> str:
+        return run("lvm", "lvs", "--noheadings", "-o", "lv_dm_path", f"{self.vg.name}/{lv}").strip()
+
+    def remove_all_but_pool(self) -> None:
+        """Untimed cleanup between phases: one lvremove for every LV but the pool."""
+        out = run("lvm", "lvs", "--noheadings", "-o", "lv_name,lv_attr", self.vg.name)
+        names = [f"{self.vg.name}/{n}" for n, attr in (line.split() for line in out.splitlines())
+                 if not attr.startswith("t")]  # fmt: skip
+        if names:
+            run("lvm", "lvremove", "--yes", *names)
+
+    # ---- 5 and 6: memory and round trips first, on a fresh driver
+
+    def memory_and_round_trips(self, rpcs: int, probes: int, infos: int) -> None:
+        pid = self.driver.process.pid if self.driver.process else 0
+        time.sleep(3)
+        idle = rss_mib(pid)
+        probe_times = [timed(lambda: self.csi.identity.Probe(csi_pb2.ProbeRequest()))
+                       for _ in range(probes)]  # fmt: skip
+        info_times = [timed(lambda: self.csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()))
+                      for _ in range(infos)]  # fmt: skip
+        keep = self.create(self.name("keep"), 64 * MiB)
+        calls = self.mixed_calls(rpcs, keep.volume_id)
+        with ThreadPoolExecutor(16) as pool:
+            done = sum(pool.map(lambda call: call(), calls))
+        time.sleep(3)
+        after = rss_mib(pid)
+        self.delete(keep.volume_id)
+        self.add(Row("Idle RSS", idle, None, None, "<= 60", idle <= 60, "MiB", "after start"))
+        growth = 100 * (after - idle) / idle
+        self.add(Row(f"RSS growth after {done} mixed RPCs", growth, idle, after / idle, "< 10",
+                     growth < 10, "%", f"{after:.1f} MiB after, concurrency 16"))  # fmt: skip
+        shells = [rss_mib(child) for child in children(pid)]
+        if shells:
+            self.add(Row("RSS of the driver's lvm shell (not in the above)", sum(shells),
+                         None, None, "-", None, "MiB", f"{len(shells)} process"))  # fmt: skip
+        for label, times in (("Probe", probe_times), ("NodeGetInfo", info_times)):
+            for q in (0.5, 0.99):
+                self.add(Row(f"{label} round trip p{round(q * 100)}",
+                             1000 * percentile(times, q), None, None, "-", None, "ms",
+                             f"{len(times)} calls"))  # fmt: skip
+
+    def mixed_calls(self, count: int, volume_id: str) -> list[Callable[[], int]]:
+        identity, controller, node = self.csi.identity, self.csi.controller, self.csi.node
+        thin = {"deviceClass": "thin"}
+
+        def ok(call: Callable[..., Any], request: Any) -> Callable[[], int]:
+            def go() -> int:
+                call(request, timeout=300)
+                return 1
+
+            return go
+
+        def failing(call: Callable[..., Any], request: Any) -> Callable[[], int]:
+            def go() -> int:
+                try:
+                    call(request, timeout=300)
+                except Exception:  # the error is the point
+                    return 1
+                raise RuntimeError("expected an error")
+
+            return go
+
+        def create_delete() -> int:
+            volume = self.create(f"pvc-mixed-{time.monotonic_ns()}", 64 * MiB)
+            self.delete(volume.volume_id)
+            return 2
+
+        lvm_reads = [
+            ok(controller.GetCapacity, csi_pb2.GetCapacityRequest(parameters=thin)),
+            ok(controller.ListVolumes, csi_pb2.ListVolumesRequest()),
+            ok(controller.ControllerGetVolume,
+               csi_pb2.ControllerGetVolumeRequest(volume_id=volume_id)),
+            ok(identity.Probe, csi_pb2.ProbeRequest()),
+            ok(controller.ListSnapshots, csi_pb2.ListSnapshotsRequest()),
+        ]  # fmt: skip
+        cheap = [
+            ok(identity.GetPluginInfo, csi_pb2.GetPluginInfoRequest()),
+            ok(identity.GetPluginCapabilities, csi_pb2.GetPluginCapabilitiesRequest()),
+            ok(node.NodeGetInfo, csi_pb2.NodeGetInfoRequest()),
+            ok(node.NodeGetCapabilities, csi_pb2.NodeGetCapabilitiesRequest()),
+            ok(controller.ControllerGetCapabilities,
+               csi_pb2.ControllerGetCapabilitiesRequest()),
+            ok(controller.DeleteVolume, csi_pb2.DeleteVolumeRequest(volume_id="not-ours")),
+            failing(controller.CreateVolume, csi_pb2.CreateVolumeRequest(name="")),
+            failing(controller.ValidateVolumeCapabilities,
+                    csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id=volume_id)),
+            failing(node.NodeGetVolumeStats,
+                    csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id)),
+        ]  # fmt: skip
+        calls: list[Callable[[], int]] = []
+        total = 0
+        i = 0
+        while total < count:
+            if i % 250 == 125:
+                calls.append(create_delete)
+                total += 2
+            elif i % 50 == 0:
+                calls.append(lvm_reads[(i // 50) % len(lvm_reads)])
+                total += 1
+            else:
+                calls.append(cheap[i % len(cheap)])
+                total += 1
+            i += 1
+        return calls
+
+    # ---- 1: latency
+
+    def latency(self, samples: int) -> None:
+        driver_times: list[float] = []
+        raw_times: list[float] = []
+        for _ in range(samples):
+            raw_name = self.name("lat-raw")
+            with clock(raw_times):
+                self.raw_lvs()
+                self.raw_create(raw_name, 64 * MiB)
+            name = self.name("lat")
+            with clock(driver_times):
+                self.create(name, 64 * MiB)
+        self.remove_all_but_pool()
+        for q, target in ((0.5, 1.15), (0.95, None)):
+            value, base = percentile(driver_times, q), percentile(raw_times, q)
+            ratio = value / base
+            self.add(Row(f"CreateVolume p{round(q * 100)} vs raw lvs+lvcreate", value, base,
+                         ratio, f"<= {target}" if target else "-",
+                         ratio <= target if target else None, "s",
+                         f"{samples} each, interleaved"))  # fmt: skip
+
+    # ---- 2: throughput
+
+    def throughput(self, calls: int, levels: tuple[int, ...]) -> None:
+        names = [self.name("tp-raw") for _ in range(calls)]
+        spent: list[float] = []
+        with clock(spent):
+            for n in names:
+                self.raw_create(n, 64 * MiB)
+        raw_seconds = spent[0]
+        raw_rate = calls / raw_seconds
+        self.remove_all_but_pool()
+        for level in levels:
+            names = [self.name(f"tp{level}") for _ in range(calls)]
+            with ThreadPoolExecutor(level) as pool, clock(spent):
+                list(pool.map(lambda n: self.create(n, 64 * MiB), names))
+            seconds = spent[-1]
+            self.remove_all_but_pool()
+            rate = calls / seconds
+            target = 1.0 if level == 16 else None
+            self.add(Row(f"Throughput, {calls} CreateVolume at concurrency {level}", rate,
+                         raw_rate, rate / raw_rate, f">= {target}" if target else "-",
+                         rate / raw_rate >= target if target else None, "vol/s",
+                         f"baseline: {calls} sequential raw lvcreate"))  # fmt: skip
+
+    # ---- 3: restore
+
+    def restore(self, samples: int) -> None:
+        times: dict[int, list[float]] = {4 * GiB: [], 64 * MiB: []}
+        snapshots = {}
+        for size, written in ((4 * GiB, 1 * GiB), (64 * MiB, 64 * MiB)):
+            volume = self.create(self.name("src"), size, BLOCK)
+            lv = volume.volume_id.rsplit(":", 1)[-1]
+            run("dd", "if=/dev/zero", f"of={self.dm_path(lv)}", "bs=4M",
+                f"count={written // (4 * MiB)}", "oflag=direct", "status=none")  # fmt: skip
+            snapshot = self.csi.controller.CreateSnapshot(
+                csi_pb2.CreateSnapshotRequest(
+                    name=self.name("snap"), source_volume_id=volume.volume_id
+                ),
+                timeout=300,
+            ).snapshot
+            snapshots[size] = snapshot.snapshot_id
+        for _ in range(samples):
+            for size in times:
+                name = self.name("restore")
+                times[size].append(
+                    timed(lambda: self.create(name, size, BLOCK, snapshots[size]))  # noqa: B023
+                )
+        self.remove_all_but_pool()
+        big, small = statistics.median(times[4 * GiB]), statistics.median(times[64 * MiB])
+        self.add(Row("Restore 4 GiB (1 GiB written) vs 64 MiB", big, small, big / small,
+                     "<= 1.3", big / small <= 1.3, "s",
+                     f"median of {samples} each"))  # fmt: skip
+
+    # ---- 4: first stage
+
+    def stage(self, samples: int) -> None:
+        for fs_type in ("ext4", "xfs"):
+            driver_times, mkfs_times = [], []
+            for _ in range(samples):
+                raw = self.name(f"mkfs-{fs_type}")
+                self.raw_create(raw, 4 * GiB)
+                device = self.dm_path(lv_name_for(Kind.VOLUME, raw))
+                mkfs_times.append(timed(lambda: run(f"mkfs.{fs_type}", "-q", device)))  # noqa: B023
+                volume = self.create(self.name(f"stage-{fs_type}"), 4 * GiB, mount_cap(fs_type))
+                staging = self.work / f"stage-{self.counter}"
+                staging.mkdir()
+                request = csi_pb2.NodeStageVolumeRequest(
+                    volume_id=volume.volume_id,
+                    staging_target_path=str(staging),
+                    volume_capability=mount_cap(fs_type),
+                )
+                driver_times.append(
+                    timed(lambda: self.csi.node.NodeStageVolume(request, timeout=300))  # noqa: B023
+                )
+                self.csi.node.NodeUnstageVolume(
+                    csi_pb2.NodeUnstageVolumeRequest(
+                        volume_id=volume.volume_id, staging_target_path=str(staging)
+                    ),
+                    timeout=300,
+                )
+            parts = self.stage_parts(fs_type)
+            self.remove_all_but_pool()
+            value, base = statistics.median(driver_times), statistics.median(mkfs_times)
+            self.add(Row(f"First NodeStageVolume 4 GiB {fs_type} vs mkfs.{fs_type} defaults",
+                         value, base, value / base, "<= 1.0", value / base <= 1.0, "s",
+                         f"median of {samples} each"))  # fmt: skip
+            for step, seconds in parts.items():
+                self.add(Row(f"  where it goes: {step} ({fs_type})", seconds, None, None, "-",
+                             None, "s", "1 sample, raw LV"))  # fmt: skip
+
+    def stage_parts(self, fs_type: str) -> dict[str, float]:
+        """The steps of a first stage, each timed on its own on a raw LV."""
+        raw = self.name(f"parts-{fs_type}")
+        self.raw_create(raw, 4 * GiB)
+        lv = lv_name_for(Kind.VOLUME, raw)
+        device = self.dm_path(lv)
+        target = self.work / f"parts-{self.counter}"
+        target.mkdir()
+        parts = {
+            "lvs of the LV (a process)": timed(lambda: self.dm_path(lv)),
+            "blkid --probe": timed(lambda: fs.detect_content(device)),
+            "mkfs with the driver's options": timed(lambda: fs.make_filesystem(device, fs_type)),
+            "mount": timed(lambda: fs.mount(device, str(target), fs_type, [], 60)),
+        }
+        fs.unmount(str(target), 60)
+        return parts
+
+
+def table(rows: list[Row]) -> str:
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+    header = ("figure", "value", "baseline", "ratio", "target", "result")
+    lines = [
+        (
+            r.figure,
+            f"{num(r.value)} {r.unit}",
+            "-"
+            if r.baseline is None
+            else f"{num(r.baseline)} {r.unit if r.unit != '%' else 'MiB'}",
+            num(r.ratio),
+            r.target,
+            "info" if r.passed is None else "PASS" if r.passed else "FAIL",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x[i])) for x in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(out + [fmt(line) for line in lines])
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    kind = models[0] if models else "unknown CPU"
+    if not Path("/dev/kvm").exists() or "QEMU" in kind:
+        kind += " (QEMU TCG: software emulation)"
+    os_name = "unknown"
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("PRETTY_NAME="):
+            os_name = line.split("=", 1)[1].strip('"')
+    return f"{cpus} vCPU, {kind}, {os_name}, kernel {platform.release()}"
+
+
+@contextmanager
+def phase(title: str) -> Iterator[None]:
+    print(f"== {title}", flush=True)
+    started = time.monotonic()
+    yield
+    print(f"   ({time.monotonic() - started:.0f}s)", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=str(ROOT / "build" / "vm" / "bench.json"))
+    parser.add_argument("--latency-samples", type=int, default=12)
+    parser.add_argument("--calls", type=int, default=32)
+    parser.add_argument("--restore-samples", type=int, default=5)
+    parser.add_argument("--stage-samples", type=int, default=2)
+    parser.add_argument("--rpcs", type=int, default=1000)
+    parser.add_argument("--only", default="memory,latency,throughput,restore,stage")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="csi-lvm-bench-", dir="/tmp"))
+    with phase("volume group (12 GiB loop file, 4 GiB thin pool)"):
+        vg = LoopVolumeGroup(work, "bench", "12G", pool_size="4G").create()
+    driver = Driver(work, write_config(work / "config.yaml", vg.name, vg.pool, ratio=20))
+    rows: list[Row] = []
+    try:
+        with phase("csi-lvm serve"):
+            csi = driver.start(timeout=120)
+        bench = Bench(csi, vg, driver, work)
+        if "memory" in only:
+            with phase(f"memory ({args.rpcs} mixed RPCs) and round trips"):
+                bench.memory_and_round_trips(args.rpcs, probes=30, infos=200)
+        if "latency" in only:
+            with phase("CreateVolume latency"):
+                bench.latency(args.latency_samples)
+        if "throughput" in only:
+            with phase("throughput"):
+                bench.throughput(args.calls, (1, 4, 16))
+        if "restore" in only:
+            with phase("restore"):
+                bench.restore(args.restore_samples)
+        if "stage" in only:
+            with phase("first stage"):
+                bench.stage(args.stage_samples)
+        rows = bench.rows
+    finally:
+        driver.stop()
+        vg.destroy()
+        shutil.copy(driver.log_path, Path(args.json).with_suffix(".driver.log"))
+    lvm_version = run("lvm", "version").splitlines()[0].split(":", 1)[1].strip()
+    text = table(rows)
+    print()
+    print(text)
+    result = {
+        "machine": machine(),
+        "lvm": lvm_version,
+        "python": platform.python_version(),
+        "seconds": round(time.monotonic() - started),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": [asdict(r) for r in rows],
+        "table": text,
+    }
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{result['machine']}; LVM {lvm_version}; {result['seconds']}s in all")
+    failed = [r.figure for r in rows if r.passed is False]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The long-lived lvm shell: protocol, errors, timeouts, crashes and fallback,
+against a fake ``lvm`` that speaks the shell's report-fd protocol."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from csi_lvm.errors import DeadlineExceeded
+from csi_lvm.lvm import Lvm, LvmAlreadyExists, LvmError, shell_line
+
+FAKE = """#!{python}
+import json, os, shlex, sys, time
+
+LV = {{"lv_name": "csi-a", "vg_name": "vg0", "lv_size": "1048576", "lv_attr": "Vwi-a-tz--",
+       "pool_lv": "pool0", "lv_tags": "x", "lv_time": "1700000000"}}
+mode = os.environ.get("FAKE_MODE", "")
+
+
+def entry(kind, context, message, code):
+    return {{"log_type": kind, "log_context": context, "log_object_type": "cmd",
+             "log_message": message, "log_ret_code": str(code)}}
+
+
+def answer(words):
+    verb, name = words[0], words[words.index("--name") + 1] if "--name" in words else ""
+    target = words[-1]
+    if target.endswith("hang"):
+        time.sleep(60)
+    if target.endswith("crash"):
+        os._exit(1)
+    if name == "exists":
+        return {{}}, 5, ['Logical volume "exists" already exists in volume group "vg0"']
+    report = {{"report": [{{"lv": [LV]}}]}} if verb == "lvs" else {{"report": [{{"vg": []}}]}}
+    return report, 1, []
+
+
+if len(sys.argv) > 1:  # one process per command
+    report, code, errors = answer(sys.argv[1:])
+    print(json.dumps(report))
+    print("\\n".join(errors), file=sys.stderr)
+    sys.exit(0 if code == 1 else 5)
+
+with open(os.environ["LVM_PID_FILE"], "a") as pids:
+    pids.write(f"{{os.getpid()}}\\n")
+out = os.fdopen(int(os.environ["LVM_REPORT_FD"]), "w")
+last = []
+for line in sys.stdin:
+    words = shlex.split(line)
+    if words == ["lastlog"]:
+        document = {{"log": [entry("error", "processing", m, 0) for m in last]}}
+    else:
+        report, code, last = answer(words)
+        document = dict(report)
+        if mode != "no-log":
+            status = "success" if code == 1 else "failure"
+            document["log"] = [entry("status", "shell", status, code)]
+    out.write("  " + json.dumps(document, indent=4) + "\\n")
+    out.flush()
+"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "lvm"
+    path.write_text(FAKE.format(python=sys.executable))
+    path.chmod(0o755)
+    monkeypatch.setenv("LVM_PID_FILE", str(tmp_path / "pids"))
+    return path
+
+
+def shells(fake: Path) -> list[int]:
+    pids = fake.parent / "pids"
+    return [int(p) for p in pids.read_text().split()] if pids.exists() else []
+
+
+def test_reports_and_changes_go_through_one_shell(fake: Path) -> None:
+    lvm = Lvm(binary=str(fake), shell=True)
+    try:
+        lv = lvm.find_lv("vg0", "csi-a")
+        assert lv is not None and lv.size_bytes == 1 << 20
+        assert lv.created_at is not None  # seconds since the epoch, as the profile asks
+        lvm.create_thin_volume("vg0", "pool0", "csi-b", 1 << 20, ["#odd:tag/=!&"])
+        assert lvm.list_lvs(["vg0"])[0].name == "csi-a"
+        assert len(shells(fake)) == 1
+    finally:
+        lvm.close()
+
+
+def test_a_failure_is_classified_from_the_command_log(fake: Path) -> None:
+    lvm = Lvm(binary=str(fake), shell=True)
+    try:
+        with pytest.raises(LvmAlreadyExists, match="already exists"):
+            lvm.create_thin_volume("vg0", "pool0", "exists", 1 << 20, [])
+        assert lvm.list_lvs(["vg0"])  # the shell carries on
+        assert len(shells(fake)) == 1
+    finally:
+        lvm.close()
+
+
+def test_a_command_past_its_timeout_stops_the_shell_and_the_next_gets_a_new_one(
+    fake: Path,
+) -> None:
+    lvm = Lvm(binary=str(fake), shell=True)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            lvm.remove("vg0", "hang", timeout=1.0)
+        assert lvm.list_lvs(["vg0"])
+        assert len(shells(fake)) == 2
+    finally:
+        lvm.close()
+
+
+def test_a_dead_shell_is_replaced_and_a_report_asked_again(fake: Path) -> None:
+    lvm = Lvm(binary=str(fake), shell=True)
+    try:
+        lvm.list_vgs()
+        os.kill(shells(fake)[0], signal.SIGKILL)
+        assert lvm.list_lvs(["vg0"])  # the dead shell is noticed and replaced
+        assert len(shells(fake)) == 2
+    finally:
+        lvm.close()
+
+
+def test_a_change_whose_shell_died_under_it_is_an_error_not_repeated(fake: Path) -> None:
+    lvm = Lvm(binary=str(fake), shell=True)
+    try:
+        with pytest.raises(LvmError, match="died"):
+            lvm.remove("vg0", "crash")
+        assert lvm.list_lvs(["vg0"])
+    finally:
+        lvm.close()
+
+
+def test_a_shell_without_command_log_falls_back_to_processes(
+    fake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "no-log")
+    lvm = Lvm(binary=str(fake), shell=True)
+    try:
+        assert lvm.list_lvs(["vg0"])[0].name == "csi-a"
+        assert lvm.shell is not None and lvm.shell.disabled
+        with pytest.raises(LvmAlreadyExists):
+            lvm.create_thin_volume("vg0", "pool0", "exists", 1 << 20, [])
+    finally:
+        lvm.close()
+
+
+def test_shell_lines_quote_every_word() -> None:
+    assert shell_line(["lvs", "#tag", "a b"]) == '"lvs" "#tag" "a b"\n'
+    assert shell_line(["lvs", 'say "x"']) == '"lvs" \'say "x"\'\n'
+    assert shell_line(["lvs", "both\"'"]) is None
+    assert shell_line(["lvs", "line\nbreak"]) is None
+    assert shell_line(["lvs", ""]) is None
+    assert shell_line(["lvs"] * 61) is None
