@@ -139,7 +139,9 @@ def test_an_interrupted_copy_is_redone_on_retry(
     lvm.create_linear_volume(
         vg.name, snap_lv, SIZE, [*encode_tags({**base, Tag.NAME: snap_name}), COPYING_TAG]
     )
-    with open(f"/dev/{vg.name}/{snap_lv}", "r+b") as device:  # a half-done copy
+    made = lvm.find_lv(vg.name, snap_lv)
+    assert made is not None
+    with open(made.device, "r+b") as device:  # a half-done copy
         device.write(b"garbage" * 1000)
         device.seek(40 * MiB)
         device.write(b"garbage" * 1000)
