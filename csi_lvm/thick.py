@@ -95,6 +95,7 @@ class ThickCopier:
             target=str(target.id),
             source=str(source.id),
             data_bytes=stats.copied_bytes,
+            punched_bytes=stats.punched_bytes,
             zeroed_bytes=stats.zeroed_bytes,
             skipped_bytes=stats.skipped_bytes,
             seconds=round(stats.seconds, 2),
