@@ -151,6 +151,14 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str) -> list[Check]:
             thin, "kernel module dm_thin_pool", "run `modprobe dm_thin_pool` (thin classes need it)"
         )
     )
+    cow = Path("/sys/module/dm_snapshot").exists()
+    checks.append(
+        Check(
+            cow,
+            "kernel module dm_snapshot",
+            "run `modprobe dm_snapshot` (thick snapshots and clones copy through a COW snapshot)",
+        )
+    )
     try:
         version = lvm.version().splitlines()[0]
         checks.append(Check(True, f"LVM tools ({version.strip()})"))

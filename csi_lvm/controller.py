@@ -23,6 +23,7 @@ from csi_lvm.errors import (
     ResourceExhausted,
 )
 from csi_lvm.ids import (
+    COPYING_TAG,
     INCOMPLETE_TAG,
     NEW_UUID_TAG,
     Kind,
@@ -33,8 +34,9 @@ from csi_lvm.ids import (
     lv_name_for,
 )
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm import LvmAlreadyExists, LvmNoSpace
+from csi_lvm.lvm import LvmAlreadyExists, LvmInUse, LvmNoSpace
 from csi_lvm.rpc import budget, node_topology
+from csi_lvm.thick import ThickCopier
 from csi_lvm.validation import (
     PV_NAME,
     PVC_NAME,
@@ -64,6 +66,7 @@ CAPABILITIES = (
     Cap.SINGLE_NODE_MULTI_WRITER,
     Cap.CREATE_DELETE_SNAPSHOT,
     Cap.LIST_SNAPSHOTS,
+    Cap.GET_SNAPSHOT,
     Cap.CLONE_VOLUME,
 )
 
@@ -74,6 +77,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self.lvm = inventory.lvm
         self.locks = locks
         self.topology_key = topology_key
+        self.copier = ThickCopier(inventory)
 
     @property
     def node_id(self) -> str:
@@ -131,26 +135,50 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         self._check_room(device_class, size, space)
         tags = self._volume_tags(request, device_class, source_id="")
-        try:
-            if device_class.thin_pool is not None:
+        if device_class.thin_pool is not None:
+            try:
                 self.lvm.create_thin_volume(
                     device_class.volume_group, device_class.thin_pool, lv_name, size, tags, timeout
                 )
-            else:
-                # lvcreate commits the LV before it zeroes the start: a kill in
-                # between would leave an earlier tenant's data in a "new" volume.
-                self.lvm.create_linear_volume(
-                    device_class.volume_group, lv_name, size, [*tags, INCOMPLETE_TAG], timeout
-                )
-                self.lvm.delete_tag(device_class.volume_group, lv_name, INCOMPLETE_TAG, timeout)
+            except LvmNoSpace as exc:
+                raise ResourceExhausted(
+                    f"device class {device_class.name} on node {self.node_id} has no room for "
+                    f"{size} bytes: {exc}"
+                ) from exc
+            except LvmAlreadyExists as exc:
+                raise Aborted(f"volume {request.name} appeared while being created; retry") from exc
+        else:
+            # lvcreate commits the LV before it zeroes the start: a kill in
+            # between would leave an earlier tenant's data in a "new" volume.
+            self._create_linear(
+                device_class,
+                lv_name,
+                size,
+                [*tags, INCOMPLETE_TAG],
+                f"volume {request.name}",
+                timeout,
+            )
+            self.lvm.delete_tag(device_class.volume_group, lv_name, INCOMPLETE_TAG, timeout)
+        return self._reload(device_class, lv_name, timeout)
+
+    def _create_linear(
+        self,
+        device_class: DeviceClass,
+        lv_name: str,
+        size: int,
+        tags: list[str],
+        name: str,
+        timeout: float | None,
+    ) -> None:
+        try:
+            self.lvm.create_linear_volume(device_class.volume_group, lv_name, size, tags, timeout)
         except LvmNoSpace as exc:
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} has no room for "
                 f"{size} bytes: {exc}"
             ) from exc
         except LvmAlreadyExists as exc:
-            raise Aborted(f"volume {request.name} appeared while being created; retry") from exc
-        return self._reload(device_class, lv_name, timeout)
+            raise Aborted(f"{name} appeared while being created; retry") from exc
 
     def _create_from_source(
         self,
@@ -168,10 +196,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"a volume made from it must use that class, not {device_class.name}"
             )
         size = choose_size(wanted, space.extent_bytes, minimum=source.size_bytes)
+        tags = [*self._volume_tags(request, device_class, source_id=str(source.id)), NEW_UUID_TAG]
+        if device_class.thin_pool is None:
+            # A thick restore or clone is a copy into a new LV of its own.
+            needed = self.copier.room_needed(source, size, space.extent_bytes)
+            self._check_room(device_class, needed, space, copy=True)
+            self._create_linear(
+                device_class, lv_name, size, [*tags, COPYING_TAG], f"volume {request.name}", timeout
+            )
+            self.copier.fill(
+                self._reload(device_class, lv_name, timeout), source, space.extent_bytes
+            )
+            return self._reload(device_class, lv_name, None)
         # A thin snapshot copies nothing, but its virtual size still counts
         # against the class's over-provisioning limit, like any thin volume.
         self._check_room(device_class, size, space)
-        tags = [*self._volume_tags(request, device_class, source_id=str(source.id)), NEW_UUID_TAG]
         try:
             self.lvm.create_thin_snapshot(
                 device_class.volume_group,
@@ -239,8 +278,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"volume {request.name} already exists with a different content source "
                 f"({existing.source_id or 'none'})"
             )
-        if source is not None and existing.size_bytes < wanted.required:
-            # A restore interrupted between snapshot and extend: finish it.
+        if source is not None and not existing.complete:
+            # A thick restore or clone whose copy was interrupted: redo it.
+            extent = self.inventory.space(device_class, scan).extent_bytes
+            self.copier.fill(existing, source, extent)
+            existing = self._reload(device_class, existing.lv.name, None)
+        if (
+            source is not None
+            and device_class.thin_pool is not None
+            and existing.size_bytes < wanted.required
+        ):
+            # A thin restore interrupted between snapshot and extend: finish it.
             extent = self.inventory.space(device_class, scan).extent_bytes
             size = choose_size(wanted, extent, minimum=source.size_bytes)
             self.lvm.extend(existing.lv.vg_name, existing.lv.name, size, timeout)
@@ -272,11 +320,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"only live on that node, not on {self.node_id}"
             )
         found = self.inventory.require(text, kind, what, scan)
-        if found.device_class.thin_pool is None:
-            raise FailedPrecondition(
-                f"{what} {text} is in thick device class {found.device_class.name}; "
-                "restore and clone need a thin device class"
-            )
+        found.check_complete(what)
         return found
 
     def _check_topology(self, request: Any, source: Owned | None) -> None:
@@ -295,7 +339,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             f"the request only accepts: {asked}{holder}"
         )
 
-    def _check_room(self, device_class: DeviceClass, size: int, space: ClassSpace) -> None:
+    def _check_room(
+        self, device_class: DeviceClass, size: int, space: ClassSpace, copy: bool = False
+    ) -> None:
         if space.full is not None:
             log.warning("device class full", device_class=device_class.name, reason=space.full)
             raise ResourceExhausted(
@@ -303,9 +349,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"volumes: {space.full}"
             )
         if size > space.available_bytes:
+            during = " (the copy, and a temporary snapshot of a volume source)" if copy else ""
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} has "
-                f"{space.available_bytes} bytes available, {size} requested"
+                f"{space.available_bytes} bytes available, {size} requested{during}"
             )
 
     def _volume_tags(self, request: Any, device_class: DeviceClass, source_id: str) -> list[str]:
@@ -365,9 +412,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"volume {request.volume_id} is still in use on node {self.node_id} "
                     "(its device is open); unpublish and unstage it first"
                 )
-            self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+            self._remove(owned, "volume", timeout)
         log.info("volume deleted", volume_id=request.volume_id, lv=owned.lv.full_name)
         return csi_pb2.DeleteVolumeResponse()
+
+    def _remove(self, owned: Owned, what: str, timeout: float | None) -> None:
+        """Remove an owned LV, and the temporary snapshot an interrupted copy
+        into it left behind."""
+        try:
+            if not owned.complete:
+                self.copier.remove_view(owned)
+            self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+        except LvmInUse as exc:
+            raise FailedPrecondition(
+                f"{what} {owned.id} is in use on node {self.node_id}: it is open, or a copy "
+                f"(a thick snapshot, restore or clone) is reading it; retry when that has "
+                f"finished ({exc})"
+            ) from exc
 
     def _require_volume(self, volume_id: str, scan: Scan) -> Owned:
         if not volume_id:
@@ -476,14 +537,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                         f"snapshot {request.name} already exists for source volume "
                         f"{existing.source_id}, not {request.source_volume_id}"
                     )
+                if not existing.complete:
+                    # A thick snapshot whose copy was interrupted: redo it.
+                    source = self._require_volume(request.source_volume_id, scan)
+                    source.check_complete("source volume")
+                    extent = self.inventory.space(existing.device_class, scan).extent_bytes
+                    self.copier.fill(existing, source, extent)
+                    existing = self._reload(existing.device_class, existing.lv.name, None)
                 return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(existing))
             source = self._require_volume(request.source_volume_id, scan)
+            source.check_complete("source volume")
             device_class = source.device_class
-            if device_class.thin_pool is None:
-                raise FailedPrecondition(
-                    f"volume {request.source_volume_id} is in thick device class "
-                    f"{device_class.name}; snapshots need a thin device class (thinPool set)"
-                )
             full = self.inventory.space(device_class, scan).full
             if full is not None:
                 # A snapshot pins the origin's blocks, so every later write to
@@ -501,22 +565,47 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     Tag.SNAPSHOT_CONTENT_NAME: parameters.get(SNAPSHOT_CONTENT_NAME, ""),
                 }
             )
-            try:
-                self.lvm.create_thin_snapshot(
-                    device_class.volume_group, source.lv.name, lv_name, tags,
-                    active=False, timeout=timeout,
-                )  # fmt: skip
-            except LvmNoSpace as exc:
-                raise ResourceExhausted(
-                    f"thin pool of device class {device_class.name} refused a snapshot: {exc}"
-                ) from exc
-            snapshot = self.inventory.get(
-                self.inventory.make_id(device_class, lv_name), device_class, timeout
-            )
-            if snapshot is None:
-                raise Aborted(f"snapshot {request.name} vanished while being made; retry")
+            if device_class.thin_pool is None:
+                snapshot = self._copy_snapshot(request.name, lv_name, source, tags, scan, timeout)
+            else:
+                try:
+                    self.lvm.create_thin_snapshot(
+                        device_class.volume_group, source.lv.name, lv_name, tags,
+                        active=False, timeout=timeout,
+                    )  # fmt: skip
+                except LvmNoSpace as exc:
+                    raise ResourceExhausted(
+                        f"thin pool of device class {device_class.name} refused a snapshot: {exc}"
+                    ) from exc
+                snapshot = self._reload(device_class, lv_name, timeout)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(snapshot))
+
+    def _copy_snapshot(
+        self,
+        name: str,
+        lv_name: str,
+        source: Owned,
+        tags: list[str],
+        scan: Scan,
+        timeout: float | None,
+    ) -> Owned:
+        """A thick snapshot: a new LV of the source's size holding a copy of a
+        point-in-time view of it."""
+        device_class = source.device_class
+        space = self.inventory.space(device_class, scan)
+        needed = self.copier.room_needed(source, source.size_bytes, space.extent_bytes)
+        self._check_room(device_class, needed, space, copy=True)
+        self._create_linear(
+            device_class,
+            lv_name,
+            source.size_bytes,
+            [*tags, COPYING_TAG],
+            f"snapshot {name}",
+            timeout,
+        )
+        self.copier.fill(self._reload(device_class, lv_name, timeout), source, space.extent_bytes)
+        return self._reload(device_class, lv_name, None)
 
     def _snapshot(self, owned: Owned) -> csi_pb2.Snapshot:
         created = Timestamp()
@@ -528,7 +617,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             source_volume_id=owned.source_id,
             size_bytes=owned.size_bytes,
             creation_time=created,
-            ready_to_use=True,
+            ready_to_use=owned.complete,
         )
 
     def DeleteSnapshot(self, request: Any, context: Any) -> csi_pb2.DeleteSnapshotResponse:
@@ -542,9 +631,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         with self.locks.hold(object_id.lv_name):
             owned = self.inventory.get(object_id, device_class, timeout)
             if owned is not None:
-                self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+                if owned.lv.attr.device_open:
+                    raise FailedPrecondition(
+                        f"snapshot {request.snapshot_id} is being read (a restore from it is "
+                        "copying); retry when the restore has finished"
+                    )
+                self._remove(owned, "snapshot", timeout)
                 log.info("snapshot deleted", snapshot_id=request.snapshot_id)
         return csi_pb2.DeleteSnapshotResponse()
+
+    def GetSnapshot(self, request: Any, context: Any) -> csi_pb2.GetSnapshotResponse:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        scan = self.inventory.scan(budget(context))
+        found = self.inventory.require(request.snapshot_id, Kind.SNAPSHOT, "snapshot", scan)
+        return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot(found))
 
     def ListSnapshots(self, request: Any, context: Any) -> csi_pb2.ListSnapshotsResponse:
         snapshots = self.inventory.owned(Kind.SNAPSHOT, self.inventory.scan(budget(context)))

@@ -48,6 +48,12 @@ def lv_name_for(kind: Kind, csi_name: str) -> str:
     return f"{kind.lv_prefix}_{digest}"
 
 
+def view_name_for(lv_name: str) -> str:
+    """The temporary COW snapshot that a copy into ``lv_name`` reads from. The
+    '.' keeps it from ever being a volume or snapshot name (or id)."""
+    return f"{lv_name}.view"
+
+
 def kind_of_lv(lv_name: str) -> Kind | None:
     if not _LV_RE.fullmatch(lv_name):
         return None
@@ -117,6 +123,10 @@ NEW_UUID_TAG = "csi-lvm/new-fs-uuid"
 # that still has it was interrupted (a crash, a kill) before its id was ever
 # returned, so it is removed and made again: its content cannot be trusted.
 INCOMPLETE_TAG = "csi-lvm/incomplete"
+# A thick snapshot, restore or clone is a copy: its LV carries this tag from
+# the lvcreate that makes it until the copy is complete and flushed. An LV
+# with it holds no usable data; the retry of the call that made it redoes it.
+COPYING_TAG = "csi-lvm/copying"
 _TAG_SAFE = frozenset(string.ascii_letters + string.digits + "_.-")
 
 
@@ -156,6 +166,7 @@ class Tag(enum.Enum):
     SNAPSHOT_NAME = "snapshot-name"
     SNAPSHOT_NAMESPACE = "snapshot-namespace"
     SNAPSHOT_CONTENT_NAME = "snapshot-content-name"
+    VIEW_FOR = "view-for"  # on a temporary COW snapshot: the LV it is copied into
 
 
 def encode_tags(values: dict[Tag, str]) -> list[str]:

@@ -62,6 +62,10 @@ class LvmNoSpace(ResourceExhausted):
     pass
 
 
+class LvmInUse(FailedPrecondition):
+    """The LV is open (mounted, or read by a copy), so LVM will not remove it."""
+
+
 # --------------------------------------------------------------------- records
 
 
@@ -81,6 +85,16 @@ class LvAttr:
     @property
     def is_thin_volume(self) -> bool:
         return self._char(0) == "V"
+
+    @property
+    def is_cow_snapshot(self) -> bool:
+        """A classic (copy-on-write) snapshot, valid or not."""
+        return self._char(0) in "sS"
+
+    @property
+    def snapshot_invalid(self) -> bool:
+        """A classic snapshot whose COW space overflowed: its view is lost."""
+        return self._char(0) == "S" or self._char(4) in "IS"
 
     @property
     def active(self) -> bool:
@@ -256,6 +270,7 @@ _CLASSIFIERS: tuple[tuple[re.Pattern[str], type[DriverError]], ...] = (
         ),
         LvmNotFound,
     ),
+    (re.compile(r"\bin use\b|open logical volume", re.I), LvmInUse),
 )
 
 
@@ -764,6 +779,31 @@ class Lvm:
         self.change(
             [
                 "lvcreate", "--yes", "--snapshot", "--name", name, *activation,
+                *_tag_args(tags), f"{volume_group}/{origin}",
+            ],
+            timeout,
+        )  # fmt: skip
+
+    def create_cow_snapshot(
+        self,
+        volume_group: str,
+        origin: str,
+        name: str,
+        size_bytes: int,
+        chunk_bytes: int,
+        tags: Sequence[str],
+        timeout: float | None = None,
+    ) -> None:
+        """A classic copy-on-write snapshot of ``origin`` with ``size_bytes``
+        of COW space: a frozen, active view of it while the origin stays in use."""
+        check_name(volume_group, "volume group")
+        check_name(origin, "logical volume")
+        check_name(name, "logical volume")
+        self.run(
+            [
+                "lvcreate", "--yes", "--snapshot", "--name", name,
+                "--size", f"{size_bytes}b", "--chunksize", f"{chunk_bytes // 1024}k",
+                "--setactivationskip", "n", "--activate", "y",
                 *_tag_args(tags), f"{volume_group}/{origin}",
             ],
             timeout,

@@ -97,6 +97,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         check_capability(request.volume_capability, request.HasField("volume_capability"))
         timeout = budget(context) or DEFAULT_TIMEOUT
         owned = self._volume(request.volume_id, timeout)
+        owned.check_complete("volume")
         with self.locks.hold(owned.lv.name):
             device = self._device(owned, timeout)
             if request.volume_capability.WhichOneof("access_type") == "block":
@@ -177,6 +178,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         read_only = (
             request.readonly or request.volume_capability.access_mode.mode in READ_ONLY_MODES
         )
+        owned.check_complete("volume")
         with self.locks.hold(owned.lv.name):
             device = self._device(owned, timeout)
             ours = fs.device_number(device)

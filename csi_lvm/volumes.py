@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from csi_lvm.config import Config, DeviceClass
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
-from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component
+from csi_lvm.ids import COPYING_TAG, Kind, ObjectId, Tag, decode_tags, node_component
 from csi_lvm.lvm import LogicalVolume, Lvm, VolumeGroup
 
 
@@ -47,6 +47,20 @@ class Owned:
     @property
     def source_id(self) -> str:
         return self.tags.get(Tag.SOURCE, "")
+
+    @property
+    def complete(self) -> bool:
+        """False while (or after an interrupted) copy into a thick LV."""
+        return COPYING_TAG not in self.lv.tags
+
+    def check_complete(self, what: str) -> None:
+        """Refuse to use the data of an LV whose copy is not done."""
+        if not self.complete:
+            raise FailedPrecondition(
+                f"{what} {self.id} is not ready: the copy of {self.source_id or 'its source'} "
+                f"into it is incomplete; retry the call that created it to finish the copy, "
+                "or delete it"
+            )
 
 
 @dataclass(frozen=True)
@@ -321,6 +335,11 @@ class Inventory:
 
     def condition(self, owned: Owned, scan: Scan) -> Condition:
         problem = owned.lv.attr.problem
+        if problem is None and not owned.complete:
+            problem = (
+                f"the copy from {owned.source_id or 'its source'} is incomplete (interrupted); "
+                "retrying the call that created it redoes the copy"
+            )
         if problem is None and owned.device_class.thin_pool is not None:
             pool = scan.lv(owned.lv.vg_name, owned.device_class.thin_pool)
             if pool is None:

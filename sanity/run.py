@@ -51,7 +51,9 @@ def host_main() -> int:
 
 def inside_main(binary: str, focus: str | None) -> int:
     work = Path(tempfile.mkdtemp(prefix="csi-sanity-", dir="/tmp"))
-    vg = LoopVolumeGroup(work, name="sanityvg", size="96G", pool_size="12G").create()
+    # Thick snapshots are copies: csi-sanity's snapshot-listing spec holds five
+    # 10 GiB volumes and five 10 GiB snapshots at once, plus a temporary view.
+    vg = LoopVolumeGroup(work, name="sanityvg", size="160G", pool_size="12G").create()
     driver = Driver(work, write_config(work / "config.yaml", vg.name, vg.pool, ratio=20))
     failed = False
     try:

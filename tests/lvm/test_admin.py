@@ -110,5 +110,6 @@ def test_doctor_passes_on_a_node_that_has_everything(driver: Driver) -> None:
     checks = run_doctor(load_config(driver.config), Lvm(), str(driver.workdir))
     failed = [f"{c.what}: {c.fix}" for c in checks if not c.ok]
     assert not failed
-    assert {"kernel device-mapper", "kernel module dm_thin_pool"} <= {c.what for c in checks}
+    wanted = {"kernel device-mapper", "kernel module dm_thin_pool", "kernel module dm_snapshot"}
+    assert wanted <= {c.what for c in checks}
     assert sum(c.what.startswith("device class") for c in checks) == 3

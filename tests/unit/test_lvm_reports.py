@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from csi_lvm.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from csi_lvm.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from csi_lvm.lvm import LvAttr, Lvm, LvmError, classify_failure, parse_lv_report, parse_vg_report
 
 LVS = json.loads("""
@@ -76,6 +82,13 @@ def test_lv_attr_health(attr: str, problem: str | None) -> None:
     assert found == problem if problem is None else (found is not None and problem in found)
 
 
+def test_cow_snapshot_states() -> None:
+    assert LvAttr("swi-a-s---").is_cow_snapshot and not LvAttr("swi-a-s---").snapshot_invalid
+    assert LvAttr("swi-I-s---").snapshot_invalid
+    assert LvAttr("Swi-a-s---").snapshot_invalid
+    assert not LvAttr("-wi-a-----").is_cow_snapshot
+
+
 def test_skip_activation_flag() -> None:
     assert LvAttr("Vwi---tz-k").skip_activation and not LvAttr("Vwi---tz-k").active
 
@@ -94,6 +107,8 @@ def test_skip_activation_flag() -> None:
         ),
         ('  Failed to find logical volume "vg0/csi-x"', NotFound),
         ('  Volume group "vg9" not found', NotFound),
+        ("  Logical volume vg0/csi-x in use.", FailedPrecondition),
+        ('  Can\'t remove open logical volume "snap-x"', FailedPrecondition),
         ("  Something unexpected", LvmError),
     ],
 )

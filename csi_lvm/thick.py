@@ -1,0 +1,164 @@
+"""Copies into thick LVs: the snapshots, restores and clones of thick classes.
+
+A thick class has no thin pool to share blocks, so each of these is a copy:
+
+1. the servicer creates the target LV, tagged like any snapshot or volume plus
+   ``COPYING_TAG`` (one ``lvcreate``: no LV ever exists without its tags);
+2. ``ThickCopier.fill`` takes a point-in-time view of the source (a temporary
+   classic COW snapshot, ``<target>.view``, when the source is a volume that
+   may be written meanwhile; a snapshot is never written and is read as is),
+   copies it block by block into the target (``blockcopy``), checks that the
+   view did not overflow, removes it, and only then deletes ``COPYING_TAG``.
+
+A crash anywhere leaves the tag on the target, so the target is never taken
+for a finished copy; the retry of the same call finds it, removes a stale view
+(one that carries this driver's tags for that target, nothing else) and
+redoes the copy. The copy's result outlives the caller's deadline: LVM
+commands after the copy started use the driver's own timeout, so a sidecar's
+retry finds the work done instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import structlog
+
+from csi_lvm import blockcopy
+from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, ResourceExhausted
+from csi_lvm.ids import COPYING_TAG, Kind, Tag, decode_tags, encode_tags, view_name_for
+from csi_lvm.lvm import LogicalVolume, LvmNoSpace
+from csi_lvm.volumes import Inventory, Owned
+
+log = structlog.get_logger("csi_lvm.thick")
+
+MiB = 1 << 20
+# COW space of the temporary view: what the source may be written during the
+# copy before the view is lost (the copy then fails with ABORTED, never with
+# wrong data). A fifth of the source, at least 64 MiB, at most the source.
+VIEW_FRACTION = 5
+VIEW_MINIMUM_BYTES = 64 * MiB
+VIEW_CHUNK_BYTES = 64 << 10  # COW granularity (LVM's default of 4 KiB is slow to read)
+
+
+def view_bytes(source_bytes: int, extent_bytes: int) -> int:
+    """COW space for a view of a ``source_bytes`` volume, in whole extents."""
+    wanted = min(source_bytes, max(source_bytes // VIEW_FRACTION, VIEW_MINIMUM_BYTES))
+    return -(-wanted // extent_bytes) * extent_bytes
+
+
+class ThickCopier:
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self.lvm = inventory.lvm
+
+    def room_needed(self, source: Owned, target_bytes: int, extent_bytes: int) -> int:
+        """VG space a copy of ``source`` into a new ``target_bytes`` LV takes
+        while it runs: the target, plus the view of a volume source."""
+        if source.kind is Kind.SNAPSHOT:
+            return target_bytes
+        return target_bytes + view_bytes(source.size_bytes, extent_bytes)
+
+    # ---- the copy
+
+    def fill(self, target: Owned, source: Owned, extent_bytes: int) -> None:
+        """Copy ``source`` into ``target`` (tagged ``COPYING_TAG``), then mark
+        the target complete."""
+        if source.lv.vg_name != target.lv.vg_name:
+            raise FailedPrecondition(
+                f"{source.id} and {target.id} are in different volume groups; csi-lvm "
+                "copies only within one"
+            )
+        if source.kind is Kind.VOLUME:
+            view = self._make_view(source, target, extent_bytes)
+            try:
+                self._copy(view, target, source)
+                self._check_view(view, source)
+            except BaseException:
+                with contextlib.suppress(Exception):  # else the retry removes it
+                    self.lvm.remove(view.vg_name, view.name)
+                raise
+            self.lvm.remove(view.vg_name, view.name)
+        else:
+            self._copy(self._active(source.lv), target, source)
+        self.lvm.delete_tag(target.lv.vg_name, target.lv.name, COPYING_TAG)
+        log.info("copy complete", target=str(target.id), source=str(source.id))
+
+    def _copy(self, source_lv: LogicalVolume, target: Owned, source: Owned) -> None:
+        target_lv = self._active(target.lv)
+        stats = blockcopy.copy_device(
+            source_lv.device, target_lv.device, source.size_bytes, target.size_bytes
+        )
+        log.info(
+            "copied",
+            target=str(target.id),
+            source=str(source.id),
+            data_bytes=stats.copied_bytes,
+            punched_bytes=stats.punched_bytes,
+            zeroed_bytes=stats.zeroed_bytes,
+            skipped_bytes=stats.skipped_bytes,
+            seconds=round(stats.seconds, 2),
+        )
+
+    def _active(self, lv: LogicalVolume) -> LogicalVolume:
+        """The LV, activated when its device node is missing."""
+        if lv.attr.active and os.path.exists(lv.device):
+            return lv
+        self.lvm.activate(lv.vg_name, lv.name)
+        refreshed = self.lvm.find_lv(lv.vg_name, lv.name)
+        if refreshed is None or not os.path.exists(refreshed.device):
+            raise Aborted(f"LV {lv.full_name} could not be activated for a copy; retry")
+        return refreshed
+
+    # ---- the temporary view
+
+    def _make_view(self, source: Owned, target: Owned, extent_bytes: int) -> LogicalVolume:
+        name = view_name_for(target.lv.name)
+        self.remove_view(target)  # a crash left-over of an earlier try
+        size = view_bytes(source.size_bytes, extent_bytes)
+        tags = encode_tags({Tag.DRIVER: self.inventory.driver_name, Tag.VIEW_FOR: target.lv.name})
+        try:
+            self.lvm.create_cow_snapshot(
+                source.lv.vg_name, source.lv.name, name, size, VIEW_CHUNK_BYTES, tags
+            )
+        except LvmNoSpace as exc:
+            raise ResourceExhausted(
+                f"volume group {source.lv.vg_name} has no room for the {size}-byte temporary "
+                f"snapshot that copies {source.id} consistently: {exc}"
+            ) from exc
+        view = self.lvm.find_lv(source.lv.vg_name, name)
+        if view is None:
+            raise Aborted(f"the temporary snapshot {source.lv.vg_name}/{name} vanished; retry")
+        return self._active(view)
+
+    def _check_view(self, view: LogicalVolume, source: Owned) -> None:
+        now = self.lvm.find_lv(view.vg_name, view.name)
+        full = now is not None and (now.data_percent or 0) >= 100
+        if now is None or now.attr.snapshot_invalid or full:
+            raise Aborted(
+                f"volume {source.id} was written faster during the copy than its temporary "
+                f"snapshot could hold ({view.size_bytes} bytes of changes); the copy is "
+                "discarded: retry, ideally while the volume is written less"
+            )
+
+    def remove_view(self, target: Owned) -> None:
+        """Remove the temporary view of a copy into ``target``, if there is one.
+        An LV of that name without this driver's tags for ``target`` is left
+        alone and refused."""
+        name = view_name_for(target.lv.name)
+        found = self.lvm.find_lv(target.lv.vg_name, name)
+        if found is None:
+            return
+        tags = decode_tags(found.tags)
+        ours = (
+            tags.get(Tag.DRIVER) == self.inventory.driver_name
+            and tags.get(Tag.VIEW_FOR) == target.lv.name
+            and found.attr.is_cow_snapshot
+        )
+        if not ours:
+            raise AlreadyExists(
+                f"volume group {found.vg_name} has an LV named {name} that csi-lvm does not "
+                "own; it needs that name for a temporary snapshot: rename or remove it"
+            )
+        self.lvm.remove(found.vg_name, found.name)
