@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2
-from csi_lvm.ids import INCOMPLETE_TAG, Tag
+from csi_lvm.ids import COPYING_TAG, INCOMPLETE_TAG, Tag
 from tests.lvm.helpers import MiB, create_request
 from tests.stress.conftest import RESULTS, lv_report, owned_by_driver, untouched_part
 from tests.testbed import CsiClient, ForkedDriver, LoopVolumeGroup, write_config
@@ -121,6 +121,7 @@ def check_volume_group(
         if tags is None:
             continue
         assert INCOMPLETE_TAG not in row["lv_tags"], f"{row['lv_name']} was never finished"
+        assert COPYING_TAG not in row["lv_tags"], f"{row['lv_name']}: its copy never finished"
         assert tags.get(Tag.NAME) and tags.get(Tag.CLASS), f"{row['lv_name']} lacks tags"
         kind = "snapshot" if row["lv_name"].startswith("snap") else "volume"
         names[(tags[Tag.NAME], kind)] += 1
@@ -151,10 +152,10 @@ def test_sigkill_at_random_moments_loses_and_leaks_nothing(
     expected.update({r.name: "volume" for r in creates})
     check_volume_group(vg, untouched, expected)
 
-    thin_sources = [v.volume_id for v in volumes if ":thin:" in v.volume_id]
+    # Snapshots of thin (instant) and thick (a copy) volumes in turn.
     snapshot_requests = [
         csi_pb2.CreateSnapshotRequest(
-            name=f"crash-snap-{i}", source_volume_id=thin_sources[i % len(thin_sources)]
+            name=f"crash-snap-{i}", source_volume_id=volumes[i % len(volumes)].volume_id
         )
         for i in range(KILLS + 1)
     ]
@@ -167,6 +168,7 @@ def test_sigkill_at_random_moments_loses_and_leaks_nothing(
         create_request(
             f"crash-restore-{i}",
             16 * MiB,
+            "thin" if ":thin:" in s.snapshot_id else "thick",
             volume_content_source=csi_pb2.VolumeContentSource(
                 snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=s.snapshot_id)
             ),
