@@ -252,7 +252,25 @@ def _report_rows(report: dict[str, object], kind: str) -> list[dict[str, str]]:
 
 # --------------------------------------------------------------------- errors
 
+
+class LvmPoolNeedsRepair(FailedPrecondition):
+    """A thin pool's kernel transaction id disagrees with LVM's metadata."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message} -- the thin pool's kernel state and LVM's metadata disagree, which "
+            "happens when an LVM command is killed in the middle of a thin-pool change "
+            "(the whole container killed during a create or delete). LVM refuses new thin "
+            "volumes in this pool until an admin repairs it; see lvmthin(7), "
+            "'Thin pool transaction id' and 'Metadata check and repair'."
+        )
+
+
 _CLASSIFIERS: tuple[tuple[re.Pattern[str], type[DriverError]], ...] = (
+    (
+        re.compile(r"unexpected transaction id|transaction_id is \d+, while expected", re.I),
+        LvmPoolNeedsRepair,
+    ),
     (re.compile(r"already exists", re.I), LvmAlreadyExists),
     (
         re.compile(
@@ -367,8 +385,8 @@ class LvmShell:
     LVM writes each command's report, followed by its command log, as one
     JSON document to ``LVM_REPORT_FD``; the log's "shell" entry says whether
     the command succeeded, and ``lastlog`` gives the messages of a failure.
-    Commands run one at a time. A command that outlives its timeout kills
-    the shell (as a timed-out process would be killed); a shell that dies is
+    Commands run one at a time. A command that outlives its timeout is left
+    to finish on its own while a new shell takes the next command; a shell that dies is
     started again for the next command. When the shell cannot be started or
     does not speak this protocol (an LVM without the lvmdbusd profile, for
     example), it is given up for good and every command runs as a process.
@@ -443,6 +461,7 @@ class LvmShell:
         try:
             self._process = subprocess.Popen(
                 self.command,
+                start_new_session=True,  # a signal to the driver's group never reaches it
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -489,7 +508,7 @@ class LvmShell:
             if remaining <= 0:
                 self._stop()
                 raise DeadlineExceeded(
-                    f"lvm {verb} did not finish in time (the lvm shell was stopped); "
+                    f"lvm {verb} did not finish in time (it is left to finish on its own); "
                     "the call may be retried"
                 )
             ready, _, _ = select.select([self._report_fd], [], [], min(remaining, 1.0))
@@ -526,9 +545,11 @@ class LvmShell:
             with contextlib.suppress(OSError):
                 process.stdin.close()
         if process.poll() is None:
-            process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(5)
+            # Never kill LVM in the middle of a command: a thin-pool change cut
+            # short can leave the kernel's transaction id behind LVM's
+            # metadata, and LVM then refuses the pool. With its input closed
+            # the shell exits once its command is done; a thread reaps it.
+            threading.Thread(target=process.wait, name="lvm-reaper", daemon=True).start()
 
     def close(self) -> None:
         """End the shell: it exits when its input ends."""
@@ -593,15 +614,7 @@ class Lvm:
         limit = self._limit(timeout)
         started = time.monotonic()
         try:
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                env=self._env,
-                timeout=limit,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
+            done = _run_to_completion(command, self._env, limit)
         except subprocess.TimeoutExpired as exc:
             raise DeadlineExceeded(
                 f"lvm {args[0]} did not finish within {limit:.1f}s; the call may be retried"
@@ -849,3 +862,26 @@ def _tag_args(tags: Sequence[str], flag: str = "--addtag") -> list[str]:
             raise InvalidArgument(f"LVM tag {tag!r} has characters LVM does not accept")
         args += [flag, tag]
     return args
+
+
+def _run_to_completion(
+    command: Sequence[str], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run an LVM command in a session of its own. Past ``timeout`` the caller
+    gets TimeoutExpired but the command is not killed (see LvmShell._stop): it
+    finishes on its own and a thread reaps it."""
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=process.communicate, name="lvm-reaper", daemon=True).start()
+        raise
+    return subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)

@@ -204,27 +204,31 @@ class ForkedDriver:
             return False
         return True
 
-    def group_commands(self) -> list[str]:
-        """The names of the processes in the driver's group: the driver and
-        whatever LVM or filesystem command it is running."""
+    def busy_children(self) -> list[str]:
+        """The commands the driver is running now (its LVM shell included,
+        which lives in a session of its own, unless it sits idle waiting for
+        its next command on stdin)."""
         names = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
+                syscall = Path(f"/proc/{entry}/syscall").read_text().split()
             except OSError:
                 continue
             comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
-            if int(rest.split()[2]) == self.pid and int(entry) != self.pid:
+            idle = syscall[:2] == ["0", "0x0"]  # read(0, ...): waiting for a command
+            if int(rest.split()[1]) == self.pid and not idle:
                 names.append(comm)
         return names
 
     def crash(self) -> list[str]:
-        """SIGKILL the driver and everything it runs, as the end of its
-        container would; returns the commands that were running then."""
-        os.killpg(self.pid, signal.SIGSTOP)  # freeze the group to see what it was doing
-        running = self.group_commands()
+        """SIGKILL the driver and its process group, as a crash of the driver
+        process would; returns the commands it was running then. LVM runs in
+        sessions of its own, so a command under way finishes by itself."""
+        os.killpg(self.pid, signal.SIGSTOP)  # freeze the driver to see what it was doing
+        running = self.busy_children()
         os.killpg(self.pid, signal.SIGKILL)
         while self.alive():
             time.sleep(0.01)

@@ -1,6 +1,7 @@
-"""Crash consistency: SIGKILL the driver, with the LVM command it is running,
-at random moments of each call that changes LVM; start it again; retry the
-call as a sidecar would. Every retry must succeed, every CSI name must have
+"""Crash consistency: SIGKILL the driver (its whole process group) at random
+moments of each call that changes LVM, often while an LVM command it started
+is running; start it again; retry the call as a sidecar would. LVM runs in a
+session of its own, so a command under way finishes by itself. Every retry must succeed, every CSI name must have
 exactly one LV with all its tags, and nothing the driver does not own may
 change. ``CSI_LVM_KILLS`` sets the kills per kind of call (20 by default);
 ``CSI_LVM_SEED`` replays a run (each run prints its seed)."""

@@ -123,3 +123,14 @@ def test_names_are_checked_before_reaching_lvm() -> None:
             lvm.find_lv("vg0", bad)
     with pytest.raises(InvalidArgument):
         lvm.create_thin_volume("vg0", "pool0", "ok", 1 << 20, ["bad tag with space"])
+
+
+def test_a_pool_transaction_mismatch_is_named_and_not_mistaken_for_no_space() -> None:
+    # What lvcreate said in the crash test after a kill in the middle of a thin create.
+    stderr = (
+        "  WARNING: Thin pool vg0/pool0 has unexpected transaction id 25, expecting 26.\n"
+        "  Cannot create new thin volume, free space in thin pool vg0/pool0 reached threshold.\n"
+    )
+    error = classify_failure(["lvm", "lvcreate"], 5, stderr)
+    assert isinstance(error, FailedPrecondition) and not isinstance(error, ResourceExhausted)
+    assert "unexpected transaction id 25" in str(error) and "lvmthin(7)" in str(error)
