@@ -38,7 +38,8 @@ test: lint unit image-test lvm-tests
 # Crashes (SIGKILL mid-call), 64+8 concurrent calls and hostile input, in one
 # VM: longer than the main suite, so a target of its own.
 stress: setup
-	$(VMRUN) -- python -m pytest -q -p no:cacheprovider -n 2 -s \
+	rm -f build/vm/crash-driver.log
+	$(VMRUN) -- timeout 2400 python -m pytest -q -p no:cacheprovider -n 2 -s \
 	    --junitxml=build/vm/stress-junit.xml tests/stress
 
 demo: setup

@@ -162,9 +162,11 @@ class ForkedDriver:
     """``csi-lvm serve`` children of one fork server (tests/forkserver.py), for
     tests that kill the driver with SIGKILL and start it again many times."""
 
-    def __init__(self, workdir: Path, config: Path, *extra: str) -> None:
+    def __init__(
+        self, workdir: Path, config: Path, *extra: str, log_path: Path | None = None
+    ) -> None:
         self.socket = str(workdir / "csi.sock")
-        self.log_path = workdir / "driver.log"
+        self.log_path = log_path or workdir / "driver.log"
         self.argv = [
             "serve", "--endpoint", f"unix://{self.socket}", "--config", str(config),
             "--node-id", NODE_ID, "--driver-name", DRIVER_NAME, *extra,

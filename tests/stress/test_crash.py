@@ -42,7 +42,8 @@ class CrashBed:
     def __init__(self, workdir: Path, vg: LoopVolumeGroup) -> None:
         self.vg = vg
         config = write_config(workdir / "crash-config.yaml", vg.name, vg.pool)
-        self.driver = ForkedDriver(workdir, config)
+        # The driver's log goes where it outlives the VM, for a failure's post-mortem.
+        self.driver = ForkedDriver(workdir, config, log_path=RESULTS / "crash-driver.log")
         self.client = CsiClient(self.driver.socket)
         self.driver.start(self.client)
         self.rng = random.Random(SEED)
