@@ -7,7 +7,8 @@ the server's interceptor turns them into gRPC statuses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -136,17 +137,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self._check_room(device_class, size, space)
         tags = self._volume_tags(request, device_class, source_id="")
         if device_class.thin_pool is not None:
-            try:
+            with self._lvcreate_errors(device_class, size, f"volume {request.name}"):
                 self.lvm.create_thin_volume(
                     device_class.volume_group, device_class.thin_pool, lv_name, size, tags, timeout
                 )
-            except LvmNoSpace as exc:
-                raise ResourceExhausted(
-                    f"device class {device_class.name} on node {self.node_id} has no room for "
-                    f"{size} bytes: {exc}"
-                ) from exc
-            except LvmAlreadyExists as exc:
-                raise Aborted(f"volume {request.name} appeared while being created; retry") from exc
         else:
             # lvcreate commits the LV before it zeroes the start: a kill in
             # between would leave an earlier tenant's data in a "new" volume.
@@ -170,8 +164,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         name: str,
         timeout: float | None,
     ) -> None:
-        try:
+        with self._lvcreate_errors(device_class, size, name):
             self.lvm.create_linear_volume(device_class.volume_group, lv_name, size, tags, timeout)
+
+    @contextmanager
+    def _lvcreate_errors(self, device_class: DeviceClass, size: int, name: str) -> Iterator[None]:
+        """LVM's refusals of a new LV, as the statuses a CreateVolume answers."""
+        try:
+            yield
         except LvmNoSpace as exc:
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} has no room for "
