@@ -118,31 +118,20 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
     thin_pool = (
         _lvm_name(fields["thinPool"][1], source, "thinPool") if "thinPool" in fields else None
     )
-    ratio = 1.0
-    if "overprovisionRatio" in fields:
-        ratio_node = fields["overprovisionRatio"][1]
-        if thin_pool is None:
-            raise ConfigError(
-                f"{_at(source, ratio_node)}: overprovisionRatio applies to thin classes only; "
-                "add thinPool or remove it"
-            )
-        ratio = _number(ratio_node, source, "overprovisionRatio")
-        if ratio < 1.0:
-            raise ConfigError(f"{_at(source, ratio_node)}: overprovisionRatio must be at least 1")
-    threshold = DEFAULT_FULL_THRESHOLD_PERCENT
-    if "fullThresholdPercent" in fields:
-        threshold_node = fields["fullThresholdPercent"][1]
-        if thin_pool is None:
-            raise ConfigError(
-                f"{_at(source, threshold_node)}: fullThresholdPercent applies to thin classes "
-                "only; add thinPool or remove it"
-            )
-        threshold = _number(threshold_node, source, "fullThresholdPercent")
-        if not 0 < threshold <= 100:
-            raise ConfigError(
-                f"{_at(source, threshold_node)}: fullThresholdPercent must be above 0 and at "
-                "most 100 (the pool data or metadata use, in percent, that stops new volumes)"
-            )
+    ratio = _thin_only_number(fields, "overprovisionRatio", thin_pool, source, 1.0)
+    if ratio < 1.0:
+        raise ConfigError(
+            f"{_at(source, fields['overprovisionRatio'][1])}: overprovisionRatio must be at least 1"
+        )
+    threshold = _thin_only_number(
+        fields, "fullThresholdPercent", thin_pool, source, DEFAULT_FULL_THRESHOLD_PERCENT
+    )
+    if not 0 < threshold <= 100:
+        raise ConfigError(
+            f"{_at(source, fields['fullThresholdPercent'][1])}: fullThresholdPercent must be "
+            "above 0 and at most 100 (the pool data or metadata use, in percent, that stops "
+            "new volumes)"
+        )
     default = False
     if "default" in fields:
         default_node = fields["default"][1]
@@ -218,6 +207,24 @@ def _lvm_name(node: yaml.Node, source: str, what: str) -> str:
     if not LVM_NAME_RE.fullmatch(value) or value in {".", ".."}:
         raise ConfigError(f"{_at(source, node)}: {what} {value!r} is not a valid LVM name")
     return value
+
+
+def _thin_only_number(
+    fields: dict[str, tuple[yaml.Node, yaml.Node]],
+    key: str,
+    thin_pool: str | None,
+    source: str,
+    default: float,
+) -> float:
+    """A number that only a thin class may set; ``default`` when absent."""
+    if key not in fields:
+        return default
+    node = fields[key][1]
+    if thin_pool is None:
+        raise ConfigError(
+            f"{_at(source, node)}: {key} applies to thin classes only; add thinPool or remove it"
+        )
+    return _number(node, source, key)
 
 
 def _number(node: yaml.Node, source: str, what: str) -> float:
