@@ -484,10 +484,22 @@ class LvmShell:
             self._stop()  # slow, not broken: the next command tries again
             raise
         except (DriverError, OSError) as exc:
-            raise ShellUnavailable(f"the lvm shell did not answer: {exc}") from exc
+            raise ShellUnavailable(
+                f"the lvm shell did not answer: {exc}; {self._why_not()}"
+            ) from exc
         if shell_status(report) != _SUCCESS:
             raise ShellUnavailable(f"the lvm shell answered without a command log: {report}")
         log.info("lvm shell started", pid=self._process.pid)
+
+    def _why_not(self) -> str:
+        """What lvm says when started as the shell with no input: the reason
+        it cannot serve (a missing command profile, most often)."""
+        try:
+            done = _run_to_completion(self.command, self.env, 30.0)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"lvm could not be asked why: {exc}"
+        said = " ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
+        return f"lvm exited {done.returncode}: {said or 'without a message'}"
 
     def _command(self, line: str, verb: str, deadline: float) -> dict[str, object]:
         """Send one line and read one JSON document from the report pipe."""

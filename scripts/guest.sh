@@ -8,6 +8,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 for module in loop dm-mod dm-thin-pool dm-snapshot; do
     modprobe "$module" 2>/dev/null
 done
+# virtme-ng hides the host's /etc/lvm under an empty tmpfs; a real node has
+# lvm2's files there (lvm.conf, and the command profile the driver's lvm shell
+# needs), so show them. Writes go to the VM's overlay of /etc.
+if [ ! -e /etc/lvm/lvm.conf ] && mountpoint -q /etc/lvm; then
+    umount /etc/lvm
+fi
 export PATH="$root/.venv/bin:$PATH" PYTHONDONTWRITEBYTECODE=1 LVM_SUPPRESS_FD_WARNINGS=1
 export TMPDIR=/tmp
 cd "$root" || exit 3

@@ -59,3 +59,18 @@ def test_stale_socket_is_replaced_and_sigterm_stops_cleanly(
     client.close()
     assert second.stop(signal.SIGTERM) == 0
     assert not os.path.exists(second.socket)
+
+
+def test_lvm_runs_in_one_long_lived_shell(driver: Driver) -> None:
+    # On a node with lvm2 installed the driver feeds its commands to one `lvm`
+    # shell; a fallback to a process per command would cost every call a
+    # process start and LVM's initialisation (issue 7).
+    lines = [
+        json.loads(line)
+        for line in driver.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    events = [line.get("event") for line in lines]
+    unavailable = [line for line in lines if line.get("event", "").startswith("lvm shell unav")]
+    assert not unavailable, unavailable[0]
+    assert "lvm shell started" in events
