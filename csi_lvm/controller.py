@@ -115,14 +115,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 owned = self._create_from_source(
                     request, lv_name, device_class, wanted, source, space, timeout
                 )
+                volume = self._volume(owned, request.volume_content_source)
             else:
-                owned = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
+                volume = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
         log.info(
-            "volume created", volume_id=str(owned.id), lv=owned.lv.full_name, bytes=owned.size_bytes
+            "volume created",
+            volume_id=volume.volume_id,
+            lv=f"{device_class.volume_group}/{lv_name}",
+            bytes=volume.capacity_bytes,
         )
-        return csi_pb2.CreateVolumeResponse(
-            volume=self._volume(owned, request.volume_content_source)
-        )
+        return csi_pb2.CreateVolumeResponse(volume=volume)
 
     def _create_blank(
         self,
@@ -132,7 +134,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         wanted: Any,
         space: ClassSpace,
         timeout: float | None,
-    ) -> Owned:
+    ) -> csi_pb2.Volume:
+        """Make a blank volume. Its size is whole extents already, exactly what
+        lvcreate makes, so no report is read back (a repeated call reads the
+        volume from LVM, in _existing_volume)."""
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         self._check_room(device_class, size, space)
         tags = self._volume_tags(request, device_class, source_id="")
@@ -153,7 +158,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 timeout,
             )
             self.lvm.delete_tag(device_class.volume_group, lv_name, INCOMPLETE_TAG, timeout)
-        return self._reload(device_class, lv_name, timeout)
+        return csi_pb2.Volume(
+            volume_id=str(self.inventory.make_id(device_class, lv_name)),
+            capacity_bytes=size,
+            accessible_topology=[node_topology(self.topology_key, self.node_id)],
+        )
 
     def _create_linear(
         self,

@@ -168,6 +168,13 @@ class LogicalVolume:
         """The device node; the dm path exists whether or not udev made links."""
         return self.dm_path or self.path
 
+    @property
+    def never_written(self) -> bool:
+        """An active thin LV that maps no block of its pool, so it reads zeros
+        all through. LVM shows any non-zero share as at least 0.01 % (one
+        4 KiB write into 1 TiB reads 0.01), so 0.00 means nothing at all."""
+        return self.attr.is_thin_volume and self.attr.active and self.data_percent == 0.0
+
 
 @dataclass(frozen=True)
 class VolumeGroup:

@@ -115,7 +115,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 raise FailedPrecondition(
                     f"staging path {staging} is not an existing directory (a symlink is refused)"
                 )
-            content = fs.detect_content(device, timeout)
+            # A thin LV that never had a block written holds nothing to probe.
+            content = None if owned.lv.never_written else fs.detect_content(device, timeout)
             if content is None:
                 minimum = fs.MINIMUM_BYTES[wanted_fs]
                 if owned.size_bytes < minimum:

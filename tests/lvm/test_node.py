@@ -12,6 +12,7 @@ import pytest
 
 from csi_lvm.csi import csi_pb2
 from tests.lvm.helpers import (
+    GiB,
     MiB,
     Mode,
     block_capability,
@@ -195,3 +196,30 @@ def test_node_info_and_capabilities(csi: CsiClient) -> None:
     assert {Cap.STAGE_UNSTAGE_VOLUME, Cap.GET_VOLUME_STATS, Cap.VOLUME_CONDITION} <= {
         c.rpc.type for c in caps.capabilities
     }
+
+
+def test_a_barely_written_thin_volume_is_not_taken_for_blank(
+    csi: CsiClient, workdir: Path, name: str
+) -> None:
+    # A first stage skips the probe of a thin LV that maps no block at all;
+    # 512 bytes in 8 GiB (a share LVM shows as 0.01 %) must still be probed.
+    block = block_capability()
+    volume = create(csi, name, 8 * GiB, capability=block)
+    staging, target = str(workdir / f"{name}-s"), str(workdir / f"{name}-dev")
+    stage(csi, volume.volume_id, staging, block)
+    publish(csi, volume.volume_id, staging, target, block)
+    with open(target, "r+b") as device:
+        device.seek(510)
+        device.write(b"\x55\xaa")  # an MBR signature: an empty DOS partition table
+        device.flush()
+        os.fsync(device.fileno())
+    unpublish(csi, volume.volume_id, target)
+    unstage(csi, volume.volume_id, staging)
+    expect_error(
+        Code.FAILED_PRECONDITION, csi.node.NodeStageVolume,
+        csi_pb2.NodeStageVolumeRequest(volume_id=volume.volume_id, staging_target_path=staging,
+                                       volume_capability=mount_capability("ext4")),
+        "already holds partition table dos", "never reformats",
+    )  # fmt: skip
+    assert not is_mounted(staging)
+    delete(csi, volume.volume_id)

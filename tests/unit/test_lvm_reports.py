@@ -37,6 +37,19 @@ def test_lv_report_decodes_into_typed_records() -> None:
     assert volume.created_at is not None and volume.created_at.minute == 51
 
 
+def test_only_a_thin_lv_with_no_mapped_block_counts_as_never_written() -> None:
+    pool, volume = parse_lv_report(LVS)
+    assert volume.never_written
+    assert not pool.never_written  # a pool is not a volume
+    rows = LVS["report"][0]["lv"]
+    written = {**rows[1], "data_percent": "0.01"}  # LVM's least non-zero share
+    inactive = {**rows[1], "lv_attr": "Vwi---tz--", "data_percent": ""}
+    thick = {**rows[1], "lv_attr": "-wi-ao----", "pool_lv": "", "data_percent": ""}
+    for row in (written, inactive, thick):
+        (lv,) = parse_lv_report({"report": [{"lv": [row]}]})
+        assert not lv.never_written, row
+
+
 def test_vg_report() -> None:
     (vg,) = parse_vg_report(
         {
