@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from csi_lvm import fs
 from csi_lvm.fs import parse_mountinfo
 
 MOUNTINFO = (
@@ -17,3 +18,18 @@ def test_mountinfo_parsing() -> None:
     assert target.mount_point == "/tmp/my target" and target.read_only
     assert not staging.read_only
     assert block.root == "/dm-3" and block.fs_type == "devtmpfs"
+
+
+def test_mount_words_become_kernel_flags_and_filesystem_data() -> None:
+    flags, data = fs.kernel_mount_options(["noatime,nodev", "discard", "ro"])
+    assert flags == fs.MS_NOATIME | fs.MS_NODEV | fs.MS_RDONLY
+    assert data == "discard"
+    # A later word undoes an earlier one, as in mount(8).
+    assert fs.kernel_mount_options(["ro", "rw", "defaults", ""]) == (0, "")
+    assert fs.kernel_mount_options([]) == (0, "")
+    assert fs.kernel_mount_options(["nouuid", "logbsize=256k"]) == (0, "nouuid,logbsize=256k")
+
+
+def test_words_only_mount8_understands_leave_the_mount_to_it() -> None:
+    for word in ("x-systemd.automount", "_netdev", "nofail", "user", "loop", "remount", "bind"):
+        assert fs.kernel_mount_options(["noatime", word]) is None, word
