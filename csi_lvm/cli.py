@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one lvm process per command instead of one long-lived lvm shell",
     )
     serve.add_argument(
+        "--lvm-shell-idle-exit",
+        type=float,
+        default=60.0,
+        help="seconds without LVM work after which the lvm shell ends (0: never)",
+    )
+    serve.add_argument(
         "--metrics-address", default="", help="host:port for Prometheus /metrics (off when empty)"
     )
     status = commands.add_parser("status", help="device classes, volumes and snapshots here")
@@ -150,7 +156,13 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_volumes_per_node < 0:
         raise ConfigError("--max-volumes-per-node must not be negative")
     config = load_config(args.config)
-    lvm = Lvm(prefix=args.lvm_prefix.split(), shell=not args.no_lvm_shell)
+    if args.lvm_shell_idle_exit < 0:
+        raise ConfigError("--lvm-shell-idle-exit must not be negative")
+    lvm = Lvm(
+        prefix=args.lvm_prefix.split(),
+        shell=not args.no_lvm_shell,
+        shell_idle_exit=args.lvm_shell_idle_exit,
+    )
     inventory = Inventory(config, lvm, node_id, args.driver_name)
     missing = inventory.missing_storage()
     if missing:

@@ -399,8 +399,13 @@ class LvmShell:
     example), it is given up for good and every command runs as a process.
     """
 
-    def __init__(self, command: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(self, command: Sequence[str], env: dict[str, str], idle_exit: float = 0.0) -> None:
         self.command = list(command)
+        # Seconds without a command after which the shell is ended (0: never).
+        # A busy lvm keeps tens of MiB resident (its locked memory and
+        # caches); an idle node should not pay for that.
+        self.idle_exit = idle_exit
+        self._last_used = time.monotonic()
         self.env = {
             **env,
             "LVM_COMMAND_PROFILE": SHELL_PROFILE,
@@ -461,7 +466,25 @@ class LvmShell:
             report.pop("log", None)
             return report, 0 if code == _SUCCESS else code, messages
         finally:
+            self._last_used = time.monotonic()
             self._lock.release()
+
+    def _exit_when_idle(self, process: subprocess.Popen[bytes]) -> None:
+        """Beside one shell process: end it once no command came for
+        ``idle_exit`` seconds; the next command starts a new one."""
+        while True:
+            time.sleep(max(0.5, self._last_used + self.idle_exit - time.monotonic()))
+            if not self._lock.acquire(blocking=False):
+                continue  # a command is running
+            try:
+                if self._process is not process:
+                    return  # already replaced or stopped
+                if time.monotonic() - self._last_used >= self.idle_exit:
+                    self._stop()
+                    log.debug("lvm shell ended after idling", seconds=self.idle_exit)
+                    return
+            finally:
+                self._lock.release()
 
     def _start(self, deadline: float) -> None:
         read_end, write_end = os.pipe()
@@ -497,6 +520,10 @@ class LvmShell:
         if shell_status(report) != _SUCCESS:
             raise ShellUnavailable(f"the lvm shell answered without a command log: {report}")
         log.info("lvm shell started", pid=self._process.pid)
+        if self.idle_exit > 0:
+            threading.Thread(
+                target=self._exit_when_idle, args=(self._process,), name="lvm-idle", daemon=True
+            ).start()
 
     def _why_not(self) -> str:
         """What lvm says when started as the shell with no input: the reason
@@ -609,6 +636,7 @@ class Lvm:
         prefix: Sequence[str] = (),
         timeout: float = 120.0,
         shell: bool = False,
+        shell_idle_exit: float = 0.0,
     ):
         self.binary = binary
         self.prefix = list(prefix)
@@ -618,7 +646,7 @@ class Lvm:
             "LC_ALL": "C",
             "LVM_SUPPRESS_FD_WARNINGS": "1",
         }
-        self.shell = LvmShell([*self.prefix, binary], self._env) if shell else None
+        self.shell = LvmShell([*self.prefix, binary], self._env, shell_idle_exit) if shell else None
 
     def close(self) -> None:
         if self.shell is not None:

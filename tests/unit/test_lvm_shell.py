@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,41 @@ def test_a_command_past_its_timeout_stops_the_shell_and_the_next_gets_a_new_one(
         assert len(shells(fake)) == 2
     finally:
         lvm.close()
+
+
+def test_an_idle_shell_ends_and_the_next_command_starts_another(fake: Path) -> None:
+    lvm = Lvm(binary=str(fake), shell=True, shell_idle_exit=0.2)
+    try:
+        lvm.list_vgs()
+        (first,) = shells(fake)
+        deadline = time.monotonic() + 10
+        while process_exists(first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_exists(first), "the idle shell did not end"
+        assert lvm.list_lvs(["vg0"])
+        assert len(shells(fake)) == 2 and process_exists(shells(fake)[1])
+    finally:
+        lvm.close()
+
+
+def test_a_busy_shell_is_not_ended_for_idling(fake: Path) -> None:
+    lvm = Lvm(binary=str(fake), shell=True, shell_idle_exit=1.0)
+    try:
+        for _ in range(8):  # 2 s of commands, never 1 s apart
+            lvm.list_vgs()
+            time.sleep(0.25)
+        assert len(shells(fake)) == 1
+    finally:
+        lvm.close()
+
+
+def process_exists(pid: int) -> bool:
+    """Alive and not a zombie (a reaped-later child still has a /proc entry)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_a_dead_shell_is_replaced_and_a_report_asked_again(fake: Path) -> None:
