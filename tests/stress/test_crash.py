@@ -66,11 +66,23 @@ class CrashBed:
         self.retry(call, request)
         return time.monotonic() - started
 
-    def crash_during(self, kind: str, call: Callable[..., Any], request: Any, window: float) -> Any:
-        """Send the call, kill the driver a random moment later, restart, retry."""
+    def crash_during(
+        self, kind: str, call: Callable[..., Any], request: Any, window: float, aim: bool
+    ) -> Any:
+        """Send the call, kill the driver a random moment later, restart, retry.
+        With ``aim`` the moment is a random one while LVM runs a command for
+        it (a scan or a change; under the lvm shell a command is over in a
+        fraction of a second, so blind moments would seldom land there)."""
         counts = self.stats.setdefault(kind, collections.Counter())
         pending = call.future(request, timeout=300)
-        time.sleep(self.rng.uniform(0.0, window))
+        if aim:
+            deadline = time.monotonic() + window
+            while time.monotonic() < deadline and not pending.done():
+                if LVM_COMMANDS & set(self.driver.busy_children()):
+                    time.sleep(self.rng.uniform(0.0, 0.15))
+                    break
+        else:
+            time.sleep(self.rng.uniform(0.0, window))
         running = self.driver.crash()
         counts["kills"] += 1
         if LVM_COMMANDS & set(running):
@@ -139,7 +151,11 @@ def test_sigkill_at_random_moments_loses_and_leaks_nothing(
 
     def kill_each(kind: str, call: Callable[..., Any], requests: list[Any]) -> list[Any]:
         window = 1.2 * bed.timed(call, requests[0])  # one undisturbed call sets the pace
-        answers = [bed.crash_during(kind, call, r, window) for r in requests[1:]]
+        # Every other kill is aimed at a moment when LVM is running a command.
+        answers = [
+            bed.crash_during(kind, call, r, window, aim=i % 2 == 0)
+            for i, r in enumerate(requests[1:])
+        ]
         inside = bed.stats[kind]["inside an LVM command"]
         assert inside >= len(requests[1:]) // 4, f"{kind}: only {inside} kills hit LVM"
         return answers
