@@ -245,6 +245,13 @@ def test_lvm_runs_and_sees_the_volume_group(plugin: Plugin) -> None:
     assert code == 0 and output.strip() == VOLUME_GROUP, output
 
 
+def test_the_plugin_feeds_lvm_through_one_shell(plugin: Plugin) -> None:
+    # The shell needs lvm2's lvmdbusd command profile, which the image must keep.
+    logs = plugin.logs()
+    assert '"event": "lvm shell started"' in logs, logs[-2000:]
+    assert "lvm shell unavailable" not in logs
+
+
 def test_lvm_is_configured_for_a_container(plugin: Plugin) -> None:
     code, output = plugin.exec(
         "lvmconfig",
