@@ -21,6 +21,7 @@ from csi_lvm.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
 )
 from csi_lvm.ids import (
@@ -98,14 +99,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         lv_name = lv_name_for(Kind.VOLUME, request.name)
         with self.locks.hold(lv_name):
             scan = self.inventory.scan(timeout)
-            source = None
-            if request.HasField("volume_content_source"):
-                source = self._content_source(request, scan)
-            self._check_topology(request, source)
             existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
             if existing is not None and INCOMPLETE_TAG in existing.lv.tags:
                 self._remove_incomplete(existing, timeout)
                 scan, existing = self.inventory.scan(timeout), None
+            source = None
+            if request.HasField("volume_content_source"):
+                # A repeat of a finished restore or clone needs no source any
+                # more: its snapshot may have been deleted since (a sidecar
+                # that lost the first answer asks again).
+                settled = existing is not None and existing.complete
+                source = self._content_source(request, scan, must_exist=not settled)
+            self._check_topology(request, source)
             if existing is not None:
                 return self._existing_volume(
                     request, existing, device_class, wanted, source, scan, timeout
@@ -281,7 +286,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"volume {request.name} already exists in device class "
                 f"{existing.device_class.name}, not {device_class.name}"
             )
-        source_id = str(source.id) if source is not None else ""
+        source_id = requested_source_id(request.volume_content_source)
         if existing.source_id != source_id:
             raise AlreadyExists(
                 f"volume {request.name} already exists with a different content source "
@@ -293,13 +298,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             self.copier.fill(existing, source, extent)
             existing = self._reload(device_class, existing.lv.name, None)
         if (
-            source is not None
+            existing.source_id
             and device_class.thin_pool is not None
             and existing.size_bytes < wanted.required
         ):
-            # A thin restore interrupted between snapshot and extend: finish it.
+            # A thin restore interrupted between snapshot and extend: finish it
+            # (the snapshot is already as large as its source was).
             extent = self.inventory.space(device_class, scan).extent_bytes
-            size = choose_size(wanted, extent, minimum=source.size_bytes)
+            size = choose_size(wanted, extent, minimum=existing.size_bytes)
             self.lvm.extend(existing.lv.vg_name, existing.lv.name, size, timeout)
             existing = self._reload(device_class, existing.lv.name, timeout)
         if not wanted.allows(existing.size_bytes):
@@ -311,7 +317,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             volume=self._volume(existing, request.volume_content_source)
         )
 
-    def _content_source(self, request: Any, scan: Scan) -> Owned:
+    def _content_source(self, request: Any, scan: Scan, must_exist: bool) -> Owned | None:
+        """The snapshot or volume a new volume is made from; NOT_FOUND when it
+        does not exist, unless ``must_exist`` is false (then None)."""
         content = request.volume_content_source
         which = content.WhichOneof("type")
         if which == "snapshot":
@@ -328,7 +336,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"{what} {text} is held by node {object_id.node}; a volume made from it can "
                 f"only live on that node, not on {self.node_id}"
             )
-        found = self.inventory.require(text, kind, what, scan)
+        found = self.inventory.lookup(text, kind, what, scan)
+        if found is None:
+            if must_exist:
+                raise NotFound(f"{what} {text} does not exist on node {self.node_id}")
+            return None
         found.check_complete(what)
         return found
 
@@ -689,3 +701,17 @@ def _page(items: Sequence[Owned], max_entries: int, token: str) -> tuple[list[Ow
 
 def _condition(condition: Any) -> csi_pb2.VolumeCondition:
     return csi_pb2.VolumeCondition(abnormal=condition.abnormal, message=condition.message)
+
+
+def requested_source_id(content: Any) -> str:
+    """The id a request names as its content source, as csi-lvm writes it in
+    a volume's tags ("" for none)."""
+    which = content.WhichOneof("type")
+    if which == "snapshot":
+        text = content.snapshot.snapshot_id
+    elif which == "volume":
+        text = content.volume.volume_id
+    else:
+        return ""
+    parsed = ObjectId.parse(text)
+    return str(parsed) if parsed is not None else text

@@ -300,3 +300,34 @@ def test_restore_time_does_not_depend_on_size(csi: CsiClient, name: str) -> None
         f"restore 4 GiB {timings[4 * GiB]:.2f}s / 64 MiB {timings[64 * MiB]:.2f}s = ratio {ratio:.2f}"
     )
     assert timings[4 * GiB] > 0 and timings[64 * MiB] > 0
+
+
+def test_a_repeated_restore_answers_after_its_snapshot_is_gone(csi: CsiClient, name: str) -> None:
+    # A sidecar that lost the first answer asks again, maybe after the user
+    # deleted the VolumeSnapshot: the volume exists, so the answer is OK.
+    volume = create(csi, name, 8 * MiB)
+    snap = snapshot(csi, f"{name}-s", volume.volume_id)
+    request = create_request(
+        f"{name}-r", 16 * MiB, volume_content_source=from_snapshot(snap.snapshot_id)
+    )
+    restored = csi.controller.CreateVolume(request).volume
+    csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    again = csi.controller.CreateVolume(request).volume
+    assert (again.volume_id, again.capacity_bytes) == (restored.volume_id, 16 * MiB)
+    assert again.content_source.snapshot.snapshot_id == snap.snapshot_id
+    # Another (absent) source for the same name is still a conflict, and a
+    # new name from the deleted snapshot is still NOT_FOUND.
+    other = snap.snapshot_id.replace(f"{name}-s", f"{name}-x")
+    expect_error(
+        Code.ALREADY_EXISTS, csi.controller.CreateVolume,
+        create_request(f"{name}-r", 16 * MiB, volume_content_source=from_snapshot(other)),
+        "different content source",
+    )  # fmt: skip
+    expect_error(
+        Code.NOT_FOUND, csi.controller.CreateVolume,
+        create_request(f"{name}-n", 16 * MiB,
+                       volume_content_source=from_snapshot(snap.snapshot_id)),
+        "does not exist",
+    )  # fmt: skip
+    delete(csi, restored.volume_id)
+    delete(csi, volume.volume_id)
