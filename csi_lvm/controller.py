@@ -7,6 +7,7 @@ the server's interceptor turns them into gRPC statuses.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -428,7 +429,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             owned = self.inventory.get(object_id, device_class, timeout)
             if owned is None:
                 return csi_pb2.DeleteVolumeResponse()
-            if owned.lv.attr.device_open:
+            if self._held_open(owned, timeout):
                 raise FailedPrecondition(
                     f"volume {request.volume_id} is still in use on node {self.node_id} "
                     "(its device is open); unpublish and unstage it first"
@@ -436,6 +437,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             self._remove(owned, "volume", timeout)
         log.info("volume deleted", volume_id=request.volume_id, lv=owned.lv.full_name)
         return csi_pb2.DeleteVolumeResponse()
+
+    def _held_open(self, owned: Owned, timeout: float | None) -> bool:
+        """Whether the LV's device stays open. udev opens a device for a moment
+        after a writer closes it (to probe it again), so an open device is
+        looked at a few more times, for about a second, before a call is
+        refused; LVM's own deactivation retries for the same reason."""
+        if not owned.lv.attr.device_open:
+            return False
+        for _ in range(4):
+            time.sleep(0.25)
+            lv = self.lvm.find_lv(owned.lv.vg_name, owned.lv.name, timeout)
+            if lv is None or not lv.attr.device_open:
+                return False
+        return True
 
     def _remove(self, owned: Owned, what: str, timeout: float | None) -> None:
         """Remove an owned LV, and the temporary snapshot an interrupted copy
@@ -652,7 +667,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         with self.locks.hold(object_id.lv_name):
             owned = self.inventory.get(object_id, device_class, timeout)
             if owned is not None:
-                if owned.lv.attr.device_open:
+                if self._held_open(owned, timeout):
                     raise FailedPrecondition(
                         f"snapshot {request.snapshot_id} is being read (a restore from it is "
                         "copying); retry when the restore has finished"
