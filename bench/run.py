@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from csi_lvm import fs  # noqa: E402
 from csi_lvm.csi import csi_pb2  # noqa: E402
 from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for  # noqa: E402
-from csi_lvm.lvm import LV_FIELDS, VG_COLUMNS  # noqa: E402
+from csi_lvm.lvm import LV_FIELDS, VG_COLUMNS, Lvm  # noqa: E402
 from tests.testbed import (  # noqa: E402
     DRIVER_NAME,
     CsiClient,
@@ -117,11 +117,15 @@ def private_mib(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
+    """Child processes of every thread of ``pid`` (a gRPC worker thread
+    starts the lvm shell again after it ended for idling)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 # The driver's default --lvm-shell-idle-exit (seconds).
@@ -428,12 +432,24 @@ class Bench:
         device = self.dm_path(lv)
         target = self.work / f"parts-{self.counter}"
         target.mkdir()
-        parts = {
-            "lvs of the LV (a process)": timed(lambda: self.dm_path(lv)),
-            "blkid --probe": timed(lambda: fs.detect_content(device)),
-            "mkfs with the driver's options": timed(lambda: fs.make_filesystem(device, fs_type)),
-            "mount": timed(lambda: fs.mount(device, str(target), fs_type, [], 60)),
-        }
+        shell = Lvm(shell=True)  # noqa: S604 - the lvm shell, as the driver runs LVM; no sh
+        try:
+            shell.find_lv(self.vg.name, lv)  # starts the shell
+            parts = {
+                "lvs of the LV (a process)": timed(lambda: self.dm_path(lv)),
+                "lvs of the LV (an lvm shell, as the driver)": timed(
+                    lambda: shell.find_lv(self.vg.name, lv)
+                ),
+                "blkid --probe (skipped on a thin LV never written)": timed(
+                    lambda: fs.detect_content(device)
+                ),
+                "mkfs with the driver's options": timed(
+                    lambda: fs.make_filesystem(device, fs_type)
+                ),
+                "mount": timed(lambda: fs.mount(device, str(target), fs_type, [], 60)),
+            }
+        finally:
+            shell.close()
         fs.unmount(str(target), 60)
         return parts
 
