@@ -49,8 +49,8 @@ demo: setup
 # under TCG); prints the table and keeps the JSON as bench/results.json.
 BENCH_ARGS ?=
 bench: setup
-	$(VMRUN) --memory 5G -- python bench/run.py --json build/vm/bench.json $(BENCH_ARGS)
-	cp build/vm/bench.json bench/results.json
+	$(VMRUN) --memory 5G -- python bench/run.py --json build/vm/bench.json $(BENCH_ARGS); \
+	status=$$?; cp build/vm/bench.json bench/results.json && exit $$status
 
 # Upstream csi-sanity, once per device class (needs the binary; see sanity/README.md).
 sanity: setup
