@@ -79,7 +79,7 @@ class CrashBed:
             deadline = time.monotonic() + window
             while time.monotonic() < deadline and not pending.done():
                 if LVM_COMMANDS & set(self.driver.busy_children()):
-                    time.sleep(self.rng.uniform(0.0, 0.15))
+                    time.sleep(self.rng.uniform(0.0, 0.05))
                     break
         else:
             time.sleep(self.rng.uniform(0.0, window))
