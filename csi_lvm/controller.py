@@ -321,14 +321,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def _content_source(self, request: Any, scan: Scan, must_exist: bool) -> Owned | None:
         """The snapshot or volume a new volume is made from; NOT_FOUND when it
         does not exist, unless ``must_exist`` is false (then None)."""
-        content = request.volume_content_source
-        which = content.WhichOneof("type")
-        if which == "snapshot":
-            text, kind, what = content.snapshot.snapshot_id, Kind.SNAPSHOT, "snapshot"
-        elif which == "volume":
-            text, kind, what = content.volume.volume_id, Kind.VOLUME, "source volume"
-        else:
+        reference = source_reference(request.volume_content_source)
+        if reference is None:
             raise InvalidArgument("volume_content_source must name a snapshot or a volume")
+        text, kind, what = reference
         if not text:
             raise InvalidArgument(f"volume_content_source: the {what} id is required")
         object_id = ObjectId.parse(text)
@@ -718,15 +714,22 @@ def _condition(condition: Any) -> csi_pb2.VolumeCondition:
     return csi_pb2.VolumeCondition(abnormal=condition.abnormal, message=condition.message)
 
 
+def source_reference(content: Any) -> tuple[str, Kind, str] | None:
+    """The id a content source names, its kind and what to call it in a
+    message; None when it names neither a snapshot nor a volume."""
+    which = content.WhichOneof("type")
+    if which == "snapshot":
+        return content.snapshot.snapshot_id, Kind.SNAPSHOT, "snapshot"
+    if which == "volume":
+        return content.volume.volume_id, Kind.VOLUME, "source volume"
+    return None
+
+
 def requested_source_id(content: Any) -> str:
     """The id a request names as its content source, as csi-lvm writes it in
     a volume's tags ("" for none)."""
-    which = content.WhichOneof("type")
-    if which == "snapshot":
-        text = content.snapshot.snapshot_id
-    elif which == "volume":
-        text = content.volume.volume_id
-    else:
+    reference = source_reference(content)
+    if reference is None:
         return ""
-    parsed = ObjectId.parse(text)
-    return str(parsed) if parsed is not None else text
+    parsed = ObjectId.parse(reference[0])
+    return str(parsed) if parsed is not None else reference[0]
