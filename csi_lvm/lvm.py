@@ -859,7 +859,7 @@ class Lvm:
         check_name(volume_group, "volume group")
         check_name(origin, "logical volume")
         check_name(name, "logical volume")
-        self.run(
+        self.change(
             [
                 "lvcreate", "--yes", "--snapshot", "--name", name,
                 "--size", f"{size_bytes}b", "--chunksize", f"{chunk_bytes // 1024}k",
