@@ -432,9 +432,13 @@ class Bench:
         device = self.dm_path(lv)
         target = self.work / f"parts-{self.counter}"
         target.mkdir()
+        zeroed = self.name(f"parts-zeroed-{fs_type}")
+        self.raw_create(zeroed, 4 * GiB)
+        zeroed_device = self.dm_path(lv_name_for(Kind.VOLUME, zeroed))
         shell = Lvm(shell=True)  # noqa: S604 - the lvm shell, as the driver runs LVM; no sh
         try:
-            shell.find_lv(self.vg.name, lv)  # starts the shell
+            found = shell.find_lv(self.vg.name, lv)  # starts the shell
+            reads_zeros = found is not None and found.reads_zeros
             parts = {
                 "lvs of the LV (a process)": timed(lambda: self.dm_path(lv)),
                 "lvs of the LV (an lvm shell, as the driver)": timed(
@@ -444,7 +448,10 @@ class Bench:
                     lambda: fs.detect_content(device)
                 ),
                 "mkfs with the driver's options": timed(
-                    lambda: fs.make_filesystem(device, fs_type)
+                    lambda: fs.make_filesystem(device, fs_type, reads_zeros=reads_zeros)
+                ),
+                "  the same, on an LV that was written (mkfs zeroes itself)": timed(
+                    lambda: fs.make_filesystem(zeroed_device, fs_type)
                 ),
                 "mount": timed(lambda: fs.mount(device, str(target), fs_type, [], 60)),
             }
@@ -507,7 +514,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=str(ROOT / "build" / "vm" / "bench.json"))
     parser.add_argument("--latency-samples", type=int, default=12)
-    parser.add_argument("--calls", type=int, default=32)
+    parser.add_argument("--calls", type=int, default=64)
     parser.add_argument("--restore-samples", type=int, default=5)
     parser.add_argument("--stage-samples", type=int, default=4)
     parser.add_argument("--rpcs", type=int, default=1000)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_lvm.errors import DeadlineExceeded, FailedPrecondition, Internal
+from csi_lvm.zero_range import call_with_zero_range_skipped
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
 # mkfs.xfs refuses smaller devices (xfsprogs 5.19 and later).
@@ -48,7 +49,10 @@ def _run(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[
 
 
 def _check(command: Sequence[str], timeout: float) -> str:
-    done = _run(command, timeout)
+    return _checked(command, _run(command, timeout))
+
+
+def _checked(command: Sequence[str], done: subprocess.CompletedProcess[str]) -> str:
     if done.returncode != 0:
         message = " ".join((done.stderr or done.stdout).split()) or f"exit code {done.returncode}"
         raise FsError(f"{' '.join(command[:2])} failed: {message}")
@@ -75,10 +79,16 @@ def detect_content(device: str, timeout: float = 60) -> str | None:
     return "unrecognised data"
 
 
-def make_filesystem(device: str, fs_type: str, timeout: float = 600) -> None:
+def make_filesystem(
+    device: str, fs_type: str, timeout: float = 600, *, reads_zeros: bool = False
+) -> bool:
     """Format a blank device. No discard pass (thin LVs read zeros already) and
     lazy initialisation, so formatting costs about the same for any size; ext4
-    gets a checksum seed so a copy's UUID can change without a full check."""
+    gets a checksum seed so a copy's UUID can change without a full check.
+
+    ``reads_zeros``: the caller knows every block reads zeros and will until
+    written, so mkfs's own zeroing (mkfs.xfs's log) is skipped. Returns whether
+    it was."""
     if fs_type == "ext4":
         command = [
             "mkfs.ext4", "-q", "-O", "metadata_csum_seed",
@@ -89,7 +99,12 @@ def make_filesystem(device: str, fs_type: str, timeout: float = 600) -> None:
         command = ["mkfs.xfs", "-q", "-K", "--", device]
     else:
         raise FsError(f"unsupported filesystem {fs_type!r}")
-    _check(command, timeout)
+    if not reads_zeros:
+        _check(command, timeout)
+        return False
+    done, skipped = call_with_zero_range_skipped(lambda: _run(command, timeout))
+    _checked(command, done)
+    return skipped
 
 
 def filesystem_uuid(device: str, timeout: float = 60) -> str:

@@ -101,6 +101,12 @@ class LvAttr:
         return self._char(4) == "a"
 
     @property
+    def zeroes_new_blocks(self) -> bool:
+        """A thin pool, or a thin LV of one, that fills each block it maps
+        with zeros before the first write lands in it."""
+        return self._char(7) == "z"
+
+    @property
     def device_open(self) -> bool:
         return self._char(5) == "o"
 
@@ -174,6 +180,13 @@ class LogicalVolume:
         all through. LVM shows any non-zero share as at least 0.01 % (one
         4 KiB write into 1 TiB reads 0.01), so 0.00 means nothing at all."""
         return self.attr.is_thin_volume and self.attr.active and self.data_percent == 0.0
+
+    @property
+    def reads_zeros(self) -> bool:
+        """Never written, in a pool that zeroes what it maps: every block reads
+        zeros now, and a block that is partly written later still reads zeros
+        in the rest, so zeroing any of it again is wasted work."""
+        return self.never_written and self.attr.zeroes_new_blocks
 
 
 @dataclass(frozen=True)

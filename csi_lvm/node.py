@@ -78,6 +78,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
         return owned
 
+    def _lock_name(self, volume_id: str) -> str:
+        """The name a volume's calls serialise on, read from its id alone so
+        the LV can be looked up once the lock is held."""
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        parsed = self.inventory.parse_local_id(volume_id, Kind.VOLUME, "volume")
+        if parsed is None:
+            raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
+        return parsed[0].lv_name
+
     def _device(self, owned: Owned, timeout: float | None) -> str:
         """The volume's device node, activating the LV when it is not."""
         if not owned.lv.attr.active or not os.path.exists(owned.lv.device):
@@ -96,9 +106,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         staging = check_path(request.staging_target_path, "staging_target_path")
         check_capability(request.volume_capability, request.HasField("volume_capability"))
         timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._volume(request.volume_id, timeout)
-        owned.check_complete("volume")
-        with self.locks.hold(owned.lv.name):
+        # Looked up under the lock: whether the LV was ever written decides
+        # whether it is probed and how it is formatted, and a stage that held
+        # the lock before may just have written it.
+        with self.locks.hold(self._lock_name(request.volume_id)):
+            owned = self._volume(request.volume_id, timeout)
+            owned.check_complete("volume")
             device = self._device(owned, timeout)
             if request.volume_capability.WhichOneof("access_type") == "block":
                 return csi_pb2.NodeStageVolumeResponse()  # block volumes are used raw
@@ -124,8 +137,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                         f"volume {request.volume_id} has {owned.size_bytes} bytes; {wanted_fs} "
                         f"needs at least {minimum}: create a larger volume"
                     )
-                fs.make_filesystem(device, wanted_fs, timeout)
-                log.info("formatted", volume_id=request.volume_id, fs_type=wanted_fs)
+                zeroing_skipped = fs.make_filesystem(
+                    device, wanted_fs, timeout, reads_zeros=owned.lv.reads_zeros
+                )
+                log.info(
+                    "formatted",
+                    volume_id=request.volume_id,
+                    fs_type=wanted_fs,
+                    zeroing_skipped=zeroing_skipped,
+                )
             elif content != wanted_fs:
                 raise FailedPrecondition(
                     f"volume {request.volume_id} already holds {content}, not {wanted_fs}; "

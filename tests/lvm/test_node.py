@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2
+from csi_lvm.lvm import Lvm
 from tests.lvm.helpers import (
     GiB,
     MiB,
@@ -27,7 +28,7 @@ from tests.lvm.helpers import (
     unpublish,
     unstage,
 )
-from tests.testbed import NODE_ID, TOPOLOGY_KEY, CsiClient
+from tests.testbed import NODE_ID, TOPOLOGY_KEY, CsiClient, LoopVolumeGroup
 
 Code = grpc.StatusCode
 
@@ -223,3 +224,81 @@ def test_a_barely_written_thin_volume_is_not_taken_for_blank(
     )  # fmt: skip
     assert not is_mounted(staging)
     delete(csi, volume.volume_id)
+
+
+def _mapped_bytes(vg: str, lv: str) -> float:
+    """How much of its thin pool the LV maps, from LVM's own report."""
+    out = subprocess.run(
+        ["lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size,data_percent",
+         f"{vg}/{lv}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return int(out[0]) * float(out[1]) / 100
+
+
+def test_a_blank_thin_volume_gets_xfs_without_its_log_being_zeroed(
+    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path, name: str
+) -> None:
+    # mkfs.xfs zeroes a 64 MiB log; on a thin LV that maps no block, in a pool
+    # that zeroes what it maps, those blocks read zeros already and are skipped.
+    capability = mount_capability("xfs")
+    volume = create(csi, name, 1 * GiB, capability=capability)
+    lv = volume.volume_id.split(":")[2]
+    staging, target = str(workdir / f"{name}-s"), str(workdir / f"{name}-t")
+    stage(csi, volume.volume_id, staging, capability)
+    assert _mapped_bytes(vg.name, lv) < 8 * MiB
+    publish(csi, volume.volume_id, staging, target, capability)
+    Path(target, "kept.txt").write_text("still here\n")
+    unpublish(csi, volume.volume_id, target)
+    unstage(csi, volume.volume_id, staging)
+    device = f"/dev/{vg.name}/{lv}"
+    check = subprocess.run(["xfs_repair", "-n", device], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    stage(csi, volume.volume_id, staging, capability)  # mounts and reads the log
+    assert Path(staging, "kept.txt").read_text() == "still here\n"
+    unstage(csi, volume.volume_id, staging)
+    delete(csi, volume.volume_id)
+
+
+def test_a_thin_volume_written_once_gets_its_xfs_log_zeroed(
+    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path, name: str
+) -> None:
+    # One 4 KiB write (of zeros, so blkid still finds it blank) makes the LV
+    # map a block: from then on mkfs zeroes the log itself, as always.
+    block, capability = block_capability(), mount_capability("xfs")
+    volume = create(csi, name, 1 * GiB, capability=block)
+    lv = volume.volume_id.split(":")[2]
+    staging, target = str(workdir / f"{name}-s"), str(workdir / f"{name}-dev")
+    stage(csi, volume.volume_id, staging, block)
+    publish(csi, volume.volume_id, staging, target, block)
+    with open(target, "r+b") as device:
+        device.seek(512 * MiB)
+        device.write(bytes(4096))
+        device.flush()
+        os.fsync(device.fileno())
+    unpublish(csi, volume.volume_id, target)
+    unstage(csi, volume.volume_id, staging)
+    assert _mapped_bytes(vg.name, lv) < 1 * MiB
+    stage(csi, volume.volume_id, staging, capability)
+    assert fs_type_of(staging) == "xfs"
+    assert _mapped_bytes(vg.name, lv) >= 64 * MiB
+    unstage(csi, volume.volume_id, staging)
+    delete(csi, volume.volume_id)
+
+
+def test_a_thin_volume_in_a_pool_that_does_not_zero_is_not_taken_to_read_zeros(
+    vg: LoopVolumeGroup, name: str
+) -> None:
+    # Such a pool leaves old data beside a partial first write into a block,
+    # so a skipped zeroing could leave stale bytes in an xfs log.
+    pool, thin = f"{name}-nozero", f"{name}-thin"
+    vg.lvcreate("--type", "thin-pool", "--zero", "n", "-L", "8M", "-n", pool, vg.name)
+    vg.lvcreate("-V", "64M", "-T", f"{vg.name}/{pool}", "-n", thin)
+    lvm = Lvm()
+    try:
+        found = lvm.find_lv(vg.name, thin)
+        assert found is not None and found.never_written
+        assert not found.attr.zeroes_new_blocks and not found.reads_zeros
+    finally:
+        lvm.close()
+        subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{pool}"], check=True)

@@ -50,6 +50,19 @@ def test_only_a_thin_lv_with_no_mapped_block_counts_as_never_written() -> None:
         assert not lv.never_written, row
 
 
+def test_only_a_never_written_lv_in_a_zeroing_pool_reads_zeros() -> None:
+    pool, volume = parse_lv_report(LVS)
+    assert pool.attr.zeroes_new_blocks and volume.attr.zeroes_new_blocks
+    assert volume.reads_zeros
+    rows = LVS["report"][0]["lv"]
+    # A pool made with --zero n leaves old data beside a partial first write.
+    not_zeroing = {**rows[1], "lv_attr": "Vwi-a-t---"}
+    written = {**rows[1], "data_percent": "0.01"}
+    for row in (not_zeroing, written):
+        (lv,) = parse_lv_report({"report": [{"lv": [row]}]})
+        assert not lv.reads_zeros, row
+
+
 def test_vg_report() -> None:
     (vg,) = parse_vg_report(
         {
