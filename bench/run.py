@@ -215,6 +215,10 @@ class Bench:
         idle = rss_mib(pid)
         probe_times = [timed(lambda: self.csi.identity.Probe(csi_pb2.ProbeRequest()))
                        for _ in range(probes)]  # fmt: skip
+        # A deployed node is never that idle: the liveness probe calls Probe
+        # every 20 s, which reads LVM, so the shell stays up between calls.
+        time.sleep(2)
+        probed = rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
         info_times = [timed(lambda: self.csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()))
                       for _ in range(infos)]  # fmt: skip
         keep = self.create(self.name("keep"), 64 * MiB)
@@ -231,6 +235,9 @@ class Bench:
         self.add(Row("Idle RSS, driver and its lvm shell", idle_total, None, None, "<= 60",
                      idle_total <= 60, "MiB",
                      f"{IDLE_EXIT:.0f} s after start; the shell ends when idle"))  # fmt: skip
+        self.add(Row("Idle RSS, driver and its lvm shell kept up by Probe", probed, None, None,
+                     "<= 60", probed <= 60, "MiB",
+                     f"after {probes} Probes, as under the liveness probe"))  # fmt: skip
         growth = 100 * (after - idle) / idle
         self.add(Row(f"Driver RSS growth after {done} mixed RPCs", growth, idle, after / idle,
                      "< 10", growth < 10, "%",
