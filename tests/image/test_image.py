@@ -252,6 +252,29 @@ def test_the_plugin_feeds_lvm_through_one_shell(plugin: Plugin) -> None:
     assert "lvm shell unavailable" not in logs
 
 
+ZERO_RANGE_CHECK = """
+import pathlib, subprocess
+from csi_lvm.zero_range import call_with_zero_range_skipped
+path = pathlib.Path("/tmp/zero-range-check")
+path.write_bytes(b"\\xff" * 8192)
+command = ["fallocate", "--zero-range", "--offset", "0", "--length", "4096", str(path)]
+code, filtered = call_with_zero_range_skipped(lambda: subprocess.run(command).returncode)
+print(filtered, code, path.read_bytes() == b"\\xff" * 8192)
+"""
+
+
+def test_the_mkfs_zeroing_filter_installs_under_the_runtime_seccomp_profile(
+    plugin: Plugin,
+) -> None:
+    # The container runs under Docker's default seccomp profile; csi-lvm's own
+    # filter (csi_lvm/zero_range.py) must stack on it, or every first stage of
+    # a blank thin LV pays for zeroing mkfs.xfs's log.
+    interpreter = 'head -n 1 "$(command -v csi-lvm)" | cut -c 3-'
+    code, output = plugin.exec("sh", "-c", f'exec "$({interpreter})" -c "$0"', ZERO_RANGE_CHECK)
+    assert code == 0, output
+    assert output.split() == ["True", "0", "True"], output
+
+
 def test_lvm_is_configured_for_a_container(plugin: Plugin) -> None:
     code, output = plugin.exec(
         "lvmconfig",
