@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from csi_lvm import fs
+from csi_lvm.config import DeviceClass
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import (
     AlreadyExists,
@@ -23,7 +24,7 @@ from csi_lvm.errors import (
     NotFound,
     OutOfRange,
 )
-from csi_lvm.ids import NEW_UUID_TAG, Kind
+from csi_lvm.ids import NEW_UUID_TAG, Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm import LvmNoSpace
 from csi_lvm.rpc import budget, node_topology
@@ -69,11 +70,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def node_id(self) -> str:
         return self.inventory.node_id
 
-    def _volume(self, volume_id: str, timeout: float | None) -> Owned:
+    def _parsed(self, volume_id: str) -> tuple[ObjectId, DeviceClass]:
         if not volume_id:
             raise InvalidArgument("volume_id is required")
         parsed = self.inventory.parse_local_id(volume_id, Kind.VOLUME, "volume")
-        owned = self.inventory.get(*parsed, timeout=timeout) if parsed else None
+        if parsed is None:
+            raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
+        return parsed
+
+    def _volume(self, volume_id: str, timeout: float | None) -> Owned:
+        owned = self.inventory.get(*self._parsed(volume_id), timeout=timeout)
         if owned is None:
             raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
         return owned
@@ -81,12 +87,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def _lock_name(self, volume_id: str) -> str:
         """The name a volume's calls serialise on, read from its id alone so
         the LV can be looked up once the lock is held."""
-        if not volume_id:
-            raise InvalidArgument("volume_id is required")
-        parsed = self.inventory.parse_local_id(volume_id, Kind.VOLUME, "volume")
-        if parsed is None:
-            raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
-        return parsed[0].lv_name
+        return self._parsed(volume_id)[0].lv_name
 
     def _device(self, owned: Owned, timeout: float | None) -> str:
         """The volume's device node, activating the LV when it is not."""
