@@ -51,6 +51,7 @@ from tests.testbed import (  # noqa: E402
     CsiClient,
     Driver,
     LoopVolumeGroup,
+    child_pids,
     write_config,
 )
 
@@ -114,18 +115,6 @@ def private_mib(pid: int) -> float:
         if line.startswith(("Private_Clean:", "Private_Dirty:")):
             total += int(line.split()[1])
     return total / 1024
-
-
-def children(pid: int) -> list[int]:
-    """Child processes of every thread of ``pid`` (a gRPC worker thread
-    starts the lvm shell again after it ended for idling)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 # The driver's default --lvm-shell-idle-exit (seconds).
@@ -209,16 +198,16 @@ class Bench:
         pid = self.driver.process.pid if self.driver.process else 0
         # Idle means the driver's lvm shell has ended too (--lvm-shell-idle-exit).
         deadline = time.monotonic() + IDLE_EXIT + 30
-        while children(pid) and time.monotonic() < deadline:
+        while child_pids(pid) and time.monotonic() < deadline:
             time.sleep(1)
-        idle_shells = sum(rss_mib(child) for child in children(pid))
+        idle_shells = sum(rss_mib(child) for child in child_pids(pid))
         idle = rss_mib(pid)
         probe_times = [timed(lambda: self.csi.identity.Probe(csi_pb2.ProbeRequest()))
                        for _ in range(probes)]  # fmt: skip
         # A deployed node is never that idle: the liveness probe calls Probe
         # every 20 s, which reads LVM, so the shell stays up between calls.
         time.sleep(2)
-        probed = rss_mib(pid) + sum(rss_mib(child) for child in children(pid))
+        probed = rss_mib(pid) + sum(rss_mib(child) for child in child_pids(pid))
         info_times = [timed(lambda: self.csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()))
                       for _ in range(infos)]  # fmt: skip
         keep = self.create(self.name("keep"), 64 * MiB)
@@ -227,7 +216,7 @@ class Bench:
             done = sum(pool.map(lambda call: call(), calls))
         time.sleep(3)
         after = rss_mib(pid)
-        shells = children(pid)
+        shells = child_pids(pid)
         busy_shells = sum(rss_mib(child) for child in shells)
         shells_private = sum(private_mib(child) for child in shells)
         self.delete(keep.volume_id)

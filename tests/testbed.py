@@ -79,6 +79,19 @@ class LoopVolumeGroup:
         self.image.unlink(missing_ok=True)
 
 
+def child_pids(pid: int) -> list[int]:
+    """Child processes of every thread of ``pid``: a driver's gRPC worker
+    thread starts its lvm shell, so the thread's children hold it, not only
+    the main thread's."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def write_config(path: Path, vg: str, pool: str, ratio: float = 10.0) -> Path:
     path.write_text(
         "deviceClasses:\n"
@@ -212,19 +225,14 @@ class ForkedDriver:
         its next command on stdin). Reads only the children of the driver's
         threads, so it is quick enough to poll while an LVM command runs."""
         names = []
-        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+        for child in child_pids(self.pid):
             try:
-                children = (task / "children").read_text().split()
+                comm = Path(f"/proc/{child}/comm").read_text().strip()
+                syscall = Path(f"/proc/{child}/syscall").read_text().split()
             except OSError:
                 continue
-            for child in children:
-                try:
-                    comm = Path(f"/proc/{child}/comm").read_text().strip()
-                    syscall = Path(f"/proc/{child}/syscall").read_text().split()
-                except OSError:
-                    continue
-                if syscall[:2] != ["0", "0x0"]:  # read(0, ...): waiting for a command
-                    names.append(comm)
+            if syscall[:2] != ["0", "0x0"]:  # read(0, ...): waiting for a command
+                names.append(comm)
         return names
 
     def crash(self) -> list[str]:
