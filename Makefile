@@ -10,9 +10,11 @@ LVM_TESTS ?= tests/lvm
 setup:
 	scripts/setup.sh
 
+# csi_pb2_grpc.pyi (mypy-protobuf) types the servicers' requests and answers.
 proto: setup
-	$(PY) -m grpc_tools.protoc --proto_path=csi_lvm/csi=proto \
-	    --python_out=. --pyi_out=. --grpc_python_out=. csi_lvm/csi/csi.proto
+	PATH=$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc --proto_path=csi_lvm/csi=proto \
+	    --python_out=. --pyi_out=. --grpc_python_out=. \
+	    --mypy_grpc_out=generate_concrete_servicer_stubs,only_sync,quiet:. csi_lvm/csi/csi.proto
 
 lint: setup
 	$(VENV)/bin/ruff check csi_lvm tests scripts bench

@@ -43,9 +43,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from csi_lvm import fs  # noqa: E402
+from csi_lvm.backends.thin import ThinBackend  # noqa: E402
+from csi_lvm.config import Config, DeviceClass  # noqa: E402
 from csi_lvm.csi import csi_pb2  # noqa: E402
 from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for  # noqa: E402
-from csi_lvm.lvm import LV_FIELDS, VG_COLUMNS, Lvm  # noqa: E402
+from csi_lvm.lifecycle import Lifecycle  # noqa: E402
+from csi_lvm.lvm.commands import Lvm  # noqa: E402
+from csi_lvm.lvm.records import LV_FIELDS, VG_COLUMNS  # noqa: E402
+from csi_lvm.volumes import Inventory  # noqa: E402
 from tests.testbed import (  # noqa: E402
     DRIVER_NAME,
     CsiClient,
@@ -434,7 +439,11 @@ class Bench:
         shell = Lvm(shell=True)  # noqa: S604 - the lvm shell, as the driver runs LVM; no sh
         try:
             found = shell.find_lv(self.vg.name, lv)  # starts the shell
-            reads_zeros = found is not None and found.reads_zeros
+            # The driver's own judgement, from its thin backend.
+            thin = DeviceClass("thin", self.vg.name, self.vg.pool)
+            inventory = Inventory(Config((thin,)), shell, "bench", "bench")
+            backend = ThinBackend(thin, inventory, Lifecycle(shell))
+            reads_zeros = found is not None and backend.reads_zeros(found)
             parts = {
                 "lvs of the LV (a process)": timed(lambda: self.dm_path(lv)),
                 "lvs of the LV (an lvm shell, as the driver)": timed(

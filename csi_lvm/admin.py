@@ -7,10 +7,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from csi_lvm.backends import Backends
 from csi_lvm.config import Config
 from csi_lvm.errors import DriverError
 from csi_lvm.ids import Kind, Tag
-from csi_lvm.lvm import Lvm
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.errors import LvmError
 from csi_lvm.volumes import Inventory
 
 
@@ -51,12 +53,14 @@ _KUBERNETES_TAGS = {
 }
 
 
-def node_status(inventory: Inventory) -> list[ClassStatus]:
+def node_status(backends: Backends) -> list[ClassStatus]:
+    inventory = backends.inventory
     scan = inventory.scan()
     owned = [*inventory.owned(Kind.VOLUME, scan), *inventory.owned(Kind.SNAPSHOT, scan)]
     classes = []
     for device_class in inventory.config.device_classes:
-        space = inventory.space(device_class, scan)
+        backend = backends.of(device_class)
+        space = backend.space(scan)
         status = ClassStatus(
             name=device_class.name,
             backing=device_class.describe(),
@@ -73,7 +77,7 @@ def node_status(inventory: Inventory) -> list[ClassStatus]:
         for item in owned:
             if item.device_class.name != device_class.name:
                 continue
-            condition = inventory.condition(item, scan)
+            condition = backend.condition(item, scan)
             status.objects.append(
                 ObjectStatus(
                     kind=item.kind.value,
@@ -98,11 +102,12 @@ def status_json(classes: list[ClassStatus]) -> list[dict[str, object]]:
     return [asdict(c) for c in classes]
 
 
-def _size(value: int) -> str:
+def _size(size: int) -> str:
+    value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024  # type: ignore[assignment]
+        value /= 1024
     return str(value)
 
 
@@ -162,7 +167,7 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str) -> list[Check]:
     try:
         version = lvm.version().splitlines()[0]
         checks.append(Check(True, f"LVM tools ({version.strip()})"))
-    except DriverError as error:
+    except (DriverError, LvmError) as error:
         checks.append(Check(False, "LVM tools", f"install lvm2: {error}"))
     if config is None:
         checks.append(Check(False, "config", "give --config with the node's device classes"))
@@ -170,7 +175,7 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str) -> list[Check]:
         inventory = Inventory(config, lvm, "doctor", "doctor")
         try:
             missing = inventory.missing_storage()
-        except DriverError as error:
+        except (DriverError, LvmError) as error:
             missing = []
             checks.append(Check(False, "volume groups", str(error)))
         for device_class in config.device_classes:

@@ -18,12 +18,13 @@ import structlog
 from csi_lvm import __version__
 from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.admin import node_status, status_json, status_text
+from csi_lvm.backends import Backends
 from csi_lvm.config import load_config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
 from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm import Lvm
+from csi_lvm.lvm.commands import Lvm
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.node import NodeService
 from csi_lvm.server import Server, socket_path
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def status(args: argparse.Namespace) -> int:
     configure_logging("warning")
     inventory = Inventory(load_config(args.config), Lvm(), default_node_id(), args.driver_name)
-    classes = node_status(inventory)
+    classes = node_status(Backends(inventory))
     if args.json:
         print(json.dumps(status_json(classes), indent=2))
     else:
@@ -171,16 +172,16 @@ def serve(args: argparse.Namespace) -> int:
             f"{config.source} line {line}: device class {device_class.name!r} "
             f"names {what}, which does not exist on node {node_id}"
         )
+    backends = Backends(inventory)
     if args.metrics_address:
-        serve_metrics(args.metrics_address, inventory)
+        serve_metrics(args.metrics_address, backends)
     locks = KeyedLocks()
-    controller = ControllerService(inventory, locks, topology_key)
-    controller.repair_interrupted()
+    backends.states.remove_unfinished(inventory, locks)
     server = Server(
         args.endpoint,
         IdentityService(args.driver_name, inventory),
-        controller,
-        NodeService(inventory, locks, topology_key, args.max_volumes_per_node),
+        ControllerService(inventory, backends, locks, topology_key),
+        NodeService(inventory, backends, locks, topology_key, args.max_volumes_per_node),
     )
     log.info(
         "starting",

@@ -1,20 +1,24 @@
 """The CSI Controller service: volume and snapshot lifecycle on this node.
 
-Each RPC validates its request, then does one thing through the inventory
-(lookups) and the LVM layer (changes). Errors are raised as domain errors;
-the server's interceptor turns them into gRPC statuses.
+Each RPC validates its request, picks the device class's backend, and
+translates the answer. Lookups go through the inventory, changes through the
+backend (``csi_lvm.backends``), lifecycle states through
+``csi_lvm.lifecycle``. Errors are raised as domain errors; the server's
+interceptor turns them into gRPC statuses.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
+import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from csi_lvm import lifecycle
+from csi_lvm.backends import Backends
+from csi_lvm.backends.base import Backend, ClassSpace, Condition
 from csi_lvm.config import DeviceClass
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import (
@@ -25,21 +29,11 @@ from csi_lvm.errors import (
     NotFound,
     ResourceExhausted,
 )
-from csi_lvm.ids import (
-    COPYING_TAG,
-    INCOMPLETE_TAG,
-    NEW_UUID_TAG,
-    Kind,
-    ObjectId,
-    Tag,
-    check_csi_name,
-    encode_tags,
-    lv_name_for,
-)
+from csi_lvm.ids import Kind, ObjectId, Tag, check_csi_name, encode_tags, lv_name_for
+from csi_lvm.lifecycle import Stage
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm import LvmAlreadyExists, LvmInUse, LvmNoSpace
+from csi_lvm.lvm.errors import LvmAlreadyExists, LvmInUse, LvmNoSpace
 from csi_lvm.rpc import budget, node_topology
-from csi_lvm.thick import ThickCopier
 from csi_lvm.validation import (
     PV_NAME,
     PVC_NAME,
@@ -48,6 +42,7 @@ from csi_lvm.validation import (
     SNAPSHOT_CONTENT_NAME,
     SNAPSHOT_NAME,
     SNAPSHOT_NAMESPACE,
+    SizeRange,
     capability_problem,
     check_capabilities,
     choose_size,
@@ -55,7 +50,7 @@ from csi_lvm.validation import (
     minimum_bytes,
     size_range,
 )
-from csi_lvm.volumes import ClassSpace, Inventory, Owned, Scan
+from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.controller")
 
@@ -72,15 +67,17 @@ CAPABILITIES = (
     Cap.GET_SNAPSHOT,
     Cap.CLONE_VOLUME,
 )
+Context = grpc.ServicerContext
 
 
-class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, inventory: Inventory, locks: KeyedLocks, topology_key: str) -> None:
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(
+        self, inventory: Inventory, backends: Backends, locks: KeyedLocks, topology_key: str
+    ) -> None:
         self.inventory = inventory
-        self.lvm = inventory.lvm
+        self.backends = backends
         self.locks = locks
         self.topology_key = topology_key
-        self.copier = ThickCopier(inventory)
 
     @property
     def node_id(self) -> str:
@@ -88,11 +85,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
 
     # ------------------------------------------------------------- volumes
 
-    def CreateVolume(self, request: Any, context: Any) -> csi_pb2.CreateVolumeResponse:
+    def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: Context
+    ) -> csi_pb2.CreateVolumeResponse:
         check_csi_name(request.name)
         check_capabilities(request.volume_capabilities)
-        parameters = dict(request.parameters)
-        device_class = device_class_for(self.inventory.config, parameters)
+        device_class = device_class_for(self.inventory.config, dict(request.parameters))
+        backend = self.backends.of(device_class)
         wanted = size_range(
             request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
@@ -101,29 +100,31 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         with self.locks.hold(lv_name):
             scan = self.inventory.scan(timeout)
             existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
-            if existing is not None and INCOMPLETE_TAG in existing.lv.tags:
-                self._remove_incomplete(existing, timeout)
+            if existing is not None and lifecycle.stage_of(existing.lv) is Stage.MAKING:
+                self.backends.states.discard_unfinished(existing, timeout)
                 scan, existing = self.inventory.scan(timeout), None
             source = None
             if request.HasField("volume_content_source"):
                 # A repeat of a finished restore or clone needs no source any
                 # more: its snapshot may have been deleted since (a sidecar
                 # that lost the first answer asks again).
-                settled = existing is not None and existing.complete
-                source = self._content_source(request, scan, must_exist=not settled)
-            self._check_topology(request, source)
+                settled = existing is not None and lifecycle.is_ready(existing)
+                source = self._content_source(
+                    request.volume_content_source, scan, must_exist=not settled
+                )
+            self._check_topology(request.accessibility_requirements, source)
             if existing is not None:
-                return self._existing_volume(
-                    request, existing, device_class, wanted, source, scan, timeout
+                volume = self._existing_volume(
+                    request, existing, backend, wanted, source, scan, timeout
                 )
-            space = self.inventory.space(device_class, scan)
-            if source is not None:
-                owned = self._create_from_source(
-                    request, lv_name, device_class, wanted, source, space, timeout
-                )
-                volume = self._volume(owned, request.volume_content_source)
+                return csi_pb2.CreateVolumeResponse(volume=volume)
+            space = backend.space(scan)
+            if source is None:
+                volume = self._create_blank(request, lv_name, backend, wanted, space, timeout)
             else:
-                volume = self._create_blank(request, lv_name, device_class, wanted, space, timeout)
+                volume = self._create_from_source(
+                    request, lv_name, backend, wanted, source, space, timeout
+                )
         log.info(
             "volume created",
             volume_id=volume.volume_id,
@@ -134,57 +135,55 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
 
     def _create_blank(
         self,
-        request: Any,
+        request: csi_pb2.CreateVolumeRequest,
         lv_name: str,
-        device_class: DeviceClass,
-        wanted: Any,
+        backend: Backend,
+        wanted: SizeRange,
         space: ClassSpace,
         timeout: float | None,
     ) -> csi_pb2.Volume:
         """Make a blank volume. Its size is whole extents already, exactly what
         lvcreate makes, so no report is read back (a repeated call reads the
         volume from LVM, in _existing_volume)."""
+        device_class = backend.device_class
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
-        self._check_room(device_class, size, space)
+        self._check_room(device_class, size, backend.room_for_volume(size, None, 0), space)
         tags = self._volume_tags(request, device_class, source_id="")
-        if device_class.thin_pool is not None:
-            with self._lvcreate_errors(device_class, size, f"volume {request.name}"):
-                self.lvm.create_thin_volume(
-                    device_class.volume_group, device_class.thin_pool, lv_name, size, tags, timeout
-                )
-        else:
-            # lvcreate commits the LV before it zeroes the start: a kill in
-            # between would leave an earlier tenant's data in a "new" volume.
-            self._create_linear(
-                device_class,
-                lv_name,
-                size,
-                [*tags, INCOMPLETE_TAG],
-                f"volume {request.name}",
-                timeout,
-            )
-            self.lvm.delete_tag(device_class.volume_group, lv_name, INCOMPLETE_TAG, timeout)
+        with self._create_errors(device_class, size, f"volume {request.name}"):
+            backend.create_blank(lv_name, size, tags, timeout)
         return csi_pb2.Volume(
             volume_id=str(self.inventory.make_id(device_class, lv_name)),
             capacity_bytes=size,
             accessible_topology=[node_topology(self.topology_key, self.node_id)],
         )
 
-    def _create_linear(
+    def _create_from_source(
         self,
-        device_class: DeviceClass,
+        request: csi_pb2.CreateVolumeRequest,
         lv_name: str,
-        size: int,
-        tags: list[str],
-        name: str,
+        backend: Backend,
+        wanted: SizeRange,
+        source: Owned,
+        space: ClassSpace,
         timeout: float | None,
-    ) -> None:
-        with self._lvcreate_errors(device_class, size, name):
-            self.lvm.create_linear_volume(device_class.volume_group, lv_name, size, tags, timeout)
+    ) -> csi_pb2.Volume:
+        device_class = backend.device_class
+        if device_class.name != source.device_class.name:
+            raise InvalidArgument(
+                f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
+                f"a volume made from it must use that class, not {device_class.name}"
+            )
+        extent = space.extent_bytes
+        size = choose_size(wanted, extent, minimum=source.size_bytes)
+        self._check_room(device_class, size, backend.room_for_volume(size, source, extent), space)
+        tags = self._volume_tags(request, device_class, source_id=str(source.id))
+        with self._create_errors(device_class, size, f"volume {request.name}"):
+            owned = backend.create_from(lv_name, size, tags, source, extent, timeout)
+        return self._csi_volume(owned, request.volume_content_source)
 
     @contextmanager
-    def _lvcreate_errors(self, device_class: DeviceClass, size: int, name: str) -> Iterator[None]:
-        """LVM's refusals of a new LV, as the statuses a CreateVolume answers."""
+    def _create_errors(self, device_class: DeviceClass, size: int, name: str) -> Iterator[None]:
+        """LVM's refusals of a new LV, as the statuses a create answers."""
         try:
             yield
         except LvmNoSpace as exc:
@@ -195,93 +194,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         except LvmAlreadyExists as exc:
             raise Aborted(f"{name} appeared while being created; retry") from exc
 
-    def _create_from_source(
-        self,
-        request: Any,
-        lv_name: str,
-        device_class: DeviceClass,
-        wanted: Any,
-        source: Owned,
-        space: ClassSpace,
-        timeout: float | None,
-    ) -> Owned:
-        if device_class.name != source.device_class.name:
-            raise InvalidArgument(
-                f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
-                f"a volume made from it must use that class, not {device_class.name}"
-            )
-        size = choose_size(wanted, space.extent_bytes, minimum=source.size_bytes)
-        tags = [*self._volume_tags(request, device_class, source_id=str(source.id)), NEW_UUID_TAG]
-        if device_class.thin_pool is None:
-            # A thick restore or clone is a copy into a new LV of its own.
-            needed = self.copier.room_needed(source, size, space.extent_bytes)
-            self._check_room(device_class, needed, space, copy=True)
-            self._create_linear(
-                device_class, lv_name, size, [*tags, COPYING_TAG], f"volume {request.name}", timeout
-            )
-            self.copier.fill(
-                self._reload(device_class, lv_name, timeout), source, space.extent_bytes
-            )
-            return self._reload(device_class, lv_name, None)
-        # A thin snapshot copies nothing, but its virtual size still counts
-        # against the class's over-provisioning limit, like any thin volume.
-        self._check_room(device_class, size, space)
-        try:
-            self.lvm.create_thin_snapshot(
-                device_class.volume_group,
-                source.lv.name,
-                lv_name,
-                tags,
-                active=True,
-                timeout=timeout,
-            )
-        except LvmNoSpace as exc:
-            raise ResourceExhausted(
-                f"thin pool of device class {device_class.name} on node {self.node_id} "
-                f"refused a new snapshot: {exc}"
-            ) from exc
-        owned = self._reload(device_class, lv_name, timeout)
-        if owned.size_bytes < size:
-            self.lvm.extend(device_class.volume_group, lv_name, size, timeout)
-            owned = self._reload(device_class, lv_name, timeout)
-        return owned
-
-    def _remove_incomplete(self, owned: Owned, timeout: float | None) -> None:
-        log.warning(
-            "repairing an interrupted creation: removing the LV to make it again",
-            lv=owned.lv.full_name,
-            name=owned.name,
-        )
-        self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
-
-    def repair_interrupted(self, timeout: float | None = None) -> int:
-        """At start-up: remove every owned LV whose creation never finished.
-
-        Its id was never returned, so nothing refers to it; a retry of the
-        call makes it again. Returns how many were removed."""
-        scan = self.inventory.scan(timeout)
-        incomplete = [
-            owned
-            for kind in Kind
-            for owned in self.inventory.owned(kind, scan)
-            if INCOMPLETE_TAG in owned.lv.tags
-        ]
-        for owned in incomplete:
-            with self.locks.hold(owned.lv.name):
-                self._remove_incomplete(owned, timeout)
-        return len(incomplete)
-
     def _existing_volume(
         self,
-        request: Any,
+        request: csi_pb2.CreateVolumeRequest,
         existing: Owned,
-        device_class: DeviceClass,
-        wanted: Any,
+        backend: Backend,
+        wanted: SizeRange,
         source: Owned | None,
         scan: Scan,
         timeout: float | None,
-    ) -> csi_pb2.CreateVolumeResponse:
+    ) -> csi_pb2.Volume:
         """Idempotent repeat, a crash left-over to finish, or a conflict."""
+        device_class = backend.device_class
         if existing.name != request.name or existing.device_class.name != device_class.name:
             raise AlreadyExists(
                 f"volume {request.name} already exists in device class "
@@ -293,35 +217,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"volume {request.name} already exists with a different content source "
                 f"({existing.source_id or 'none'})"
             )
-        if source is not None and not existing.complete:
-            # A thick restore or clone whose copy was interrupted: redo it.
-            extent = self.inventory.space(device_class, scan).extent_bytes
-            self.copier.fill(existing, source, extent)
-            existing = self._reload(device_class, existing.lv.name, None)
-        if (
-            existing.source_id
-            and device_class.thin_pool is not None
-            and existing.size_bytes < wanted.required
-        ):
-            # A thin restore interrupted between snapshot and extend: finish it
-            # (the snapshot is already as large as its source was).
-            extent = self.inventory.space(device_class, scan).extent_bytes
-            size = choose_size(wanted, extent, minimum=existing.size_bytes)
-            self.lvm.extend(existing.lv.vg_name, existing.lv.name, size, timeout)
-            existing = self._reload(device_class, existing.lv.name, timeout)
+        extent = backend.space(scan).extent_bytes
+        size = existing.size_bytes
+        if size < wanted.required:
+            size = choose_size(wanted, extent, minimum=size)
+        existing = backend.resume(existing, source, size, extent, timeout)
         if not wanted.allows(existing.size_bytes):
             raise AlreadyExists(
                 f"volume {request.name} already exists with {existing.size_bytes} bytes, "
                 f"outside the requested range ({wanted.describe()})"
             )
-        return csi_pb2.CreateVolumeResponse(
-            volume=self._volume(existing, request.volume_content_source)
-        )
+        return self._csi_volume(existing, request.volume_content_source)
 
-    def _content_source(self, request: Any, scan: Scan, must_exist: bool) -> Owned | None:
+    def _content_source(
+        self, content: csi_pb2.VolumeContentSource, scan: Scan, must_exist: bool
+    ) -> Owned | None:
         """The snapshot or volume a new volume is made from; NOT_FOUND when it
         does not exist, unless ``must_exist`` is false (then None)."""
-        reference = source_reference(request.volume_content_source)
+        reference = source_reference(content)
         if reference is None:
             raise InvalidArgument("volume_content_source must name a snapshot or a volume")
         text, kind, what = reference
@@ -338,11 +251,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             if must_exist:
                 raise NotFound(f"{what} {text} does not exist on node {self.node_id}")
             return None
-        found.check_complete(what)
+        lifecycle.check_ready(found, what)
         return found
 
-    def _check_topology(self, request: Any, source: Owned | None) -> None:
-        requirements = request.accessibility_requirements
+    def _check_topology(
+        self, requirements: csi_pb2.TopologyRequirement, source: Owned | None
+    ) -> None:
         wanted = list(requirements.requisite) or list(requirements.preferred)
         if not wanted:
             return
@@ -358,22 +272,31 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
 
     def _check_room(
-        self, device_class: DeviceClass, size: int, space: ClassSpace, copy: bool = False
+        self, device_class: DeviceClass, size: int, needed: int, space: ClassSpace
     ) -> None:
+        """Refuse a new object of ``size`` bytes that takes ``needed`` bytes of
+        the class's room (more than its size while a copy runs, nothing for a
+        thin snapshot)."""
         if space.full is not None:
             log.warning("device class full", device_class=device_class.name, reason=space.full)
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} takes no new "
                 f"volumes: {space.full}"
             )
-        if size > space.available_bytes:
-            during = " (the copy, and a temporary snapshot of a volume source)" if copy else ""
+        if needed > space.available_bytes:
+            during = (
+                f" ({size} for the copy, the rest for the temporary snapshot it reads)"
+                if needed > size
+                else ""
+            )
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} has "
-                f"{space.available_bytes} bytes available, {size} requested{during}"
+                f"{space.available_bytes} bytes available, {needed} requested{during}"
             )
 
-    def _volume_tags(self, request: Any, device_class: DeviceClass, source_id: str) -> list[str]:
+    def _volume_tags(
+        self, request: csi_pb2.CreateVolumeRequest, device_class: DeviceClass, source_id: str
+    ) -> list[str]:
         parameters = request.parameters
         return encode_tags(
             {
@@ -387,17 +310,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             }
         )
 
-    def _reload(self, device_class: DeviceClass, lv_name: str, timeout: float | None) -> Owned:
-        # A shared scan, not an ``lvs`` of this LV: concurrent creates share it.
-        lv = self.inventory.scan(timeout).lv(device_class.volume_group, lv_name)
-        owned = None if lv is None else self.inventory.adopt(lv, device_class)
-        if owned is None:
-            raise Aborted(
-                f"LV {device_class.volume_group}/{lv_name} vanished while being made; retry"
-            )
-        return owned
-
-    def _volume(self, owned: Owned, content_source: Any = None) -> csi_pb2.Volume:
+    def _csi_volume(
+        self, owned: Owned, content_source: csi_pb2.VolumeContentSource | None = None
+    ) -> csi_pb2.Volume:
+        """The CSI view of an owned volume."""
         volume = csi_pb2.Volume(
             volume_id=str(owned.id),
             capacity_bytes=owned.size_bytes,
@@ -413,7 +329,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 volume.content_source.volume.volume_id = owned.source_id
         return volume
 
-    def DeleteVolume(self, request: Any, context: Any) -> csi_pb2.DeleteVolumeResponse:
+    def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: Context
+    ) -> csi_pb2.DeleteVolumeResponse:
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
         parsed = self.inventory.parse_local_id(request.volume_id, Kind.VOLUME, "volume")
@@ -425,41 +343,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             owned = self.inventory.get(object_id, device_class, timeout)
             if owned is None:
                 return csi_pb2.DeleteVolumeResponse()
-            if self._held_open(owned, timeout):
-                raise FailedPrecondition(
-                    f"volume {request.volume_id} is still in use on node {self.node_id} "
-                    "(its device is open); unpublish and unstage it first"
-                )
-            self._remove(owned, "volume", timeout)
+            self._remove(
+                owned,
+                f"volume {request.volume_id} is still in use on node {self.node_id} "
+                "(its device is open); unpublish and unstage it first",
+                timeout,
+            )
         log.info("volume deleted", volume_id=request.volume_id, lv=owned.lv.full_name)
         return csi_pb2.DeleteVolumeResponse()
 
-    def _held_open(self, owned: Owned, timeout: float | None) -> bool:
-        """Whether the LV's device stays open. udev opens a device for a moment
-        after a writer closes it (to probe it again), so an open device is
-        looked at a few more times, for about a second, before a call is
-        refused; LVM's own deactivation retries for the same reason."""
-        if not owned.lv.attr.device_open:
-            return False
-        for _ in range(4):
-            time.sleep(0.25)
-            lv = self.lvm.find_lv(owned.lv.vg_name, owned.lv.name, timeout)
-            if lv is None or not lv.attr.device_open:
-                return False
-        return True
-
-    def _remove(self, owned: Owned, what: str, timeout: float | None) -> None:
-        """Remove an owned LV, and the temporary snapshot an interrupted copy
-        into it left behind."""
+    def _remove(self, owned: Owned, while_open: str, timeout: float | None) -> None:
+        """Remove an owned LV; ``while_open`` is the answer while its device is open."""
+        backend = self.backends.of(owned.device_class)
+        if backend.held_open(owned, timeout):
+            raise FailedPrecondition(while_open)
         try:
-            if not owned.complete:
-                self.copier.remove_view(owned)
-            self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+            backend.remove(owned, timeout)
         except LvmInUse as exc:
             raise FailedPrecondition(
-                f"{what} {owned.id} is in use on node {self.node_id}: it is open, or a copy "
-                f"(a thick snapshot, restore or clone) is reading it; retry when that has "
-                f"finished ({exc})"
+                f"{owned.kind.value} {owned.id} is in use on node {self.node_id}: it is open, "
+                f"or a copy (a thick snapshot, restore or clone) is reading it; retry when "
+                f"that has finished ({exc})"
             ) from exc
 
     def _require_volume(self, volume_id: str, scan: Scan) -> Owned:
@@ -468,7 +372,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         return self.inventory.require(volume_id, Kind.VOLUME, "volume", scan)
 
     def ValidateVolumeCapabilities(
-        self, request: Any, context: Any
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Context
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
@@ -487,37 +391,42 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
-    def ListVolumes(self, request: Any, context: Any) -> csi_pb2.ListVolumesResponse:
+    def _condition(self, owned: Owned, scan: Scan) -> csi_pb2.VolumeCondition:
+        condition: Condition = self.backends.of(owned.device_class).condition(owned, scan)
+        return csi_pb2.VolumeCondition(abnormal=condition.abnormal, message=condition.message)
+
+    def ListVolumes(
+        self, request: csi_pb2.ListVolumesRequest, context: Context
+    ) -> csi_pb2.ListVolumesResponse:
         scan = self.inventory.scan(budget(context))
         volumes = self.inventory.owned(Kind.VOLUME, scan)
         page, next_token = _page(volumes, request.max_entries, request.starting_token)
-        entries = []
-        for owned in page:
-            condition = self.inventory.condition(owned, scan)
-            entries.append(
-                csi_pb2.ListVolumesResponse.Entry(
-                    volume=self._volume(owned),
-                    status=csi_pb2.ListVolumesResponse.VolumeStatus(
-                        volume_condition=_condition(condition)
-                    ),
-                )
+        entries = [
+            csi_pb2.ListVolumesResponse.Entry(
+                volume=self._csi_volume(owned),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    volume_condition=self._condition(owned, scan)
+                ),
             )
+            for owned in page
+        ]
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
 
     def ControllerGetVolume(
-        self, request: Any, context: Any
+        self, request: csi_pb2.ControllerGetVolumeRequest, context: Context
     ) -> csi_pb2.ControllerGetVolumeResponse:
         scan = self.inventory.scan(budget(context))
         owned = self._require_volume(request.volume_id, scan)
-        condition = self.inventory.condition(owned, scan)
         return csi_pb2.ControllerGetVolumeResponse(
-            volume=self._volume(owned),
+            volume=self._csi_volume(owned),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-                volume_condition=_condition(condition)
+                volume_condition=self._condition(owned, scan)
             ),
         )
 
-    def GetCapacity(self, request: Any, context: Any) -> csi_pb2.GetCapacityResponse:
+    def GetCapacity(
+        self, request: csi_pb2.GetCapacityRequest, context: Context
+    ) -> csi_pb2.GetCapacityResponse:
         device_class = device_class_for(self.inventory.config, dict(request.parameters))
         if any(capability_problem(c) for c in request.volume_capabilities):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
@@ -526,7 +435,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             and request.accessible_topology.segments.get(self.topology_key) != self.node_id
         ):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
-        space = self.inventory.space(device_class, self.inventory.scan(budget(context)))
+        space = self.backends.of(device_class).space(self.inventory.scan(budget(context)))
         available = space.available_bytes - space.available_bytes % space.extent_bytes
         response = csi_pb2.GetCapacityResponse(available_capacity=available)
         response.maximum_volume_size.value = available
@@ -534,7 +443,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         return response
 
     def ControllerGetCapabilities(
-        self, request: Any, context: Any
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         return csi_pb2.ControllerGetCapabilitiesResponse(
             capabilities=[
@@ -547,7 +456,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
 
     # ------------------------------------------------------------ snapshots
 
-    def CreateSnapshot(self, request: Any, context: Any) -> csi_pb2.CreateSnapshotResponse:
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: Context
+    ) -> csi_pb2.CreateSnapshotResponse:
         check_csi_name(request.name)
         if not request.source_volume_id:
             raise InvalidArgument("source_volume_id is required")
@@ -569,23 +480,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                         f"snapshot {request.name} already exists for source volume "
                         f"{existing.source_id}, not {request.source_volume_id}"
                     )
-                if not existing.complete:
+                if not lifecycle.is_ready(existing):
                     # A thick snapshot whose copy was interrupted: redo it.
                     source = self._require_volume(request.source_volume_id, scan)
-                    source.check_complete("source volume")
-                    extent = self.inventory.space(existing.device_class, scan).extent_bytes
-                    self.copier.fill(existing, source, extent)
-                    existing = self._reload(existing.device_class, existing.lv.name, None)
-                return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(existing))
+                    lifecycle.check_ready(source, "source volume")
+                    backend = self.backends.of(existing.device_class)
+                    extent = backend.space(scan).extent_bytes
+                    existing = backend.resume(
+                        existing, source, existing.size_bytes, extent, timeout
+                    )
+                return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(existing))
             source = self._require_volume(request.source_volume_id, scan)
-            source.check_complete("source volume")
+            lifecycle.check_ready(source, "source volume")
             device_class = source.device_class
-            full = self.inventory.space(device_class, scan).full
-            if full is not None:
-                # A snapshot pins the origin's blocks, so every later write to
-                # the origin needs new ones: not on a pool that is out of room.
-                log.warning("device class full", device_class=device_class.name, reason=full)
-                raise ResourceExhausted(f"no snapshot of volume {request.source_volume_id}: {full}")
+            backend = self.backends.of(device_class)
+            space = backend.space(scan)
+            extent = space.extent_bytes
+            needed = backend.room_for_snapshot(source, extent)
+            self._check_room(device_class, source.size_bytes, needed, space)
             tags = encode_tags(
                 {
                     Tag.DRIVER: self.inventory.driver_name,
@@ -597,49 +509,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     Tag.SNAPSHOT_CONTENT_NAME: parameters.get(SNAPSHOT_CONTENT_NAME, ""),
                 }
             )
-            if device_class.thin_pool is None:
-                snapshot = self._copy_snapshot(request.name, lv_name, source, tags, scan, timeout)
-            else:
-                try:
-                    self.lvm.create_thin_snapshot(
-                        device_class.volume_group, source.lv.name, lv_name, tags,
-                        active=False, timeout=timeout,
-                    )  # fmt: skip
-                except LvmNoSpace as exc:
-                    raise ResourceExhausted(
-                        f"thin pool of device class {device_class.name} refused a snapshot: {exc}"
-                    ) from exc
-                snapshot = self._reload(device_class, lv_name, timeout)
+            with self._create_errors(device_class, source.size_bytes, f"snapshot {request.name}"):
+                snapshot = backend.snapshot(lv_name, tags, source, extent, timeout)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
-        return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(snapshot))
+        return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(snapshot))
 
-    def _copy_snapshot(
-        self,
-        name: str,
-        lv_name: str,
-        source: Owned,
-        tags: list[str],
-        scan: Scan,
-        timeout: float | None,
-    ) -> Owned:
-        """A thick snapshot: a new LV of the source's size holding a copy of a
-        point-in-time view of it."""
-        device_class = source.device_class
-        space = self.inventory.space(device_class, scan)
-        needed = self.copier.room_needed(source, source.size_bytes, space.extent_bytes)
-        self._check_room(device_class, needed, space, copy=True)
-        self._create_linear(
-            device_class,
-            lv_name,
-            source.size_bytes,
-            [*tags, COPYING_TAG],
-            f"snapshot {name}",
-            timeout,
-        )
-        self.copier.fill(self._reload(device_class, lv_name, timeout), source, space.extent_bytes)
-        return self._reload(device_class, lv_name, None)
-
-    def _snapshot(self, owned: Owned) -> csi_pb2.Snapshot:
+    def _csi_snapshot(self, owned: Owned) -> csi_pb2.Snapshot:
+        """The CSI view of an owned snapshot."""
         created = Timestamp()
         when = owned.lv.created_at
         if when is not None:
@@ -649,10 +525,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             source_volume_id=owned.source_id,
             size_bytes=owned.size_bytes,
             creation_time=created,
-            ready_to_use=owned.complete,
+            ready_to_use=lifecycle.is_ready(owned),
         )
 
-    def DeleteSnapshot(self, request: Any, context: Any) -> csi_pb2.DeleteSnapshotResponse:
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: Context
+    ) -> csi_pb2.DeleteSnapshotResponse:
         if not request.snapshot_id:
             raise InvalidArgument("snapshot_id is required")
         parsed = self.inventory.parse_local_id(request.snapshot_id, Kind.SNAPSHOT, "snapshot")
@@ -663,23 +541,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         with self.locks.hold(object_id.lv_name):
             owned = self.inventory.get(object_id, device_class, timeout)
             if owned is not None:
-                if self._held_open(owned, timeout):
-                    raise FailedPrecondition(
-                        f"snapshot {request.snapshot_id} is being read (a restore from it is "
-                        "copying); retry when the restore has finished"
-                    )
-                self._remove(owned, "snapshot", timeout)
+                self._remove(
+                    owned,
+                    f"snapshot {request.snapshot_id} is being read (a restore from it is "
+                    "copying); retry when the restore has finished",
+                    timeout,
+                )
                 log.info("snapshot deleted", snapshot_id=request.snapshot_id)
         return csi_pb2.DeleteSnapshotResponse()
 
-    def GetSnapshot(self, request: Any, context: Any) -> csi_pb2.GetSnapshotResponse:
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: Context
+    ) -> csi_pb2.GetSnapshotResponse:
         if not request.snapshot_id:
             raise InvalidArgument("snapshot_id is required")
         scan = self.inventory.scan(budget(context))
         found = self.inventory.require(request.snapshot_id, Kind.SNAPSHOT, "snapshot", scan)
-        return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot(found))
+        return csi_pb2.GetSnapshotResponse(snapshot=self._csi_snapshot(found))
 
-    def ListSnapshots(self, request: Any, context: Any) -> csi_pb2.ListSnapshotsResponse:
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: Context
+    ) -> csi_pb2.ListSnapshotsResponse:
         snapshots = self.inventory.owned(Kind.SNAPSHOT, self.inventory.scan(budget(context)))
         if request.snapshot_id:
             snapshots = [s for s in snapshots if str(s.id) == request.snapshot_id]
@@ -687,7 +569,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             snapshots = [s for s in snapshots if s.source_id == request.source_volume_id]
         page, next_token = _page(snapshots, request.max_entries, request.starting_token)
         return csi_pb2.ListSnapshotsResponse(
-            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot(s)) for s in page],
+            entries=[
+                csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._csi_snapshot(s)) for s in page
+            ],
             next_token=next_token,
         )
 
@@ -710,11 +594,7 @@ def _page(items: Sequence[Owned], max_entries: int, token: str) -> tuple[list[Ow
     return page, next_token
 
 
-def _condition(condition: Any) -> csi_pb2.VolumeCondition:
-    return csi_pb2.VolumeCondition(abnormal=condition.abnormal, message=condition.message)
-
-
-def source_reference(content: Any) -> tuple[str, Kind, str] | None:
+def source_reference(content: csi_pb2.VolumeContentSource) -> tuple[str, Kind, str] | None:
     """The id a content source names, its kind and what to call it in a
     message; None when it names neither a snapshot nor a volume."""
     which = content.WhichOneof("type")
@@ -725,7 +605,7 @@ def source_reference(content: Any) -> tuple[str, Kind, str] | None:
     return None
 
 
-def requested_source_id(content: Any) -> str:
+def requested_source_id(content: csi_pb2.VolumeContentSource) -> str:
     """The id a request names as its content source, as csi-lvm writes it in
     a volume's tags ("" for none)."""
     reference = source_reference(content)

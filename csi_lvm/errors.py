@@ -1,13 +1,17 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors and the one table that maps them, and LVM's errors, to gRPC
+status codes.
 
-Every layer raises these; only the server's interceptor turns them into a
-gRPC status, so a servicer never picks a status code by hand for a failure
-that some lower layer already classified.
+The driver's layers raise these; the LVM layer raises errors of its own kind
+(``csi_lvm.lvm.errors``). Only the server's interceptor turns either into a
+gRPC status, through ``status_for``, so a servicer never picks a status code
+by hand for a failure that some lower layer already classified.
 """
 
 from __future__ import annotations
 
 import grpc
+
+from csi_lvm.lvm import errors as lvm
 
 
 class DriverError(Exception):
@@ -62,6 +66,21 @@ class ConfigError(Exception):
     """The configuration file is unusable; start-up stops with this message."""
 
 
+# What each of LVM's refusals means to a caller that did not translate it.
+# Subclasses come first: the first match wins.
+_LVM_CODES: tuple[tuple[type[lvm.LvmError], grpc.StatusCode], ...] = (
+    (lvm.LvmNotFound, grpc.StatusCode.NOT_FOUND),
+    (lvm.LvmAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (lvm.LvmNoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (lvm.LvmInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (lvm.LvmPoolNeedsRepair, grpc.StatusCode.FAILED_PRECONDITION),
+    (lvm.LvmToolMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (lvm.LvmTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (lvm.LvmBadName, grpc.StatusCode.INVALID_ARGUMENT),
+    (lvm.LvmError, grpc.StatusCode.INTERNAL),
+)
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for any exception an RPC handler let escape.
 
@@ -70,4 +89,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """
     if isinstance(error, DriverError):
         return error.code, str(error)
+    for kind, code in _LVM_CODES:
+        if isinstance(error, kind):
+            return code, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}): {error}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+import grpc
 
 from csi_lvm import __version__
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
@@ -12,16 +12,18 @@ from csi_lvm.volumes import Inventory
 Service = csi_pb2.PluginCapability.Service.Type
 
 
-class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
+class IdentityService(csi_pb2_grpc.IdentityServicer):
     def __init__(self, driver_name: str, inventory: Inventory) -> None:
         self.driver_name = driver_name
         self.inventory = inventory
 
-    def GetPluginInfo(self, request: Any, context: Any) -> csi_pb2.GetPluginInfoResponse:
+    def GetPluginInfo(
+        self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginInfoResponse:
         return csi_pb2.GetPluginInfoResponse(name=self.driver_name, vendor_version=__version__)
 
     def GetPluginCapabilities(
-        self, request: Any, context: Any
+        self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
         services = (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
         capabilities = [
@@ -38,7 +40,9 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
         )
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=capabilities)
 
-    def Probe(self, request: Any, context: Any) -> csi_pb2.ProbeResponse:
+    def Probe(
+        self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ProbeResponse:
         response = csi_pb2.ProbeResponse()
         response.ready.value = not self.inventory.missing_storage(budget(context))
         return response

@@ -4,7 +4,8 @@ A volume id reads ``<node>:<class>:<lv>``; it names the node and device class
 that own the volume and the LV that holds it. The LV name is a pure function
 of the CSI name, so LVM itself refuses a second LV for one name even across
 driver restarts. Tags carry everything else (the CSI name, the class, the
-PVC/PV names) and are written by the command that creates the LV.
+PVC/PV names) and are written by the command that creates the LV; the tags
+that mark a volume's lifecycle state are ``csi_lvm.lifecycle``'s.
 """
 
 from __future__ import annotations
@@ -116,17 +117,6 @@ def check_csi_name(name: str, what: str = "name") -> None:
 # safe characters stay, everything else becomes '+XX' per UTF-8 byte.
 
 TAG_PREFIX = "csi-lvm/"
-# A restored or cloned filesystem keeps its source's UUID until its first
-# stage gives it a new one; this tag marks that pending work.
-NEW_UUID_TAG = "csi-lvm/new-fs-uuid"
-# Written by the creating command and removed once the LV is fully made. An LV
-# that still has it was interrupted (a crash, a kill) before its id was ever
-# returned, so it is removed and made again: its content cannot be trusted.
-INCOMPLETE_TAG = "csi-lvm/incomplete"
-# A thick snapshot, restore or clone is a copy: its LV carries this tag from
-# the lvcreate that makes it until the copy is complete and flushed. An LV
-# with it holds no usable data; the retry of the call that made it redoes it.
-COPYING_TAG = "csi-lvm/copying"
 _TAG_SAFE = frozenset(string.ascii_letters + string.digits + "_.-")
 
 

@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from csi_lvm.backends import Backends
 from csi_lvm.ids import Kind
-from csi_lvm.volumes import Inventory
 
 log = structlog.get_logger("csi_lvm.metrics")
 
@@ -35,8 +35,9 @@ def observe_rpc(method: str, code: str, seconds: float) -> None:
 class DeviceClassCollector(Collector):
     """Space and counts per device class, from one LVM report per scrape."""
 
-    def __init__(self, inventory: Inventory) -> None:
-        self.inventory = inventory
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self.inventory = backends.inventory
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["device_class"]
@@ -76,7 +77,7 @@ class DeviceClassCollector(Collector):
         for device_class in self.inventory.config.device_classes:
             name = [device_class.name]
             try:
-                space = self.inventory.space(device_class, scan)
+                space = self.backends.of(device_class).space(scan)
             except Exception as error:
                 log.warning(
                     "metrics space failed", device_class=device_class.name, error=str(error)
@@ -96,9 +97,9 @@ class DeviceClassCollector(Collector):
         yield from (size, available, full, data, metadata, volumes, snapshots)
 
 
-def serve_metrics(address: str, inventory: Inventory) -> None:
+def serve_metrics(address: str, backends: Backends) -> None:
     """Expose /metrics on ``host:port``."""
     host, _, port = address.rpartition(":")
-    REGISTRY.register(DeviceClassCollector(inventory))
+    REGISTRY.register(DeviceClassCollector(backends))
     start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=REGISTRY)  # noqa: S104
     log.info("metrics", address=address)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from typing import Any
 
+import grpc
 import structlog
 
-from csi_lvm import fs
+from csi_lvm import fs, lifecycle
+from csi_lvm.backends import Backends
 from csi_lvm.config import DeviceClass
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import (
@@ -24,9 +25,9 @@ from csi_lvm.errors import (
     NotFound,
     OutOfRange,
 )
-from csi_lvm.ids import NEW_UUID_TAG, Kind, ObjectId
+from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm import LvmNoSpace
+from csi_lvm.lvm.errors import LvmNoSpace
 from csi_lvm.rpc import budget, node_topology
 from csi_lvm.validation import (
     READ_ONLY_MODES,
@@ -50,18 +51,20 @@ CAPABILITIES = (
     NodeCap.EXPAND_VOLUME,
 )
 DEFAULT_TIMEOUT = 300.0
+Context = grpc.ServicerContext
 
 
-class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
+class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(
         self,
         inventory: Inventory,
+        backends: Backends,
         locks: KeyedLocks,
         topology_key: str,
         max_volumes_per_node: int = 0,
     ) -> None:
         self.inventory = inventory
-        self.lvm = inventory.lvm
+        self.backends = backends
         self.locks = locks
         self.topology_key = topology_key
         self.max_volumes_per_node = max_volumes_per_node
@@ -78,7 +81,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
         return parsed
 
-    def _volume(self, volume_id: str, timeout: float | None) -> Owned:
+    def _find_volume(self, volume_id: str, timeout: float | None) -> Owned:
+        """The owned LV a volume id names; NOT_FOUND when there is none."""
         owned = self.inventory.get(*self._parsed(volume_id), timeout=timeout)
         if owned is None:
             raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
@@ -91,19 +95,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     def _device(self, owned: Owned, timeout: float | None) -> str:
         """The volume's device node, activating the LV when it is not."""
-        if not owned.lv.attr.active or not os.path.exists(owned.lv.device):
-            self.lvm.activate(owned.lv.vg_name, owned.lv.name, timeout)
-            refreshed = self.inventory.get(owned.id, owned.device_class, timeout)
-            if refreshed is None or not os.path.exists(refreshed.lv.device):
-                raise FailedPrecondition(
-                    f"LV {owned.lv.full_name} could not be activated: its device node is missing"
-                )
-            owned = refreshed
-        return owned.lv.device
+        return self.inventory.activated(owned.lv, timeout).device
 
     # ------------------------------------------------------------- staging
 
-    def NodeStageVolume(self, request: Any, context: Any) -> csi_pb2.NodeStageVolumeResponse:
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: Context
+    ) -> csi_pb2.NodeStageVolumeResponse:
         staging = check_path(request.staging_target_path, "staging_target_path")
         check_capability(request.volume_capability, request.HasField("volume_capability"))
         timeout = budget(context) or DEFAULT_TIMEOUT
@@ -111,8 +109,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         # whether it is probed and how it is formatted, and a stage that held
         # the lock before may just have written it.
         with self.locks.hold(self._lock_name(request.volume_id)):
-            owned = self._volume(request.volume_id, timeout)
-            owned.check_complete("volume")
+            owned = self._find_volume(request.volume_id, timeout)
+            lifecycle.check_ready(owned, "volume")
+            backend = self.backends.of(owned.device_class)
             device = self._device(owned, timeout)
             if request.volume_capability.WhichOneof("access_type") == "block":
                 return csi_pb2.NodeStageVolumeResponse()  # block volumes are used raw
@@ -130,7 +129,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     f"staging path {staging} is not an existing directory (a symlink is refused)"
                 )
             # A thin LV that never had a block written holds nothing to probe.
-            content = None if owned.lv.never_written else fs.detect_content(device, timeout)
+            content = None if backend.known_blank(owned.lv) else fs.detect_content(device, timeout)
             if content is None:
                 minimum = fs.MINIMUM_BYTES[wanted_fs]
                 if owned.size_bytes < minimum:
@@ -139,7 +138,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                         f"needs at least {minimum}: create a larger volume"
                     )
                 zeroing_skipped = fs.make_filesystem(
-                    device, wanted_fs, timeout, reads_zeros=owned.lv.reads_zeros
+                    device, wanted_fs, timeout, reads_zeros=backend.reads_zeros(owned.lv)
                 )
                 log.info(
                     "formatted",
@@ -153,7 +152,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     "csi-lvm never reformats a volume that holds data: ask for "
                     f"fsType {content} or use a new volume"
                 )
-            first_stage_of_copy = content is not None and NEW_UUID_TAG in owned.lv.tags
+            first_stage_of_copy = content is not None and lifecycle.needs_new_filesystem_uuid(
+                owned.lv
+            )
             if first_stage_of_copy:
                 fs.new_filesystem_uuid(device, wanted_fs, timeout)
             flags = list(request.volume_capability.mount.mount_flags)
@@ -161,14 +162,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if first_stage_of_copy:
                 # A restore or clone may be larger than its source.
                 fs.grow_filesystem(device, staging, wanted_fs, timeout)
-                self.lvm.delete_tag(owned.lv.vg_name, owned.lv.name, NEW_UUID_TAG, timeout)
+                self.backends.states.filesystem_prepared(owned.lv, timeout)
                 log.info("copy prepared", volume_id=request.volume_id, fs_type=wanted_fs)
         return csi_pb2.NodeStageVolumeResponse()
 
-    def NodeUnstageVolume(self, request: Any, context: Any) -> csi_pb2.NodeUnstageVolumeResponse:
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: Context
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
         staging = check_path(request.staging_target_path, "staging_target_path")
         timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._volume(request.volume_id, timeout)
+        owned = self._find_volume(request.volume_id, timeout)
         with self.locks.hold(owned.lv.name):
             self._unmount_ours(owned, staging, "staging path", timeout)
         return csi_pb2.NodeUnstageVolumeResponse()
@@ -186,7 +189,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # ----------------------------------------------------------- publishing
 
-    def NodePublishVolume(self, request: Any, context: Any) -> csi_pb2.NodePublishVolumeResponse:
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: Context
+    ) -> csi_pb2.NodePublishVolumeResponse:
         target = check_path(request.target_path, "target_path")
         check_capability(request.volume_capability, request.HasField("volume_capability"))
         block = request.volume_capability.WhichOneof("access_type") == "block"
@@ -196,11 +201,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             else ""
         )
         timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._volume(request.volume_id, timeout)
+        owned = self._find_volume(request.volume_id, timeout)
         read_only = (
             request.readonly or request.volume_capability.access_mode.mode in READ_ONLY_MODES
         )
-        owned.check_complete("volume")
+        lifecycle.check_ready(owned, "volume")
         with self.locks.hold(owned.lv.name):
             device = self._device(owned, timeout)
             ours = fs.device_number(device)
@@ -268,11 +273,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             ) from None
 
     def NodeUnpublishVolume(
-        self, request: Any, context: Any
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: Context
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         target = check_path(request.target_path, "target_path")
         timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._volume(request.volume_id, timeout)
+        owned = self._find_volume(request.volume_id, timeout)
         with self.locks.hold(owned.lv.name):
             self._unmount_ours(owned, target, "target path", timeout)
             self._remove_target(target)
@@ -299,7 +304,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # ---------------------------------------------------------- inspection
 
-    def NodeGetVolumeStats(self, request: Any, context: Any) -> csi_pb2.NodeGetVolumeStatsResponse:
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: Context
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
         if not request.volume_path:
@@ -317,7 +324,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         current = fs.mounted_device(path)
         if ours is None or current != ours:
             raise NotFound(f"volume {request.volume_id} is not mounted at {path}")
-        condition = self.inventory.condition(owned, scan)
+        condition = self.backends.of(owned.device_class).condition(owned, scan)
         volume_condition = csi_pb2.VolumeCondition(
             abnormal=condition.abnormal, message=condition.message
         )
@@ -344,7 +351,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # ----------------------------------------------------------- expansion
 
-    def NodeExpandVolume(self, request: Any, context: Any) -> csi_pb2.NodeExpandVolumeResponse:
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: Context
+    ) -> csi_pb2.NodeExpandVolumeResponse:
         """Grow the LV, then the mounted filesystem on it, while in use.
 
         csi-lvm has no ControllerExpandVolume: the external-resizer only records
@@ -360,18 +369,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         scan = self.inventory.scan(timeout)
         owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
         volume_path = check_path(request.volume_path, "volume_path")
+        backend = self.backends.of(owned.device_class)
         with self.locks.hold(owned.lv.name):
-            space = self.inventory.space(owned.device_class, scan)
+            space = backend.space(scan)
             size = choose_size(wanted, space.extent_bytes, minimum=owned.size_bytes)
             if size > owned.size_bytes:
-                growth = size - owned.size_bytes
-                if owned.device_class.thin_pool is not None and growth > space.available_bytes:
+                growth = backend.room_for_volume(size - owned.size_bytes, None, 0)
+                if growth > space.available_bytes:
                     raise OutOfRange(
                         f"device class {owned.device_class.name} has {space.available_bytes} "
                         f"bytes of room; growing to {size} needs {growth}"
                     )
                 try:
-                    self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
+                    backend.grow(owned, size, timeout)
                 except LvmNoSpace as exc:
                     raise OutOfRange(
                         f"device class {owned.device_class.name} cannot grow the volume to "
@@ -389,7 +399,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(
-        self, request: Any, context: Any
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.NodeGetCapabilitiesResponse:
         return csi_pb2.NodeGetCapabilitiesResponse(
             capabilities=[
@@ -398,7 +408,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             ]
         )
 
-    def NodeGetInfo(self, request: Any, context: Any) -> csi_pb2.NodeGetInfoResponse:
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: Context
+    ) -> csi_pb2.NodeGetInfoResponse:
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.node_id,
             max_volumes_per_node=self.max_volumes_per_node,

@@ -3,7 +3,7 @@ node's topology segment."""
 
 from __future__ import annotations
 
-from typing import Any
+import grpc
 
 from csi_lvm.csi import csi_pb2
 
@@ -11,7 +11,7 @@ from csi_lvm.csi import csi_pb2
 NO_DEADLINE_SECONDS = 24 * 3600
 
 
-def budget(context: Any) -> float | None:
+def budget(context: grpc.ServicerContext | None) -> float | None:
     """Seconds left before the caller's deadline, or None when it set none."""
     remaining = context.time_remaining() if context is not None else None
     if remaining is None or remaining > NO_DEADLINE_SECONDS:

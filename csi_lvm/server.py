@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 
 from csi_lvm.csi import csi_pb2_grpc
 from csi_lvm.errors import ConfigError, status_for
@@ -38,7 +39,7 @@ _LOGGED_FIELDS = (
 )
 
 
-def _request_ids(request: Any) -> dict[str, str]:
+def _request_ids(request: Message) -> dict[str, str]:
     ids = {}
     for field in _LOGGED_FIELDS:
         value = getattr(request, field, "")
@@ -47,20 +48,25 @@ def _request_ids(request: Any) -> dict[str, str]:
     return ids
 
 
-class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+class CallInterceptor(grpc.ServerInterceptor):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
 
-        def call(request: Any, context: Any) -> Any:
+        def call(request: Message, context: grpc.ServicerContext) -> Message:
             started = time.monotonic()
             code = grpc.StatusCode.OK
             message = ""
             try:
-                return inner(request, context)
+                answer: Message = inner(request, context)
+                return answer
             except NotImplementedError:
                 # The generated base class answers RPCs csi-lvm does not offer.
                 code = grpc.StatusCode.UNIMPLEMENTED
@@ -117,9 +123,9 @@ class Server:
     def __init__(
         self,
         endpoint: str,
-        identity: Any,
-        controller: Any,
-        node: Any,
+        identity: csi_pb2_grpc.IdentityServicer,
+        controller: csi_pb2_grpc.ControllerServicer,
+        node: csi_pb2_grpc.NodeServicer,
         workers: int = 16,
     ) -> None:
         self.path = socket_path(endpoint)

@@ -3,15 +3,17 @@
 An LV belongs to csi-lvm only when it carries this driver's ownership tag and
 a name and class tag that agree with its id. Everything that answers "does
 volume X exist?" goes through here, so "no tag, no touch" holds everywhere.
-This module asks the LVM layer for records; it never runs a command itself.
-One ``Scan`` (a single LVM report) answers every question an RPC has about
-space, names and health, so a call costs one report, not one per question;
-calls that want a scan at the same time share one (``ScanBatcher``).
+This module asks the LVM layer for records (and to activate an LV that a
+caller needs as a device); it holds no policy of thin or thick classes, whose
+space and health are ``csi_lvm.backends``' business. One ``Scan`` (a single
+LVM report) answers every question an RPC has about space, names and health,
+so a call costs one report, not one per question; calls that want a scan at
+the same time share one (``ScanBatcher``).
 """
 
 from __future__ import annotations
 
-import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 
 from csi_lvm.config import Config, DeviceClass
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
-from csi_lvm.ids import COPYING_TAG, Kind, ObjectId, Tag, decode_tags, node_component
-from csi_lvm.lvm import LogicalVolume, Lvm, VolumeGroup
+from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.errors import LvmNotFound
+from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 
 
 @dataclass(frozen=True)
@@ -47,37 +51,6 @@ class Owned:
     @property
     def source_id(self) -> str:
         return self.tags.get(Tag.SOURCE, "")
-
-    @property
-    def complete(self) -> bool:
-        """False while (or after an interrupted) copy into a thick LV."""
-        return COPYING_TAG not in self.lv.tags
-
-    def check_complete(self, what: str) -> None:
-        """Refuse to use the data of an LV whose copy is not done."""
-        if not self.complete:
-            raise FailedPrecondition(
-                f"{what} {self.id} is not ready: the copy of {self.source_id or 'its source'} "
-                f"into it is incomplete; retry the call that created it to finish the copy, "
-                "or delete it"
-            )
-
-
-@dataclass(frozen=True)
-class Condition:
-    abnormal: bool
-    message: str
-
-
-@dataclass(frozen=True)
-class ClassSpace:
-    """Room in a device class, in bytes."""
-
-    available_bytes: int
-    extent_bytes: int
-    total_bytes: int
-    used_bytes: int  # provisioned (thin: virtual sizes) or allocated (thick)
-    full: str | None = None  # why the class takes no new volumes, when it is full
 
 
 @dataclass(frozen=True)
@@ -211,6 +184,20 @@ class Inventory:
         lv = self.lvm.find_lv(device_class.volume_group, object_id.lv_name, timeout)
         return None if lv is None else self.adopt(lv, device_class)
 
+    def activated(self, lv: LogicalVolume, timeout: float | None = None) -> LogicalVolume:
+        """The LV with its device node present, activating it when it is not
+        (a thin snapshot, made with activation skipped, or a VG activated
+        only in part)."""
+        if lv.attr.active and os.path.exists(lv.device):
+            return lv
+        self.lvm.activate(lv.vg_name, lv.name, timeout)
+        refreshed = self.lvm.find_lv(lv.vg_name, lv.name, timeout)
+        if refreshed is None or not os.path.exists(refreshed.device):
+            raise FailedPrecondition(
+                f"LV {lv.full_name} could not be activated: its device node is missing"
+            )
+        return refreshed
+
     def lookup(self, text: str, kind: Kind, what: str, scan: Scan) -> Owned | None:
         """The owned object an id names, from a scan; None when there is none."""
         parsed = self.parse_local_id(text, kind, what)
@@ -255,7 +242,7 @@ class Inventory:
             scan = self.scan(timeout)  # one report when all is well
             present = set(scan.vgs)
             pools = {lv.full_name for lv in scan.lvs if lv.attr.is_thin_pool}
-        except NotFound:  # a VG is missing: ask about each one on its own
+        except LvmNotFound:  # a VG is missing: ask about each one on its own
             present = {vg.name for vg in self.lvm.list_vgs(self.config.volume_groups, timeout)}
             pools = set()
             thin_groups = {c.volume_group for c in self.config.device_classes if c.thin_pool}
@@ -285,88 +272,3 @@ class Inventory:
                     )
                 )
         return missing
-
-    # ---- space
-
-    def space(self, device_class: DeviceClass, scan: Scan) -> ClassSpace:
-        group = scan.vgs.get(device_class.volume_group)
-        if group is None:
-            raise FailedPrecondition(
-                f"volume group {device_class.volume_group} is not present on node "
-                f"{self.node_id}; check the node's disks and the csi-lvm config"
-            )
-        if device_class.thin_pool is None:
-            return ClassSpace(
-                available_bytes=group.free_bytes,
-                extent_bytes=group.extent_bytes,
-                total_bytes=group.size_bytes,
-                used_bytes=group.size_bytes - group.free_bytes,
-            )
-        pool = scan.lv(device_class.volume_group, device_class.thin_pool)
-        if pool is None or not pool.attr.is_thin_pool:
-            raise FailedPrecondition(
-                f"thin pool {device_class.volume_group}/{device_class.thin_pool} of device class "
-                f"{device_class.name} is missing on node {self.node_id}"
-            )
-        # Snapshots are left out: they share their origin's blocks and are never
-        # written, so counting them would make every snapshot halve the room.
-        provisioned = sum(
-            lv.size_bytes
-            for lv in scan.lvs
-            if lv.vg_name == group.name
-            and lv.pool == device_class.thin_pool
-            and not self._is_snapshot(lv)
-        )
-        limit = math.floor(pool.size_bytes * device_class.overprovision_ratio)
-        full = pool_fullness(device_class, pool)
-        return ClassSpace(
-            available_bytes=0 if full else max(0, limit - provisioned),
-            extent_bytes=group.extent_bytes,
-            total_bytes=limit,
-            used_bytes=provisioned,
-            full=full,
-        )
-
-    def _is_snapshot(self, lv: LogicalVolume) -> bool:
-        owned = self.adopt(lv)
-        return owned is not None and owned.kind is Kind.SNAPSHOT
-
-    # ---- health
-
-    def condition(self, owned: Owned, scan: Scan) -> Condition:
-        problem = owned.lv.attr.problem
-        if problem is None and not owned.complete:
-            problem = (
-                f"the copy from {owned.source_id or 'its source'} is incomplete (interrupted); "
-                "retrying the call that created it redoes the copy"
-            )
-        if problem is None and owned.device_class.thin_pool is not None:
-            pool = scan.lv(owned.lv.vg_name, owned.device_class.thin_pool)
-            if pool is None:
-                problem = f"its thin pool {owned.device_class.thin_pool} is missing"
-            else:
-                problem = pool_fullness(owned.device_class, pool)
-        group = scan.vgs.get(owned.lv.vg_name)
-        if problem is None and group is not None and group.partial:
-            problem = f"volume group {owned.lv.vg_name} is missing a physical volume"
-        if problem is not None:
-            return Condition(True, f"LV {owned.lv.full_name}: {problem}")
-        return Condition(False, "healthy")
-
-
-def pool_fullness(device_class: DeviceClass, pool: LogicalVolume) -> str | None:
-    """Why a thin pool should take no new volumes, or None while it has headroom.
-
-    Past the threshold, the blocks left belong to the volumes that exist: a new
-    volume would only bring the moment their writes fail closer."""
-    if pool.attr.problem is not None:
-        return f"thin pool {pool.full_name}: {pool.attr.problem}"
-    threshold = device_class.full_threshold_percent
-    for what, percent in (("data", pool.data_percent), ("metadata", pool.metadata_percent)):
-        if percent is not None and percent >= threshold:
-            return (
-                f"thin pool {pool.full_name} is {percent:g}% full of {what} (device class "
-                f"{device_class.name} stops at {threshold:g}%); writes fail when it reaches "
-                "100%: extend the pool (lvextend) or delete volumes and snapshots"
-            )
-    return None

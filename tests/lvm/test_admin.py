@@ -10,9 +10,10 @@ import grpc
 
 from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.admin import node_status, status_text
+from csi_lvm.backends import Backends
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
-from csi_lvm.lvm import Lvm
+from csi_lvm.lvm.commands import Lvm
 from csi_lvm.volumes import Inventory
 from tests.lvm.conftest import SMALL_CLASS, metrics_port
 from tests.lvm.helpers import MiB, create, create_request, delete
@@ -89,7 +90,7 @@ def test_status_lists_classes_and_owned_objects(csi: CsiClient, driver: Driver, 
         name=f"{name}-s", source_volume_id=volume.volume_id,
         parameters={"csi.storage.k8s.io/volumesnapshot/name": "nightly"})).snapshot  # fmt: skip
     inventory = Inventory(load_config(driver.config), Lvm(), NODE_ID, DRIVER_NAME)
-    classes = {c.name: c for c in node_status(inventory)}
+    classes = {c.name: c for c in node_status(Backends(inventory))}
     assert set(classes) == {"thin", "thick", SMALL_CLASS}
     objects = {o.name: o for o in classes["thin"].objects}
     assert objects[name].kubernetes == {"pvcNamespace": "shop", "pvc": "db"}

@@ -10,8 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_lvm.backends.thin import ThinBackend
+from csi_lvm.config import Config, DeviceClass
 from csi_lvm.csi import csi_pb2
-from csi_lvm.lvm import Lvm
+from csi_lvm.lifecycle import Lifecycle
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.volumes import Inventory
 from tests.lvm.helpers import (
     GiB,
     MiB,
@@ -28,7 +32,7 @@ from tests.lvm.helpers import (
     unpublish,
     unstage,
 )
-from tests.testbed import NODE_ID, TOPOLOGY_KEY, CsiClient, LoopVolumeGroup
+from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient, LoopVolumeGroup
 
 Code = grpc.StatusCode
 
@@ -295,10 +299,13 @@ def test_a_thin_volume_in_a_pool_that_does_not_zero_is_not_taken_to_read_zeros(
     vg.lvcreate("--type", "thin-pool", "--zero", "n", "-L", "8M", "-n", pool, vg.name)
     vg.lvcreate("-V", "64M", "-T", f"{vg.name}/{pool}", "-n", thin)
     lvm = Lvm()
+    device_class = DeviceClass("nozero", vg.name, pool)
+    inventory = Inventory(Config((device_class,)), lvm, NODE_ID, DRIVER_NAME)
+    backend = ThinBackend(device_class, inventory, Lifecycle(lvm))
     try:
         found = lvm.find_lv(vg.name, thin)
-        assert found is not None and found.never_written
-        assert not found.attr.zeroes_new_blocks and not found.reads_zeros
+        assert found is not None and backend.known_blank(found)
+        assert not found.attr.zeroes_new_blocks and not backend.reads_zeros(found)
     finally:
         lvm.close()
         subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{pool}"], check=True)

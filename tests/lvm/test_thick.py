@@ -8,8 +8,9 @@ from pathlib import Path
 import grpc
 
 from csi_lvm.csi import csi_pb2
-from csi_lvm.ids import COPYING_TAG, Kind, Tag, encode_tags, lv_name_for, view_name_for
-from csi_lvm.lvm import Lvm
+from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for, view_name_for
+from csi_lvm.lifecycle import COPYING_TAG
+from csi_lvm.lvm.commands import Lvm
 from tests.lvm.helpers import (
     MiB,
     block_capability,

@@ -22,7 +22,8 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2
-from csi_lvm.ids import COPYING_TAG, INCOMPLETE_TAG, Tag
+from csi_lvm.ids import Tag
+from csi_lvm.lifecycle import COPYING_TAG, MAKING_TAG
 from tests.lvm.helpers import MiB, create_request
 from tests.stress.conftest import RESULTS, lv_report, owned_by_driver, untouched_part
 from tests.testbed import CsiClient, ForkedDriver, LoopVolumeGroup, write_config
@@ -134,7 +135,7 @@ def check_volume_group(
         tags = owned_by_driver(row)
         if tags is None:
             continue
-        assert INCOMPLETE_TAG not in row["lv_tags"], f"{row['lv_name']} was never finished"
+        assert MAKING_TAG not in row["lv_tags"], f"{row['lv_name']} was never finished"
         assert COPYING_TAG not in row["lv_tags"], f"{row['lv_name']}: its copy never finished"
         assert tags.get(Tag.NAME) and tags.get(Tag.CLASS), f"{row['lv_name']} lacks tags"
         kind = "snapshot" if row["lv_name"].startswith("snap") else "volume"

@@ -14,11 +14,12 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from csi_lvm.backends import Backends
 from csi_lvm.config import parse_config
 from csi_lvm.controller import ControllerService
 from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm import Lvm
+from csi_lvm.lvm.commands import Lvm
 from csi_lvm.node import NodeService
 from csi_lvm.server import Server
 from csi_lvm.volumes import Inventory
@@ -42,12 +43,13 @@ class HostBed:
             f"  - name: thick\n    volumeGroup: absentvg{os.getpid()}\n"
         )
         inventory = Inventory(config, Lvm(), NODE_ID, DRIVER_NAME)
+        backends = Backends(inventory)
         locks = KeyedLocks()
         self.server = Server(
             f"unix://{root}/csi.sock",
             IdentityService(DRIVER_NAME, inventory),
-            ControllerService(inventory, locks, TOPOLOGY_KEY),
-            NodeService(inventory, locks, TOPOLOGY_KEY),
+            ControllerService(inventory, backends, locks, TOPOLOGY_KEY),
+            NodeService(inventory, backends, locks, TOPOLOGY_KEY),
         )
         self.server.start()
         self.client = CsiClient(f"{root}/csi.sock")

@@ -19,7 +19,7 @@ from csi_lvm.ids import (
     node_component,
     unescape_tag_value,
 )
-from csi_lvm.lvm import _NAME_RE, _TAG_RE
+from csi_lvm.lvm.commands import NAME_RE, TAG_RE
 
 
 def test_readable_names_keep_their_shape() -> None:
@@ -37,7 +37,7 @@ def test_unusual_names_are_hashed_and_cannot_collide_with_readable_ones() -> Non
 def test_every_name_gives_a_valid_lv_name_of_its_kind(name: str) -> None:
     for kind in Kind:
         lv_name = lv_name_for(kind, name)
-        assert _NAME_RE.fullmatch(lv_name)
+        assert NAME_RE.fullmatch(lv_name)
         assert kind_of_lv(lv_name) is kind
 
 
@@ -83,7 +83,7 @@ def test_tag_values_round_trip_with_only_lvm_tag_characters(value: str) -> None:
     escaped = escape_tag_value(value)
     assert unescape_tag_value(escaped) == value
     tags = encode_tags({Tag.NAME: value or "x"})
-    assert all(_TAG_RE.fullmatch(tag) for tag in tags)
+    assert all(TAG_RE.fullmatch(tag) for tag in tags)
     assert decode_tags(tags)[Tag.NAME] == (value or "x")
 
 

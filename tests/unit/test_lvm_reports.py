@@ -2,16 +2,24 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
-from csi_lvm.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
+from csi_lvm.errors import status_for
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.errors import (
+    LvmAlreadyExists,
+    LvmBadName,
+    LvmError,
+    LvmInUse,
+    LvmNoSpace,
+    LvmNotFound,
+    LvmPoolNeedsRepair,
+    LvmTimeout,
+    LvmToolMissing,
+    classify_failure,
 )
-from csi_lvm.lvm import LvAttr, Lvm, LvmError, classify_failure, parse_lv_report, parse_vg_report
+from csi_lvm.lvm.records import LvAttr, parse_lv_report, parse_vg_report
 
 LVS = json.loads("""
 {"report": [{"lv": [
@@ -35,32 +43,6 @@ def test_lv_report_decodes_into_typed_records() -> None:
     assert volume.full_name == "vg0/csi-pvc-1"
     assert volume.device == "/dev/mapper/vg0-csi--pvc--1"
     assert volume.created_at is not None and volume.created_at.minute == 51
-
-
-def test_only_a_thin_lv_with_no_mapped_block_counts_as_never_written() -> None:
-    pool, volume = parse_lv_report(LVS)
-    assert volume.never_written
-    assert not pool.never_written  # a pool is not a volume
-    rows = LVS["report"][0]["lv"]
-    written = {**rows[1], "data_percent": "0.01"}  # LVM's least non-zero share
-    inactive = {**rows[1], "lv_attr": "Vwi---tz--", "data_percent": ""}
-    thick = {**rows[1], "lv_attr": "-wi-ao----", "pool_lv": "", "data_percent": ""}
-    for row in (written, inactive, thick):
-        (lv,) = parse_lv_report({"report": [{"lv": [row]}]})
-        assert not lv.never_written, row
-
-
-def test_only_a_never_written_lv_in_a_zeroing_pool_reads_zeros() -> None:
-    pool, volume = parse_lv_report(LVS)
-    assert pool.attr.zeroes_new_blocks and volume.attr.zeroes_new_blocks
-    assert volume.reads_zeros
-    rows = LVS["report"][0]["lv"]
-    # A pool made with --zero n leaves old data beside a partial first write.
-    not_zeroing = {**rows[1], "lv_attr": "Vwi-a-t---"}
-    written = {**rows[1], "data_percent": "0.01"}
-    for row in (not_zeroing, written):
-        (lv,) = parse_lv_report({"report": [{"lv": [row]}]})
-        assert not lv.reads_zeros, row
 
 
 def test_vg_report() -> None:
@@ -122,32 +104,53 @@ def test_skip_activation_flag() -> None:
 @pytest.mark.parametrize(
     ("stderr", "error"),
     [
-        ('  Logical Volume "csi-x" already exists in volume group "vg0"', AlreadyExists),
+        ('  Logical Volume "csi-x" already exists in volume group "vg0"', LvmAlreadyExists),
         (
             '  Volume group "vg0" has insufficient free space (10 extents): 256 required.',
-            ResourceExhausted,
+            LvmNoSpace,
         ),
         (
             "  Cannot create new thin volume, free space in thin pool vg0/pool0 reached threshold.",
-            ResourceExhausted,
+            LvmNoSpace,
         ),
-        ('  Failed to find logical volume "vg0/csi-x"', NotFound),
-        ('  Volume group "vg9" not found', NotFound),
-        ("  Logical volume vg0/csi-x in use.", FailedPrecondition),
-        ('  Can\'t remove open logical volume "snap-x"', FailedPrecondition),
+        ('  Failed to find logical volume "vg0/csi-x"', LvmNotFound),
+        ('  Volume group "vg9" not found', LvmNotFound),
+        ("  Logical volume vg0/csi-x in use.", LvmInUse),
+        ('  Can\'t remove open logical volume "snap-x"', LvmInUse),
         ("  Something unexpected", LvmError),
     ],
 )
 def test_failures_are_classified(stderr: str, error: type[Exception]) -> None:
-    assert isinstance(classify_failure(["lvm", "lvcreate"], 5, stderr), error)
+    found = classify_failure(["lvm", "lvcreate"], 5, stderr)
+    assert type(found) is error
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (LvmNotFound("x"), grpc.StatusCode.NOT_FOUND),
+        (LvmAlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
+        (LvmNoSpace("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (LvmInUse("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (LvmPoolNeedsRepair("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (LvmToolMissing("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (LvmTimeout("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (LvmBadName("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (LvmError("lvm lvs failed: x"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_lvm_errors_that_no_servicer_translated_get_their_status(
+    error: LvmError, code: grpc.StatusCode
+) -> None:
+    assert status_for(error) == (code, str(error))
 
 
 def test_names_are_checked_before_reaching_lvm() -> None:
     lvm = Lvm(binary="/nonexistent/lvm")
     for bad in ("../x", "a b", "-rf", "", ".."):
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(LvmBadName):
             lvm.find_lv("vg0", bad)
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(LvmBadName):
         lvm.create_thin_volume("vg0", "pool0", "ok", 1 << 20, ["bad tag with space"])
 
 
@@ -158,5 +161,5 @@ def test_a_pool_transaction_mismatch_is_named_and_not_mistaken_for_no_space() ->
         "  Cannot create new thin volume, free space in thin pool vg0/pool0 reached threshold.\n"
     )
     error = classify_failure(["lvm", "lvcreate"], 5, stderr)
-    assert isinstance(error, FailedPrecondition) and not isinstance(error, ResourceExhausted)
+    assert isinstance(error, LvmPoolNeedsRepair) and not isinstance(error, LvmNoSpace)
     assert "unexpected transaction id 25" in str(error) and "lvmthin(7)" in str(error)

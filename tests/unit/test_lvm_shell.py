@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from csi_lvm.errors import DeadlineExceeded
-from csi_lvm.lvm import Lvm, LvmAlreadyExists, LvmError, shell_line
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.errors import LvmAlreadyExists, LvmError, LvmTimeout
+from csi_lvm.lvm.shell import shell_line
 
 FAKE = """#!{python}
 import json, os, shlex, sys, time
@@ -108,7 +109,7 @@ def test_a_command_past_its_timeout_stops_the_shell_and_the_next_gets_a_new_one(
 ) -> None:
     lvm = Lvm(binary=str(fake), shell=True)
     try:
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(LvmTimeout):
             lvm.remove("vg0", "hang", timeout=1.0)
         assert lvm.list_lvs(["vg0"])
         assert len(shells(fake)) == 2

@@ -3,6 +3,7 @@ the spec's wire facts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,15 @@ def test_generated_modules_are_fresh(tmp_path: Path) -> None:
         [
             sys.executable, "-m", "grpc_tools.protoc", "--proto_path=csi_lvm/csi=proto",
             f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+            f"--mypy_grpc_out=generate_concrete_servicer_stubs,only_sync,quiet:{tmp_path}",
             "csi_lvm/csi/csi.proto",
         ],
         cwd=ROOT,
         check=True,
+        # protoc finds mypy-protobuf's plugin on PATH, beside this interpreter
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )  # fmt: skip
-    for name in ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"):
+    for name in ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py", "csi_pb2_grpc.pyi"):
         fresh = (tmp_path / "csi_lvm" / "csi" / name).read_text()
         committed = (ROOT / "csi_lvm" / "csi" / name).read_text()
         assert fresh == committed, f"csi_lvm/csi/{name} is stale: run `make proto`"

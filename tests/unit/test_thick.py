@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from csi_lvm.thick import VIEW_MINIMUM_BYTES, view_bytes
+from csi_lvm.backends.thick import VIEW_MINIMUM_BYTES, view_bytes
 
 MiB = 1 << 20
 EXTENT = 4 * MiB

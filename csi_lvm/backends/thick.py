@@ -1,14 +1,16 @@
-"""Copies into thick LVs: the snapshots, restores and clones of thick classes.
+"""Thick classes: linear LVs in a volume group; snapshots, restores and
+clones by copy.
 
 A thick class has no thin pool to share blocks, so each of these is a copy:
 
-1. the servicer creates the target LV, tagged like any snapshot or volume plus
-   ``COPYING_TAG`` (one ``lvcreate``: no LV ever exists without its tags);
+1. ``ThickBackend`` creates the target LV, tagged like any snapshot or volume
+   plus ``COPYING_TAG`` (one ``lvcreate``: no LV ever exists without its tags);
 2. ``ThickCopier.fill`` takes a point-in-time view of the source (a temporary
    classic COW snapshot, ``<target>.view``, when the source is a volume that
    may be written meanwhile; a snapshot is never written and is read as is),
    copies it block by block into the target (``blockcopy``), checks that the
-   view did not overflow, removes it, and only then deletes ``COPYING_TAG``.
+   view did not overflow, removes it, and only then deletes ``COPYING_TAG``
+   (``Lifecycle.copied``).
 
 A crash anywhere leaves the tag on the target, so the target is never taken
 for a finished copy; the retry of the same call finds it, removes a stale view
@@ -21,15 +23,19 @@ retry finds the work done instead of repeating it.
 from __future__ import annotations
 
 import contextlib
-import os
+from collections.abc import Sequence
 
 import structlog
 
-from csi_lvm import blockcopy
+from csi_lvm import blockcopy, lifecycle
+from csi_lvm.backends.base import Backend, ClassSpace
+from csi_lvm.config import DeviceClass
 from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, ResourceExhausted
-from csi_lvm.ids import COPYING_TAG, Kind, Tag, decode_tags, encode_tags, view_name_for
-from csi_lvm.lvm import LogicalVolume, LvmNoSpace
-from csi_lvm.volumes import Inventory, Owned
+from csi_lvm.ids import Kind, Tag, decode_tags, encode_tags, view_name_for
+from csi_lvm.lifecycle import MAKING_TAG, Lifecycle
+from csi_lvm.lvm.errors import LvmNoSpace
+from csi_lvm.lvm.records import LogicalVolume
+from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.thick")
 
@@ -48,10 +54,111 @@ def view_bytes(source_bytes: int, extent_bytes: int) -> int:
     return -(-wanted // extent_bytes) * extent_bytes
 
 
+class ThickBackend(Backend):
+    def __init__(self, device_class: DeviceClass, inventory: Inventory, states: Lifecycle):
+        super().__init__(device_class, inventory, states)
+        self.copier = ThickCopier(inventory, states)
+
+    def space(self, scan: Scan) -> ClassSpace:
+        group = scan.vgs.get(self.device_class.volume_group)
+        if group is None:
+            raise FailedPrecondition(
+                f"volume group {self.device_class.volume_group} is not present on node "
+                f"{self.inventory.node_id}; check the node's disks and the csi-lvm config"
+            )
+        return ClassSpace(
+            available_bytes=group.free_bytes,
+            extent_bytes=group.extent_bytes,
+            total_bytes=group.size_bytes,
+            used_bytes=group.size_bytes - group.free_bytes,
+        )
+
+    def room_for_volume(self, size: int, source: Owned | None, extent_bytes: int) -> int:
+        if source is None:
+            return size
+        return self.copier.room_needed(source, size, extent_bytes)
+
+    def room_for_snapshot(self, source: Owned, extent_bytes: int) -> int:
+        return self.copier.room_needed(source, source.size_bytes, extent_bytes)
+
+    def create_blank(
+        self, lv_name: str, size: int, tags: Sequence[str], timeout: float | None
+    ) -> None:
+        # lvcreate commits the LV before it zeroes the start: a kill in between
+        # would leave an earlier tenant's data in a "new" volume (MAKING).
+        group = self.device_class.volume_group
+        self.lvm.create_linear_volume(group, lv_name, size, [*tags, MAKING_TAG], timeout)
+        self.states.made(group, lv_name, timeout)
+
+    def create_from(
+        self,
+        lv_name: str,
+        size: int,
+        tags: Sequence[str],
+        source: Owned,
+        extent_bytes: int,
+        timeout: float | None,
+    ) -> Owned:
+        extra = lifecycle.copy_tags(Kind.VOLUME, by_copy=True)
+        return self._copy_into(lv_name, size, [*tags, *extra], source, extent_bytes, timeout)
+
+    def snapshot(
+        self,
+        lv_name: str,
+        tags: Sequence[str],
+        source: Owned,
+        extent_bytes: int,
+        timeout: float | None,
+    ) -> Owned:
+        """A new LV of the source's size holding a copy of a point-in-time
+        view of it."""
+        extra = lifecycle.copy_tags(Kind.SNAPSHOT, by_copy=True)
+        return self._copy_into(
+            lv_name, source.size_bytes, [*tags, *extra], source, extent_bytes, timeout
+        )
+
+    def _copy_into(
+        self,
+        lv_name: str,
+        size: int,
+        tags: Sequence[str],
+        source: Owned,
+        extent_bytes: int,
+        timeout: float | None,
+    ) -> Owned:
+        self.lvm.create_linear_volume(self.device_class.volume_group, lv_name, size, tags, timeout)
+        self.copier.fill(self._made(lv_name, timeout), source, extent_bytes)
+        return self._made(lv_name, None)
+
+    def resume(
+        self,
+        existing: Owned,
+        source: Owned | None,
+        size: int,
+        extent_bytes: int,
+        timeout: float | None,
+    ) -> Owned:
+        if lifecycle.is_ready(existing):
+            return existing
+        if source is None:  # the caller found no source to copy again
+            lifecycle.check_ready(existing, existing.kind.value)
+            return existing
+        self.copier.fill(existing, source, extent_bytes)
+        return self._made(existing.lv.name, None)
+
+    def remove(self, owned: Owned, timeout: float | None) -> None:
+        """Remove the LV, and the temporary view an interrupted copy into it
+        left behind."""
+        if not lifecycle.is_ready(owned):
+            self.copier.remove_view(owned)
+        super().remove(owned, timeout)
+
+
 class ThickCopier:
-    def __init__(self, inventory: Inventory) -> None:
+    def __init__(self, inventory: Inventory, states: Lifecycle) -> None:
         self.inventory = inventory
         self.lvm = inventory.lvm
+        self.states = states
 
     def room_needed(self, source: Owned, target_bytes: int, extent_bytes: int) -> int:
         """VG space a copy of ``source`` into a new ``target_bytes`` LV takes
@@ -81,12 +188,12 @@ class ThickCopier:
                 raise
             self.lvm.remove(view.vg_name, view.name)
         else:
-            self._copy(self._active(source.lv), target, source)
-        self.lvm.delete_tag(target.lv.vg_name, target.lv.name, COPYING_TAG)
+            self._copy(self.inventory.activated(source.lv), target, source)
+        self.states.copied(target.lv)
         log.info("copy complete", target=str(target.id), source=str(source.id))
 
     def _copy(self, source_lv: LogicalVolume, target: Owned, source: Owned) -> None:
-        target_lv = self._active(target.lv)
+        target_lv = self.inventory.activated(target.lv)
         stats = blockcopy.copy_device(
             source_lv.device, target_lv.device, source.size_bytes, target.size_bytes
         )
@@ -100,16 +207,6 @@ class ThickCopier:
             skipped_bytes=stats.skipped_bytes,
             seconds=round(stats.seconds, 2),
         )
-
-    def _active(self, lv: LogicalVolume) -> LogicalVolume:
-        """The LV, activated when its device node is missing."""
-        if lv.attr.active and os.path.exists(lv.device):
-            return lv
-        self.lvm.activate(lv.vg_name, lv.name)
-        refreshed = self.lvm.find_lv(lv.vg_name, lv.name)
-        if refreshed is None or not os.path.exists(refreshed.device):
-            raise Aborted(f"LV {lv.full_name} could not be activated for a copy; retry")
-        return refreshed
 
     # ---- the temporary view
 
@@ -130,7 +227,7 @@ class ThickCopier:
         view = self.lvm.find_lv(source.lv.vg_name, name)
         if view is None:
             raise Aborted(f"the temporary snapshot {source.lv.vg_name}/{name} vanished; retry")
-        return self._active(view)
+        return self.inventory.activated(view)
 
     def _check_view(self, view: LogicalVolume, source: Owned) -> None:
         now = self.lvm.find_lv(view.vg_name, view.name)

@@ -1,0 +1,156 @@
+"""Thin classes: thin LVs in one thin pool, and thin snapshots.
+
+A snapshot is an LVM thin snapshot (no copy; inactive, activation skipped).
+A restore or clone is a writable thin snapshot of the snapshot or volume, so
+it costs the same for any size; one larger than its source is extended
+after. Virtual sizes count against ``pool size x overprovisionRatio``;
+snapshots do not (they share their origin's blocks and are never written).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from csi_lvm.backends.base import Backend, ClassSpace
+from csi_lvm.config import DeviceClass
+from csi_lvm.errors import FailedPrecondition
+from csi_lvm.ids import Kind
+from csi_lvm.lvm.records import LogicalVolume
+from csi_lvm.volumes import Owned, Scan
+
+
+class ThinBackend(Backend):
+    @property
+    def pool(self) -> str:
+        assert self.device_class.thin_pool is not None  # a thin class has one
+        return self.device_class.thin_pool
+
+    def space(self, scan: Scan) -> ClassSpace:
+        group = scan.vgs.get(self.device_class.volume_group)
+        if group is None:
+            raise FailedPrecondition(
+                f"volume group {self.device_class.volume_group} is not present on node "
+                f"{self.inventory.node_id}; check the node's disks and the csi-lvm config"
+            )
+        pool = scan.lv(group.name, self.pool)
+        if pool is None or not pool.attr.is_thin_pool:
+            raise FailedPrecondition(
+                f"thin pool {group.name}/{self.pool} of device class "
+                f"{self.device_class.name} is missing on node {self.inventory.node_id}"
+            )
+        provisioned = sum(
+            lv.size_bytes
+            for lv in scan.lvs
+            if lv.vg_name == group.name and lv.pool == self.pool and not self._is_snapshot(lv)
+        )
+        limit = math.floor(pool.size_bytes * self.device_class.overprovision_ratio)
+        full = pool_fullness(self.device_class, pool)
+        return ClassSpace(
+            available_bytes=0 if full else max(0, limit - provisioned),
+            extent_bytes=group.extent_bytes,
+            total_bytes=limit,
+            used_bytes=provisioned,
+            full=full,
+        )
+
+    def _is_snapshot(self, lv: LogicalVolume) -> bool:
+        owned = self.inventory.adopt(lv)
+        return owned is not None and owned.kind is Kind.SNAPSHOT
+
+    def room_for_snapshot(self, source: Owned, extent_bytes: int) -> int:
+        # It shares its origin's blocks, but pins them: every later write to
+        # the origin needs new ones, so a full pool refuses it (space.full).
+        return 0
+
+    def create_blank(
+        self, lv_name: str, size: int, tags: Sequence[str], timeout: float | None
+    ) -> None:
+        self.lvm.create_thin_volume(
+            self.device_class.volume_group, self.pool, lv_name, size, tags, timeout
+        )
+
+    def create_from(
+        self,
+        lv_name: str,
+        size: int,
+        tags: Sequence[str],
+        source: Owned,
+        extent_bytes: int,
+        timeout: float | None,
+    ) -> Owned:
+        self.lvm.create_thin_snapshot(
+            self.device_class.volume_group, source.lv.name, lv_name, tags,
+            active=True, timeout=timeout,
+        )  # fmt: skip
+        return self._extended(self._made(lv_name, timeout), size, timeout)
+
+    def snapshot(
+        self,
+        lv_name: str,
+        tags: Sequence[str],
+        source: Owned,
+        extent_bytes: int,
+        timeout: float | None,
+    ) -> Owned:
+        self.lvm.create_thin_snapshot(
+            self.device_class.volume_group, source.lv.name, lv_name, tags,
+            active=False, timeout=timeout,
+        )  # fmt: skip
+        return self._made(lv_name, timeout)
+
+    def resume(
+        self,
+        existing: Owned,
+        source: Owned | None,
+        size: int,
+        extent_bytes: int,
+        timeout: float | None,
+    ) -> Owned:
+        # A restore or clone interrupted between snapshot and extend: the
+        # snapshot is as large as its source was; extend it now.
+        if existing.kind is Kind.VOLUME and existing.source_id:
+            return self._extended(existing, size, timeout)
+        return existing
+
+    def _extended(self, owned: Owned, size: int, timeout: float | None) -> Owned:
+        if owned.size_bytes >= size:
+            return owned
+        self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
+        return self._made(owned.lv.name, timeout)
+
+    def known_blank(self, lv: LogicalVolume) -> bool:
+        """An active thin LV that maps no block of its pool reads zeros all
+        through. LVM shows any non-zero share as at least 0.01 % (one 4 KiB
+        write into 1 TiB reads 0.01), so 0.00 means nothing at all."""
+        return lv.attr.is_thin_volume and lv.attr.active and lv.data_percent == 0.0
+
+    def reads_zeros(self, lv: LogicalVolume) -> bool:
+        """Blank, in a pool that zeroes each block it maps before the first
+        write lands in it: a block that is partly written later still reads
+        zeros in the rest."""
+        return self.known_blank(lv) and lv.attr.zeroes_new_blocks
+
+    def storage_problem(self, scan: Scan) -> str | None:
+        pool = scan.lv(self.device_class.volume_group, self.pool)
+        if pool is None:
+            return f"its thin pool {self.pool} is missing"
+        return pool_fullness(self.device_class, pool)
+
+
+def pool_fullness(device_class: DeviceClass, pool: LogicalVolume) -> str | None:
+    """Why a thin pool should take no new volumes, or None while it has headroom.
+
+    Past the threshold, the blocks left belong to the volumes that exist: a new
+    volume would only bring the moment their writes fail closer."""
+    if pool.attr.problem is not None:
+        return f"thin pool {pool.full_name}: {pool.attr.problem}"
+    threshold = device_class.full_threshold_percent
+    for what, percent in (("data", pool.data_percent), ("metadata", pool.metadata_percent)):
+        if percent is not None and percent >= threshold:
+            return (
+                f"thin pool {pool.full_name} is {percent:g}% full of {what} (device class "
+                f"{device_class.name} stops at {threshold:g}%); writes fail when it reaches "
+                "100%: extend the pool (lvextend) or delete volumes and snapshots"
+            )
+    return None

@@ -1,0 +1,336 @@
+"""The LVM verbs: every command line csi-lvm sends to LVM is built here.
+
+``Lvm`` runs each command through the long-lived shell where it can and as a
+process otherwise, with the same results and errors either way: an argument
+list (never a shell), ``LC_ALL=C`` so messages can be classified, and a
+timeout taken from the caller's deadline. Reads always ask for JSON reports
+in bytes and return typed records; failures are the errors of ``errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+
+import structlog
+
+from csi_lvm.lvm.errors import LvmBadName, LvmError, LvmTimeout, LvmToolMissing, classify_failure
+from csi_lvm.lvm.process import run_to_completion
+from csi_lvm.lvm.records import (
+    LV_FIELDS,
+    VG_COLUMNS,
+    VG_FIELDS,
+    LogicalVolume,
+    VolumeGroup,
+    parse_lv_report,
+    parse_vg_report,
+)
+from csi_lvm.lvm.shell import LvmShell
+
+log = structlog.get_logger("csi_lvm.lvm")
+
+# LVM's grammar for VG and LV names (lvm(8), "Valid names"), and for tags.
+NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
+TAG_RE = re.compile(r"[A-Za-z0-9_+.:/=!&#][A-Za-z0-9_+.:/=!&#-]{0,1023}")
+
+
+def check_name(name: str, what: str) -> None:
+    """Names reach LVM only once they match LVM's own grammar."""
+    if not NAME_RE.fullmatch(name) or name in {".", ".."}:
+        raise LvmBadName(f"{what} {name!r} is not a valid LVM name")
+
+
+class Lvm:
+    """Runs LVM commands and decodes their reports.
+
+    ``prefix`` runs every command through another program (``nsenter`` into
+    the host's namespaces, for example); ``binary`` is the ``lvm`` tool. With
+    ``shell``, reports and changes go to one long-lived ``lvm`` shell process
+    (see ``LvmShell``), which saves a process start and LVM's initialisation
+    per command; whatever the shell cannot take falls back to a process per
+    command, with the same results and errors.
+    """
+
+    def __init__(
+        self,
+        binary: str = "lvm",
+        prefix: Sequence[str] = (),
+        timeout: float = 120.0,
+        shell: bool = False,
+        shell_idle_exit: float = 0.0,
+    ):
+        self.binary = binary
+        self.prefix = list(prefix)
+        self.timeout = timeout
+        self._env = {
+            **os.environ,
+            "LC_ALL": "C",
+            "LVM_SUPPRESS_FD_WARNINGS": "1",
+        }
+        self.shell = LvmShell([*self.prefix, binary], self._env, shell_idle_exit) if shell else None
+
+    def close(self) -> None:
+        if self.shell is not None:
+            self.shell.close()
+
+    def _limit(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))
+
+    def run(self, args: Sequence[str], timeout: float | None = None) -> str:
+        """One ``lvm`` process for ``args``; its standard output."""
+        command = [*self.prefix, self.binary, *args]
+        limit = self._limit(timeout)
+        started = time.monotonic()
+        try:
+            done = run_to_completion(command, self._env, limit)
+        except subprocess.TimeoutExpired as exc:
+            raise LvmTimeout(
+                f"lvm {args[0]} did not finish within {limit:.1f}s; the call may be retried"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise LvmToolMissing(
+                f"the LVM tool {self.binary!r} is not installed on this node"
+            ) from exc
+        elapsed = time.monotonic() - started
+        log.debug("lvm", args=list(args), rc=done.returncode, seconds=round(elapsed, 3))
+        if done.returncode != 0:
+            raise classify_failure(command[len(self.prefix) :], done.returncode, done.stderr)
+        return done.stdout
+
+    def _execute(self, args: Sequence[str], timeout: float | None) -> dict[str, object] | None:
+        """Run a report or a change through the shell; None when the shell
+        cannot take it (the caller then runs a process)."""
+        if self.shell is None:
+            return None
+        limit = self._limit(timeout)
+        started = time.monotonic()
+        outcome = self.shell.execute(args, limit)
+        if outcome is None:
+            return None
+        report, returncode, messages = outcome
+        log.debug(
+            "lvm",
+            args=list(args),
+            rc=returncode,
+            seconds=round(time.monotonic() - started, 3),
+            via="shell",
+        )
+        if returncode != 0:
+            raise classify_failure([self.binary, *args], returncode, messages)
+        return report
+
+    def change(self, args: Sequence[str], timeout: float | None = None) -> None:
+        """A command that changes LVM state (its output is not needed)."""
+        if self._execute(args, timeout) is None:
+            self.run(args, timeout)
+
+    def _report(self, args: Sequence[str], timeout: float | None) -> dict[str, object]:
+        full = [*args, "--reportformat", "json", "--units", "b", "--nosuffix"]
+        report = self._execute(full, timeout)
+        if report is not None:
+            return report
+        out = self.run(full, timeout)
+        try:
+            report = json.loads(out)
+        except json.JSONDecodeError as exc:
+            raise LvmError(
+                f"lvm {args[0]} printed a report that is not JSON: {out[:200]!r}"
+            ) from exc
+        if not isinstance(report, dict):
+            raise LvmError(f"lvm {args[0]} printed an unexpected report: {out[:200]!r}")
+        return report
+
+    # ---- reads
+
+    def list_lvs(
+        self, volume_groups: Iterable[str], timeout: float | None = None
+    ) -> list[LogicalVolume]:
+        """Every LV of the given volume groups."""
+        groups = sorted(set(volume_groups))
+        for group in groups:
+            check_name(group, "volume group")
+        if not groups:
+            return []
+        return parse_lv_report(self._report(["lvs", "-o", LV_FIELDS, *groups], timeout))
+
+    def scan(
+        self, volume_groups: Iterable[str], timeout: float | None = None
+    ) -> tuple[list[LogicalVolume], list[VolumeGroup]]:
+        """Every LV of the given VGs and the VGs themselves, in one report
+        where possible (a VG without LVs needs a ``vgs`` of its own)."""
+        groups = sorted(set(volume_groups))
+        for group in groups:
+            check_name(group, "volume group")
+        if not groups:
+            return [], []
+        report = self._report(["lvs", "-o", f"{LV_FIELDS},{VG_COLUMNS}", *groups], timeout)
+        lvs = parse_lv_report(report)
+        vgs = parse_vg_report(report, "lv")
+        without_lvs = set(groups) - {vg.name for vg in vgs}
+        if without_lvs:
+            vgs += self.list_vgs(without_lvs, timeout)
+        return lvs, vgs
+
+    def find_lv(
+        self, volume_group: str, name: str, timeout: float | None = None
+    ) -> LogicalVolume | None:
+        check_name(volume_group, "volume group")
+        check_name(name, "logical volume")
+        select = f"lv_name={name}"
+        lvs = parse_lv_report(
+            self._report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
+        )
+        return lvs[0] if lvs else None
+
+    def list_vgs(
+        self, names: Iterable[str] = (), timeout: float | None = None
+    ) -> list[VolumeGroup]:
+        """The named volume groups that exist (all of them when none are named)."""
+        groups = sorted(set(names))
+        for group in groups:
+            check_name(group, "volume group")
+        select = ["-S", "vg_name=" + "||vg_name=".join(groups)] if groups else []
+        # A select keeps a missing VG from failing the whole report.
+        return parse_vg_report(self._report(["vgs", "-o", VG_FIELDS, *select], timeout))
+
+    # ---- writes
+
+    def create_thin_volume(
+        self,
+        volume_group: str,
+        pool: str,
+        name: str,
+        size_bytes: int,
+        tags: Sequence[str],
+        timeout: float | None = None,
+    ) -> None:
+        check_name(volume_group, "volume group")
+        check_name(pool, "thin pool")
+        check_name(name, "logical volume")
+        self.change(
+            [
+                "lvcreate", "--yes", "--name", name,
+                "--virtualsize", f"{size_bytes}b", "--thinpool", pool,
+                *_tag_args(tags), volume_group,
+            ],
+            timeout,
+        )  # fmt: skip
+
+    def create_linear_volume(
+        self,
+        volume_group: str,
+        name: str,
+        size_bytes: int,
+        tags: Sequence[str],
+        timeout: float | None = None,
+    ) -> None:
+        check_name(volume_group, "volume group")
+        check_name(name, "logical volume")
+        # Wipe signatures and zero the start: extents freed by an earlier LV
+        # must never show up as a filesystem in a new volume.
+        self.change(
+            [
+                "lvcreate", "--yes", "--name", name, "--size", f"{size_bytes}b",
+                "--wipesignatures", "y", "--zero", "y",
+                *_tag_args(tags), volume_group,
+            ],
+            timeout,
+        )  # fmt: skip
+
+    def create_thin_snapshot(
+        self,
+        volume_group: str,
+        origin: str,
+        name: str,
+        tags: Sequence[str],
+        *,
+        active: bool,
+        timeout: float | None = None,
+    ) -> None:
+        """A thin snapshot of ``origin``: inactive with activation skipped (a
+        snapshot), or active and writable (a restore or clone)."""
+        check_name(volume_group, "volume group")
+        check_name(origin, "logical volume")
+        check_name(name, "logical volume")
+        activation = (
+            ["--setactivationskip", "n", "--activate", "y", "--ignoreactivationskip"]
+            if active
+            else ["--setactivationskip", "y", "--activate", "n"]
+        )
+        self.change(
+            [
+                "lvcreate", "--yes", "--snapshot", "--name", name, *activation,
+                *_tag_args(tags), f"{volume_group}/{origin}",
+            ],
+            timeout,
+        )  # fmt: skip
+
+    def create_cow_snapshot(
+        self,
+        volume_group: str,
+        origin: str,
+        name: str,
+        size_bytes: int,
+        chunk_bytes: int,
+        tags: Sequence[str],
+        timeout: float | None = None,
+    ) -> None:
+        """A classic copy-on-write snapshot of ``origin`` with ``size_bytes``
+        of COW space: a frozen, active view of it while the origin stays in use."""
+        check_name(volume_group, "volume group")
+        check_name(origin, "logical volume")
+        check_name(name, "logical volume")
+        self.change(
+            [
+                "lvcreate", "--yes", "--snapshot", "--name", name,
+                "--size", f"{size_bytes}b", "--chunksize", f"{chunk_bytes // 1024}k",
+                "--setactivationskip", "n", "--activate", "y",
+                *_tag_args(tags), f"{volume_group}/{origin}",
+            ],
+            timeout,
+        )  # fmt: skip
+
+    def remove(self, volume_group: str, name: str, timeout: float | None = None) -> None:
+        check_name(volume_group, "volume group")
+        check_name(name, "logical volume")
+        self.change(["lvremove", "--yes", f"{volume_group}/{name}"], timeout)
+
+    def activate(self, volume_group: str, name: str, timeout: float | None = None) -> None:
+        check_name(volume_group, "volume group")
+        check_name(name, "logical volume")
+        self.change(
+            ["lvchange", "--activate", "y", "--ignoreactivationskip", f"{volume_group}/{name}"],
+            timeout,
+        )
+
+    def extend(
+        self, volume_group: str, name: str, size_bytes: int, timeout: float | None = None
+    ) -> None:
+        check_name(volume_group, "volume group")
+        check_name(name, "logical volume")
+        self.change(
+            ["lvextend", "--yes", "--size", f"{size_bytes}b", f"{volume_group}/{name}"], timeout
+        )
+
+    def delete_tag(
+        self, volume_group: str, name: str, tag: str, timeout: float | None = None
+    ) -> None:
+        check_name(volume_group, "volume group")
+        check_name(name, "logical volume")
+        self.change(["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"], timeout)
+
+    def version(self, timeout: float | None = None) -> str:
+        return self.run(["version"], timeout).strip()
+
+
+def _tag_args(tags: Sequence[str], flag: str = "--addtag") -> list[str]:
+    args: list[str] = []
+    for tag in tags:
+        if not TAG_RE.fullmatch(tag):
+            raise LvmBadName(f"LVM tag {tag!r} has characters LVM does not accept")
+        args += [flag, tag]
+    return args

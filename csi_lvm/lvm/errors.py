@@ -1,0 +1,95 @@
+"""LVM's failures as errors of LVM's own kind.
+
+A failed command is classified once, here, from LVM's messages (always read
+with ``LC_ALL=C``). These errors say what LVM refused; they carry no gRPC
+status. ``csi_lvm.errors`` maps each kind to a status, and the servicers
+translate the ones whose meaning depends on the call (no space for a create,
+a name that appeared meanwhile) with messages of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+
+class LvmError(Exception):
+    """An LVM command failed for a reason not classified below."""
+
+
+class LvmNotFound(LvmError):
+    """The VG or LV a command names does not exist."""
+
+
+class LvmAlreadyExists(LvmError):
+    """An LV of that name exists already."""
+
+
+class LvmNoSpace(LvmError):
+    """The VG or thin pool has no room for what the command asks."""
+
+
+class LvmInUse(LvmError):
+    """The LV is open (mounted, or read by a copy), so LVM will not remove it."""
+
+
+class LvmTimeout(LvmError):
+    """The command did not finish within the caller's time; it was not killed."""
+
+
+class LvmToolMissing(LvmError):
+    """The ``lvm`` binary is not installed where the driver runs it."""
+
+
+class LvmBadName(LvmError):
+    """A name or tag that LVM's grammar does not accept; nothing was run."""
+
+
+class LvmPoolNeedsRepair(LvmError):
+    """A thin pool's kernel transaction id disagrees with LVM's metadata."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message} -- the thin pool's kernel state and LVM's metadata disagree, which "
+            "happens when an LVM command is killed in the middle of a thin-pool change "
+            "(the whole container killed during a create or delete). LVM refuses new thin "
+            "volumes in this pool until an admin repairs it; see lvmthin(7), "
+            "'Thin pool transaction id' and 'Metadata check and repair'."
+        )
+
+
+_CLASSIFIERS: tuple[tuple[re.Pattern[str], type[LvmError]], ...] = (
+    (
+        re.compile(r"unexpected transaction id|transaction_id is \d+, while expected", re.I),
+        LvmPoolNeedsRepair,
+    ),
+    (re.compile(r"already exists", re.I), LvmAlreadyExists),
+    (
+        re.compile(
+            r"insufficient (free|suitable)|not enough free|free space in thin pool|"
+            r"over (the )?threshold|exceeds the size of thin pool|no free extents",
+            re.I,
+        ),
+        LvmNoSpace,
+    ),
+    (
+        re.compile(
+            r"failed to find logical volume|volume group \S+ not found|"
+            r"logical volume \S+ not found|not found in volume group",
+            re.I,
+        ),
+        LvmNotFound,
+    ),
+    (re.compile(r"\bin use\b|open logical volume", re.I), LvmInUse),
+)
+
+
+def classify_failure(command: Sequence[str], returncode: int, stderr: str) -> LvmError:
+    """The error for a failed LVM command, from its messages."""
+    message = " ".join(line.strip() for line in stderr.splitlines() if line.strip())
+    message = message or f"exit code {returncode}"
+    for pattern, error in _CLASSIFIERS:
+        if pattern.search(message):
+            return error(message)
+    verb = command[1] if len(command) > 1 else "lvm"
+    return LvmError(f"lvm {verb} failed: {message}")

@@ -1,0 +1,209 @@
+"""Typed records of LVM's JSON reports: logical volumes, volume groups and
+the ``lv_attr`` string decoded into named states (see lvs(8)).
+
+Pure decoding, no I/O; what the records mean for volumes and filesystems is
+decided above this package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from csi_lvm.lvm.errors import LvmError
+
+# The columns every LV record is read with, and the VG columns an ``lvs``
+# report can carry beside them (one report answers both).
+LV_FIELDS = (
+    "lv_name,vg_name,lv_uuid,lv_size,lv_attr,pool_lv,origin,lv_tags,"
+    "data_percent,metadata_percent,lv_path,lv_dm_path,lv_time"
+)
+VG_COLUMNS = "vg_size,vg_free,vg_extent_size,vg_attr,vg_missing_pv_count"
+VG_FIELDS = f"vg_name,{VG_COLUMNS}"
+
+
+@dataclass(frozen=True)
+class LvAttr:
+    """The ten characters of ``lv_attr``, named (see lvs(8))."""
+
+    raw: str
+
+    def _char(self, index: int) -> str:
+        return self.raw[index] if len(self.raw) > index else "-"
+
+    @property
+    def is_thin_pool(self) -> bool:
+        return self._char(0) == "t"
+
+    @property
+    def is_thin_volume(self) -> bool:
+        return self._char(0) == "V"
+
+    @property
+    def is_cow_snapshot(self) -> bool:
+        """A classic (copy-on-write) snapshot, valid or not."""
+        return self._char(0) in "sS"
+
+    @property
+    def snapshot_invalid(self) -> bool:
+        """A classic snapshot whose COW space overflowed: its view is lost."""
+        return self._char(0) == "S" or self._char(4) in "IS"
+
+    @property
+    def active(self) -> bool:
+        return self._char(4) == "a"
+
+    @property
+    def zeroes_new_blocks(self) -> bool:
+        """A thin pool, or a thin LV of one, that fills each block it maps
+        with zeros before the first write lands in it."""
+        return self._char(7) == "z"
+
+    @property
+    def device_open(self) -> bool:
+        return self._char(5) == "o"
+
+    @property
+    def skip_activation(self) -> bool:
+        return self._char(9) == "k"
+
+    @property
+    def problem(self) -> str | None:
+        """A sentence for the first health problem LVM reports, else None."""
+        state, health = self._char(4), self._char(8)
+        health_text = {
+            "p": "a physical volume under it is missing (partial)",
+            "r": "a RAID image needs refresh",
+            "m": "RAID images have mismatches",
+            "F": "the thin pool or volume has failed",
+            "D": "the thin pool is out of data space",
+            "M": "the thin pool metadata is read-only (out of metadata space or damaged)",
+            "X": "LVM cannot tell its health",
+        }
+        state_text = {
+            "s": "the device is suspended",
+            "I": "the snapshot is invalid",
+            "S": "the snapshot is invalid and suspended",
+            "d": "the device is mapped without a table",
+            "i": "the device has only an inactive table",
+            "c": "the thin pool needs a check",
+            "C": "the thin pool is suspended and needs a check",
+            "X": "LVM cannot tell its state",
+        }
+        if health in health_text:
+            return health_text[health]
+        return state_text.get(state)
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    name: str
+    vg_name: str
+    uuid: str
+    size_bytes: int
+    attr: LvAttr
+    pool: str
+    origin: str
+    tags: tuple[str, ...]
+    data_percent: float | None
+    metadata_percent: float | None
+    path: str
+    dm_path: str
+    created: str
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.vg_name}/{self.name}"
+
+    @property
+    def created_at(self) -> datetime | None:
+        try:
+            return datetime.strptime(self.created, "%Y-%m-%d %H:%M:%S %z")
+        except ValueError:
+            return None
+
+    @property
+    def device(self) -> str:
+        """The device node; the dm path exists whether or not udev made links."""
+        return self.dm_path or self.path
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    size_bytes: int
+    free_bytes: int
+    extent_bytes: int
+    attr: str
+    missing_pvs: int
+
+    @property
+    def partial(self) -> bool:
+        return self.missing_pvs > 0 or (len(self.attr) > 3 and self.attr[3] == "p")
+
+
+def _int(value: str) -> int:
+    return int(value) if value else 0
+
+
+def _percent(value: str) -> float | None:
+    return float(value) if value else None
+
+
+def _created(value: str) -> str:
+    """``lv_time`` as LVM prints it by default; a profile may ask for seconds
+    since the epoch (the lvm shell's does), which is turned into that form."""
+    if value.isdigit():
+        when = datetime.fromtimestamp(int(value), UTC)
+        return when.strftime("%Y-%m-%d %H:%M:%S %z")
+    return value
+
+
+def parse_lv_report(report: dict[str, object]) -> list[LogicalVolume]:
+    rows = _report_rows(report, "lv")
+    return [
+        LogicalVolume(
+            name=row["lv_name"],
+            vg_name=row["vg_name"],
+            uuid=row.get("lv_uuid", ""),
+            size_bytes=_int(row.get("lv_size", "")),
+            attr=LvAttr(row.get("lv_attr", "")),
+            pool=row.get("pool_lv", ""),
+            origin=row.get("origin", ""),
+            tags=tuple(t for t in row.get("lv_tags", "").split(",") if t),
+            data_percent=_percent(row.get("data_percent", "")),
+            metadata_percent=_percent(row.get("metadata_percent", "")),
+            path=row.get("lv_path", ""),
+            dm_path=row.get("lv_dm_path", ""),
+            created=_created(row.get("lv_time", "")),
+        )
+        for row in rows
+    ]
+
+
+def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[VolumeGroup]:
+    """VG records from a ``vgs`` report, or from the VG columns of an ``lvs``
+    report (``section="lv"``; one record per VG)."""
+    rows = list({row["vg_name"]: row for row in _report_rows(report, section)}.values())
+    return [
+        VolumeGroup(
+            name=row["vg_name"],
+            size_bytes=_int(row.get("vg_size", "")),
+            free_bytes=_int(row.get("vg_free", "")),
+            extent_bytes=_int(row.get("vg_extent_size", "")),
+            attr=row.get("vg_attr", ""),
+            missing_pvs=_int(row.get("vg_missing_pv_count", "")),
+        )
+        for row in rows
+    ]
+
+
+def _report_rows(report: dict[str, object], kind: str) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    sections = report.get("report", [])
+    if not isinstance(sections, list):
+        raise LvmError(f"unexpected LVM report shape: {str(report)[:200]}")
+    for section in sections:
+        for row in section.get(kind, []):
+            rows.append({str(k): str(v) for k, v in row.items()})
+    return rows

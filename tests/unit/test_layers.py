@@ -1,0 +1,104 @@
+"""The layout's rules, checked on the source: a module imports only modules
+below it, and the LVM layer imports nothing of the rest of the driver."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "csi_lvm"
+
+# Lowest first: each module may import only modules listed before it.
+LAYERS = (
+    "csi_lvm",  # the version
+    "csi_lvm.csi",  # generated from proto/csi.proto
+    "csi_lvm.zero_range",
+    "csi_lvm.lvm",
+    "csi_lvm.lvm.errors",
+    "csi_lvm.lvm.process",
+    "csi_lvm.lvm.records",
+    "csi_lvm.lvm.shell",
+    "csi_lvm.lvm.commands",
+    "csi_lvm.errors",
+    "csi_lvm.ids",
+    "csi_lvm.locks",
+    "csi_lvm.blockcopy",
+    "csi_lvm.config",
+    "csi_lvm.fs",
+    "csi_lvm.rpc",
+    "csi_lvm.validation",
+    "csi_lvm.volumes",
+    "csi_lvm.lifecycle",
+    "csi_lvm.backends.base",
+    "csi_lvm.backends.thin",
+    "csi_lvm.backends.thick",
+    "csi_lvm.backends",
+    "csi_lvm.metrics",
+    "csi_lvm.identity",
+    "csi_lvm.controller",
+    "csi_lvm.node",
+    "csi_lvm.admin",
+    "csi_lvm.server",
+    "csi_lvm.cli",
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path) -> set[str]:
+    """The csi_lvm modules a file imports (``from csi_lvm import x`` names x)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("csi_lvm"):
+            module = node.module or ""
+            for alias in node.names:
+                candidate = f"{module}.{alias.name}"
+                found.add(candidate if candidate in LAYERS else module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("csi_lvm"))
+    return found
+
+
+def modules() -> dict[str, Path]:
+    return {
+        module_name(path): path
+        for path in PACKAGE.rglob("*.py")
+        if "csi" not in path.relative_to(PACKAGE).parts[:1]
+    }
+
+
+def test_every_module_has_a_place_in_the_layers() -> None:
+    assert set(modules()) <= set(LAYERS), sorted(set(modules()) - set(LAYERS))
+
+
+def layer_of(module: str) -> str:
+    """The listed module that holds ``module`` (itself, or its package)."""
+    while module not in LAYERS:
+        module = module.rpartition(".")[0]
+    return module
+
+
+def test_no_module_imports_one_above_it() -> None:
+    rank = {name: index for index, name in enumerate(LAYERS)}
+    upward = [
+        f"{name} imports {dependency}"
+        for name, path in modules().items()
+        for dependency in imported(path)
+        if rank[layer_of(dependency)] >= rank[name]
+    ]
+    assert not upward, upward
+    assert imported(PACKAGE / "errors.py") == {"csi_lvm.lvm.errors"}  # the check sees aliases
+
+
+def test_the_lvm_layer_knows_nothing_of_the_driver_above_it() -> None:
+    reaching_out = [
+        f"{name} imports {dependency}"
+        for name, path in modules().items()
+        if name.startswith("csi_lvm.lvm")
+        for dependency in imported(path)
+        if not dependency.startswith("csi_lvm.lvm")
+    ]
+    assert not reaching_out, reaching_out
