@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import Backend, ClassSpace, Condition
+from csi_lvm.backends.base import Backend, ClassSpace, Condition, NewLv
 from csi_lvm.config import DeviceClass
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import (
@@ -150,7 +150,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self._check_room(device_class, size, backend.room_for_volume(size, None, 0), space)
         tags = self._volume_tags(request, device_class, source_id="")
         with self._create_errors(device_class, size, f"volume {request.name}"):
-            backend.create_blank(lv_name, size, tags, timeout)
+            backend.create_blank(NewLv(lv_name, size, tags, timeout))
         return csi_pb2.Volume(
             volume_id=str(self.inventory.make_id(device_class, lv_name)),
             capacity_bytes=size,
@@ -178,7 +178,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self._check_room(device_class, size, backend.room_for_volume(size, source, extent), space)
         tags = self._volume_tags(request, device_class, source_id=str(source.id))
         with self._create_errors(device_class, size, f"volume {request.name}"):
-            owned = backend.create_from(lv_name, size, tags, source, extent, timeout)
+            owned = backend.create_from(NewLv(lv_name, size, tags, timeout), source, extent)
         return self._csi_volume(owned, request.volume_content_source)
 
     @contextmanager
@@ -221,7 +221,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         size = existing.size_bytes
         if size < wanted.required:
             size = choose_size(wanted, extent, minimum=size)
-        existing = backend.resume(existing, source, size, extent, timeout)
+        new = NewLv(existing.lv.name, size, (), timeout)
+        existing = backend.resume(existing, source, new, extent)
         if not wanted.allows(existing.size_bytes):
             raise AlreadyExists(
                 f"volume {request.name} already exists with {existing.size_bytes} bytes, "
@@ -332,28 +333,31 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: Context
     ) -> csi_pb2.DeleteVolumeResponse:
-        if not request.volume_id:
-            raise InvalidArgument("volume_id is required")
-        parsed = self.inventory.parse_local_id(request.volume_id, Kind.VOLUME, "volume")
-        if parsed is None:  # not an id csi-lvm makes, so no volume of ours
-            return csi_pb2.DeleteVolumeResponse()
+        while_open = (
+            f"volume {request.volume_id} is still in use on node {self.node_id} "
+            "(its device is open); unpublish and unstage it first"
+        )
+        self._delete(request.volume_id, Kind.VOLUME, while_open, budget(context))
+        return csi_pb2.DeleteVolumeResponse()
+
+    def _delete(self, text: str, kind: Kind, while_open: str, timeout: float | None) -> None:
+        """Remove the owned LV the id ``text`` names, if there is one (a
+        delete of what is gone succeeds); ``while_open`` is the answer while
+        its device is open."""
+        if not text:
+            raise InvalidArgument(f"{kind.value}_id is required")
+        parsed = self.inventory.parse_local_id(text, kind, kind.value)
+        if parsed is None:  # not an id csi-lvm makes, so nothing of ours
+            return
         object_id, device_class = parsed
-        timeout = budget(context)
         with self.locks.hold(object_id.lv_name):
             owned = self.inventory.get(object_id, device_class, timeout)
             if owned is None:
-                return csi_pb2.DeleteVolumeResponse()
-            self._remove(
-                owned,
-                f"volume {request.volume_id} is still in use on node {self.node_id} "
-                "(its device is open); unpublish and unstage it first",
-                timeout,
-            )
-        log.info("volume deleted", volume_id=request.volume_id, lv=owned.lv.full_name)
-        return csi_pb2.DeleteVolumeResponse()
+                return
+            self._remove(owned, while_open, timeout)
+        log.info(f"{kind.value} deleted", id=text, lv=owned.lv.full_name)
 
     def _remove(self, owned: Owned, while_open: str, timeout: float | None) -> None:
-        """Remove an owned LV; ``while_open`` is the answer while its device is open."""
         backend = self.backends.of(owned.device_class)
         if backend.held_open(owned, timeout):
             raise FailedPrecondition(while_open)
@@ -486,9 +490,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     lifecycle.check_ready(source, "source volume")
                     backend = self.backends.of(existing.device_class)
                     extent = backend.space(scan).extent_bytes
-                    existing = backend.resume(
-                        existing, source, existing.size_bytes, extent, timeout
-                    )
+                    new = NewLv(existing.lv.name, existing.size_bytes, (), timeout)
+                    existing = backend.resume(existing, source, new, extent)
                 return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(existing))
             source = self._require_volume(request.source_volume_id, scan)
             lifecycle.check_ready(source, "source volume")
@@ -509,8 +512,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     Tag.SNAPSHOT_CONTENT_NAME: parameters.get(SNAPSHOT_CONTENT_NAME, ""),
                 }
             )
-            with self._create_errors(device_class, source.size_bytes, f"snapshot {request.name}"):
-                snapshot = backend.snapshot(lv_name, tags, source, extent, timeout)
+            new = NewLv(lv_name, source.size_bytes, tags, timeout)
+            with self._create_errors(device_class, new.size, f"snapshot {request.name}"):
+                snapshot = backend.snapshot(new, source, extent)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
         return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(snapshot))
 
@@ -531,23 +535,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: Context
     ) -> csi_pb2.DeleteSnapshotResponse:
-        if not request.snapshot_id:
-            raise InvalidArgument("snapshot_id is required")
-        parsed = self.inventory.parse_local_id(request.snapshot_id, Kind.SNAPSHOT, "snapshot")
-        if parsed is None:
-            return csi_pb2.DeleteSnapshotResponse()
-        object_id, device_class = parsed
-        timeout = budget(context)
-        with self.locks.hold(object_id.lv_name):
-            owned = self.inventory.get(object_id, device_class, timeout)
-            if owned is not None:
-                self._remove(
-                    owned,
-                    f"snapshot {request.snapshot_id} is being read (a restore from it is "
-                    "copying); retry when the restore has finished",
-                    timeout,
-                )
-                log.info("snapshot deleted", snapshot_id=request.snapshot_id)
+        while_open = (
+            f"snapshot {request.snapshot_id} is being read (a restore from it is copying); "
+            "retry when the restore has finished"
+        )
+        self._delete(request.snapshot_id, Kind.SNAPSHOT, while_open, budget(context))
         return csi_pb2.DeleteSnapshotResponse()
 
     def GetSnapshot(

@@ -170,11 +170,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: Context
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         staging = check_path(request.staging_target_path, "staging_target_path")
-        timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._find_volume(request.volume_id, timeout)
-        with self.locks.hold(owned.lv.name):
-            self._unmount_ours(owned, staging, "staging path", timeout)
+        self._tear_down(request.volume_id, staging, "staging path", budget(context))
         return csi_pb2.NodeUnstageVolumeResponse()
+
+    def _tear_down(self, volume_id: str, path: str, what: str, timeout: float | None) -> None:
+        """Unmount the volume at ``path``; a publication's target goes too."""
+        timeout = timeout or DEFAULT_TIMEOUT
+        owned = self._find_volume(volume_id, timeout)
+        with self.locks.hold(owned.lv.name):
+            self._unmount_ours(owned, path, what, timeout)
+            if what == "target path":
+                self._remove_target(path)
 
     def _unmount_ours(self, owned: Owned, path: str, what: str, timeout: float) -> None:
         """Unmount every layer of this volume at ``path``; refuse anything else."""
@@ -276,11 +282,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: Context
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         target = check_path(request.target_path, "target_path")
-        timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._find_volume(request.volume_id, timeout)
-        with self.locks.hold(owned.lv.name):
-            self._unmount_ours(owned, target, "target path", timeout)
-            self._remove_target(target)
+        self._tear_down(request.volume_id, target, "target path", budget(context))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @staticmethod

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from csi_lvm import lifecycle
 from csi_lvm.config import DeviceClass
-from csi_lvm.errors import Aborted
+from csi_lvm.errors import Aborted, FailedPrecondition
 from csi_lvm.lifecycle import Lifecycle
-from csi_lvm.lvm.records import LogicalVolume
+from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 
@@ -33,6 +33,18 @@ class ClassSpace:
     total_bytes: int
     used_bytes: int  # provisioned (thin: virtual sizes) or allocated (thick)
     full: str | None = None  # why the class takes no new volumes, when it is full
+
+
+@dataclass(frozen=True)
+class NewLv:
+    """An LV a backend is asked to make: its name, size (whole extents) and
+    the driver's tags for it (the lifecycle's tags are the backend's to add),
+    within the caller's time."""
+
+    name: str
+    size: int
+    tags: Sequence[str]
+    timeout: float | None
 
 
 @dataclass(frozen=True)
@@ -67,47 +79,24 @@ class Backend(ABC):
     # ---- making
 
     @abstractmethod
-    def create_blank(
-        self, lv_name: str, size: int, tags: Sequence[str], timeout: float | None
-    ) -> None:
-        """A new LV of exactly ``size`` bytes (whole extents) that reads no
-        earlier tenant's data where a filesystem would look."""
+    def create_blank(self, new: NewLv) -> None:
+        """A new LV of exactly ``new.size`` bytes that reads no earlier
+        tenant's data where a filesystem would look."""
 
     @abstractmethod
-    def create_from(
-        self,
-        lv_name: str,
-        size: int,
-        tags: Sequence[str],
-        source: Owned,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
-        """A new volume of at least ``size`` bytes holding ``source``'s data."""
+    def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+        """A new volume of at least ``new.size`` bytes holding ``source``'s data."""
 
     @abstractmethod
-    def snapshot(
-        self,
-        lv_name: str,
-        tags: Sequence[str],
-        source: Owned,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
-        """A snapshot of the volume ``source``, as it is now."""
+    def snapshot(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+        """A snapshot of the volume ``source`` as it is now (``new.size`` is
+        the source's)."""
 
     @abstractmethod
-    def resume(
-        self,
-        existing: Owned,
-        source: Owned | None,
-        size: int,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
-        """Finish what an interrupted ``create_from`` or ``snapshot`` left of
-        ``existing`` (see ``csi_lvm.lifecycle``); ``size`` is what the call
-        asks. An object that is done comes back as it is."""
+    def resume(self, existing: Owned, source: Owned | None, new: NewLv, extent_bytes: int) -> Owned:
+        """Finish making ``new`` from ``source`` where an interrupted
+        ``create_from`` or ``snapshot`` left ``existing`` (see
+        ``csi_lvm.lifecycle``). An object that is done comes back as it is."""
 
     def grow(self, owned: Owned, size: int, timeout: float | None) -> None:
         self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
@@ -160,6 +149,15 @@ class Backend(ABC):
         return Condition(False, "healthy")
 
     # ---- for the implementations
+
+    def _volume_group(self, scan: Scan) -> VolumeGroup:
+        group = scan.vgs.get(self.device_class.volume_group)
+        if group is None:
+            raise FailedPrecondition(
+                f"volume group {self.device_class.volume_group} is not present on node "
+                f"{self.inventory.node_id}; check the node's disks and the csi-lvm config"
+            )
+        return group
 
     def _made(self, lv_name: str, timeout: float | None) -> Owned:
         """The LV just made, from a shared scan (not an ``lvs`` of this LV:

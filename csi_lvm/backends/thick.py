@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import structlog
 
 from csi_lvm import blockcopy, lifecycle
-from csi_lvm.backends.base import Backend, ClassSpace
+from csi_lvm.backends.base import Backend, ClassSpace, NewLv
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, ResourceExhausted
 from csi_lvm.ids import Kind, Tag, decode_tags, encode_tags, view_name_for
@@ -37,7 +37,7 @@ from csi_lvm.lvm.errors import LvmNoSpace
 from csi_lvm.lvm.records import LogicalVolume
 from csi_lvm.volumes import Inventory, Owned, Scan
 
-log = structlog.get_logger("csi_lvm.thick")
+log = structlog.get_logger("csi_lvm.backends.thick")
 
 MiB = 1 << 20
 # COW space of the temporary view: what the source may be written during the
@@ -60,12 +60,7 @@ class ThickBackend(Backend):
         self.copier = ThickCopier(inventory, states)
 
     def space(self, scan: Scan) -> ClassSpace:
-        group = scan.vgs.get(self.device_class.volume_group)
-        if group is None:
-            raise FailedPrecondition(
-                f"volume group {self.device_class.volume_group} is not present on node "
-                f"{self.inventory.node_id}; check the node's disks and the csi-lvm config"
-            )
+        group = self._volume_group(scan)
         return ClassSpace(
             available_bytes=group.free_bytes,
             extent_bytes=group.extent_bytes,
@@ -81,63 +76,31 @@ class ThickBackend(Backend):
     def room_for_snapshot(self, source: Owned, extent_bytes: int) -> int:
         return self.copier.room_needed(source, source.size_bytes, extent_bytes)
 
-    def create_blank(
-        self, lv_name: str, size: int, tags: Sequence[str], timeout: float | None
-    ) -> None:
+    def create_blank(self, new: NewLv) -> None:
         # lvcreate commits the LV before it zeroes the start: a kill in between
         # would leave an earlier tenant's data in a "new" volume (MAKING).
-        group = self.device_class.volume_group
-        self.lvm.create_linear_volume(group, lv_name, size, [*tags, MAKING_TAG], timeout)
-        self.states.made(group, lv_name, timeout)
+        self._create(new, [MAKING_TAG])
+        self.states.made(self.device_class.volume_group, new.name, new.timeout)
 
-    def create_from(
-        self,
-        lv_name: str,
-        size: int,
-        tags: Sequence[str],
-        source: Owned,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
-        extra = lifecycle.copy_tags(Kind.VOLUME, by_copy=True)
-        return self._copy_into(lv_name, size, [*tags, *extra], source, extent_bytes, timeout)
+    def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+        return self._copy_into(new, Kind.VOLUME, source, extent_bytes)
 
-    def snapshot(
-        self,
-        lv_name: str,
-        tags: Sequence[str],
-        source: Owned,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
+    def snapshot(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
         """A new LV of the source's size holding a copy of a point-in-time
         view of it."""
-        extra = lifecycle.copy_tags(Kind.SNAPSHOT, by_copy=True)
-        return self._copy_into(
-            lv_name, source.size_bytes, [*tags, *extra], source, extent_bytes, timeout
-        )
+        return self._copy_into(new, Kind.SNAPSHOT, source, extent_bytes)
 
-    def _copy_into(
-        self,
-        lv_name: str,
-        size: int,
-        tags: Sequence[str],
-        source: Owned,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
-        self.lvm.create_linear_volume(self.device_class.volume_group, lv_name, size, tags, timeout)
-        self.copier.fill(self._made(lv_name, timeout), source, extent_bytes)
-        return self._made(lv_name, None)
+    def _create(self, new: NewLv, lifecycle_tags: Sequence[str]) -> None:
+        group = self.device_class.volume_group
+        tags = [*new.tags, *lifecycle_tags]
+        self.lvm.create_linear_volume(group, new.name, new.size, tags, new.timeout)
 
-    def resume(
-        self,
-        existing: Owned,
-        source: Owned | None,
-        size: int,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
+    def _copy_into(self, new: NewLv, kind: Kind, source: Owned, extent_bytes: int) -> Owned:
+        self._create(new, lifecycle.copy_tags(kind, by_copy=True))
+        self.copier.fill(self._made(new.name, new.timeout), source, extent_bytes)
+        return self._made(new.name, None)
+
+    def resume(self, existing: Owned, source: Owned | None, new: NewLv, extent_bytes: int) -> Owned:
         if lifecycle.is_ready(existing):
             return existing
         if source is None:  # the caller found no source to copy again

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from csi_lvm.backends.base import Backend, ClassSpace
+from csi_lvm import lifecycle
+from csi_lvm.backends.base import Backend, ClassSpace, NewLv
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import FailedPrecondition
 from csi_lvm.ids import Kind
@@ -27,12 +28,7 @@ class ThinBackend(Backend):
         return self.device_class.thin_pool
 
     def space(self, scan: Scan) -> ClassSpace:
-        group = scan.vgs.get(self.device_class.volume_group)
-        if group is None:
-            raise FailedPrecondition(
-                f"volume group {self.device_class.volume_group} is not present on node "
-                f"{self.inventory.node_id}; check the node's disks and the csi-lvm config"
-            )
+        group = self._volume_group(scan)
         pool = scan.lv(group.name, self.pool)
         if pool is None or not pool.attr.is_thin_pool:
             raise FailedPrecondition(
@@ -63,54 +59,34 @@ class ThinBackend(Backend):
         # the origin needs new ones, so a full pool refuses it (space.full).
         return 0
 
-    def create_blank(
-        self, lv_name: str, size: int, tags: Sequence[str], timeout: float | None
+    def create_blank(self, new: NewLv) -> None:
+        group = self.device_class.volume_group
+        self.lvm.create_thin_volume(group, self.pool, new.name, new.size, new.tags, new.timeout)
+
+    def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+        tags = [*new.tags, *lifecycle.copy_tags(Kind.VOLUME, by_copy=False)]
+        self._thin_snapshot(new, source, tags, active=True)
+        return self._extended(self._made(new.name, new.timeout), new.size, new.timeout)
+
+    def snapshot(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+        self._thin_snapshot(new, source, new.tags, active=False)
+        return self._made(new.name, new.timeout)
+
+    def _thin_snapshot(
+        self, new: NewLv, source: Owned, tags: Sequence[str], *, active: bool
     ) -> None:
-        self.lvm.create_thin_volume(
-            self.device_class.volume_group, self.pool, lv_name, size, tags, timeout
+        """A restore or clone is made active; a snapshot inactive, with
+        activation skipped (see ``csi_lvm.lifecycle``)."""
+        group = self.device_class.volume_group
+        self.lvm.create_thin_snapshot(
+            group, source.lv.name, new.name, tags, active=active, timeout=new.timeout
         )
 
-    def create_from(
-        self,
-        lv_name: str,
-        size: int,
-        tags: Sequence[str],
-        source: Owned,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
-        self.lvm.create_thin_snapshot(
-            self.device_class.volume_group, source.lv.name, lv_name, tags,
-            active=True, timeout=timeout,
-        )  # fmt: skip
-        return self._extended(self._made(lv_name, timeout), size, timeout)
-
-    def snapshot(
-        self,
-        lv_name: str,
-        tags: Sequence[str],
-        source: Owned,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
-        self.lvm.create_thin_snapshot(
-            self.device_class.volume_group, source.lv.name, lv_name, tags,
-            active=False, timeout=timeout,
-        )  # fmt: skip
-        return self._made(lv_name, timeout)
-
-    def resume(
-        self,
-        existing: Owned,
-        source: Owned | None,
-        size: int,
-        extent_bytes: int,
-        timeout: float | None,
-    ) -> Owned:
+    def resume(self, existing: Owned, source: Owned | None, new: NewLv, extent_bytes: int) -> Owned:
         # A restore or clone interrupted between snapshot and extend: the
         # snapshot is as large as its source was; extend it now.
         if existing.kind is Kind.VOLUME and existing.source_id:
-            return self._extended(existing, size, timeout)
+            return self._extended(existing, new.size, new.timeout)
         return existing
 
     def _extended(self, owned: Owned, size: int, timeout: float | None) -> Owned:

@@ -44,6 +44,12 @@ def check_name(name: str, what: str) -> None:
         raise LvmBadName(f"{what} {name!r} is not a valid LVM name")
 
 
+def check_lv_names(volume_group: str, *lv_names: str) -> None:
+    check_name(volume_group, "volume group")
+    for name in lv_names:
+        check_name(name, "logical volume")
+
+
 class Lvm:
     """Runs LVM commands and decodes their reports.
 
@@ -178,8 +184,7 @@ class Lvm:
     def find_lv(
         self, volume_group: str, name: str, timeout: float | None = None
     ) -> LogicalVolume | None:
-        check_name(volume_group, "volume group")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, name)
         select = f"lv_name={name}"
         lvs = parse_lv_report(
             self._report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
@@ -208,9 +213,8 @@ class Lvm:
         tags: Sequence[str],
         timeout: float | None = None,
     ) -> None:
-        check_name(volume_group, "volume group")
         check_name(pool, "thin pool")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, name)
         self.change(
             [
                 "lvcreate", "--yes", "--name", name,
@@ -228,8 +232,7 @@ class Lvm:
         tags: Sequence[str],
         timeout: float | None = None,
     ) -> None:
-        check_name(volume_group, "volume group")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, name)
         # Wipe signatures and zero the start: extents freed by an earlier LV
         # must never show up as a filesystem in a new volume.
         self.change(
@@ -253,9 +256,7 @@ class Lvm:
     ) -> None:
         """A thin snapshot of ``origin``: inactive with activation skipped (a
         snapshot), or active and writable (a restore or clone)."""
-        check_name(volume_group, "volume group")
-        check_name(origin, "logical volume")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, origin, name)
         activation = (
             ["--setactivationskip", "n", "--activate", "y", "--ignoreactivationskip"]
             if active
@@ -281,9 +282,7 @@ class Lvm:
     ) -> None:
         """A classic copy-on-write snapshot of ``origin`` with ``size_bytes``
         of COW space: a frozen, active view of it while the origin stays in use."""
-        check_name(volume_group, "volume group")
-        check_name(origin, "logical volume")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, origin, name)
         self.change(
             [
                 "lvcreate", "--yes", "--snapshot", "--name", name,
@@ -295,13 +294,11 @@ class Lvm:
         )  # fmt: skip
 
     def remove(self, volume_group: str, name: str, timeout: float | None = None) -> None:
-        check_name(volume_group, "volume group")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, name)
         self.change(["lvremove", "--yes", f"{volume_group}/{name}"], timeout)
 
     def activate(self, volume_group: str, name: str, timeout: float | None = None) -> None:
-        check_name(volume_group, "volume group")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, name)
         self.change(
             ["lvchange", "--activate", "y", "--ignoreactivationskip", f"{volume_group}/{name}"],
             timeout,
@@ -310,8 +307,7 @@ class Lvm:
     def extend(
         self, volume_group: str, name: str, size_bytes: int, timeout: float | None = None
     ) -> None:
-        check_name(volume_group, "volume group")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, name)
         self.change(
             ["lvextend", "--yes", "--size", f"{size_bytes}b", f"{volume_group}/{name}"], timeout
         )
@@ -319,8 +315,7 @@ class Lvm:
     def delete_tag(
         self, volume_group: str, name: str, tag: str, timeout: float | None = None
     ) -> None:
-        check_name(volume_group, "volume group")
-        check_name(name, "logical volume")
+        check_lv_names(volume_group, name)
         self.change(["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"], timeout)
 
     def version(self, timeout: float | None = None) -> str:
