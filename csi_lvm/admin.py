@@ -40,6 +40,7 @@ class ClassStatus:
     overprovision_ratio: float
     data_percent: float | None = None
     metadata_percent: float | None = None
+    unavailable: str | None = None  # why the class takes no new volumes here
     objects: list[ObjectStatus] = field(default_factory=list)
 
 
@@ -68,6 +69,7 @@ def node_status(backends: Backends) -> list[ClassStatus]:
             used_bytes=space.used_bytes,
             available_bytes=space.available_bytes,
             overprovision_ratio=device_class.overprovision_ratio,
+            unavailable=space.refusal,
         )
         if device_class.thin_pool is not None:
             pool = scan.lv(device_class.volume_group, device_class.thin_pool)
@@ -121,6 +123,8 @@ def status_text(classes: list[ClassStatus]) -> str:
             f"{c.name}: {c.backing}; {_size(c.used_bytes)} of {_size(c.size_bytes)} provisioned, "
             f"{_size(c.available_bytes)} free (overprovision x{c.overprovision_ratio:g}){pool}"
         )
+        if c.unavailable:
+            lines.append(f"  takes no new volumes: {c.unavailable}")
         for o in c.objects:
             owner = " ".join(f"{k}={v}" for k, v in o.kubernetes.items()) or "-"
             used = f"{o.used_percent:.1f}% used" if o.used_percent is not None else "thick"
@@ -141,7 +145,27 @@ class Check:
     fix: str = ""
 
 
-def doctor(config: Config | None, lvm: Lvm, socket_dir: str) -> list[Check]:
+def _class_checks(config: Config, lvm: Lvm, node_id: str) -> list[Check]:
+    """One check per device class: its storage is here, or the config puts
+    it on other nodes only."""
+    backends = Backends(Inventory(config, lvm, node_id, "doctor"))
+    try:
+        scan = backends.inventory.scan()
+    except (DriverError, LvmError) as error:
+        return [Check(False, "volume groups", str(error))]
+    checks = []
+    for backend in backends:
+        what = f"device class {backend.device_class.describe()}"
+        if not backend.offered_here:
+            checks.append(Check(True, f"{what}: not on node {node_id} (the config says so)"))
+            continue
+        missing = backend.missing(scan)
+        fix = f"{missing}: create it, or fix the config" if missing else ""
+        checks.append(Check(missing is None, what, fix))
+    return checks
+
+
+def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> list[Check]:
     """Everything a node needs, each with what to do when it is missing."""
     checks: list[Check] = []
     misc = Path("/proc/misc").read_text() if Path("/proc/misc").exists() else ""
@@ -172,17 +196,7 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str) -> list[Check]:
     if config is None:
         checks.append(Check(False, "config", "give --config with the node's device classes"))
     else:
-        inventory = Inventory(config, lvm, "doctor", "doctor")
-        try:
-            missing = inventory.missing_storage()
-        except (DriverError, LvmError) as error:
-            missing = []
-            checks.append(Check(False, "volume groups", str(error)))
-        for device_class in config.device_classes:
-            gaps = [(what, line) for c, what, line in missing if c is device_class]
-            fix = "; ".join(f"{what} is missing: create it or fix line {line} of {config.source}"
-                            for what, line in gaps)  # fmt: skip
-            checks.append(Check(not gaps, f"device class {device_class.describe()}", fix))
+        checks += _class_checks(config, lvm, node_id)
     usable = os.path.isdir(socket_dir) and os.access(socket_dir, os.W_OK)
     checks.append(
         Check(usable, f"socket directory {socket_dir}", "create it and make it writable by root")

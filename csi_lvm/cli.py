@@ -35,6 +35,11 @@ DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"
 # A CSI driver name: a domain-style name of at most 63 characters.
 DRIVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+# Node labels the kubelet owns: a plugin that published one with another value
+# would conflict with it.
+KUBELET_OWNED_LABELS = frozenset(
+    {"kubernetes.io/hostname", "kubernetes.io/os", "kubernetes.io/arch"}
+)
 TOPOLOGY_KEY_RE = re.compile(
     r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
 )
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     doctor = commands.add_parser("doctor", help="check what this node needs to run csi-lvm")
     doctor.add_argument("--config", default=DEFAULT_CONFIG)
+    doctor.add_argument(
+        "--node-id", default=None, help="this node's id ($NODE_NAME, else hostname)"
+    )
     doctor.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     return parser
 
@@ -120,7 +128,8 @@ def doctor(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"FAIL config: {error}")
         config = None
-    checks = run_doctor(config, Lvm(), os.path.dirname(socket_path(args.endpoint)))
+    node_id = args.node_id or default_node_id()
+    checks = run_doctor(config, Lvm(), os.path.dirname(socket_path(args.endpoint)), node_id)
     for check in checks:
         print(f"ok   {check.what}" if check.ok else f"FAIL {check.what}: {check.fix}")
     return 0 if config is not None and all(c.ok for c in checks) else 1
@@ -151,6 +160,13 @@ def serve(args: argparse.Namespace) -> int:
     topology_key = args.topology_key or f"topology.{args.driver_name}/node"
     if not TOPOLOGY_KEY_RE.fullmatch(topology_key):
         raise ConfigError(f"--topology-key {topology_key!r} is not a valid label key")
+    if topology_key in KUBELET_OWNED_LABELS:
+        raise ConfigError(
+            f"--topology-key {topology_key} is a label the kubelet sets itself, to a value "
+            "the plugin cannot read (the hostname label often differs from the node name the "
+            "plugin publishes, and the kubelet then refuses to register the driver): use the "
+            "default, or a key of the driver's own"
+        )
     socket_path(args.endpoint)  # a bad endpoint is refused before any LVM work
     if args.metrics_address and not re.fullmatch(r".*:\d{1,5}", args.metrics_address):
         raise ConfigError(f"--metrics-address {args.metrics_address!r} must be host:port")
@@ -165,21 +181,21 @@ def serve(args: argparse.Namespace) -> int:
         shell_idle_exit=args.lvm_shell_idle_exit,
     )
     inventory = Inventory(config, lvm, node_id, args.driver_name)
-    missing = inventory.missing_storage()
-    if missing:
-        device_class, what, line = missing[0]
-        raise ConfigError(
-            f"{config.source} line {line}: device class {device_class.name!r} "
-            f"names {what}, which does not exist on node {node_id}"
-        )
     backends = Backends(inventory)
+    scan = inventory.scan()
+    for backend in backends:
+        missing = backend.missing(scan)
+        if missing is not None and backend.offered_here:
+            # The rest of the node keeps working (unmounts above all); the
+            # class answers no capacity and refuses creates until it is there.
+            log.warning("device class unavailable", device_class=backend.name, reason=missing)
     if args.metrics_address:
         serve_metrics(args.metrics_address, backends)
     locks = KeyedLocks()
     backends.states.remove_unfinished(inventory, locks)
     server = Server(
         args.endpoint,
-        IdentityService(args.driver_name, inventory),
+        IdentityService(args.driver_name),
         ControllerService(inventory, backends, locks, topology_key),
         NodeService(inventory, backends, locks, topology_key, args.max_volumes_per_node),
     )

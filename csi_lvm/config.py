@@ -8,6 +8,7 @@ reading the file.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from csi_lvm.errors import ConfigError
+from csi_lvm.fs import SUPPORTED_FILESYSTEMS
 from csi_lvm.ids import CLASS_NAME_RE, MAX_CLASS_NAME
 
 # LVM's own rule for VG and LV names, minus names it reserves.
@@ -22,6 +24,7 @@ LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 
 _CLASS_KEYS = {
     "name", "volumeGroup", "thinPool", "overprovisionRatio", "fullThresholdPercent", "default",
+    "nodes", "mkfsOptions",
 }  # fmt: skip
 # A thin pool this full refuses new volumes: writes to a full pool fail, so
 # leave headroom for the volumes that already exist.
@@ -37,6 +40,12 @@ class DeviceClass:
     overprovision_ratio: float = 1.0
     default: bool = False
     full_threshold_percent: float = DEFAULT_FULL_THRESHOLD_PERCENT  # thin pools only
+    # Node-name patterns (fnmatch) of the nodes that have this class; empty:
+    # every node. One config serves a cluster whose nodes differ.
+    nodes: tuple[str, ...] = ()
+    # Extra mkfs arguments per filesystem, before the device (features a host
+    # kernel lacks turned off, say).
+    mkfs_options: tuple[tuple[str, tuple[str, ...]], ...] = ()
     line: int = 0  # where the class starts in the config file, for messages
     volume_group_line: int = 0
     thin_pool_line: int = 0
@@ -44,6 +53,13 @@ class DeviceClass:
     @property
     def is_thin(self) -> bool:
         return self.thin_pool is not None
+
+    def on_node(self, node_id: str) -> bool:
+        """Whether the config says this node has the class."""
+        return not self.nodes or any(fnmatch.fnmatchcase(node_id, p) for p in self.nodes)
+
+    def mkfs_options_for(self, fs_type: str) -> tuple[str, ...]:
+        return dict(self.mkfs_options).get(fs_type, ())
 
     def describe(self) -> str:
         where = f"{self.volume_group}/{self.thin_pool}" if self.thin_pool else self.volume_group
@@ -132,6 +148,10 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
             "above 0 and at most 100 (the pool data or metadata use, in percent, that stops "
             "new volumes)"
         )
+    nodes = _string_list(fields["nodes"][1], source, "nodes") if "nodes" in fields else ()
+    mkfs_options = (
+        _mkfs_options(fields["mkfsOptions"][1], source) if "mkfsOptions" in fields else ()
+    )
     default = False
     if "default" in fields:
         default_node = fields["default"][1]
@@ -146,6 +166,8 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
         ratio,
         default,
         full_threshold_percent=threshold,
+        nodes=nodes,
+        mkfs_options=mkfs_options,
         line=node.start_mark.line + 1,
         volume_group_line=fields["volumeGroup"][1].start_mark.line + 1,
         thin_pool_line=fields["thinPool"][1].start_mark.line + 1 if thin_pool else 0,
@@ -200,6 +222,25 @@ def _string(node: yaml.Node, source: str, what: str) -> str:
     if not isinstance(node, yaml.ScalarNode) or not str(node.value):
         raise ConfigError(f"{_at(source, node)}: {what} must be a non-empty string")
     return str(node.value)
+
+
+def _string_list(node: yaml.Node, source: str, what: str) -> tuple[str, ...]:
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        raise ConfigError(f"{_at(source, node)}: {what} must be a non-empty list of strings")
+    return tuple(_string(item, source, f"each entry of {what}") for item in node.value)
+
+
+def _mkfs_options(node: yaml.Node, source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    fields = _mapping(node, source, "mkfsOptions")
+    _reject_unknown(fields, set(SUPPORTED_FILESYSTEMS), source)
+    options = []
+    for fs_type, (_, value) in fields.items():
+        words = _string_list(value, source, f"mkfsOptions.{fs_type}")
+        for word, item in zip(words, value.value, strict=True):
+            if "\0" in word or word == "--":
+                raise ConfigError(f"{_at(source, item)}: mkfs argument {word!r} is not allowed")
+        options.append((fs_type, words))
+    return tuple(options)
 
 
 def _lvm_name(node: yaml.Node, source: str, what: str) -> str:

@@ -9,8 +9,11 @@ interceptor turns them into gRPC statuses.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import concurrent.futures
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -24,6 +27,7 @@ from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import (
     Aborted,
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -32,7 +36,7 @@ from csi_lvm.errors import (
 from csi_lvm.ids import Kind, ObjectId, Tag, check_csi_name, encode_tags, lv_name_for
 from csi_lvm.lifecycle import Stage
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.errors import LvmAlreadyExists, LvmInUse, LvmNoSpace
+from csi_lvm.lvm.errors import LvmAlreadyExists, LvmInUse, LvmNoSpace, LvmPoolNeedsRepair
 from csi_lvm.rpc import budget, node_topology
 from csi_lvm.validation import (
     PV_NAME,
@@ -68,6 +72,10 @@ CAPABILITIES = (
     Cap.CLONE_VOLUME,
 )
 Context = grpc.ServicerContext
+T = TypeVar("T")
+# Threads for copies (thick snapshots, restores and clones); more would only
+# share the same disks.
+COPY_WORKERS = 2
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
@@ -78,6 +86,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self.backends = backends
         self.locks = locks
         self.topology_key = topology_key
+        self._copies = ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix="copy")
 
     @property
     def node_id(self) -> str:
@@ -97,6 +106,39 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         timeout = budget(context)
         lv_name = lv_name_for(Kind.VOLUME, request.name)
+        copies = backend.makes_by_copy and request.HasField("volume_content_source")
+        volume = self._off_the_rpc_threads(
+            copies,
+            lambda: self._create_volume(request, lv_name, backend, wanted, timeout),
+            timeout,
+        )
+        return csi_pb2.CreateVolumeResponse(volume=volume)
+
+    def _off_the_rpc_threads(self, slow: bool, work: Callable[[], T], timeout: float | None) -> T:
+        """Run ``work`` here, or, when ``slow`` (a copy, in proportion to its
+        size), on the copy threads so that the RPC threads stay free for
+        Probe, NodeGetInfo and the node calls. A copy that outlives the call's
+        deadline goes on, holding its object's lock: the sidecar's retries get
+        ABORTED while it runs and its result once it is done."""
+        if not slow:
+            return work()
+        future = self._copies.submit(work)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise DeadlineExceeded(
+                "the copy did not finish within the call's deadline; it goes on, and a retry "
+                "of the same call answers once it is done"
+            ) from None
+
+    def _create_volume(
+        self,
+        request: csi_pb2.CreateVolumeRequest,
+        lv_name: str,
+        backend: Backend,
+        wanted: SizeRange,
+        timeout: float | None,
+    ) -> csi_pb2.Volume:
         with self.locks.hold(lv_name):
             scan = self.inventory.scan(timeout)
             existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
@@ -114,10 +156,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 )
             self._check_topology(request.accessibility_requirements, source)
             if existing is not None:
-                volume = self._existing_volume(
+                return self._existing_volume(
                     request, existing, backend, wanted, source, scan, timeout
                 )
-                return csi_pb2.CreateVolumeResponse(volume=volume)
             space = backend.space(scan)
             if source is None:
                 volume = self._create_blank(request, lv_name, backend, wanted, space, timeout)
@@ -128,10 +169,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         log.info(
             "volume created",
             volume_id=volume.volume_id,
-            lv=f"{device_class.volume_group}/{lv_name}",
+            lv=f"{backend.device_class.volume_group}/{lv_name}",
             bytes=volume.capacity_bytes,
         )
-        return csi_pb2.CreateVolumeResponse(volume=volume)
+        return volume
 
     def _create_blank(
         self,
@@ -146,10 +187,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         lvcreate makes, so no report is read back (a repeated call reads the
         volume from LVM, in _existing_volume)."""
         device_class = backend.device_class
+        self._check_open(device_class, space)
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         self._check_room(device_class, size, backend.room_for_volume(size, None, 0), space)
         tags = self._volume_tags(request, device_class, source_id="")
-        with self._create_errors(device_class, size, f"volume {request.name}"):
+        with self._create_errors(backend, size, f"volume {request.name}"):
             backend.create_blank(NewLv(lv_name, size, tags, timeout))
         return csi_pb2.Volume(
             volume_id=str(self.inventory.make_id(device_class, lv_name)),
@@ -173,19 +215,30 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
                 f"a volume made from it must use that class, not {device_class.name}"
             )
+        self._check_open(device_class, space)
         extent = space.extent_bytes
         size = choose_size(wanted, extent, minimum=source.size_bytes)
         self._check_room(device_class, size, backend.room_for_volume(size, source, extent), space)
         tags = self._volume_tags(request, device_class, source_id=str(source.id))
-        with self._create_errors(device_class, size, f"volume {request.name}"):
+        with self._create_errors(backend, size, f"volume {request.name}"):
             owned = backend.create_from(NewLv(lv_name, size, tags, timeout), source, extent)
         return self._csi_volume(owned, request.volume_content_source)
 
     @contextmanager
-    def _create_errors(self, device_class: DeviceClass, size: int, name: str) -> Iterator[None]:
-        """LVM's refusals of a new LV, as the statuses a create answers."""
+    def _create_errors(self, backend: Backend, size: int, name: str) -> Iterator[None]:
+        """LVM's refusals of a new LV, as the statuses a create answers. Each
+        is RESOURCE_EXHAUSTED where another node could serve the call, so the
+        provisioner reschedules the PVC."""
+        device_class = backend.device_class
         try:
             yield
+        except LvmPoolNeedsRepair as exc:
+            backend.note_needs_repair(str(exc))
+            log.warning("device class needs repair", device_class=device_class.name, error=str(exc))
+            raise ResourceExhausted(
+                f"device class {device_class.name} on node {self.node_id} takes no new "
+                f"volumes until an admin repairs it: {exc}"
+            ) from exc
         except LvmNoSpace as exc:
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} has no room for "
@@ -245,7 +298,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if object_id is not None and object_id.node != self.inventory.node_part:
             raise ResourceExhausted(
                 f"{what} {text} is held by node {object_id.node}; a volume made from it can "
-                f"only live on that node, not on {self.node_id}"
+                f"only live on that node, not on {self.node_id}: schedule the pod that uses "
+                f"the new PVC to node {object_id.node} (a nodeAffinity on "
+                f"{self.topology_key}, or a podAffinity to the source's pod)"
             )
         found = self.inventory.lookup(text, kind, what, scan)
         if found is None:
@@ -272,18 +327,25 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"the request only accepts: {asked}{holder}"
         )
 
+    def _check_open(self, device_class: DeviceClass, space: ClassSpace) -> None:
+        """Refuse any new object in a class that takes none here now (its
+        storage is missing or needs repair, its pool is past the threshold)."""
+        refusal = space.refusal
+        if refusal is None:
+            return
+        if space.full is not None:
+            log.warning("device class full", device_class=device_class.name, reason=refusal)
+        raise ResourceExhausted(
+            f"device class {device_class.name} on node {self.node_id} takes no new "
+            f"volumes: {refusal}"
+        )
+
     def _check_room(
         self, device_class: DeviceClass, size: int, needed: int, space: ClassSpace
     ) -> None:
         """Refuse a new object of ``size`` bytes that takes ``needed`` bytes of
         the class's room (more than its size while a copy runs, nothing for a
         thin snapshot)."""
-        if space.full is not None:
-            log.warning("device class full", device_class=device_class.name, reason=space.full)
-            raise ResourceExhausted(
-                f"device class {device_class.name} on node {self.node_id} takes no new "
-                f"volumes: {space.full}"
-            )
         if needed > space.available_bytes:
             during = (
                 f" ({size} for the copy, the rest for the temporary snapshot it reads)"
@@ -346,12 +408,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         its device is open."""
         if not text:
             raise InvalidArgument(f"{kind.value}_id is required")
-        parsed = self.inventory.parse_local_id(text, kind, kind.value)
-        if parsed is None:  # not an id csi-lvm makes, so nothing of ours
+        object_id = self.inventory.local_id(text, kind, kind.value)
+        if object_id is None:  # not an id csi-lvm makes, so nothing of ours
             return
-        object_id, device_class = parsed
+        device_class = self.inventory.config.find(object_id.device_class)
         with self.locks.hold(object_id.lv_name):
-            owned = self.inventory.get(object_id, device_class, timeout)
+            if device_class is not None:
+                owned = self.inventory.get(object_id, device_class, timeout)
+            else:
+                # A class retired from the config: its PVs must still go.
+                owned = self.inventory.find_anywhere(object_id, timeout)
             if owned is None:
                 return
             self._remove(owned, while_open, timeout)
@@ -432,7 +498,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.GetCapacityRequest, context: Context
     ) -> csi_pb2.GetCapacityResponse:
         device_class = device_class_for(self.inventory.config, dict(request.parameters))
-        if any(capability_problem(c) for c in request.volume_capabilities):
+        if any(capability_problem(c, any_mode=True) for c in request.volume_capabilities):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         if (
             request.HasField("accessible_topology")
@@ -440,6 +506,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         ):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         space = self.backends.of(device_class).space(self.inventory.scan(budget(context)))
+        if space.refusal is not None:
+            # The scheduler then looks elsewhere: no CSIStorageCapacity here.
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
         available = space.available_bytes - space.available_bytes % space.extent_bytes
         response = csi_pb2.GetCapacityResponse(available_capacity=available)
         response.maximum_volume_size.value = available
@@ -474,6 +543,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 f"accepts only the sidecars' '{SIDECAR_PARAMETER_PREFIX}*' keys"
             )
         timeout = budget(context)
+        source_id = ObjectId.parse(request.source_volume_id)
+        source_class = self.inventory.config.find(source_id.device_class) if source_id else None
+        snapshot = self._off_the_rpc_threads(
+            source_class is not None and self.backends.of(source_class).makes_by_copy,
+            lambda: self._create_snapshot(request, parameters, timeout),
+            timeout,
+        )
+        return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(snapshot))
+
+    def _create_snapshot(
+        self,
+        request: csi_pb2.CreateSnapshotRequest,
+        parameters: dict[str, str],
+        timeout: float | None,
+    ) -> Owned:
         lv_name = lv_name_for(Kind.SNAPSHOT, request.name)
         with self.locks.hold(lv_name):
             scan = self.inventory.scan(timeout)
@@ -492,12 +576,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                     extent = backend.space(scan).extent_bytes
                     new = NewLv(existing.lv.name, existing.size_bytes, (), timeout)
                     existing = backend.resume(existing, source, new, extent)
-                return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(existing))
+                return existing
             source = self._require_volume(request.source_volume_id, scan)
             lifecycle.check_ready(source, "source volume")
             device_class = source.device_class
             backend = self.backends.of(device_class)
             space = backend.space(scan)
+            self._check_open(device_class, space)
             extent = space.extent_bytes
             needed = backend.room_for_snapshot(source, extent)
             self._check_room(device_class, source.size_bytes, needed, space)
@@ -513,10 +598,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 }
             )
             new = NewLv(lv_name, source.size_bytes, tags, timeout)
-            with self._create_errors(device_class, new.size, f"snapshot {request.name}"):
+            with self._create_errors(backend, new.size, f"snapshot {request.name}"):
                 snapshot = backend.snapshot(new, source, extent)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
-        return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(snapshot))
+        return snapshot
 
     def _csi_snapshot(self, owned: Owned) -> csi_pb2.Snapshot:
         """The CSI view of an owned snapshot."""

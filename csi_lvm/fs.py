@@ -31,14 +31,16 @@ class FsError(Internal):
     pass
 
 
-def _run(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(command: Sequence[str], timeout: float | None) -> subprocess.CompletedProcess[str]:
+    """Run a command; ``timeout`` None runs it to the end, as every step that
+    makes or changes a filesystem is: cut short, it would leave one half-made."""
     try:
         return subprocess.run(
             list(command),
             capture_output=True,
             text=True,
             env=_ENV,
-            timeout=max(0.1, timeout),
+            timeout=None if timeout is None else max(0.1, timeout),
             check=False,
             stdin=subprocess.DEVNULL,
         )
@@ -48,7 +50,7 @@ def _run(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[
         raise FailedPrecondition(f"{command[0]} is not installed on this node") from exc
 
 
-def _check(command: Sequence[str], timeout: float) -> str:
+def _check(command: Sequence[str], timeout: float | None) -> str:
     return _checked(command, _run(command, timeout))
 
 
@@ -80,11 +82,13 @@ def detect_content(device: str, timeout: float = 60) -> str | None:
 
 
 def make_filesystem(
-    device: str, fs_type: str, timeout: float = 600, *, reads_zeros: bool = False
+    device: str, fs_type: str, options: Sequence[str] = (), *, reads_zeros: bool = False
 ) -> bool:
-    """Format a blank device. No discard pass (thin LVs read zeros already) and
-    lazy initialisation, so formatting costs about the same for any size; ext4
-    gets a checksum seed so a copy's UUID can change without a full check.
+    """Format a blank device, to the end whatever time it takes. No discard
+    pass (thin LVs read zeros already) and lazy initialisation, so formatting
+    costs about the same for any size; ext4 gets a checksum seed so a copy's
+    UUID can change without a full check. ``options`` go to mkfs before the
+    device (the device class's mkfsOptions).
 
     ``reads_zeros``: the caller knows every block reads zeros and will until
     written, so mkfs's own zeroing (mkfs.xfs's log) is skipped. Returns whether
@@ -93,16 +97,16 @@ def make_filesystem(
         command = [
             "mkfs.ext4", "-q", "-O", "metadata_csum_seed",
             "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-            "--", device,
+            *options, "--", device,
         ]  # fmt: skip
     elif fs_type == "xfs":
-        command = ["mkfs.xfs", "-q", "-K", "--", device]
+        command = ["mkfs.xfs", "-q", "-K", *options, "--", device]
     else:
         raise FsError(f"unsupported filesystem {fs_type!r}")
     if not reads_zeros:
-        _check(command, timeout)
+        _check(command, None)
         return False
-    done, skipped = call_with_zero_range_skipped(lambda: _run(command, timeout))
+    done, skipped = call_with_zero_range_skipped(lambda: _run(command, None))
     _checked(command, done)
     return skipped
 
@@ -112,7 +116,7 @@ def filesystem_uuid(device: str, timeout: float = 60) -> str:
     return done.stdout.strip()
 
 
-def new_filesystem_uuid(device: str, fs_type: str, timeout: float = 120) -> None:
+def new_filesystem_uuid(device: str, fs_type: str) -> None:
     """Give a copied filesystem its own UUID (XFS refuses to mount two alike).
 
     A snapshot of a mounted filesystem carries an unreplayed journal, which
@@ -125,23 +129,23 @@ def new_filesystem_uuid(device: str, fs_type: str, timeout: float = 120) -> None
         if fs_type == "ext4"
         else ["xfs_admin", "-U", "generate", device]
     )
-    before = filesystem_uuid(device, timeout)
-    if _run(command, timeout).returncode == 0 and filesystem_uuid(device, timeout) != before:
+    before = filesystem_uuid(device)
+    if _run(command, None).returncode == 0 and filesystem_uuid(device) != before:
         return
     with tempfile.TemporaryDirectory(prefix="csi-lvm-replay-") as scratch:
-        mount(device, scratch, fs_type, ["nouuid"] if fs_type == "xfs" else [], timeout)
-        unmount(scratch, timeout)
-    _check(command, timeout)
-    if filesystem_uuid(device, timeout) == before:
+        mount(device, scratch, fs_type, ["nouuid"] if fs_type == "xfs" else [], None)
+        unmount(scratch, None)
+    _check(command, None)
+    if filesystem_uuid(device) == before:
         raise FsError(f"{' '.join(command)} left the filesystem UUID unchanged")
 
 
-def grow_filesystem(device: str, mount_point: str, fs_type: str, timeout: float = 600) -> None:
-    """Grow a mounted filesystem to fill its device (online)."""
+def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
+    """Grow a mounted filesystem to fill its device (online), to the end."""
     if fs_type == "ext4":
-        _check(["resize2fs", device], timeout)
+        _check(["resize2fs", device], None)
     elif fs_type == "xfs":
-        _check(["xfs_growfs", mount_point], timeout)
+        _check(["xfs_growfs", mount_point], None)
     else:
         raise FsError(f"cannot grow filesystem {fs_type!r}")
 
@@ -156,11 +160,18 @@ class Mount:
     device_number: str  # major:minor
     fs_type: str
     source: str
-    options: tuple[str, ...]
+    options: tuple[str, ...]  # the mount's own (ro, noatime, ...)
+    super_options: tuple[str, ...] = ()  # the filesystem's (discard, nouuid, ...)
 
     @property
     def read_only(self) -> bool:
         return "ro" in self.options
+
+    def has_options(self, flags: Sequence[str]) -> bool:
+        """Whether every mount option in ``flags`` is in effect here."""
+        present = {*self.options, *self.super_options, "defaults"}
+        wanted = {w.strip() for flag in flags for w in flag.split(",") if w.strip()}
+        return wanted <= present
 
 
 def _unescape_mountinfo(text: str) -> str:
@@ -193,6 +204,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
                 fs_type=tail[0],
                 source=_unescape_mountinfo(tail[1]),
                 options=tuple(fields[5].split(",")),
+                super_options=tuple(tail[2].split(",")) if len(tail) > 2 else (),
             )
         )
     return mounts
@@ -221,6 +233,11 @@ def mounted_device(path: str) -> str | None:
     if stat.S_ISBLK(info.st_mode):
         return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
     return entry.device_number
+
+
+def device_exists(number: str) -> bool:
+    """Whether a block device of this major:minor exists on the node now."""
+    return os.path.exists(f"/sys/dev/block/{number}")
 
 
 def device_number(device: str) -> str:
@@ -287,7 +304,9 @@ def _mount_call(source: str, target: str, fs_type: str | None, flags: int, data:
     return bool(done == 0)
 
 
-def mount(device: str, target: str, fs_type: str, options: Sequence[str], timeout: float) -> None:
+def mount(
+    device: str, target: str, fs_type: str, options: Sequence[str], timeout: float | None
+) -> None:
     arguments = kernel_mount_options(options)
     if arguments is not None and _mount_call(device, target, fs_type, *arguments):
         return
@@ -311,7 +330,7 @@ def bind_mount(source: str, target: str, read_only: bool, timeout: float) -> Non
             raise
 
 
-def unmount(target: str, timeout: float) -> None:
+def unmount(target: str, timeout: float | None) -> None:
     if _libc.umount2(target.encode(), 0) != 0:
         _check(["umount", "--", target], timeout)
 

@@ -1,4 +1,11 @@
-"""The CSI Identity service: name, version, capabilities and readiness."""
+"""The CSI Identity service: name, version, capabilities and readiness.
+
+Probe reads nothing: the liveness probe calls it every few seconds, and an
+answer that waits for LVM (busy with a queue of creates, or a slow remove)
+would get the container restarted, killing LVM commands with it. A driver
+that answers at all is ready; a class whose storage is missing is reported
+by GetCapacity, ``status``, ``doctor`` and the metrics, not by Probe.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,13 @@ import grpc
 
 from csi_lvm import __version__
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
-from csi_lvm.rpc import budget
-from csi_lvm.volumes import Inventory
 
 Service = csi_pb2.PluginCapability.Service.Type
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, driver_name: str, inventory: Inventory) -> None:
+    def __init__(self, driver_name: str) -> None:
         self.driver_name = driver_name
-        self.inventory = inventory
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -44,5 +48,5 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ProbeResponse:
         response = csi_pb2.ProbeResponse()
-        response.ready.value = not self.inventory.missing_storage(budget(context))
+        response.ready.value = True
         return response

@@ -1,5 +1,10 @@
 """Prometheus metrics: RPC counts and latencies, and per device class space,
-thin pool usage and object counts (read from LVM at scrape time)."""
+thin pool usage, object counts and availability.
+
+A scrape reads the driver's latest LVM report when it is younger than
+``SCRAPE_MAX_AGE`` seconds (every RPC that needs one makes one), and makes a
+report only when none is that recent: scrapers never add an LVM report each.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from csi_lvm.backends import Backends
 from csi_lvm.ids import Kind
 
 log = structlog.get_logger("csi_lvm.metrics")
+
+SCRAPE_MAX_AGE = 30.0
 
 REGISTRY = CollectorRegistry()
 RPCS = Counter(
@@ -63,10 +70,17 @@ class DeviceClassCollector(Collector):
             "or out of space), else 0.",
             labels=labels,
         )
+        missing = GaugeMetricFamily(
+            "csi_lvm_device_class_missing",
+            "1 when the class's volume group or thin pool is not on this node (the class "
+            "takes no volumes here), else 0. Classes the config gives to other nodes only "
+            "are not listed.",
+            labels=labels,
+        )
         volumes = GaugeMetricFamily("csi_lvm_volumes", "Volumes csi-lvm owns.", labels=labels)
         snapshots = GaugeMetricFamily("csi_lvm_snapshots", "Snapshots csi-lvm owns.", labels=labels)
         try:
-            scan = self.inventory.scan(timeout=30)
+            scan = self.inventory.recent_scan(SCRAPE_MAX_AGE, timeout=30)
         except Exception as error:  # a scrape must never crash the server
             log.warning("metrics scan failed", error=str(error))
             return
@@ -74,15 +88,13 @@ class DeviceClassCollector(Collector):
             *self.inventory.owned(Kind.VOLUME, scan),
             *self.inventory.owned(Kind.SNAPSHOT, scan),
         ]
-        for device_class in self.inventory.config.device_classes:
-            name = [device_class.name]
-            try:
-                space = self.backends.of(device_class).space(scan)
-            except Exception as error:
-                log.warning(
-                    "metrics space failed", device_class=device_class.name, error=str(error)
-                )
+        for backend in self.backends:
+            if not backend.offered_here:
                 continue
+            device_class = backend.device_class
+            name = [device_class.name]
+            space = backend.space(scan)
+            missing.add_metric(name, 0 if space.missing is None else 1)
             size.add_metric(name, space.total_bytes)
             available.add_metric(name, space.available_bytes)
             full.add_metric(name, 0 if space.full is None else 1)
@@ -94,7 +106,7 @@ class DeviceClassCollector(Collector):
             mine = [o for o in owned if o.device_class.name == device_class.name]
             volumes.add_metric(name, sum(o.kind is Kind.VOLUME for o in mine))
             snapshots.add_metric(name, sum(o.kind is Kind.SNAPSHOT for o in mine))
-        yield from (size, available, full, data, metadata, volumes, snapshots)
+        yield from (size, available, full, missing, data, metadata, volumes, snapshots)
 
 
 def serve_metrics(address: str, backends: Backends) -> None:

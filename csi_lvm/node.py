@@ -116,13 +116,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if request.volume_capability.WhichOneof("access_type") == "block":
                 return csi_pb2.NodeStageVolumeResponse()  # block volumes are used raw
             wanted_fs = filesystem_of(request.volume_capability)
-            current = fs.mounted_device(staging)
-            if current is not None:
-                if current == fs.device_number(device):
-                    return csi_pb2.NodeStageVolumeResponse()
-                raise AlreadyExists(
-                    f"staging path {staging} already has another device ({current}) mounted"
-                )
+            flags = list(request.volume_capability.mount.mount_flags)
+            if fs.mounted_device(staging) is not None:
+                self._check_staged(owned, device, staging, wanted_fs, flags)
+                if lifecycle.needs_new_filesystem_uuid(owned.lv):
+                    # A first stage of a copy cut short after its mount.
+                    self._prepare_copy(owned, device, staging, wanted_fs, timeout)
+                return csi_pb2.NodeStageVolumeResponse()
             if not os.path.isdir(staging) or os.path.islink(staging):
                 # A symlink would take the mount wherever it points.
                 raise FailedPrecondition(
@@ -137,8 +137,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                         f"volume {request.volume_id} has {owned.size_bytes} bytes; {wanted_fs} "
                         f"needs at least {minimum}: create a larger volume"
                     )
+                # Never cut short, whatever the deadline: a half-made
+                # filesystem is worse than a late answer.
                 zeroing_skipped = fs.make_filesystem(
-                    device, wanted_fs, timeout, reads_zeros=backend.reads_zeros(owned.lv)
+                    device,
+                    wanted_fs,
+                    owned.device_class.mkfs_options_for(wanted_fs),
+                    reads_zeros=backend.reads_zeros(owned.lv),
                 )
                 log.info(
                     "formatted",
@@ -156,15 +161,39 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 owned.lv
             )
             if first_stage_of_copy:
-                fs.new_filesystem_uuid(device, wanted_fs, timeout)
-            flags = list(request.volume_capability.mount.mount_flags)
+                fs.new_filesystem_uuid(device, wanted_fs)
             fs.mount(device, staging, wanted_fs, flags, timeout)
             if first_stage_of_copy:
-                # A restore or clone may be larger than its source.
-                fs.grow_filesystem(device, staging, wanted_fs, timeout)
-                self.backends.states.filesystem_prepared(owned.lv, timeout)
-                log.info("copy prepared", volume_id=request.volume_id, fs_type=wanted_fs)
+                self._prepare_copy(owned, device, staging, wanted_fs, timeout)
         return csi_pb2.NodeStageVolumeResponse()
+
+    @staticmethod
+    def _check_staged(
+        owned: Owned, device: str, staging: str, fs_type: str, flags: list[str]
+    ) -> None:
+        """A repeated stage answers OK only when what is mounted is this
+        volume with the filesystem and flags asked for (ALREADY_EXISTS else)."""
+        current = fs.mounted_device(staging)
+        entry = fs.mount_at(staging)
+        if current != fs.device_number(device) or entry is None:
+            raise AlreadyExists(
+                f"staging path {staging} already has another device ({current}) mounted"
+            )
+        if entry.fs_type != fs_type or not entry.has_options(flags):
+            raise AlreadyExists(
+                f"volume {owned.id} is staged at {staging} as {entry.fs_type} with options "
+                f"{','.join(entry.options)}, not as {fs_type} with {','.join(flags) or 'none'}: "
+                "unstage it first"
+            )
+
+    def _prepare_copy(
+        self, owned: Owned, device: str, staging: str, fs_type: str, timeout: float
+    ) -> None:
+        """A restore or clone may be larger than its source: grow its
+        filesystem (never cut short), then mark the copy prepared."""
+        fs.grow_filesystem(device, staging, fs_type)
+        self.backends.states.filesystem_prepared(owned.lv, timeout)
+        log.info("copy prepared", volume_id=str(owned.id), fs_type=fs_type)
 
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: Context
@@ -174,24 +203,38 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeUnstageVolumeResponse()
 
     def _tear_down(self, volume_id: str, path: str, what: str, timeout: float | None) -> None:
-        """Unmount the volume at ``path``; a publication's target goes too."""
+        """Unmount the volume at ``path``; a publication's target goes too.
+
+        Teardown works from the path, not from the LV: the kubelet unstages
+        after the PV (and LV) may be gone, after a class left the config or
+        the node was renamed. Nothing mounted there is done; a mount of this
+        volume, or of a device that no longer exists (a block volume whose LV
+        was deleted under its bind mount), is unmounted; a mount of any other
+        device is refused."""
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        object_id = ObjectId.parse(volume_id)
+        if object_id is None or object_id.kind is not Kind.VOLUME:
+            raise NotFound(f"volume {volume_id} is not a csi-lvm volume id")
         timeout = timeout or DEFAULT_TIMEOUT
-        owned = self._find_volume(volume_id, timeout)
-        with self.locks.hold(owned.lv.name):
-            self._unmount_ours(owned, path, what, timeout)
+        with self.locks.hold(object_id.lv_name):
+            owned: Owned | None = None
+            while (current := fs.mounted_device(path)) is not None:
+                if owned is None:
+                    owned = self.inventory.find_anywhere(object_id, timeout)
+                ours = owned is not None and current == self._device_number(owned)
+                if not ours and fs.device_exists(current):
+                    raise FailedPrecondition(
+                        f"{what} {path} has a mount of another device ({current}); csi-lvm "
+                        "leaves it alone: unmount it by hand if it is stale"
+                    )
+                fs.unmount(path, timeout)
             if what == "target path":
                 self._remove_target(path)
 
-    def _unmount_ours(self, owned: Owned, path: str, what: str, timeout: float) -> None:
-        """Unmount every layer of this volume at ``path``; refuse anything else."""
-        while (current := fs.mounted_device(path)) is not None:
-            ours = fs.device_number(owned.lv.device) if os.path.exists(owned.lv.device) else None
-            if current != ours:
-                raise FailedPrecondition(
-                    f"{what} {path} has a mount of another device ({current}); csi-lvm "
-                    "leaves it alone: unmount it by hand if it is stale"
-                )
-            fs.unmount(path, timeout)
+    @staticmethod
+    def _device_number(owned: Owned) -> str | None:
+        return fs.device_number(owned.lv.device) if os.path.exists(owned.lv.device) else None
 
     # ----------------------------------------------------------- publishing
 
@@ -396,7 +439,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 entry = fs.mount_at(path) if path else None
                 if entry is not None and fs.mounted_device(path) == ours:
                     if entry.fs_type in fs.SUPPORTED_FILESYSTEMS:
-                        fs.grow_filesystem(device, path, entry.fs_type, timeout)
+                        fs.grow_filesystem(device, path, entry.fs_type)
                     break
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 

@@ -44,15 +44,19 @@ def _mode_name(mode: int) -> str:
         return f"unknown mode {mode}"
 
 
-def capability_problem(capability: csi_pb2.VolumeCapability) -> str | None:
-    """Why csi-lvm cannot serve this capability, or None when it can."""
+def capability_problem(capability: csi_pb2.VolumeCapability, any_mode: bool = False) -> str | None:
+    """Why csi-lvm cannot serve this capability, or None when it can.
+    ``any_mode``: an access mode left out or UNKNOWN stands for any (older
+    provisioners ask GetCapacity so)."""
     access_type = capability.WhichOneof("access_type")
     if access_type is None:
         return "a volume capability must set either block or mount access"
-    if not capability.HasField("access_mode"):
-        return "a volume capability must set an access mode"
     mode = capability.access_mode.mode
-    if mode not in SUPPORTED_ACCESS_MODES:
+    if any_mode and mode == AccessMode.UNKNOWN:
+        pass
+    elif not capability.HasField("access_mode"):
+        return "a volume capability must set an access mode"
+    elif mode not in SUPPORTED_ACCESS_MODES:
         supported = ", ".join(sorted(_mode_name(m) for m in SUPPORTED_ACCESS_MODES))
         return (
             f"access mode {_mode_name(mode)} is not supported: csi-lvm volumes are local to "

@@ -80,6 +80,7 @@ class ScanBatcher:
         self._started = 0  # reports started so far; the number of the latest
         self._finished = 0  # number of the latest report that ended
         self._result: Scan | None = None  # its result (None when it failed)
+        self._latest: tuple[float, Scan] | None = None  # the newest success, and when
 
     def get(self, timeout: float | None) -> Scan:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -107,7 +108,19 @@ class ScanBatcher:
                 self._running = False
                 self._finished = number
                 self._result = result
+                if result is not None:
+                    self._latest = (time.monotonic(), result)
                 self._cond.notify_all()
+
+    def recent(self, max_age: float, timeout: float | None) -> Scan:
+        """The latest report if it is younger than ``max_age`` seconds, else a
+        new one: for readers that can live with a slightly old view (a
+        metrics scrape) and must not cost a report each."""
+        with self._cond:
+            latest = self._latest
+        if latest is not None and time.monotonic() - latest[0] < max_age:
+            return latest[1]
+        return self.get(timeout)
 
 
 class Inventory:
@@ -124,13 +137,10 @@ class Inventory:
     def make_id(self, device_class: DeviceClass, lv_name: str) -> ObjectId:
         return ObjectId(self.node_part, device_class.name, lv_name)
 
-    def parse_local_id(
-        self, text: str, kind: Kind, what: str
-    ) -> tuple[ObjectId, DeviceClass] | None:
-        """The id and its class when ``text`` names an object of this node;
-        None when it cannot be one of ours at all. An id of another node, or
-        of a class this node lacks, is refused, never treated as absent: the
-        object may well exist where the id says."""
+    def local_id(self, text: str, kind: Kind, what: str) -> ObjectId | None:
+        """The id when ``text`` names an object of this node; None when it
+        cannot be one of ours at all. An id of another node is refused, never
+        treated as absent: the object may well exist where the id says."""
         object_id = ObjectId.parse(text)
         if object_id is None or object_id.kind is not kind:
             return None
@@ -139,6 +149,16 @@ class Inventory:
                 f"{what} {text} belongs to node {object_id.node}, not to this node "
                 f"({self.node_id}); send the call to the csi-lvm of that node"
             )
+        return object_id
+
+    def parse_local_id(
+        self, text: str, kind: Kind, what: str
+    ) -> tuple[ObjectId, DeviceClass] | None:
+        """Like ``local_id``, with the object's class; an id of a class this
+        node's config lacks is refused too."""
+        object_id = self.local_id(text, kind, what)
+        if object_id is None:
+            return None
         device_class = self.config.find(object_id.device_class)
         if device_class is None:
             raise FailedPrecondition(
@@ -174,8 +194,20 @@ class Inventory:
         """The configured VGs and their LVs, from a report begun after this call."""
         return self._batcher.get(timeout)
 
+    def recent_scan(self, max_age: float, timeout: float | None = None) -> Scan:
+        """A scan no older than ``max_age`` seconds (any call's, or a new one)."""
+        return self._batcher.recent(max_age, timeout)
+
     def _fresh_scan(self, timeout: float | None) -> Scan:
-        lvs, vgs = self.lvm.scan(self.config.volume_groups, timeout)
+        groups = self.config.volume_groups
+        try:
+            lvs, vgs = self.lvm.scan(groups, timeout)
+        except LvmNotFound:
+            # A VG of the config is not on this node (one config serves nodes
+            # that differ): the others are reported, the backends say what
+            # is missing.
+            present = [vg.name for vg in self.lvm.list_vgs(groups, timeout)]
+            lvs, vgs = self.lvm.scan(present, timeout) if present else ([], [])
         return Scan(tuple(lvs), {vg.name: vg for vg in vgs})
 
     def get(
@@ -197,6 +229,20 @@ class Inventory:
                 f"LV {lv.full_name} could not be activated: its device node is missing"
             )
         return refreshed
+
+    def find_anywhere(self, object_id: ObjectId, timeout: float | None) -> Owned | None:
+        """The driver's own LV with the id's name and class, in any volume
+        group: also when the class has left the config (its PVs must still be
+        deleted and unstaged) or the node's id has changed. It is owned only
+        when its tags say it is this driver's object of that class."""
+        for lv in self.lvm.find_lvs_named(object_id.lv_name, timeout):
+            device_class = self.config.find(object_id.device_class)
+            if device_class is None or device_class.volume_group != lv.vg_name:
+                device_class = DeviceClass(object_id.device_class, lv.vg_name, lv.pool or None)
+            owned = self.adopt(lv, device_class)
+            if owned is not None and owned.kind is object_id.kind:
+                return owned
+        return None
 
     def lookup(self, text: str, kind: Kind, what: str, scan: Scan) -> Owned | None:
         """The owned object an id names, from a scan; None when there is none."""
@@ -234,41 +280,3 @@ class Inventory:
     def owned(self, kind: Kind, scan: Scan) -> list[Owned]:
         found = [o for lv in scan.lvs if (o := self.adopt(lv)) is not None and o.kind is kind]
         return sorted(found, key=lambda o: str(o.id))
-
-    def missing_storage(self, timeout: float | None = None) -> list[tuple[DeviceClass, str, int]]:
-        """Each class whose volume group or thin pool is absent: the class, what
-        is missing, and the config line that names it."""
-        try:
-            scan = self.scan(timeout)  # one report when all is well
-            present = set(scan.vgs)
-            pools = {lv.full_name for lv in scan.lvs if lv.attr.is_thin_pool}
-        except LvmNotFound:  # a VG is missing: ask about each one on its own
-            present = {vg.name for vg in self.lvm.list_vgs(self.config.volume_groups, timeout)}
-            pools = set()
-            thin_groups = {c.volume_group for c in self.config.device_classes if c.thin_pool}
-            if thin_groups & present:
-                lvs = self.lvm.list_lvs(thin_groups & present, timeout)
-                pools = {lv.full_name for lv in lvs if lv.attr.is_thin_pool}
-        missing = []
-        for device_class in self.config.device_classes:
-            if device_class.volume_group not in present:
-                missing.append(
-                    (
-                        device_class,
-                        f"volume group {device_class.volume_group!r}",
-                        device_class.volume_group_line,
-                    )
-                )
-            elif (
-                device_class.thin_pool
-                and f"{device_class.volume_group}/{device_class.thin_pool}" not in pools
-            ):
-                missing.append(
-                    (
-                        device_class,
-                        f"thin pool {device_class.thin_pool!r} in volume group "
-                        f"{device_class.volume_group!r}",
-                        device_class.thin_pool_line,
-                    )
-                )
-        return missing

@@ -18,21 +18,33 @@ from dataclasses import dataclass
 
 from csi_lvm import lifecycle
 from csi_lvm.config import DeviceClass
-from csi_lvm.errors import Aborted, FailedPrecondition
+from csi_lvm.errors import Aborted
 from csi_lvm.lifecycle import Lifecycle
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
+# How long a class whose thin pool refused a create for want of repair stays
+# closed before a create may try it again (a restart of the plugin retries at
+# once, for an admin who has just repaired it).
+NEEDS_REPAIR_SECONDS = 600.0
+
 
 @dataclass(frozen=True)
 class ClassSpace:
-    """Room in a device class, in bytes."""
+    """Room in a device class, in bytes, and why it takes no new volumes."""
 
-    available_bytes: int
-    extent_bytes: int
+    available_bytes: int  # 0 whenever ``refusal`` is set
+    extent_bytes: int  # 0 when the volume group is not on this node
     total_bytes: int
     used_bytes: int  # provisioned (thin: virtual sizes) or allocated (thick)
-    full: str | None = None  # why the class takes no new volumes, when it is full
+    full: str | None = None  # the thin pool is past the class's threshold
+    missing: str | None = None  # the class's storage is not on this node
+    needs_repair: str | None = None  # LVM refused the pool until an admin repairs it
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the class takes no new volumes, or None while it does."""
+        return self.missing or self.needs_repair or self.full
 
 
 @dataclass(frozen=True)
@@ -56,17 +68,83 @@ class Condition:
 class Backend(ABC):
     """One device class's storage."""
 
+    # Whether making from a source copies data (time in proportion to size).
+    makes_by_copy = False
+
     def __init__(self, device_class: DeviceClass, inventory: Inventory, states: Lifecycle):
         self.device_class = device_class
         self.inventory = inventory
         self.lvm = inventory.lvm
         self.states = states
+        self._needs_repair: tuple[float, str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.device_class.name
+
+    @property
+    def offered_here(self) -> bool:
+        """Whether the config puts this class on this node at all."""
+        return self.device_class.on_node(self.inventory.node_id)
 
     # ---- room
 
-    @abstractmethod
     def space(self, scan: Scan) -> ClassSpace:
         """The class's capacity, use and room, from one scan."""
+        missing = self.missing(scan)
+        group = scan.vgs.get(self.device_class.volume_group)
+        if missing is not None:
+            extent = group.extent_bytes if group is not None else 0
+            return ClassSpace(0, extent, 0, 0, missing=missing)
+        assert group is not None  # else it would be missing
+        space = self._space(group, scan)
+        needs_repair = self.needs_repair()
+        if needs_repair is None:
+            return space
+        return ClassSpace(
+            0, space.extent_bytes, space.total_bytes, space.used_bytes, space.full,
+            needs_repair=needs_repair,
+        )  # fmt: skip
+
+    @abstractmethod
+    def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:
+        """The space of a class whose storage is present."""
+
+    def missing(self, scan: Scan) -> str | None:
+        """What of the class's storage this node lacks, with the config line
+        that names it; None when all is there."""
+        device_class = self.device_class
+        node = self.inventory.node_id
+        if not self.offered_here:
+            return (
+                f"device class {device_class.name} is not on node {node}: the config gives "
+                f"it to nodes {', '.join(device_class.nodes)} only"
+            )
+        if device_class.volume_group not in scan.vgs:
+            return (
+                f"volume group {device_class.volume_group!r} of device class "
+                f"{device_class.name} does not exist on node {node} "
+                f"({self.inventory.config.source} line {device_class.volume_group_line})"
+            )
+        return None
+
+    def note_needs_repair(self, message: str) -> None:
+        """LVM refused a create until an admin repairs the storage: take no
+        new volumes for a while, so the scheduler looks elsewhere."""
+        self._needs_repair = (time.monotonic(), message)
+
+    def needs_repair(self) -> str | None:
+        if self._needs_repair is None:
+            return None
+        since, message = self._needs_repair
+        if time.monotonic() - since > NEEDS_REPAIR_SECONDS:
+            self._needs_repair = None  # let the next create find out again
+            return None
+        return (
+            f"{message} (csi-lvm takes no new volumes in this class for "
+            f"{NEEDS_REPAIR_SECONDS / 60:.0f} minutes after such a refusal; restart the "
+            "plugin once the pool is repaired)"
+        )
 
     def room_for_volume(self, size: int, source: Owned | None, extent_bytes: int) -> int:
         """Room a new ``size``-byte volume takes, blank or made from ``source``."""
@@ -134,8 +212,8 @@ class Backend(ABC):
 
     def storage_problem(self, scan: Scan) -> str | None:
         """A problem of the class's storage itself that makes its objects
-        abnormal (a thin pool out of room, say)."""
-        return None
+        abnormal (a thin pool out of room or in need of repair, say)."""
+        return self.needs_repair()
 
     def condition(self, owned: Owned, scan: Scan) -> Condition:
         problem = (
@@ -149,15 +227,6 @@ class Backend(ABC):
         return Condition(False, "healthy")
 
     # ---- for the implementations
-
-    def _volume_group(self, scan: Scan) -> VolumeGroup:
-        group = scan.vgs.get(self.device_class.volume_group)
-        if group is None:
-            raise FailedPrecondition(
-                f"volume group {self.device_class.volume_group} is not present on node "
-                f"{self.inventory.node_id}; check the node's disks and the csi-lvm config"
-            )
-        return group
 
     def _made(self, lv_name: str, timeout: float | None) -> Owned:
         """The LV just made, from a shared scan (not an ``lvs`` of this LV:

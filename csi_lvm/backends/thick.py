@@ -34,7 +34,7 @@ from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, ResourceE
 from csi_lvm.ids import Kind, Tag, decode_tags, encode_tags, view_name_for
 from csi_lvm.lifecycle import MAKING_TAG, Lifecycle
 from csi_lvm.lvm.errors import LvmNoSpace
-from csi_lvm.lvm.records import LogicalVolume
+from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.backends.thick")
@@ -55,12 +55,13 @@ def view_bytes(source_bytes: int, extent_bytes: int) -> int:
 
 
 class ThickBackend(Backend):
+    makes_by_copy = True
+
     def __init__(self, device_class: DeviceClass, inventory: Inventory, states: Lifecycle):
         super().__init__(device_class, inventory, states)
         self.copier = ThickCopier(inventory, states)
 
-    def space(self, scan: Scan) -> ClassSpace:
-        group = self._volume_group(scan)
+    def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:
         return ClassSpace(
             available_bytes=group.free_bytes,
             extent_bytes=group.extent_bytes,

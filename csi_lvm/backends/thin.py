@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from csi_lvm import lifecycle
 from csi_lvm.backends.base import Backend, ClassSpace, NewLv
 from csi_lvm.config import DeviceClass
-from csi_lvm.errors import FailedPrecondition
 from csi_lvm.ids import Kind
-from csi_lvm.lvm.records import LogicalVolume
+from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Owned, Scan
 
 
@@ -27,14 +26,23 @@ class ThinBackend(Backend):
         assert self.device_class.thin_pool is not None  # a thin class has one
         return self.device_class.thin_pool
 
-    def space(self, scan: Scan) -> ClassSpace:
-        group = self._volume_group(scan)
-        pool = scan.lv(group.name, self.pool)
+    def missing(self, scan: Scan) -> str | None:
+        missing = super().missing(scan)
+        if missing is not None:
+            return missing
+        pool = scan.lv(self.device_class.volume_group, self.pool)
         if pool is None or not pool.attr.is_thin_pool:
-            raise FailedPrecondition(
-                f"thin pool {group.name}/{self.pool} of device class "
-                f"{self.device_class.name} is missing on node {self.inventory.node_id}"
+            return (
+                f"thin pool {self.pool!r} in volume group {self.device_class.volume_group!r} "
+                f"of device class {self.device_class.name} does not exist on node "
+                f"{self.inventory.node_id} ({self.inventory.config.source} line "
+                f"{self.device_class.thin_pool_line})"
             )
+        return None
+
+    def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:
+        pool = scan.lv(group.name, self.pool)
+        assert pool is not None  # else it would be missing
         provisioned = sum(
             lv.size_bytes
             for lv in scan.lvs
@@ -111,7 +119,7 @@ class ThinBackend(Backend):
         pool = scan.lv(self.device_class.volume_group, self.pool)
         if pool is None:
             return f"its thin pool {self.pool} is missing"
-        return pool_fullness(self.device_class, pool)
+        return super().storage_problem(scan) or pool_fullness(self.device_class, pool)
 
 
 def pool_fullness(device_class: DeviceClass, pool: LogicalVolume) -> str | None:

@@ -191,6 +191,13 @@ class Lvm:
         )
         return lvs[0] if lvs else None
 
+    def find_lvs_named(self, name: str, timeout: float | None = None) -> list[LogicalVolume]:
+        """The LVs of this name in every volume group of the node."""
+        check_name(name, "logical volume")
+        return parse_lv_report(
+            self._report(["lvs", "-o", LV_FIELDS, "-S", f"lv_name={name}"], timeout)
+        )
+
     def list_vgs(
         self, names: Iterable[str] = (), timeout: float | None = None
     ) -> list[VolumeGroup]:

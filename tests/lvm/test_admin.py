@@ -108,7 +108,7 @@ def test_status_lists_classes_and_owned_objects(csi: CsiClient, driver: Driver, 
 
 
 def test_doctor_passes_on_a_node_that_has_everything(driver: Driver) -> None:
-    checks = run_doctor(load_config(driver.config), Lvm(), str(driver.workdir))
+    checks = run_doctor(load_config(driver.config), Lvm(), str(driver.workdir), NODE_ID)
     failed = [f"{c.what}: {c.fix}" for c in checks if not c.ok]
     assert not failed
     wanted = {"kernel device-mapper", "kernel module dm_thin_pool", "kernel module dm_snapshot"}

@@ -1,4 +1,5 @@
-"""``csi-lvm serve`` refuses to start on a bad config, naming the line.
+"""``csi-lvm serve`` refuses to start on a bad config, naming the line, and
+serves on a node that lacks a class's storage.
 
 These run the real command against this machine's LVM, which can read
 metadata without device-mapper: a volume group that does not exist is
@@ -10,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+
+from csi_lvm.csi import csi_pb2
+from tests.testbed import NODE_ID, Driver
 
 
 def serve(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -21,14 +26,46 @@ def serve(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_missing_volume_group_stops_start_up_naming_the_line(tmp_path: Path) -> None:
+def test_a_node_without_a_class_s_volume_group_keeps_serving(tmp_path: Path) -> None:
+    # One config serves every node; this one lacks the class's VG. The plugin
+    # must still run (the kubelet needs it to unmount), say what is missing,
+    # offer no capacity and refuse creates in a way that reschedules.
     config = tmp_path / "config.yaml"
     config.write_text(
         "deviceClasses:\n  - name: thin\n    volumeGroup: csi-lvm-no-such-vg\n    thinPool: pool0\n"
     )
-    done = serve(config)
-    assert done.returncode == 2
-    assert f"{config} line 3" in done.stderr and "'csi-lvm-no-such-vg'" in done.stderr
+    driver = Driver(tmp_path, config)
+    csi = driver.start()
+    try:
+        assert csi.identity.Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value
+        capacity = csi.controller.GetCapacity(csi_pb2.GetCapacityRequest(), timeout=30)
+        assert capacity.available_capacity == 0
+        mount = csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1),
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            csi.controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(name="pvc-1", volume_capabilities=[mount]), timeout=30
+            )
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"node {NODE_ID}" in str(refused.value.details())
+        assert f"{config} line 3" in str(refused.value.details())
+        # Teardown needs no LV: nothing of ours mounted at the path is done.
+        target = tmp_path / "target"
+        target.mkdir()
+        csi.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(
+                volume_id=f"{NODE_ID}:thin:csi-pvc-1", target_path=str(target)
+            ),
+            timeout=30,
+        )
+        assert not target.exists()
+    finally:
+        csi.close()
+        assert driver.stop() == 0
+    log = driver.log_path.read_text()
+    assert "device class unavailable" in log and "csi-lvm-no-such-vg" in log
 
 
 @pytest.mark.parametrize(
@@ -50,6 +87,8 @@ def test_bad_flags_are_refused(tmp_path: Path) -> None:
     config.write_text("deviceClasses:\n  - name: a\n    volumeGroup: vg0\n")
     assert "--driver-name" in serve(config, "--driver-name", "Not A Name").stderr
     assert "--topology-key" in serve(config, "--topology-key", "bad key/x/y").stderr
+    hostname = serve(config, "--topology-key", "kubernetes.io/hostname")
+    assert hostname.returncode == 2 and "a label the kubelet sets itself" in hostname.stderr
     assert "unix socket" in serve(config, "--endpoint", "tcp://0:1").stderr
 
 
@@ -67,6 +106,7 @@ def test_doctor_reports_device_mapper_as_this_kernel_has_it(tmp_path: Path) -> N
         assert "ok   kernel device-mapper" in done.stdout
     else:
         assert "FAIL kernel device-mapper: this kernel has no device-mapper" in done.stdout
-    assert "'csi-lvm-no-such-vg' is missing: create it or fix line 3" in done.stdout
+    assert "'csi-lvm-no-such-vg' of device class a does not exist on node" in done.stdout
+    assert f"({config} line 3): create it, or fix the config" in done.stdout
     assert f"ok   socket directory {tmp_path}" in done.stdout
     assert "ok   LVM tools" in done.stdout

@@ -507,7 +507,7 @@ def test_driver_offers_the_node_side_expansion_the_resizer_relies_on() -> None:
     assert "csi-resizer" in containers()
     node = csi_pb2.NodeServiceCapability.RPC
     controller = csi_pb2.ControllerServiceCapability.RPC
-    plugin = IdentityService(DEFAULT_DRIVER_NAME, None).GetPluginCapabilities(None, None)
+    plugin = IdentityService(DEFAULT_DRIVER_NAME).GetPluginCapabilities(None, None)
     expansion = [c.volume_expansion.type for c in plugin.capabilities]
     assert controller.EXPAND_VOLUME not in CONTROLLER_CAPABILITIES
     assert node.EXPAND_VOLUME in NODE_CAPABILITIES

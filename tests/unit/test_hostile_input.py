@@ -47,7 +47,7 @@ class HostBed:
         locks = KeyedLocks()
         self.server = Server(
             f"unix://{root}/csi.sock",
-            IdentityService(DRIVER_NAME, inventory),
+            IdentityService(DRIVER_NAME),
             ControllerService(inventory, backends, locks, TOPOLOGY_KEY),
             NodeService(inventory, backends, locks, TOPOLOGY_KEY),
         )
