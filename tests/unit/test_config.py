@@ -89,3 +89,33 @@ def test_full_threshold_defaults_to_95_and_can_be_set() -> None:
         "  - name: b\n    volumeGroup: vg0\n    thinPool: q\n    fullThresholdPercent: 80.5\n"
     )
     assert [c.full_threshold_percent for c in config.device_classes] == [95.0, 80.5]
+
+
+def test_a_class_can_name_its_nodes_and_its_mkfs_options() -> None:
+    config = parse_config(
+        "deviceClasses:\n  - name: fast\n    volumeGroup: nvme\n"
+        "    nodes: [storage-*, db-1]\n"
+        "    mkfsOptions:\n      xfs: [-m, 'bigtime=0,inobtcount=0']\n"
+        "  - name: any\n    volumeGroup: vg0\n"
+    )
+    fast, anywhere = config.device_classes
+    assert fast.on_node("storage-7") and fast.on_node("db-1")
+    assert not fast.on_node("db-10") and not fast.on_node("web-storage-1")
+    assert anywhere.on_node("web-1")  # no nodes: every node
+    assert fast.mkfs_options_for("xfs") == ("-m", "bigtime=0,inobtcount=0")
+    assert fast.mkfs_options_for("ext4") == () and anywhere.mkfs_options_for("xfs") == ()
+
+
+@pytest.mark.parametrize(
+    ("fragment", "message"),
+    [
+        ("    nodes: []\n", "line 4: nodes must be a non-empty list"),
+        ("    nodes: storage-1\n", "line 4: nodes must be a non-empty list"),
+        ("    mkfsOptions:\n      btrfs: [-f]\n", "line 5: unknown key 'btrfs'"),
+        ("    mkfsOptions:\n      xfs: -f\n", "line 5: mkfsOptions.xfs must be a non-empty list"),
+        ("    mkfsOptions:\n      xfs: ['--']\n", "line 5: mkfs argument '--' is not allowed"),
+    ],
+)
+def test_bad_nodes_and_mkfs_options_name_the_line(fragment: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config("deviceClasses:\n  - name: a\n    volumeGroup: vg0\n" + fragment)

@@ -33,3 +33,12 @@ def test_mount_words_become_kernel_flags_and_filesystem_data() -> None:
 def test_words_only_mount8_understands_leave_the_mount_to_it() -> None:
     for word in ("x-systemd.automount", "_netdev", "nofail", "user", "loop", "remount", "bind"):
         assert fs.kernel_mount_options(["noatime", word]) is None, word
+
+
+def test_a_mount_has_the_options_asked_for_only_when_all_are_in_effect() -> None:
+    _, staging, target, _ = parse_mountinfo(MOUNTINFO)
+    assert staging.super_options == ("rw", "attr2")
+    assert staging.has_options([]) and staging.has_options(["defaults", "rw"])
+    assert staging.has_options(["relatime,attr2"])  # per-mount and filesystem options alike
+    assert not staging.has_options(["noatime"]) and not staging.has_options(["ro"])
+    assert target.has_options(["ro"])
