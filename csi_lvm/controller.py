@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import Backend, ClassSpace, Condition, NewLv
+from csi_lvm.backends.base import Backend, ClassSpace, Condition, NewLv, NoRoom
 from csi_lvm.config import DeviceClass
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import (
@@ -159,12 +159,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 return self._existing_volume(
                     request, existing, backend, wanted, source, scan, timeout
                 )
-            space = backend.space(scan)
             if source is None:
-                volume = self._create_blank(request, lv_name, backend, wanted, space, timeout)
+                volume = self._create_blank(request, lv_name, backend, wanted, scan, timeout)
             else:
                 volume = self._create_from_source(
-                    request, lv_name, backend, wanted, source, space, timeout
+                    request, lv_name, backend, wanted, source, scan, timeout
                 )
         log.info(
             "volume created",
@@ -180,18 +179,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         lv_name: str,
         backend: Backend,
         wanted: SizeRange,
-        space: ClassSpace,
+        scan: Scan,
         timeout: float | None,
     ) -> csi_pb2.Volume:
         """Make a blank volume. Its size is whole extents already, exactly what
         lvcreate makes, so no report is read back (a repeated call reads the
         volume from LVM, in _existing_volume)."""
         device_class = backend.device_class
+        space = backend.space(scan)
         self._check_open(device_class, space)
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
-        self._check_room(device_class, size, backend.room_for_volume(size, None, 0), space)
+        needed = backend.room_for_volume(size, None, 0)
         tags = self._volume_tags(request, device_class, source_id="")
-        with self._create_errors(backend, size, f"volume {request.name}"):
+        with self._making(backend, size, needed, scan, f"volume {request.name}"):
             backend.create_blank(NewLv(lv_name, size, tags, timeout))
         return csi_pb2.Volume(
             volume_id=str(self.inventory.make_id(device_class, lv_name)),
@@ -206,7 +206,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         backend: Backend,
         wanted: SizeRange,
         source: Owned,
-        space: ClassSpace,
+        scan: Scan,
         timeout: float | None,
     ) -> csi_pb2.Volume:
         device_class = backend.device_class
@@ -215,23 +215,40 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
                 f"a volume made from it must use that class, not {device_class.name}"
             )
+        space = backend.space(scan)
         self._check_open(device_class, space)
         extent = space.extent_bytes
         size = choose_size(wanted, extent, minimum=source.size_bytes)
-        self._check_room(device_class, size, backend.room_for_volume(size, source, extent), space)
+        needed = backend.room_for_volume(size, source, extent)
         tags = self._volume_tags(request, device_class, source_id=str(source.id))
-        with self._create_errors(backend, size, f"volume {request.name}"):
+        with self._making(backend, size, needed, scan, f"volume {request.name}"):
             owned = backend.create_from(NewLv(lv_name, size, tags, timeout), source, extent)
         return self._csi_volume(owned, request.volume_content_source)
 
     @contextmanager
-    def _create_errors(self, backend: Backend, size: int, name: str) -> Iterator[None]:
-        """LVM's refusals of a new LV, as the statuses a create answers. Each
-        is RESOURCE_EXHAUSTED where another node could serve the call, so the
+    def _making(
+        self, backend: Backend, size: int, needed: int, scan: Scan, name: str
+    ) -> Iterator[None]:
+        """Around the making of a new object of ``size`` bytes that takes
+        ``needed`` bytes of its class's room (more than its size while a copy
+        runs, nothing for a thin snapshot): the room, held against concurrent
+        creates, and LVM's refusals as the statuses a create answers. Each is
+        RESOURCE_EXHAUSTED where another node could serve the call, so the
         provisioner reschedules the PVC."""
         device_class = backend.device_class
         try:
-            yield
+            with backend.reserved(needed, backend.space(scan), scan):
+                yield
+        except NoRoom as exc:
+            during = (
+                f" ({size} for the copy, the rest for the temporary snapshot it reads)"
+                if needed > size
+                else ""
+            )
+            raise ResourceExhausted(
+                f"device class {device_class.name} on node {self.node_id} has "
+                f"{exc.available} bytes available, {needed} requested{during}"
+            ) from None
         except LvmPoolNeedsRepair as exc:
             backend.note_needs_repair(str(exc))
             log.warning("device class needs repair", device_class=device_class.name, error=str(exc))
@@ -339,23 +356,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"device class {device_class.name} on node {self.node_id} takes no new "
             f"volumes: {refusal}"
         )
-
-    def _check_room(
-        self, device_class: DeviceClass, size: int, needed: int, space: ClassSpace
-    ) -> None:
-        """Refuse a new object of ``size`` bytes that takes ``needed`` bytes of
-        the class's room (more than its size while a copy runs, nothing for a
-        thin snapshot)."""
-        if needed > space.available_bytes:
-            during = (
-                f" ({size} for the copy, the rest for the temporary snapshot it reads)"
-                if needed > size
-                else ""
-            )
-            raise ResourceExhausted(
-                f"device class {device_class.name} on node {self.node_id} has "
-                f"{space.available_bytes} bytes available, {needed} requested{during}"
-            )
 
     def _volume_tags(
         self, request: csi_pb2.CreateVolumeRequest, device_class: DeviceClass, source_id: str
@@ -585,7 +585,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self._check_open(device_class, space)
             extent = space.extent_bytes
             needed = backend.room_for_snapshot(source, extent)
-            self._check_room(device_class, source.size_bytes, needed, space)
             tags = encode_tags(
                 {
                     Tag.DRIVER: self.inventory.driver_name,
@@ -598,7 +597,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 }
             )
             new = NewLv(lv_name, source.size_bytes, tags, timeout)
-            with self._create_errors(backend, new.size, f"snapshot {request.name}"):
+            with self._making(backend, new.size, needed, scan, f"snapshot {request.name}"):
                 snapshot = backend.snapshot(new, source, extent)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
         return snapshot

@@ -59,6 +59,7 @@ class Scan:
 
     lvs: tuple[LogicalVolume, ...]
     vgs: dict[str, VolumeGroup]
+    started: float = 0.0  # time.monotonic() when the report began
 
     def lv(self, volume_group: str, name: str) -> LogicalVolume | None:
         return next((v for v in self.lvs if v.vg_name == volume_group and v.name == name), None)
@@ -199,6 +200,7 @@ class Inventory:
         return self._batcher.recent(max_age, timeout)
 
     def _fresh_scan(self, timeout: float | None) -> Scan:
+        started = time.monotonic()
         groups = self.config.volume_groups
         try:
             lvs, vgs = self.lvm.scan(groups, timeout)
@@ -208,7 +210,7 @@ class Inventory:
             # is missing.
             present = [vg.name for vg in self.lvm.list_vgs(groups, timeout)]
             lvs, vgs = self.lvm.scan(present, timeout) if present else ([], [])
-        return Scan(tuple(lvs), {vg.name: vg for vg in vgs})
+        return Scan(tuple(lvs), {vg.name: vg for vg in vgs}, started)
 
     def get(
         self, object_id: ObjectId, device_class: DeviceClass, timeout: float | None = None

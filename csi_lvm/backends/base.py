@@ -11,9 +11,11 @@ answers of the call that met them. It never sees a CSI request.
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from csi_lvm import lifecycle
@@ -23,6 +25,9 @@ from csi_lvm.lifecycle import Lifecycle
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
+# How long a finished create's reservation is kept: longer than any report
+# that began before it ended can be in use.
+RESERVATION_SECONDS = 600.0
 # How long a class whose thin pool refused a create for want of repair stays
 # closed before a create may try it again (a restart of the plugin retries at
 # once, for an admin who has just repaired it).
@@ -45,6 +50,20 @@ class ClassSpace:
     def refusal(self) -> str | None:
         """Why the class takes no new volumes, or None while it does."""
         return self.missing or self.needs_repair or self.full
+
+
+class NoRoom(Exception):
+    """What a create asks does not fit in the room left (``available`` bytes)."""
+
+    def __init__(self, available: int) -> None:
+        super().__init__(available)
+        self.available = available
+
+
+@dataclass
+class _Reservation:
+    bytes: int
+    done: float | None = None  # when the create that held it ended
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,8 @@ class Backend(ABC):
         self.lvm = inventory.lvm
         self.states = states
         self._needs_repair: tuple[float, str] | None = None
+        self._ledger_lock = threading.Lock()
+        self._reservations: list[_Reservation] = []
 
     @property
     def name(self) -> str:
@@ -153,6 +174,39 @@ class Backend(ABC):
     @abstractmethod
     def room_for_snapshot(self, source: Owned, extent_bytes: int) -> int:
         """Room a snapshot of ``source`` takes."""
+
+    @contextmanager
+    def reserved(self, needed: int, space: ClassSpace, scan: Scan) -> Iterator[None]:
+        """Hold ``needed`` bytes of the class's room while an object is made,
+        or raise NoRoom. Creates that run at once each read the room from a
+        report that need not show the others' LVs yet (LVM itself does not
+        enforce a thin class's overprovisionRatio): a reservation counts for
+        every report that began before its create ended."""
+        with self._ledger_lock:
+            now = time.monotonic()
+            self._reservations = [
+                r
+                for r in self._reservations
+                if r.done is None or now - r.done < RESERVATION_SECONDS
+            ]
+            unseen = sum(
+                r.bytes for r in self._reservations if r.done is None or r.done > scan.started
+            )
+            available = max(0, space.available_bytes - unseen)
+            if needed > available:
+                raise NoRoom(available)
+            reservation = _Reservation(needed)
+            self._reservations.append(reservation)
+        made = False
+        try:
+            yield
+            made = True
+        finally:
+            with self._ledger_lock:
+                if made:
+                    reservation.done = time.monotonic()
+                else:  # nothing was made: nothing to count
+                    self._reservations.remove(reservation)
 
     # ---- making
 

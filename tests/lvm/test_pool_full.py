@@ -5,6 +5,7 @@ that hit the full pool as abnormal; deleting data makes room again."""
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -103,3 +104,35 @@ def test_a_filling_pool_refuses_new_volumes_and_flags_its_volumes(
     # Deleting the volume gave the blocks back: the class takes volumes again.
     assert capacity(csi) > 0
     delete(csi, create(csi, f"{name}-after", 4 * MiB, SMALL_CLASS).volume_id)
+
+
+def test_concurrent_creates_never_exceed_the_overprovision_ratio(
+    csi: CsiClient, name: str, vg: LoopVolumeGroup
+) -> None:
+    # Each create reads the room from a report that need not show the others'
+    # LVs yet, and LVM itself does not enforce overprovisionRatio.
+    room = capacity(csi)
+    size = 32 * MiB
+    asked = room // size + 4
+
+    def one(number: int) -> tuple[grpc.StatusCode, str]:
+        try:
+            return grpc.StatusCode.OK, create(csi, f"{name}-{number}", size, SMALL_CLASS).volume_id
+        except grpc.RpcError as error:
+            return error.code(), ""
+
+    with ThreadPoolExecutor(asked) as pool:
+        answers = list(pool.map(one, range(asked)))
+    codes = [code for code, _ in answers]
+    made = codes.count(grpc.StatusCode.OK)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert 0 < made <= room // size, codes
+    sizes = subprocess.run(
+        ["lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size",
+         "-S", f"pool_lv={SMALL_POOL}", vg.name],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert sum(int(s) for s in sizes) <= room
+    for _, volume_id in answers:
+        if volume_id:
+            delete(csi, volume_id)
