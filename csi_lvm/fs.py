@@ -68,7 +68,8 @@ def detect_content(device: str, timeout: float = 60) -> str | None:
     """What the device already holds ("ext4", "xfs", "partition table dos",
     ...), or None when blkid finds nothing at all, i.e. it is blank."""
     done = _run(["blkid", "--probe", "--output", "export", "--", device], timeout)
-    if done.returncode == 2:  # blkid: nothing found
+    if done.returncode == 2:  # blkid: nothing found, or nothing it could read
+        _check_readable(device)
         return None
     if done.returncode != 0:
         message = " ".join(done.stderr.split()) or f"exit code {done.returncode}"
@@ -79,6 +80,24 @@ def detect_content(device: str, timeout: float = 60) -> str | None:
     if "PTTYPE" in fields:
         return f"partition table {fields['PTTYPE']}"
     return "unrecognised data"
+
+
+def _check_readable(device: str) -> None:
+    """blkid answers "nothing found" for a device it cannot read, too: only a
+    device whose start and end read back is blank, and may be formatted."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            for offset in {0, max(0, end - 4096)}:
+                os.pread(fd, 4096, offset)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise FsError(
+            f"{device} cannot be read ({exc.strerror}): it is not taken for blank, and "
+            "nothing is written to it; check the disk and the kernel log"
+        ) from exc
 
 
 def make_filesystem(

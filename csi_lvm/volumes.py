@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from csi_lvm.config import Config, DeviceClass
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
-from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component
+from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component, view_name_for
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmNotFound
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
@@ -190,6 +190,19 @@ class Inventory:
         if ObjectId.parse(str(object_id)) is None or not tags.get(Tag.NAME):
             return None
         return Owned(object_id, lv, device_class, tags)
+
+    def is_own_view(self, lv: LogicalVolume, target: str | None = None) -> bool:
+        """Whether ``lv`` is a temporary view this driver made for a copy
+        (into ``target``, when given): a classic snapshot with its tags."""
+        tags = decode_tags(lv.tags)
+        view_for = tags.get(Tag.VIEW_FOR, "")
+        return (
+            tags.get(Tag.DRIVER) == self.driver_name
+            and bool(view_for)
+            and (target is None or view_for == target)
+            and lv.name == view_name_for(view_for)
+            and lv.attr.is_cow_snapshot
+        )
 
     def scan(self, timeout: float | None = None) -> Scan:
         """The configured VGs and their LVs, from a report begun after this call."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from csi_lvm import lifecycle
 from csi_lvm.config import DeviceClass
-from csi_lvm.errors import Aborted
+from csi_lvm.errors import Aborted, FailedPrecondition
 from csi_lvm.lifecycle import Lifecycle
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
@@ -250,7 +250,24 @@ class Backend(ABC):
         return True
 
     def remove(self, owned: Owned, timeout: float | None) -> None:
+        if owned.lv.attr.is_cow_origin:
+            self._refuse_foreign_snapshots(owned, timeout)
         self.lvm.remove(owned.lv.vg_name, owned.lv.name, timeout)
+
+    def _refuse_foreign_snapshots(self, owned: Owned, timeout: float | None) -> None:
+        """``lvremove`` of an origin removes its classic snapshots with it: one
+        an admin made by hand (``lvcreate -s``) is not the driver's to remove."""
+        foreign = [
+            lv.full_name
+            for lv in self.lvm.snapshots_of(owned.lv.vg_name, owned.lv.name, timeout)
+            if lv.attr.is_cow_snapshot and not self.inventory.is_own_view(lv)
+        ]
+        if foreign:
+            raise FailedPrecondition(
+                f"{owned.kind.value} {owned.id} has snapshots that csi-lvm did not make "
+                f"({', '.join(foreign)}); removing the LV would remove them too: remove or "
+                "merge them first (lvremove, lvconvert --merge)"
+            )
 
     # ---- contents and health
 

@@ -31,7 +31,7 @@ from csi_lvm import blockcopy, lifecycle
 from csi_lvm.backends.base import Backend, ClassSpace, NewLv
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, ResourceExhausted
-from csi_lvm.ids import Kind, Tag, decode_tags, encode_tags, view_name_for
+from csi_lvm.ids import Kind, Tag, encode_tags, view_name_for
 from csi_lvm.lifecycle import MAKING_TAG, Lifecycle
 from csi_lvm.lvm.errors import LvmNoSpace
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
@@ -211,13 +211,7 @@ class ThickCopier:
         found = self.lvm.find_lv(target.lv.vg_name, name)
         if found is None:
             return
-        tags = decode_tags(found.tags)
-        ours = (
-            tags.get(Tag.DRIVER) == self.inventory.driver_name
-            and tags.get(Tag.VIEW_FOR) == target.lv.name
-            and found.attr.is_cow_snapshot
-        )
-        if not ours:
+        if not self.inventory.is_own_view(found, target.lv.name):
             raise AlreadyExists(
                 f"volume group {found.vg_name} has an LV named {name} that csi-lvm does not "
                 "own; it needs that name for a temporary snapshot: rename or remove it"

@@ -191,6 +191,15 @@ class Lvm:
         )
         return lvs[0] if lvs else None
 
+    def snapshots_of(
+        self, volume_group: str, origin: str, timeout: float | None = None
+    ) -> list[LogicalVolume]:
+        """The snapshots (classic or thin) whose origin is ``origin``."""
+        check_lv_names(volume_group, origin)
+        select = f"origin={origin}"
+        report = self._report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
+        return parse_lv_report(report)
+
     def find_lvs_named(self, name: str, timeout: float | None = None) -> list[LogicalVolume]:
         """The LVs of this name in every volume group of the node."""
         check_name(name, "logical volume")

@@ -40,6 +40,11 @@ class LvAttr:
         return self._char(0) == "V"
 
     @property
+    def is_cow_origin(self) -> bool:
+        """An LV with classic (copy-on-write) snapshots of it."""
+        return self._char(0) in "oO"
+
+    @property
     def is_cow_snapshot(self) -> bool:
         """A classic (copy-on-write) snapshot, valid or not."""
         return self._char(0) in "sS"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -195,3 +196,25 @@ def test_an_interrupted_copy_is_redone_on_retry(
     delete_snapshot(csi, snap.snapshot_id)
     delete(csi, volume.volume_id)
     assert not {restored_lv, snap_lv, source_lv} & vg.lv_names()
+
+
+def test_a_volume_with_an_admin_s_own_snapshot_is_not_deleted(
+    csi: CsiClient, name: str, vg: LoopVolumeGroup
+) -> None:
+    # lvremove of an origin takes its classic snapshots with it.
+    volume = create(csi, name, 16 * MiB, "thick")
+    lv = volume.volume_id.split(":")[2]
+    vg.lvcreate("-s", "-L", "8M", "-n", f"{name}-admin", f"{vg.name}/{lv}")
+    try:
+        expect_error(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            csi.controller.DeleteVolume,
+            csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id),
+            f"{vg.name}/{name}-admin",
+            "csi-lvm did not make",
+        )
+        assert f"{name}-admin" in vg.lv_names() and lv in vg.lv_names()
+    finally:
+        subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{name}-admin"], check=True)
+    delete(csi, volume.volume_id)
+    assert lv not in vg.lv_names()
