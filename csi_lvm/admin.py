@@ -160,8 +160,8 @@ def _class_checks(config: Config, lvm: Lvm, node_id: str) -> list[Check]:
             checks.append(Check(True, f"{what}: not on node {node_id} (the config says so)"))
             continue
         missing = backend.missing(scan)
-        fix = f"{missing}: create it, or fix the config" if missing else ""
-        checks.append(Check(missing is None, what, fix))
+        problem = f"{missing}: create it, or fix the config" if missing else backend.warning(scan)
+        checks.append(Check(problem is None, what, problem or ""))
     return checks
 
 

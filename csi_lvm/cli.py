@@ -189,6 +189,8 @@ def serve(args: argparse.Namespace) -> int:
             # The rest of the node keeps working (unmounts above all); the
             # class answers no capacity and refuses creates until it is there.
             log.warning("device class unavailable", device_class=backend.name, reason=missing)
+        elif missing is None and (warning := backend.warning(scan)) is not None:
+            log.warning("device class at risk", device_class=backend.name, reason=warning)
     if args.metrics_address:
         serve_metrics(args.metrics_address, backends)
     locks = KeyedLocks()

@@ -24,7 +24,7 @@ LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 
 _CLASS_KEYS = {
     "name", "volumeGroup", "thinPool", "overprovisionRatio", "fullThresholdPercent", "default",
-    "nodes", "mkfsOptions",
+    "nodes", "mkfsOptions", "allowPoolWithoutZeroing",
 }  # fmt: skip
 # A thin pool this full refuses new volumes: writes to a full pool fail, so
 # leave headroom for the volumes that already exist.
@@ -46,6 +46,10 @@ class DeviceClass:
     # Extra mkfs arguments per filesystem, before the device (features a host
     # kernel lacks turned off, say).
     mkfs_options: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # A thin pool that does not zero new blocks leaks earlier tenants' data
+    # into partly written blocks; only an admin whose users zero themselves
+    # may accept one (thin only).
+    allow_pool_without_zeroing: bool = False
     line: int = 0  # where the class starts in the config file, for messages
     volume_group_line: int = 0
     thin_pool_line: int = 0
@@ -152,13 +156,13 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
     mkfs_options = (
         _mkfs_options(fields["mkfsOptions"][1], source) if "mkfsOptions" in fields else ()
     )
-    default = False
-    if "default" in fields:
-        default_node = fields["default"][1]
-        value = yaml.safe_load(yaml.serialize(default_node))
-        if not isinstance(value, bool):
-            raise ConfigError(f"{_at(source, default_node)}: default must be true or false")
-        default = value
+    default = _boolean(fields, "default", source)
+    allow_unzeroed = _boolean(fields, "allowPoolWithoutZeroing", source)
+    if allow_unzeroed and thin_pool is None:
+        raise ConfigError(
+            f"{_at(source, fields['allowPoolWithoutZeroing'][1])}: allowPoolWithoutZeroing "
+            "applies to thin classes only; add thinPool or remove it"
+        )
     return DeviceClass(
         name,
         volume_group,
@@ -168,6 +172,7 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
         full_threshold_percent=threshold,
         nodes=nodes,
         mkfs_options=mkfs_options,
+        allow_pool_without_zeroing=allow_unzeroed,
         line=node.start_mark.line + 1,
         volume_group_line=fields["volumeGroup"][1].start_mark.line + 1,
         thin_pool_line=fields["thinPool"][1].start_mark.line + 1 if thin_pool else 0,
@@ -222,6 +227,16 @@ def _string(node: yaml.Node, source: str, what: str) -> str:
     if not isinstance(node, yaml.ScalarNode) or not str(node.value):
         raise ConfigError(f"{_at(source, node)}: {what} must be a non-empty string")
     return str(node.value)
+
+
+def _boolean(fields: dict[str, tuple[yaml.Node, yaml.Node]], key: str, source: str) -> bool:
+    if key not in fields:
+        return False
+    node = fields[key][1]
+    value = yaml.safe_load(yaml.serialize(node))
+    if not isinstance(value, bool):
+        raise ConfigError(f"{_at(source, node)}: {key} must be true or false")
+    return value
 
 
 def _string_list(node: yaml.Node, source: str, what: str) -> tuple[str, ...]:

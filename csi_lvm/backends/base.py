@@ -281,6 +281,11 @@ class Backend(ABC):
         zeroing) is wasted work."""
         return False
 
+    def warning(self, scan: Scan) -> str | None:
+        """Something about present storage an admin must hear of at start-up
+        and from ``doctor`` (it still takes volumes)."""
+        return None
+
     def storage_problem(self, scan: Scan) -> str | None:
         """A problem of the class's storage itself that makes its objects
         abnormal (a thin pool out of room or in need of repair, say)."""

@@ -119,7 +119,28 @@ class ThinBackend(Backend):
         pool = scan.lv(self.device_class.volume_group, self.pool)
         if pool is None:
             return f"its thin pool {self.pool} is missing"
-        return super().storage_problem(scan) or pool_fullness(self.device_class, pool)
+        return (
+            super().storage_problem(scan)
+            or pool_fullness(self.device_class, pool)
+            or self.leaks_old_data(pool)
+        )
+
+    def leaks_old_data(self, pool: LogicalVolume) -> str | None:
+        """Why the pool can show a volume an earlier tenant's bytes, unless
+        the config accepts that."""
+        if pool.attr.zeroes_new_blocks or self.device_class.allow_pool_without_zeroing:
+            return None
+        return (
+            f"thin pool {pool.full_name} does not zero the blocks it maps (made with "
+            "lvcreate --zero n, or thin_pool_zero = 0): a volume reads an earlier tenant's "
+            f"data in every block it writes only in part. Run lvchange --zero y "
+            f"{pool.full_name}, or set allowPoolWithoutZeroing: true in device class "
+            f"{self.device_class.name} if its users zero what they write themselves"
+        )
+
+    def warning(self, scan: Scan) -> str | None:
+        pool = scan.lv(self.device_class.volume_group, self.pool)
+        return None if pool is None else self.leaks_old_data(pool)
 
 
 def pool_fullness(device_class: DeviceClass, pool: LogicalVolume) -> str | None:

@@ -19,7 +19,10 @@ from typing import TypeVar
 import grpc
 import pytest
 
+from csi_lvm.admin import doctor as run_doctor
+from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
+from csi_lvm.lvm.commands import Lvm
 from tests.lvm.helpers import (
     GiB,
     MiB,
@@ -38,6 +41,7 @@ from tests.lvm.helpers import (
 from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup
 
 FRAGILE_POOL = "fragilepool"
+UNZEROED_POOL = "unzeroedpool"
 Request = TypeVar("Request")
 Answer = TypeVar("Answer")
 
@@ -45,6 +49,7 @@ Answer = TypeVar("Answer")
 @pytest.fixture(scope="module")
 def other(workdir: Path, vg: LoopVolumeGroup) -> Iterator[CsiClient]:
     vg.lvcreate("--type", "thin-pool", "-L", "64M", "-n", FRAGILE_POOL, vg.name)
+    vg.lvcreate("--type", "thin-pool", "--zero", "n", "-L", "16M", "-n", UNZEROED_POOL, vg.name)
     home = workdir / "other-driver"
     home.mkdir()
     config = home / "config.yaml"
@@ -54,6 +59,9 @@ def other(workdir: Path, vg: LoopVolumeGroup) -> Iterator[CsiClient]:
         f"  - name: tuned\n    volumeGroup: {vg.name}\n    thinPool: {vg.pool}\n"
         "    mkfsOptions:\n      xfs: [-m, bigtime=0]\n      ext4: [-L, tuned]\n"
         f"  - name: elsewhere\n    volumeGroup: {vg.name}\n    nodes: [other-*]\n"
+        f"  - name: unzeroed\n    volumeGroup: {vg.name}\n    thinPool: {UNZEROED_POOL}\n"
+        f"  - name: unzeroed-ok\n    volumeGroup: {vg.name}\n    thinPool: {UNZEROED_POOL}\n"
+        "    allowPoolWithoutZeroing: true\n"
     )
     driver = Driver(home, config)
     client = driver.start()
@@ -62,7 +70,8 @@ def other(workdir: Path, vg: LoopVolumeGroup) -> Iterator[CsiClient]:
     finally:
         client.close()
         assert driver.stop() == 0
-        subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{FRAGILE_POOL}"], check=False)
+        for pool in (FRAGILE_POOL, UNZEROED_POOL):
+            subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{pool}"], check=False)
 
 
 def retried(call: Callable[[Request], Answer], request: Request, seconds: float = 120) -> Answer:
@@ -376,3 +385,29 @@ def _mounted_device(path: str) -> str:
     return subprocess.run(
         ["findmnt", "-n", "-o", "SOURCE", path], capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+# ---- issue 15, 2: a thin pool that does not zero new blocks
+
+
+def test_a_pool_that_does_not_zero_is_reported_unless_the_config_accepts_it(
+    other: CsiClient, name: str, workdir: Path
+) -> None:
+    conditions = {}
+    for device_class in ("unzeroed", "unzeroed-ok"):
+        volume = create(other, f"{name}-{device_class}", device_class=device_class)
+        conditions[device_class] = other.controller.ControllerGetVolume(
+            csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id)
+        ).status.volume_condition
+        delete(other, volume.volume_id)
+    assert conditions["unzeroed"].abnormal
+    assert "does not zero the blocks it maps" in conditions["unzeroed"].message
+    assert "allowPoolWithoutZeroing: true" in conditions["unzeroed"].message
+    assert not conditions["unzeroed-ok"].abnormal
+    config = load_config(workdir / "other-driver" / "config.yaml")
+    checks = {c.what.split(" (")[0]: c for c in run_doctor(config, Lvm(), str(workdir), NODE_ID)}
+    assert not checks["device class unzeroed"].ok
+    assert "lvchange --zero y" in checks["device class unzeroed"].fix
+    assert checks["device class unzeroed-ok"].ok
+    log = (workdir / "other-driver" / "driver.log").read_text()
+    assert "device class at risk" in log and UNZEROED_POOL in log
