@@ -254,9 +254,17 @@ def mounted_device(path: str) -> str | None:
     return entry.device_number
 
 
-def device_exists(number: str) -> bool:
-    """Whether a block device of this major:minor exists on the node now."""
-    return os.path.exists(f"/sys/dev/block/{number}")
+def is_stale_device_node(path: str) -> bool:
+    """Whether ``path`` is a block device node (a bind mount of one, say)
+    whose device no longer exists on the node: nothing can be read or lost
+    through it."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISBLK(info.st_mode):
+        return False
+    return not os.path.exists(f"/sys/dev/block/{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}")
 
 
 def device_number(device: str) -> str:

@@ -218,18 +218,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise NotFound(f"volume {volume_id} is not a csi-lvm volume id")
         timeout = timeout or DEFAULT_TIMEOUT
         with self.locks.hold(object_id.lv_name):
-            owned: Owned | None = None
+            owned = self.inventory.find_anywhere(object_id, timeout)
+            unmounted = False
             while (current := fs.mounted_device(path)) is not None:
-                if owned is None:
-                    owned = self.inventory.find_anywhere(object_id, timeout)
                 ours = owned is not None and current == self._device_number(owned)
-                if not ours and fs.device_exists(current):
+                if not ours and not fs.is_stale_device_node(path):
                     raise FailedPrecondition(
                         f"{what} {path} has a mount of another device ({current}); csi-lvm "
                         "leaves it alone: unmount it by hand if it is stale"
                     )
                 fs.unmount(path, timeout)
-            if what == "target path":
+                unmounted = True
+            # The file or directory publishing made goes too, but only where
+            # this call shows it was a publication of this volume.
+            if what == "target path" and (owned is not None or unmounted):
                 self._remove_target(path)
 
     @staticmethod

@@ -60,7 +60,7 @@ def test_a_node_without_a_class_s_volume_group_keeps_serving(tmp_path: Path) -> 
             ),
             timeout=30,
         )
-        assert not target.exists()
+        assert target.is_dir()  # not shown to be a publication of this volume: left alone
     finally:
         csi.close()
         assert driver.stop() == 0
