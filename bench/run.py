@@ -443,7 +443,7 @@ class Bench:
             thin = DeviceClass("thin", self.vg.name, self.vg.pool)
             inventory = Inventory(Config((thin,)), shell, "bench", "bench")
             backend = ThinBackend(thin, inventory, Lifecycle(shell))
-            reads_zeros = found is not None and backend.reads_zeros(found)
+            reads_zeros = found is not None and backend.contents(found).reads_zeros
             parts = {
                 "lvs of the LV (a process)": timed(lambda: self.dm_path(lv)),
                 "lvs of the LV (an lvm shell, as the driver)": timed(

@@ -104,24 +104,31 @@ def make_filesystem(
     device: str, fs_type: str, options: Sequence[str] = (), *, reads_zeros: bool = False
 ) -> bool:
     """Format a blank device, to the end whatever time it takes. No discard
-    pass (thin LVs read zeros already) and lazy initialisation, so formatting
-    costs about the same for any size; ext4 gets a checksum seed so a copy's
-    UUID can change without a full check. ``options`` go to mkfs before the
-    device (the device class's mkfsOptions).
+    pass (thin LVs read zeros already) and lazy inode table initialisation, so
+    formatting costs about the same for any size; ext4 gets a checksum seed so
+    a copy's UUID can change without a full check. ``options`` go to mkfs
+    before the device (the device class's mkfsOptions).
 
     ``reads_zeros``: the caller knows every block reads zeros and will until
-    written, so mkfs's own zeroing (mkfs.xfs's log) is skipped. Returns whether
-    it was."""
+    written, so mkfs's own zeroing is skipped: mke2fs is told so with its own
+    ``assume_storage_prezeroed`` (which also spares the background zeroing of
+    every inode table after the first mount); mkfs.xfs's log zeroing is
+    answered without I/O (``zero_range``). Anywhere else mkfs zeroes what it
+    needs, the ext4 journal included: an earlier tenant's journal blocks must
+    never be replayed. Returns whether zeroing was skipped."""
     if fs_type == "ext4":
+        extended = "nodiscard,lazy_itable_init=1"
+        if reads_zeros:
+            extended += ",lazy_journal_init=1,assume_storage_prezeroed=1"
         command = [
-            "mkfs.ext4", "-q", "-O", "metadata_csum_seed",
-            "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            "mkfs.ext4", "-q", "-O", "metadata_csum_seed", "-E", extended,
             *options, "--", device,
         ]  # fmt: skip
-    elif fs_type == "xfs":
-        command = ["mkfs.xfs", "-q", "-K", *options, "--", device]
-    else:
+        _check(command, None)
+        return reads_zeros
+    if fs_type != "xfs":
         raise FsError(f"unsupported filesystem {fs_type!r}")
+    command = ["mkfs.xfs", "-q", "-K", *options, "--", device]
     if not reads_zeros:
         _check(command, None)
         return False

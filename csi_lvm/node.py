@@ -129,7 +129,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     f"staging path {staging} is not an existing directory (a symlink is refused)"
                 )
             # A thin LV that never had a block written holds nothing to probe.
-            content = None if backend.known_blank(owned.lv) else fs.detect_content(device, timeout)
+            known = backend.contents(owned.lv)
+            content = None if known.blank else fs.detect_content(device, timeout)
             if content is None:
                 minimum = fs.MINIMUM_BYTES[wanted_fs]
                 if owned.size_bytes < minimum:
@@ -143,7 +144,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     device,
                     wanted_fs,
                     owned.device_class.mkfs_options_for(wanted_fs),
-                    reads_zeros=backend.reads_zeros(owned.lv),
+                    reads_zeros=known.reads_zeros,
                 )
                 log.info(
                     "formatted",

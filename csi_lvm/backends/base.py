@@ -79,6 +79,14 @@ class NewLv:
 
 
 @dataclass(frozen=True)
+class Contents:
+    blank: bool  # certainly holds nothing, so probing it is wasted
+    # Every block reads zeros now, and the rest of a block still does once
+    # part of it is written: zeroing any of it again (mkfs's) is wasted work.
+    reads_zeros: bool
+
+
+@dataclass(frozen=True)
 class Condition:
     abnormal: bool
     message: str
@@ -271,15 +279,9 @@ class Backend(ABC):
 
     # ---- contents and health
 
-    def known_blank(self, lv: LogicalVolume) -> bool:
-        """Whether the LV certainly holds nothing, so probing it is wasted."""
-        return False
-
-    def reads_zeros(self, lv: LogicalVolume) -> bool:
-        """Whether every block reads zeros now, and the rest of a block still
-        does once part of it is written: zeroing any of it again (mkfs's own
-        zeroing) is wasted work."""
-        return False
+    def contents(self, lv: LogicalVolume) -> Contents:
+        """What the LV is known to hold before a first stage: nothing known."""
+        return Contents(blank=False, reads_zeros=False)
 
     def warning(self, scan: Scan) -> str | None:
         """Something about present storage an admin must hear of at start-up

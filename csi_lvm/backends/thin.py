@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 from csi_lvm import lifecycle
-from csi_lvm.backends.base import Backend, ClassSpace, NewLv
+from csi_lvm.backends.base import Backend, ClassSpace, Contents, NewLv
 from csi_lvm.config import DeviceClass
 from csi_lvm.ids import Kind
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
@@ -103,17 +103,22 @@ class ThinBackend(Backend):
         self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
         return self._made(owned.lv.name, timeout)
 
-    def known_blank(self, lv: LogicalVolume) -> bool:
-        """An active thin LV that maps no block of its pool reads zeros all
-        through. LVM shows any non-zero share as at least 0.01 % (one 4 KiB
-        write into 1 TiB reads 0.01), so 0.00 means nothing at all."""
+    @staticmethod
+    def reported_unmapped(lv: LogicalVolume) -> bool:
+        """Whether LVM's report shows an active thin LV with no block of its
+        pool mapped: ``data_percent`` 0.00. It is rounded, so the device's
+        own count settles it (``contents``)."""
         return lv.attr.is_thin_volume and lv.attr.active and lv.data_percent == 0.0
 
-    def reads_zeros(self, lv: LogicalVolume) -> bool:
-        """Blank, in a pool that zeroes each block it maps before the first
-        write lands in it: a block that is partly written later still reads
+    def contents(self, lv: LogicalVolume) -> Contents:
+        """A thin LV that maps no block of its pool holds nothing and reads
+        zeros all through; in a pool that zeroes each block it maps before the
+        first write lands in it, a block partly written later still reads
         zeros in the rest."""
-        return self.known_blank(lv) and lv.attr.zeroes_new_blocks
+        if not self.reported_unmapped(lv):
+            return Contents(blank=False, reads_zeros=False)
+        blank = self.lvm.thin_mapped_sectors(lv) == 0
+        return Contents(blank=blank, reads_zeros=blank and lv.attr.zeroes_new_blocks)
 
     def storage_problem(self, scan: Scan) -> str | None:
         pool = scan.lv(self.device_class.volume_group, self.pool)

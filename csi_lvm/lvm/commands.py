@@ -334,6 +334,26 @@ class Lvm:
         check_lv_names(volume_group, name)
         self.change(["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"], timeout)
 
+    def thin_mapped_sectors(self, lv: LogicalVolume, timeout: float | None = None) -> int | None:
+        """The exact number of sectors an active thin LV maps in its pool, from
+        its device's status (``data_percent`` is rounded); None when the LV
+        has no thin device table."""
+        name = os.path.basename(lv.dm_path)
+        if not lv.dm_path.startswith("/dev/mapper/") or not NAME_RE.fullmatch(name):
+            return None
+        command = [*self.prefix, "dmsetup", "status", "--target", "thin", "--", name]
+        try:
+            done = run_to_completion(command, self._env, self._limit(timeout))
+        except subprocess.TimeoutExpired as exc:
+            raise LvmTimeout(f"dmsetup status {name} did not finish in time") from exc
+        except FileNotFoundError as exc:
+            raise LvmToolMissing("dmsetup is not installed on this node") from exc
+        # "<start> <length> thin <mapped sectors> <highest mapped sector>|-"
+        fields = done.stdout.split()
+        if done.returncode != 0 or len(fields) < 4 or fields[2] != "thin":
+            return None
+        return int(fields[3]) if fields[3].isdigit() else None
+
     def version(self, timeout: float | None = None) -> str:
         return self.run(["version"], timeout).strip()
 

@@ -101,8 +101,29 @@ def unpublish(csi: CsiClient, volume_id: str, target: str) -> None:
 
 
 def unstage(csi: CsiClient, volume_id: str, staging: str) -> None:
+    """Unstage; an xfs filesystem is then checked with ``xfs_repair -n``: the
+    guard on formatting xfs without zeroing its log (csi_lvm/zero_range.py),
+    in every test that makes one."""
+    fs_type, device = fs_type_of(staging), mounted_source(staging)
     csi.node.NodeUnstageVolume(
         csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging)
+    )
+    if fs_type == "xfs" and device and not is_mounted_anywhere(device):
+        check = subprocess.run(["xfs_repair", "-n", device], capture_output=True, text=True)
+        assert check.returncode == 0, f"xfs_repair -n {device}: {check.stdout}{check.stderr}"
+
+
+def mounted_source(path: str) -> str:
+    return subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", path], capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
+def is_mounted_anywhere(device: str) -> bool:
+    return bool(
+        subprocess.run(
+            ["findmnt", "-n", "-S", device], capture_output=True, text=True, check=False
+        ).stdout.strip()
     )
 
 

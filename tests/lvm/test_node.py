@@ -306,8 +306,63 @@ def test_a_thin_volume_in_a_pool_that_does_not_zero_is_not_taken_to_read_zeros(
     backend = ThinBackend(device_class, inventory, Lifecycle(lvm))
     try:
         found = lvm.find_lv(vg.name, thin)
-        assert found is not None and backend.known_blank(found)
-        assert not found.attr.zeroes_new_blocks and not backend.reads_zeros(found)
+        assert found is not None and backend.contents(found).blank
+        assert not found.attr.zeroes_new_blocks and not backend.contents(found).reads_zeros
     finally:
         lvm.close()
         subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{pool}"], check=True)
+
+
+def test_ext4_on_a_thick_lv_that_holds_old_data_gets_a_zeroed_journal(
+    csi: CsiClient, name: str, workdir: Path, vg: LoopVolumeGroup
+) -> None:
+    # lazy_journal_init leaves the journal's blocks as they were: on extents an
+    # earlier tenant wrote, they would hold its bytes (and could be replayed).
+    volume = create(csi, name, 64 * MiB, "thick", capability=block_capability())
+    device = f"/dev/{vg.name}/{volume.volume_id.split(':')[2]}"
+    old = b"\xab" * (1 << 20)
+    with open(device, "r+b") as raw:
+        for _ in range(64):
+            raw.write(old)
+    staging = str(workdir / f"{name}-staging")
+    stage(csi, volume.volume_id, staging, mount_capability("ext4"))
+    unstage(csi, volume.volume_id, staging)
+    size = int(
+        next(
+            line.split(":")[1]
+            for line in subprocess.run(
+                ["dumpe2fs", "-h", device], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
+            if line.startswith("Block size:")
+        )
+    )
+    blocks = subprocess.run(
+        ["debugfs", "-R", "blocks <8>", device], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(blocks) > 100  # the journal inode's blocks
+    with open(device, "rb") as raw:
+        stale = sum(os.pread(raw.fileno(), size, int(b) * size) == old[:size] for b in blocks)
+    assert stale == 0, f"{stale} of {len(blocks)} journal blocks still hold the old data"
+    delete(csi, volume.volume_id)
+
+
+def test_ext4_on_a_blank_thin_lv_is_told_the_storage_reads_zeros(
+    csi: CsiClient, name: str, workdir: Path, vg: LoopVolumeGroup
+) -> None:
+    # mke2fs's assume_storage_prezeroed marks every inode table zeroed, so the
+    # kernel's ext4lazyinit does not write them all (and map them in the pool)
+    # after the first mount.
+    volume = create(csi, name, 1 << 30)
+    staging = str(workdir / f"{name}-staging")
+    stage(csi, volume.volume_id, staging, mount_capability("ext4"))
+    device = f"/dev/{vg.name}/{volume.volume_id.split(':')[2]}"
+    groups = [
+        line
+        for line in subprocess.run(
+            ["dumpe2fs", device], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if line.startswith("Group ")
+    ]
+    assert groups and all("ITABLE_ZEROED" in line for line in groups), groups[:3]
+    unstage(csi, volume.volume_id, staging)
+    delete(csi, volume.volume_id)
