@@ -943,6 +943,16 @@ def test_a_restore_without_its_writer_is_pinned_to_the_snapshots_node() -> None:
     (node,) = expression["values"]
     assert schedulable_on(reader["spec"], {TOPOLOGY_KEY: node})
     assert not schedulable_on(reader["spec"], {TOPOLOGY_KEY: "node-b"})
+    # The walkthrough's sed puts the snapshot's node in; it must hit that value only.
+    walkthrough = (EXAMPLES / "README.md").read_text()
+    sed = re.search(r'sed "s/(.+?)/- \$node/" 07-restore-on-the-snapshot-node\.yaml', walkthrough)
+    assert sed is not None
+    text = (EXAMPLES / "07-restore-on-the-snapshot-node.yaml").read_text()
+    edited, count = re.subn(sed[1], "- worker-9", text, flags=re.MULTILINE)
+    assert count == 1
+    pinned = next(d for d in yaml.safe_load_all(edited) if d["kind"] == "Pod")
+    assert schedulable_on(pinned["spec"], {TOPOLOGY_KEY: "worker-9"})
+    assert not schedulable_on(pinned["spec"], {TOPOLOGY_KEY: node})
 
 
 @pytest.mark.parametrize(
