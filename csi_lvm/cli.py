@@ -27,6 +27,7 @@ from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.node import NodeService
+from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
 from csi_lvm.volumes import Inventory
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-id", default=None, help="this node's id ($NODE_NAME, else hostname)"
     )
     doctor.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    add_release_node_parser(commands, DEFAULT_DRIVER_NAME)
     return parser
 
 
@@ -225,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status(args)
         if args.command == "doctor":
             return doctor(args)
+        if args.command == "release-node":
+            return release_node(args)
     except ConfigError as exc:
         print(f"csi-lvm: {exc}", file=sys.stderr)
         return 2

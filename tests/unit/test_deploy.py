@@ -7,13 +7,17 @@ CRDs of external-snapshotter v8.6.0 (client/config/crd). Then the cross-checks:
 the driver name, socket path, topology key, device classes and StorageClass
 parameters in the manifests are the ones the driver accepts, and every sidecar
 flag exists in the pinned release (flag lists below, read from each release's
-source; see deploy/kubernetes/SIDECARS.md).
+source; see deploy/kubernetes/SIDECARS.md). What a cluster sets in
+kustomization.yaml (the plugin image, the kubelet directory, the storage-node
+component) is rendered with the part of kustomize in tests/unit/kustomize.py,
+itself checked against a real kustomize where one is installed.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import shutil
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -23,16 +27,18 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from csi_lvm import __version__
+from csi_lvm import __version__, fs
 from csi_lvm.cli import DEFAULT_DRIVER_NAME, build_parser
 from csi_lvm.config import parse_config
 from csi_lvm.controller import CAPABILITIES as CONTROLLER_CAPABILITIES
 from csi_lvm.csi import csi_pb2
 from csi_lvm.fs import SUPPORTED_FILESYSTEMS
 from csi_lvm.identity import IdentityService
+from csi_lvm.ids import ObjectId
 from csi_lvm.node import CAPABILITIES as NODE_CAPABILITIES
 from csi_lvm.server import socket_path
 from csi_lvm.validation import DEVICE_CLASS_PARAMETER, SIDECAR_PARAMETER_PREFIX
+from tests.unit import kustomize
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -47,6 +53,12 @@ PLUGIN = "csi-lvm"
 TOPOLOGY_KEY = f"topology.{DEFAULT_DRIVER_NAME}/node"
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
 NO_PROVISIONER = "kubernetes.io/no-provisioner"
+# The kubelet directory: the default and the ones of distributions that move it.
+KUBELET_DIR_SETTING = "kubeletDir"
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+OTHER_KUBELET_DIRS = ("/var/lib/k0s/kubelet", "/var/snap/microk8s/common/var/lib/kubelet")
+STORAGE_NODE_LABEL = "lvm.csi-lvm.io/storage-node"
+METRICS_PORT = 9810
 
 # The plugin's command line is a contract with the image and the docs.
 PLUGIN_COMMAND = [
@@ -60,6 +72,8 @@ PLUGIN_COMMAND = [
     "$(NODE_NAME)",
     "--log-level",
     "info",
+    "--metrics-address",
+    "0.0.0.0:9810",
 ]
 
 # ---------------------------------------------------------------- sidecars
@@ -209,6 +223,7 @@ DOWNWARD_API = {
 }
 NEEDS_ENV = {
     PLUGIN: {"NODE_NAME"},
+    "node-driver-registrar": set(),
     "csi-provisioner": {"NODE_NAME", "NAMESPACE", "POD_NAME"},
     "csi-snapshotter": {"NODE_NAME"},
     "csi-resizer": {"NAMESPACE"},
@@ -246,17 +261,24 @@ def daemonset() -> dict[str, Any]:
     return the("DaemonSet", "csi-lvm")
 
 
-def pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = daemonset()["spec"]["template"]["spec"]
+def pod_spec(ds: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = (ds or daemonset())["spec"]["template"]["spec"]
     return spec
 
 
-def containers() -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in pod_spec()["containers"]}
+def containers(ds: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in pod_spec(ds)["containers"]}
 
 
-def volumes() -> dict[str, dict[str, Any]]:
-    return {v["name"]: v for v in pod_spec()["volumes"]}
+def volumes(ds: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in pod_spec(ds)["volumes"]}
+
+
+def expand(container: dict[str, Any], text: str) -> str:
+    """``text`` with each $(VAR) replaced by the container's literal env value,
+    as kubelet expands arguments."""
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], text)
 
 
 def mount(container: dict[str, Any], path: str) -> dict[str, Any]:
@@ -289,6 +311,106 @@ def device_config() -> Any:
 def plugin_socket() -> PurePosixPath:
     args = build_parser().parse_args(containers()[PLUGIN]["args"])
     return PurePosixPath(socket_path(args.endpoint))
+
+
+def kustomization(
+    *,
+    kubelet_dir: str | None = None,
+    image: dict[str, str] | None = None,
+    components: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """deploy/kubernetes/kustomization.yaml changed the way a cluster admin
+    would: its kubeletDir, the plugin's images entry, components."""
+    changed = kustomize.load(KUBERNETES)
+    if kubelet_dir is not None:
+        (generator,) = changed["configMapGenerator"]
+        assert [g.partition("=")[0] for g in generator["literals"]] == [KUBELET_DIR_SETTING]
+        generator["literals"] = [f"{KUBELET_DIR_SETTING}={kubelet_dir}"]
+    if image is not None:
+        (entry,) = changed["images"]
+        entry.update(image)
+    if components:
+        changed["components"] = list(components)
+    return changed
+
+
+def render(**settings: Any) -> list[dict[str, Any]]:
+    """deploy/kubernetes as kustomize renders it, with ``kustomization(**settings)``."""
+    return kustomize.build(KUBERNETES, kustomization(**settings))
+
+
+def keyed(objs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    found = {
+        (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o for o in objs
+    }
+    assert len(found) == len(objs), "two objects with one kind, namespace and name"
+    return found
+
+
+def rendered_daemonset(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return keyed(objs)[("DaemonSet", NAMESPACE, "csi-lvm")]
+
+
+def scalars(found: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every scalar of a manifest with its path (list items by index)."""
+    if isinstance(found, dict):
+        for key, value in found.items():
+            yield from scalars(value, f"{path}.{key}")
+    elif isinstance(found, list):
+        for index, value in enumerate(found):
+            yield from scalars(value, f"{path}[{index}]")
+    else:
+        yield path, found
+
+
+def changes(
+    before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> dict[str, tuple[Any, Any]]:
+    """Where two renders differ: {object/path: (before, after)}; the same
+    objects and shapes are required."""
+    old, new = keyed(before), keyed(after)
+    assert old.keys() == new.keys()
+    found = {}
+    for key in old:
+        old_scalars, new_scalars = dict(scalars(old[key])), dict(scalars(new[key]))
+        assert old_scalars.keys() == new_scalars.keys(), key
+        for path, value in old_scalars.items():
+            if new_scalars[path] != value:
+                found[f"{key[0]}/{key[2]}{path}"] = (value, new_scalars[path])
+    return found
+
+
+def schedulable_on(spec: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Pod with ``spec`` may run on a node with ``labels`` by its
+    nodeSelector and required node affinity (taints aside)."""
+    if any(labels.get(k) != v for k, v in spec.get("nodeSelector", {}).items()):
+        return False
+    affinity = spec.get("affinity", {}).get("nodeAffinity", {})
+    terms = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {}).get(
+        "nodeSelectorTerms"
+    )
+    if not terms:
+        return True
+    operators = {
+        "In": lambda key, values: labels.get(key) in values,
+        "NotIn": lambda key, values: labels.get(key) not in values,
+        "Exists": lambda key, values: key in labels,
+        "DoesNotExist": lambda key, values: key not in labels,
+    }
+    return any(
+        all(
+            operators[e["operator"]](e["key"], e.get("values", []))
+            for e in term.get("matchExpressions", [])
+        )
+        for term in terms
+    )
+
+
+def validate(doc: dict[str, Any], version: str) -> None:
+    if doc["apiVersion"] == SNAPSHOT_API:
+        check_snapshot_crd(doc)
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 def sanitize_lease_name(name: str) -> str:
@@ -338,10 +460,7 @@ def check_snapshot_crd(doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("doc", [d for _, d in documents()], ids=list(_ids()))
 def test_manifest_matches_the_kubernetes_schema(doc: dict[str, Any], version: str) -> None:
-    if doc["apiVersion"] == SNAPSHOT_API:
-        check_snapshot_crd(doc)
-    else:
-        kubernetes_validate.validate(doc, version, strict=True)
+    validate(doc, version)
 
 
 def test_the_schema_check_catches_a_misspelt_field() -> None:
@@ -391,6 +510,7 @@ def test_csidriver_object() -> None:
         "volumeLifecycleModes": ["Persistent"],
         "fsGroupPolicy": "File",
         "podInfoOnMount": False,
+        "seLinuxMount": True,
     }
 
 
@@ -424,8 +544,11 @@ def test_socket_path_is_shared_by_plugin_registrar_and_sidecars() -> None:
     socket_volume = mount(plugin, str(socket.parent))["name"]
     host_dir = PurePosixPath(volumes()[socket_volume]["hostPath"]["path"])
     assert host_dir == PurePosixPath(f"/var/lib/kubelet/plugins/{DEFAULT_DRIVER_NAME}")
-    registrar = flags(containers()["node-driver-registrar"])
-    assert PurePosixPath(registrar["kubelet-registration-path"] or "") == host_dir / socket.name
+    registrar_container = containers()["node-driver-registrar"]
+    registration_path = expand(
+        registrar_container, flags(registrar_container)["kubelet-registration-path"] or ""
+    )
+    assert PurePosixPath(registration_path) == host_dir / socket.name
     for name in SIDECARS:
         sidecar = containers()[name]
         assert flags(sidecar)["csi-address"] == str(socket), name
@@ -463,6 +586,154 @@ def test_liveness_probe_is_served_by_the_livenessprobe_sidecar() -> None:
     assert int(timeout.rstrip("s")) < plugin["livenessProbe"]["timeoutSeconds"]
 
 
+def test_the_node_plugin_tolerates_every_taint() -> None:
+    assert pod_spec()["tolerations"] == [{"operator": "Exists"}]
+    assert "nodeSelector" not in pod_spec() and "affinity" not in pod_spec()
+
+
+def test_metrics_are_served_and_the_service_selects_the_plugin_pods() -> None:
+    plugin = containers()[PLUGIN]
+    args = build_parser().parse_args(plugin["args"])
+    host, _, port = args.metrics_address.rpartition(":")
+    assert (host, int(port)) == ("0.0.0.0", METRICS_PORT)  # on the pod's own address
+    ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
+    assert ports["metrics"] == METRICS_PORT
+    service = the("Service", "csi-lvm-metrics")
+    template_labels = daemonset()["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= template_labels.items()
+    assert service["spec"]["clusterIP"] == "None"  # every pod scraped, not one of them
+    (service_port,) = service["spec"]["ports"]
+    assert ports[service_port["targetPort"]] == service_port["port"] == METRICS_PORT
+    assert service["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    for name, container in containers().items():
+        if name != PLUGIN:
+            assert METRICS_PORT not in {p["containerPort"] for p in container.get("ports", [])}
+
+
+def test_selinux_mount_context_reaches_the_kernel_at_stage() -> None:
+    assert the("CSIDriver", DEFAULT_DRIVER_NAME)["spec"]["seLinuxMount"] is True
+    # kubelet adds context="<label>" (quoted: an MCS label holds a comma) to
+    # the mount flags; NodeStageVolume makes the one real mount of a volume
+    # and hands the flags to mount(2) whole; publishing bind-mounts that.
+    assert csi_pb2.NodeServiceCapability.RPC.STAGE_UNSTAGE_VOLUME in NODE_CAPABILITIES
+    context = 'context="system_u:object_r:container_file_t:s0:c15,c25"'
+    assert fs.kernel_mount_options([context]) == (0, context)
+    assert fs.kernel_mount_options(["noatime", context, "nodev"]) == (
+        fs.MS_NOATIME | fs.MS_NODEV,
+        context,
+    )
+
+
+# ---------------------------------------------------------------- kustomize
+#
+# What an admin changes in kustomization.yaml, rendered: the kubelet directory
+# of k0s and microk8s, the plugin image in another registry, and the
+# storage-nodes component.
+
+REGISTRY_IMAGE = {"newName": "registry.example.com/csi-lvm", "newTag": "9.9.9"}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "k0s": {"kubelet_dir": OTHER_KUBELET_DIRS[0]},
+    "microk8s": {"kubelet_dir": OTHER_KUBELET_DIRS[1]},
+    "registry": {"image": REGISTRY_IMAGE},
+    "storage-nodes": {"components": ("components/storage-nodes",)},
+}
+
+
+def test_with_its_defaults_the_kustomization_emits_the_manifests_as_written() -> None:
+    written = [doc for origin, doc in documents() if origin.startswith("kubernetes/")]
+    assert keyed(render()) == keyed(written)
+
+
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"defaults"}))
+def test_a_customised_render_matches_the_kubernetes_schema(variant: str) -> None:
+    for doc in render(**VARIANTS[variant]):
+        validate(doc, KUBERNETES_VERSIONS[-1])
+
+
+@pytest.mark.parametrize("kubelet_dir", OTHER_KUBELET_DIRS)
+def test_the_kubelet_dir_setting_moves_every_kubelet_path_and_nothing_else(
+    kubelet_dir: str,
+) -> None:
+    default, moved = render(), render(kubelet_dir=kubelet_dir)
+    naming_it = {
+        f"{key[0]}/{key[2]}{path}": value
+        for key, obj in keyed(default).items()
+        for path, value in scalars(obj)
+        if isinstance(value, str) and DEFAULT_KUBELET_DIR in value
+    }
+    assert len(naming_it) == 5, naming_it  # 3 hostPaths, the mount, the registrar's socket
+    # Each is the directory or a path below it, so the one prefix moves all.
+    for value in naming_it.values():
+        assert value == DEFAULT_KUBELET_DIR or value.startswith(DEFAULT_KUBELET_DIR + "/"), value
+    assert changes(default, moved) == {
+        path: (value, kubelet_dir + value.removeprefix(DEFAULT_KUBELET_DIR))
+        for path, value in naming_it.items()
+    }
+    # And they still fit together: the registrar registers the socket the
+    # plugin serves, and the kubelet directory is mounted where it lies.
+    ds = rendered_daemonset(moved)
+    plugin, registrar = containers(ds)[PLUGIN], containers(ds)["node-driver-registrar"]
+    socket = plugin_socket()
+    socket_dir = volumes(ds)[mount(plugin, str(socket.parent))["name"]]["hostPath"]["path"]
+    assert PurePosixPath(socket_dir) == PurePosixPath(kubelet_dir, "plugins", DEFAULT_DRIVER_NAME)
+    registration = expand(registrar, flags(registrar)["kubelet-registration-path"] or "")
+    assert PurePosixPath(registration) == PurePosixPath(socket_dir) / socket.name
+    registry = volumes(ds)[mount(registrar, "/registration")["name"]]["hostPath"]["path"]
+    assert PurePosixPath(registry) == PurePosixPath(kubelet_dir, "plugins_registry")
+    kubelet = mount(plugin, kubelet_dir)
+    assert kubelet["mountPropagation"] == "Bidirectional"
+    assert volumes(ds)[kubelet["name"]]["hostPath"]["path"] == kubelet_dir
+
+
+def test_the_images_entry_is_the_one_place_that_names_the_plugin_image() -> None:
+    (entry,) = kustomize.load(KUBERNETES)["images"]
+    sidecar_images = {f"{image}:{tag}" for image, tag, _ in SIDECARS.values()}
+    written = [doc for origin, doc in documents() if origin.startswith("kubernetes/")]
+    plugin_images = [
+        c["image"] for c in kustomize.containers_of(written) if c["image"] not in sidecar_images
+    ]
+    assert f"csi-lvm:{__version__}" in plugin_images
+    # Any other container image is the plugin's, under the entry's name...
+    for image in plugin_images:
+        assert kustomize.split_image(image)[0] == entry["name"], image
+    # ... so the one entry moves every one of them, and nothing else.
+    changed = changes(render(), render(image=REGISTRY_IMAGE))
+    assert sorted(changed.values()) == sorted(
+        (image, "registry.example.com/csi-lvm:9.9.9") for image in plugin_images
+    )
+    assert all(path.endswith(".image") for path in changed)
+
+
+def test_the_storage_nodes_component_selects_only_labelled_nodes() -> None:
+    default = rendered_daemonset(render())
+    ds = rendered_daemonset(render(components=("components/storage-nodes",)))
+    spec = pod_spec(ds)
+    assert schedulable_on(spec, {STORAGE_NODE_LABEL: "true", "kubernetes.io/hostname": "s1"})
+    assert not schedulable_on(spec, {"kubernetes.io/hostname": "w1"})
+    assert not schedulable_on(spec, {STORAGE_NODE_LABEL: "false"})
+    assert schedulable_on(pod_spec(default), {})  # without the component: everywhere
+    assert spec["tolerations"] == [{"operator": "Exists"}]  # tainted storage nodes too
+    with_selector = copy.deepcopy(default)
+    with_selector["spec"]["template"]["spec"]["nodeSelector"] = {STORAGE_NODE_LABEL: "true"}
+    assert ds == with_selector  # the selector and nothing else
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_kustomize_subset_renders_what_kustomize_renders(variant: str, tmp_path: Path) -> None:
+    command = kustomize.real_kustomize()
+    if command is None:
+        pytest.skip("no kustomize with replacements (kubectl kustomize) installed")
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    copied = tmp_path / "deploy" / "kubernetes"
+    (copied / "kustomization.yaml").write_text(yaml.safe_dump(kustomization(**VARIANTS[variant])))
+    assert keyed(kustomize.render_with(command, copied)) == keyed(render(**VARIANTS[variant]))
+
+
 # ---------------------------------------------------------------- sidecars
 
 
@@ -495,12 +766,17 @@ def test_sidecars_run_in_node_deployment_form() -> None:
 @pytest.mark.parametrize("name", sorted(NEEDS_ENV))
 def test_downward_api_environment(name: str) -> None:
     container = containers()[name]
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container.get("env", [])}
+    env = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container.get("env", [])
+        if "valueFrom" in e
+    }
     for variable in NEEDS_ENV[name]:
         assert env.get(variable) == DOWNWARD_API[variable], f"{name} lacks {variable}"
+    defined = {e["name"] for e in container.get("env", [])}
     for arg in container.get("args", []):
         for variable in re.findall(r"\$\((\w+)\)", arg):
-            assert variable in env, f"{name}: {arg} names {variable}, which is not set"
+            assert variable in defined, f"{name}: {arg} names {variable}, which is not set"
 
 
 def test_driver_offers_the_node_side_expansion_the_resizer_relies_on() -> None:
@@ -637,6 +913,58 @@ def test_walkthrough_objects_refer_to_each_other() -> None:
     assert (
         affinity[0]["labelSelector"]["matchLabels"].items() <= writer["metadata"]["labels"].items()
     )
+    # The node the volume is on, as the driver names it (kubernetes.io/hostname
+    # need not be the node's name, which the driver reports).
+    assert affinity[0]["topologyKey"] == TOPOLOGY_KEY
+
+
+def test_a_restore_without_its_writer_is_pinned_to_the_snapshots_node() -> None:
+    claim = the("PersistentVolumeClaim", "data-restored-on-node", EXAMPLES)
+    snapshot = the("VolumeSnapshot", "data-snapshot", EXAMPLES)
+    source_name = snapshot["spec"]["source"]["persistentVolumeClaimName"]
+    source = the("PersistentVolumeClaim", source_name, EXAMPLES)
+    assert claim["spec"]["dataSource"] == {
+        "apiGroup": "snapshot.storage.k8s.io",
+        "kind": "VolumeSnapshot",
+        "name": snapshot["metadata"]["name"],
+    }
+    # A snapshot restores into its own device class only: the same class.
+    assert claim["spec"]["storageClassName"] == source["spec"]["storageClassName"]
+    reader = the("Pod", "late-reader", EXAMPLES)
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in reader["spec"]["volumes"]]
+    assert claims == [claim["metadata"]["name"]]
+    affinity = reader["spec"]["affinity"]
+    assert set(affinity) == {"nodeAffinity"}  # no Pod of the source needed
+    (term,) = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    (expression,) = term["matchExpressions"]
+    assert (expression["key"], expression["operator"]) == (TOPOLOGY_KEY, "In")
+    (node,) = expression["values"]
+    assert schedulable_on(reader["spec"], {TOPOLOGY_KEY: node})
+    assert not schedulable_on(reader["spec"], {TOPOLOGY_KEY: "node-b"})
+    # The walkthrough's sed puts the snapshot's node in; it must hit that value only.
+    walkthrough = (EXAMPLES / "README.md").read_text()
+    sed = re.search(r'sed "s/(.+?)/- \$node/" 07-restore-on-the-snapshot-node\.yaml', walkthrough)
+    assert sed is not None
+    text = (EXAMPLES / "07-restore-on-the-snapshot-node.yaml").read_text()
+    edited, count = re.subn(sed[1], "- worker-9", text, flags=re.MULTILINE)
+    assert count == 1
+    pinned = next(d for d in yaml.safe_load_all(edited) if d["kind"] == "Pod")
+    assert schedulable_on(pinned["spec"], {TOPOLOGY_KEY: "worker-9"})
+    assert not schedulable_on(pinned["spec"], {TOPOLOGY_KEY: node})
+
+
+@pytest.mark.parametrize(
+    ("node", "readable"),
+    [("node-a", True), ("worker-7.example.com", True), ("n" * 41, False), ("Node:1", False)],
+)
+def test_a_snapshot_handle_names_its_node_unless_the_name_is_hashed(
+    node: str, readable: bool
+) -> None:
+    # Why 07-restore-on-the-snapshot-node.yaml reads the node from a label.
+    handle = str(ObjectId.build(node, "thin", "snap-data"))
+    assert (handle.partition(":")[0] == node) is readable
 
 
 def test_side_by_side_static_local_pv_and_its_csi_lvm_replacement() -> None:

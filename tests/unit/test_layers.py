@@ -38,6 +38,7 @@ LAYERS = (
     "csi_lvm.controller",
     "csi_lvm.node",
     "csi_lvm.admin",
+    "csi_lvm.release",
     "csi_lvm.server",
     "csi_lvm.cli",
 )
