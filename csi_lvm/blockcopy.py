@@ -168,6 +168,41 @@ class _Copy:
             offset += length
 
 
+def zero_device(
+    target: str, target_bytes: int, chunk_bytes: int = CHUNK_BYTES, offload: bool = True
+) -> CopyStats:
+    """Make the first ``target_bytes`` of ``target`` read as zeros, by the
+    fastest means the device offers: one request to zero the range itself
+    (write-zeroes, or an unmap that guarantees zeros), else reading it and
+    writing zeros only where it does not read zeros already."""
+    if target_bytes < 0 or chunk_bytes <= 0 or chunk_bytes % mmap.PAGESIZE:
+        raise CopyError(
+            f"cannot zero {target_bytes} bytes of {target} in {chunk_bytes}-byte chunks"
+        )
+    started = time.monotonic()
+    direct = target_bytes % mmap.PAGESIZE == 0
+    try:
+        target_fd = _open(target, os.O_RDWR, direct)
+    except OSError as exc:
+        raise CopyError(f"cannot open {target} for writing: {exc.strerror}") from exc
+    try:
+        if _device_bytes(target_fd) < target_bytes:
+            raise CopyError(f"{target} has fewer than {target_bytes} bytes")
+        zeroing = _Copy(-1, target_fd, target, chunk_bytes, offload)
+        try:
+            zeroing.zero_run(0, target_bytes)
+            os.fsync(target_fd)
+        except OSError as exc:
+            raise CopyError(f"zeroing {target} failed: {exc.strerror}") from exc
+        finally:
+            zeroing.close()
+    finally:
+        os.close(target_fd)
+    return CopyStats(
+        0, zeroing.punched, zeroing.zeroed, zeroing.skipped, time.monotonic() - started
+    )
+
+
 def copy_device(
     source: str,
     target: str,

@@ -106,20 +106,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         timeout = budget(context)
         lv_name = lv_name_for(Kind.VOLUME, request.name)
-        copies = backend.makes_by_copy and request.HasField("volume_content_source")
         volume = self._off_the_rpc_threads(
-            copies,
+            backend.slow_to_make,
             lambda: self._create_volume(request, lv_name, backend, wanted, timeout),
             timeout,
         )
         return csi_pb2.CreateVolumeResponse(volume=volume)
 
     def _off_the_rpc_threads(self, slow: bool, work: Callable[[], T], timeout: float | None) -> T:
-        """Run ``work`` here, or, when ``slow`` (a copy, in proportion to its
-        size), on the copy threads so that the RPC threads stay free for
-        Probe, NodeGetInfo and the node calls. A copy that outlives the call's
-        deadline goes on, holding its object's lock: the sidecar's retries get
-        ABORTED while it runs and its result once it is done."""
+        """Run ``work`` here, or, when ``slow`` (a zeroing or a copy, in
+        proportion to the size), on the copy threads so that the RPC threads
+        stay free for Probe, NodeGetInfo and the node calls. Work that outlives
+        the call's deadline goes on, holding its object's lock: the sidecar's
+        retries get ABORTED while it runs and its result once it is done."""
         if not slow:
             return work()
         future = self._copies.submit(work)
@@ -127,8 +126,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise DeadlineExceeded(
-                "the copy did not finish within the call's deadline; it goes on, and a retry "
-                "of the same call answers once it is done"
+                "the volume's zeroing or copy did not finish within the call's deadline; it "
+                "goes on, and a retry of the same call answers once it is done"
             ) from None
 
     def _create_volume(
@@ -546,7 +545,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source_id = ObjectId.parse(request.source_volume_id)
         source_class = self.inventory.config.find(source_id.device_class) if source_id else None
         snapshot = self._off_the_rpc_threads(
-            source_class is not None and self.backends.of(source_class).makes_by_copy,
+            source_class is not None and self.backends.of(source_class).slow_to_make,
             lambda: self._create_snapshot(request, parameters, timeout),
             timeout,
         )

@@ -9,10 +9,10 @@ leaves an LV in one of the states below, and every state says what to do.
 ========================  =======================  ==========================================
 state (tag)               made by                  what a crash leaves, and the repair
 ========================  =======================  ==========================================
-MAKING                    a blank thick volume:    lvcreate commits the LV before it zeroes
-(``incomplete``)          lvcreate, then           its start, so a new volume could show an
-                          ``made()``               earlier tenant's data. Nobody has its id
-                                                   yet: ``remove_unfinished`` removes it at
+MAKING                    a blank thick volume:    The LV is not zeroed all through yet, so
+(``incomplete``)          lvcreate, the zeroing    it could show an earlier tenant's data.
+                          of all of it, then       Nobody has its id yet:
+                          ``made()``               ``remove_unfinished`` removes it at
                                                    start-up, and the retry of the create
                                                    (``discard_unfinished``) before it makes
                                                    it again.

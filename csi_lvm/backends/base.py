@@ -95,8 +95,8 @@ class Condition:
 class Backend(ABC):
     """One device class's storage."""
 
-    # Whether making from a source copies data (time in proportion to size).
-    makes_by_copy = False
+    # Whether making an LV writes all of it (time in proportion to its size).
+    slow_to_make = False
 
     def __init__(self, device_class: DeviceClass, inventory: Inventory, states: Lifecycle):
         self.device_class = device_class

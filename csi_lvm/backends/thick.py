@@ -55,7 +55,8 @@ def view_bytes(source_bytes: int, extent_bytes: int) -> int:
 
 
 class ThickBackend(Backend):
-    makes_by_copy = True
+    # Every new thick LV is written all through: zeroed, or filled by a copy.
+    slow_to_make = True
 
     def __init__(self, device_class: DeviceClass, inventory: Inventory, states: Lifecycle):
         super().__init__(device_class, inventory, states)
@@ -78,10 +79,24 @@ class ThickBackend(Backend):
         return self.copier.room_needed(source, source.size_bytes, extent_bytes)
 
     def create_blank(self, new: NewLv) -> None:
-        # lvcreate commits the LV before it zeroes the start: a kill in between
-        # would leave an earlier tenant's data in a "new" volume (MAKING).
+        """A linear LV zeroed all through before anyone gets it: its extents
+        may hold an earlier tenant's data (lvcreate zeroes only the first
+        4 KiB). It stays MAKING until the zeroing is flushed, so a crash
+        before that leaves an LV that is removed and made again."""
         self._create(new, [MAKING_TAG])
-        self.states.made(self.device_class.volume_group, new.name, new.timeout)
+        lv = self.inventory.activated(self._made(new.name, new.timeout).lv, new.timeout)
+        # The zeroing outlives the caller's deadline (the controller runs it
+        # off the RPC threads): the driver's own timeouts from here on.
+        stats = blockcopy.zero_device(lv.device, new.size)
+        log.info(
+            "zeroed",
+            lv=lv.full_name,
+            punched_bytes=stats.punched_bytes,
+            zeroed_bytes=stats.zeroed_bytes,
+            skipped_bytes=stats.skipped_bytes,
+            seconds=round(stats.seconds, 2),
+        )
+        self.states.made(self.device_class.volume_group, new.name, None)
 
     def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
         return self._copy_into(new, Kind.VOLUME, source, extent_bytes)

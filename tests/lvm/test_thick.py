@@ -218,3 +218,35 @@ def test_a_volume_with_an_admin_s_own_snapshot_is_not_deleted(
         subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{name}-admin"], check=True)
     delete(csi, volume.volume_id)
     assert lv not in vg.lv_names()
+
+
+def test_a_new_thick_volume_never_shows_a_deleted_one_s_data(
+    csi: CsiClient, name: str, vg: LoopVolumeGroup
+) -> None:
+    # lvcreate zeroes only the first 4 KiB: the extents of a deleted volume
+    # are handed to the next one as they are, unless the driver zeroes them.
+    size = 32 * MiB
+    first = create(csi, f"{name}-a", size, "thick", capability=block_capability())
+    device = f"/dev/{vg.name}/{first.volume_id.split(':')[2]}"
+    secret = b"tenant A's data " * (1 << 16)  # 1 MiB
+    with open(device, "r+b") as raw:
+        for _ in range(size // len(secret)):
+            raw.write(secret)
+    extents = pe_ranges(device)
+    delete(csi, first.volume_id)
+    second = create(csi, f"{name}-b", size, "thick", capability=block_capability())
+    device = f"/dev/{vg.name}/{second.volume_id.split(':')[2]}"
+    assert pe_ranges(device) == extents  # LVM handed out the same extents again
+    with open(device, "rb") as raw:
+        content = raw.read()
+    assert len(content) == size
+    leaked = len(content) - content.count(0)
+    assert leaked == 0, f"{leaked} bytes of the new volume are not zero"
+    delete(csi, second.volume_id)
+
+
+def pe_ranges(device: str) -> str:
+    return subprocess.run(
+        ["lvs", "--noheadings", "-o", "seg_pe_ranges", device],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip

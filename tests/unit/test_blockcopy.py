@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_lvm.blockcopy import CopyError, copy_device
+from csi_lvm.blockcopy import CopyError, copy_device, zero_device
 
 CHUNK = 64 << 10
 
@@ -66,3 +66,25 @@ def test_refuses_what_cannot_be_copied(tmp_path: Path) -> None:
         copy_device(source, target, 2 * CHUNK, CHUNK, chunk_bytes=CHUNK)
     with pytest.raises(CopyError, match="cannot open"):
         copy_device(str(tmp_path / "missing"), target, CHUNK, CHUNK, chunk_bytes=CHUNK)
+
+
+def test_zeroing_writes_zeros_only_where_the_target_holds_data(tmp_path: Path) -> None:
+    old = b"x" * CHUNK + bytes(CHUNK) + b"y" * 100 + bytes(CHUNK - 100)
+    target = _file(tmp_path / "target", old)
+    stats = zero_device(target, len(old), chunk_bytes=CHUNK, offload=False)
+    assert Path(target).read_bytes() == bytes(len(old))
+    assert (stats.zeroed_bytes, stats.skipped_bytes, stats.punched_bytes) == (2 * CHUNK, CHUNK, 0)
+
+
+def test_zeroing_is_one_request_where_the_target_zeroes_ranges_itself(tmp_path: Path) -> None:
+    old = b"x" * (3 * CHUNK)
+    target = _file(tmp_path / "target", old)
+    stats = zero_device(target, len(old), chunk_bytes=CHUNK)
+    assert Path(target).read_bytes() == bytes(len(old))
+    assert stats.punched_bytes == len(old) and stats.zeroed_bytes == 0
+
+
+def test_zeroing_refuses_a_target_smaller_than_asked(tmp_path: Path) -> None:
+    target = _file(tmp_path / "target", bytes(CHUNK))
+    with pytest.raises(CopyError, match="fewer than"):
+        zero_device(target, 2 * CHUNK, chunk_bytes=CHUNK)
