@@ -11,6 +11,7 @@ answers of the call that met them. It never sees a CSI request.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -18,12 +19,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import structlog
+
 from csi_lvm import lifecycle
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import Aborted, FailedPrecondition
 from csi_lvm.lifecycle import Lifecycle
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
+
+log = structlog.get_logger("csi_lvm.backends")
 
 # How long a finished create's reservation is kept: longer than any report
 # that began before it ended can be in use.
@@ -305,6 +310,27 @@ class Backend(ABC):
         return Condition(False, "healthy")
 
     # ---- for the implementations
+
+    @contextmanager
+    def _removed_on_failure(self, name: str) -> Iterator[None]:
+        """Around what a create does after its lvcreate: when that fails, the
+        LV it made is removed before the failure is answered. The provisioner
+        may send the PVC to another node on the answer, and nothing would ever
+        delete an LV left here (a crash, which answers nothing, leaves its
+        state for the retry instead: see ``csi_lvm.lifecycle``)."""
+        try:
+            yield
+        except Exception:
+            with contextlib.suppress(Exception):  # the failure is the answer
+                self._remove_unfinished(name)
+            raise
+
+    def _remove_unfinished(self, name: str) -> None:
+        lv = self.lvm.find_lv(self.device_class.volume_group, name)
+        owned = None if lv is None else self.inventory.adopt(lv, self.device_class)
+        if owned is not None:
+            log.warning("removing what a failed create made", lv=owned.lv.full_name)
+            self.lvm.remove(owned.lv.vg_name, owned.lv.name)
 
     def _made(self, lv_name: str, timeout: float | None) -> Owned:
         """The LV just made, from a shared scan (not an ``lvs`` of this LV:

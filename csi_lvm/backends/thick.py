@@ -84,10 +84,11 @@ class ThickBackend(Backend):
         4 KiB). It stays MAKING until the zeroing is flushed, so a crash
         before that leaves an LV that is removed and made again."""
         self._create(new, [MAKING_TAG])
-        lv = self.inventory.activated(self._made(new.name, new.timeout).lv, new.timeout)
-        # The zeroing outlives the caller's deadline (the controller runs it
-        # off the RPC threads): the driver's own timeouts from here on.
-        stats = blockcopy.zero_device(lv.device, new.size)
+        with self._removed_on_failure(new.name):
+            lv = self.inventory.activated(self._made(new.name, new.timeout).lv, new.timeout)
+            # The zeroing outlives the caller's deadline (the controller runs
+            # it off the RPC threads): the driver's own timeouts from here on.
+            stats = blockcopy.zero_device(lv.device, new.size)
         log.info(
             "zeroed",
             lv=lv.full_name,
@@ -113,8 +114,9 @@ class ThickBackend(Backend):
 
     def _copy_into(self, new: NewLv, kind: Kind, source: Owned, extent_bytes: int) -> Owned:
         self._create(new, lifecycle.copy_tags(kind, by_copy=True))
-        self.copier.fill(self._made(new.name, new.timeout), source, extent_bytes)
-        return self._made(new.name, None)
+        with self._removed_on_failure(new.name):
+            self.copier.fill(self._made(new.name, new.timeout), source, extent_bytes)
+            return self._made(new.name, None)
 
     def resume(self, existing: Owned, source: Owned | None, new: NewLv, extent_bytes: int) -> Owned:
         if lifecycle.is_ready(existing):

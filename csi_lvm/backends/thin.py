@@ -74,7 +74,8 @@ class ThinBackend(Backend):
     def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
         tags = [*new.tags, *lifecycle.copy_tags(Kind.VOLUME, by_copy=False)]
         self._thin_snapshot(new, source, tags, active=True)
-        return self._extended(self._made(new.name, new.timeout), new.size, new.timeout)
+        with self._removed_on_failure(new.name):
+            return self._extended(self._made(new.name, new.timeout), new.size, new.timeout)
 
     def snapshot(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
         self._thin_snapshot(new, source, new.tags, active=False)

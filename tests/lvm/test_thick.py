@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import pytest
 
 from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for, view_name_for
@@ -250,3 +251,24 @@ def pe_ranges(device: str) -> str:
         ["lvs", "--noheadings", "-o", "seg_pe_ranges", device],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
+
+
+def test_a_thick_clone_whose_view_cannot_be_made_leaves_no_lv(
+    csi: CsiClient, name: str, vg: LoopVolumeGroup
+) -> None:
+    # An LV that is not the driver's holds the temporary view's name: the
+    # copy cannot start, and the answer must not leave the clone's LV behind
+    # (the provisioner may reschedule the PVC to another node).
+    source = create(csi, name, 16 * MiB, "thick", capability=block_capability())
+    clone_lv = lv_name_for(Kind.VOLUME, f"{name}-c")
+    vg.lvcreate("-L", "4M", "-n", view_name_for(clone_lv), vg.name)
+    try:
+        with pytest.raises(grpc.RpcError):
+            create(
+                csi, f"{name}-c", 16 * MiB, "thick", capability=block_capability(),
+                volume_content_source=from_volume(source.volume_id),
+            )  # fmt: skip
+        assert clone_lv not in vg.lv_names()
+    finally:
+        subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{view_name_for(clone_lv)}"], check=True)
+    delete(csi, source.volume_id)
