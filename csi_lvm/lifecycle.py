@@ -34,6 +34,10 @@ NEW_FS_UUID               a restore or clone,      The filesystem still has its 
 READY                     every path, at its end   Nothing to repair.
 ========================  =======================  ==========================================
 
+A create that fails (rather than crashes) after its lvcreate removes the LV
+it made before it answers: the answer may send the PVC to another node, and
+nothing would ever delete an LV left here (``Backend._removed_on_failure``).
+
 Activation: a thin snapshot is made inactive with activation skipped (it is
 never mounted, and a VG activation at boot leaves it alone); whatever reads
 it (a thick copy, a stage of a restore) activates it with
