@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 import structlog
 
 from csi_lvm.lvm.errors import LvmBadName, LvmError, LvmTimeout, LvmToolMissing, classify_failure
-from csi_lvm.lvm.process import run_to_completion
+from csi_lvm.lvm.process import run_to_completion, wait_for_unfinished
 from csi_lvm.lvm.records import (
     LV_FIELDS,
     VG_COLUMNS,
@@ -79,9 +79,15 @@ class Lvm:
         }
         self.shell = LvmShell([*self.prefix, binary], self._env, shell_idle_exit) if shell else None
 
-    def close(self) -> None:
+    def close(self, wait_seconds: float | None = None) -> None:
+        """End the shell, and wait (up to ``wait_seconds``, by default the
+        command timeout) for every LVM command still running: one a caller
+        gave up on finishes first, so an exit never cuts LVM short."""
         if self.shell is not None:
             self.shell.close()
+        left = wait_for_unfinished(self.timeout if wait_seconds is None else wait_seconds)
+        if left:
+            log.warning("lvm commands still running at exit", count=left)
 
     def _limit(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))

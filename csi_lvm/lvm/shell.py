@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import structlog
 
 from csi_lvm.lvm.errors import LvmError, LvmTimeout
-from csi_lvm.lvm.process import run_to_completion
+from csi_lvm.lvm.process import finish_in_background, run_to_completion
 
 log = structlog.get_logger("csi_lvm.lvm")
 
@@ -309,7 +309,7 @@ class LvmShell:
             # short can leave the kernel's transaction id behind LVM's
             # metadata, and LVM then refuses the pool. With its input closed
             # the shell exits once its command is done; a thread reaps it.
-            threading.Thread(target=process.wait, name="lvm-reaper", daemon=True).start()
+            finish_in_background(process)
 
     def close(self) -> None:
         """End the shell: it exits when its input ends."""

@@ -32,7 +32,7 @@ def answer(words):
     verb, name = words[0], words[words.index("--name") + 1] if "--name" in words else ""
     target = words[-1]
     if target.endswith("hang"):
-        time.sleep(60)
+        time.sleep(float(os.environ.get("FAKE_HANG_SECONDS", "60")))
     if target.endswith("crash"):
         os._exit(1)
     if name == "exists":
@@ -105,8 +105,9 @@ def test_a_failure_is_classified_from_the_command_log(fake: Path) -> None:
 
 
 def test_a_command_past_its_timeout_stops_the_shell_and_the_next_gets_a_new_one(
-    fake: Path,
+    fake: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("FAKE_HANG_SECONDS", "3")
     lvm = Lvm(binary=str(fake), shell=True)
     try:
         with pytest.raises(LvmTimeout):
@@ -194,3 +195,20 @@ def test_shell_lines_quote_every_word() -> None:
     assert shell_line(["lvs", "line\nbreak"]) is None
     assert shell_line(["lvs", ""]) is None
     assert shell_line(["lvs"] * 61) is None
+
+
+def test_closing_waits_for_a_command_its_caller_gave_up_on(
+    fake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a container, whatever still runs when the driver exits is killed
+    # with it: LVM must never be cut short that way.
+    monkeypatch.setenv("FAKE_HANG_SECONDS", "3")
+    lvm = Lvm(binary=str(fake), shell=True)
+    with pytest.raises(LvmTimeout):
+        lvm.remove("vg0", "hang", timeout=0.5)
+    (abandoned,) = shells(fake)
+    started = time.monotonic()
+    lvm.close()
+    assert time.monotonic() - started > 1.5  # it waited for the command
+    with pytest.raises(ProcessLookupError):
+        os.kill(abandoned, 0)
