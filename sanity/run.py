@@ -39,9 +39,8 @@ def host_main() -> int:
     binary = find_binary()
     if binary is None:
         print(
-            "sanity: no csi-sanity binary. Build it from kubernetes-csi/csi-test "
-            "(go build ./cmd/csi-sanity) and put it on PATH or in $CSI_SANITY; "
-            "see sanity/README.md.",
+            "sanity: no csi-sanity binary (kubernetes-csi/csi-test, v5.4.0-36-g2f1e2f2a or "
+            "later) on PATH or in $CSI_SANITY; see sanity/README.md.",
             file=sys.stderr,
         )
         return NO_BINARY
