@@ -107,14 +107,22 @@ def test_a_class_the_config_gives_to_other_nodes_offers_nothing_here(other: CsiC
 # ---- 2: teardown from the path; deletes of a retired class
 
 
-def test_a_block_volume_unstages_after_its_pv_was_deleted(
+def published_block_volume(
     csi: CsiClient, name: str, workdir: Path
-) -> None:
-    # What the kubelet does when the provisioner deleted the PV first.
+) -> tuple[csi_pb2.Volume, str, str]:
+    """A raw block volume staged and published: the volume, staging path, target."""
     volume = create(csi, name, capability=block_capability())
     staging, target = str(workdir / f"{name}-staging"), str(workdir / f"{name}-target")
     stage(csi, volume.volume_id, staging, block_capability())
     publish(csi, volume.volume_id, staging, target, block_capability())
+    return volume, staging, target
+
+
+def test_a_block_volume_unstages_after_its_pv_was_deleted(
+    csi: CsiClient, name: str, workdir: Path
+) -> None:
+    # What the kubelet does when the provisioner deleted the PV first.
+    volume, staging, target = published_block_volume(csi, name, workdir)
     unpublish(csi, volume.volume_id, target)
     delete(csi, volume.volume_id)
     unstage(csi, volume.volume_id, staging)  # was NOT_FOUND
@@ -123,10 +131,7 @@ def test_a_block_volume_unstages_after_its_pv_was_deleted(
 def test_a_block_publication_whose_lv_was_deleted_under_it_is_unpublished(
     csi: CsiClient, name: str, workdir: Path
 ) -> None:
-    volume = create(csi, name, capability=block_capability())
-    staging, target = str(workdir / f"{name}-staging"), str(workdir / f"{name}-target")
-    stage(csi, volume.volume_id, staging, block_capability())
-    publish(csi, volume.volume_id, staging, target, block_capability())
+    volume, staging, target = published_block_volume(csi, name, workdir)
     # A bind mount of the device node does not hold the device open.
     delete(csi, volume.volume_id)
     assert is_mounted(target)
