@@ -263,15 +263,20 @@ def mounted_device(path: str) -> str | None:
 
 def is_stale_device_node(path: str) -> bool:
     """Whether ``path`` is a block device node (a bind mount of one, say)
-    whose device no longer exists on the node: nothing can be read or lost
-    through it."""
+    whose device is gone: nothing can be read or lost through it.
+
+    When a device goes, devtmpfs unlinks its node, and a node kept alive by a
+    bind mount is left with no links. The device number alone cannot tell: a
+    new device may take the old one's number at once (device-mapper hands out
+    the lowest free minor)."""
     try:
         info = os.stat(path)
     except OSError:
         return False
     if not stat.S_ISBLK(info.st_mode):
         return False
-    return not os.path.exists(f"/sys/dev/block/{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}")
+    number = f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+    return info.st_nlink == 0 or not os.path.exists(f"/sys/dev/block/{number}")
 
 
 def device_number(device: str) -> str:

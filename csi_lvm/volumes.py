@@ -74,14 +74,18 @@ class ScanBatcher:
     this turns one ``lvs`` per call into one per batch of calls.
     """
 
-    def __init__(self, scan: Callable[[float | None], Scan]) -> None:
+    def __init__(
+        self, scan: Callable[[float | None], Scan], changes: Callable[[], int] = lambda: 0
+    ) -> None:
         self._scan = scan
+        self._changes = changes  # the driver's own LVM changes, counted
         self._cond = threading.Condition()
         self._running = False
         self._started = 0  # reports started so far; the number of the latest
         self._finished = 0  # number of the latest report that ended
         self._result: Scan | None = None  # its result (None when it failed)
-        self._latest: tuple[float, Scan] | None = None  # the newest success, and when
+        # The newest success: when it began, the change count then, the scan.
+        self._latest: tuple[float, int, Scan] | None = None
 
     def get(self, timeout: float | None) -> Scan:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -100,6 +104,7 @@ class ScanBatcher:
                     raise DeadlineExceeded("LVM report did not finish in time; retry")
                 self._cond.wait(remaining)
         result = None
+        began, changes = time.monotonic(), self._changes()
         try:
             result = self._scan(timeout)
             return result
@@ -110,17 +115,20 @@ class ScanBatcher:
                 self._finished = number
                 self._result = result
                 if result is not None:
-                    self._latest = (time.monotonic(), result)
+                    self._latest = (began, changes, result)
                 self._cond.notify_all()
 
     def recent(self, max_age: float, timeout: float | None) -> Scan:
-        """The latest report if it is younger than ``max_age`` seconds, else a
-        new one: for readers that can live with a slightly old view (a
-        metrics scrape) and must not cost a report each."""
+        """The latest report if it began less than ``max_age`` seconds ago and
+        the driver has changed nothing since, else a new one: for readers that
+        can live with a slightly old view of changes others make (a metrics
+        scrape) and must not cost a report each."""
         with self._cond:
             latest = self._latest
-        if latest is not None and time.monotonic() - latest[0] < max_age:
-            return latest[1]
+        if latest is not None:
+            began, changes, scan = latest
+            if time.monotonic() - began < max_age and changes == self._changes():
+                return scan
         return self.get(timeout)
 
 
@@ -131,7 +139,7 @@ class Inventory:
         self.node_id = node_id
         self.node_part = node_component(node_id)
         self.driver_name = driver_name
-        self._batcher = ScanBatcher(self._fresh_scan)
+        self._batcher = ScanBatcher(self._fresh_scan, lambda: self.lvm.changes)
 
     # ---- ids
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Sequence
 
@@ -78,6 +79,8 @@ class Lvm:
             "LVM_SUPPRESS_FD_WARNINGS": "1",
         }
         self.shell = LvmShell([*self.prefix, binary], self._env, shell_idle_exit) if shell else None
+        self._changes = 0
+        self._changes_lock = threading.Lock()
 
     def close(self, wait_seconds: float | None = None) -> None:
         """End the shell, and wait (up to ``wait_seconds``, by default the
@@ -137,8 +140,22 @@ class Lvm:
 
     def change(self, args: Sequence[str], timeout: float | None = None) -> None:
         """A command that changes LVM state (its output is not needed)."""
-        if self._execute(args, timeout) is None:
-            self.run(args, timeout)
+        self._changed()
+        try:
+            if self._execute(args, timeout) is None:
+                self.run(args, timeout)
+        finally:
+            self._changed()
+
+    @property
+    def changes(self) -> int:
+        """Counts the starts and ends of changes this object sent: a report
+        taken while the count stood still shows all of them."""
+        return self._changes
+
+    def _changed(self) -> None:
+        with self._changes_lock:
+            self._changes += 1
 
     def _report(self, args: Sequence[str], timeout: float | None) -> dict[str, object]:
         full = [*args, "--reportformat", "json", "--units", "b", "--nosuffix"]

@@ -59,8 +59,6 @@ def other(workdir: Path, vg: LoopVolumeGroup) -> Iterator[CsiClient]:
         f"  - name: tuned\n    volumeGroup: {vg.name}\n    thinPool: {vg.pool}\n"
         "    mkfsOptions:\n      xfs: [-m, bigtime=0]\n      ext4: [-L, tuned]\n"
         f"  - name: elsewhere\n    volumeGroup: {vg.name}\n    nodes: [other-*]\n"
-        f"  - name: huge\n    volumeGroup: {vg.name}\n    thinPool: {FRAGILE_POOL}\n"
-        "    overprovisionRatio: 1000000000\n"
         f"  - name: unzeroed\n    volumeGroup: {vg.name}\n    thinPool: {UNZEROED_POOL}\n"
         f"  - name: unzeroed-ok\n    volumeGroup: {vg.name}\n    thinPool: {UNZEROED_POOL}\n"
         "    allowPoolWithoutZeroing: true\n"
@@ -418,27 +416,3 @@ def test_a_pool_that_does_not_zero_is_reported_unless_the_config_accepts_it(
     assert checks["device class unzeroed-ok"].ok
     log = (workdir / "other-driver" / "driver.log").read_text()
     assert "device class at risk" in log and UNZEROED_POOL in log
-
-
-# ---- issue 15, 9: a create that fails after its LV exists leaves nothing
-
-
-def test_a_thin_restore_whose_extend_fails_leaves_no_lv(
-    other: CsiClient, name: str, vg: LoopVolumeGroup
-) -> None:
-    # The class admits it (its ratio is vast); LVM refuses to extend an LV
-    # past 2^32 extents, after the restore's snapshot was made.
-    source = create(other, name, device_class="huge")
-    snapshot = other.controller.CreateSnapshot(
-        csi_pb2.CreateSnapshotRequest(name=f"{name}-s", source_volume_id=source.volume_id)
-    ).snapshot
-    content = csi_pb2.VolumeContentSource(
-        snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
-    )
-    with pytest.raises(grpc.RpcError):
-        other.controller.CreateVolume(
-            create_request(f"{name}-r", 17 << 50, "huge", volume_content_source=content)
-        )
-    assert f"csi-{name}-r" not in vg.lv_names()
-    other.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id))
-    delete(other, source.volume_id)

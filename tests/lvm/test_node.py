@@ -361,7 +361,7 @@ def test_ext4_on_a_blank_thin_lv_is_told_the_storage_reads_zeros(
         for line in subprocess.run(
             ["dumpe2fs", device], capture_output=True, text=True, check=True
         ).stdout.splitlines()
-        if line.startswith("Group ")
+        if line.startswith("Group ") and "(Blocks" in line
     ]
     assert groups and all("ITABLE_ZEROED" in line for line in groups), groups[:3]
     unstage(csi, volume.volume_id, staging)

@@ -7,19 +7,10 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 from csi_lvm.csi import csi_pb2
 from tests.testbed import Driver, LoopVolumeGroup, write_config
-
-
-def serve(config: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "csi_lvm.cli", "serve", "--endpoint", endpoint, "--config", str(config), "--node-id", "n1"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
 
 
 def test_socket_is_private_and_logs_are_json(driver: Driver) -> None:
@@ -35,14 +26,27 @@ def test_socket_is_private_and_logs_are_json(driver: Driver) -> None:
     assert {"method", "code", "ms", "timestamp"} <= set(rpcs[-1])
 
 
-def test_missing_thin_pool_stops_start_up(workdir: Path, vg: LoopVolumeGroup) -> None:
+def test_a_missing_thin_pool_is_reported_and_the_driver_serves_on(
+    workdir: Path, vg: LoopVolumeGroup
+) -> None:
     # (A missing volume group is tested on the host, in tests/unit/test_cli.py.)
-    config = workdir / "bad.yaml"
+    home = workdir / "nopool"
+    home.mkdir()
+    config = home / "config.yaml"
     config.write_text(
         f"deviceClasses:\n  - name: ok\n    volumeGroup: {vg.name}\n    thinPool: nopool\n"
     )
-    done = serve(config, f"unix://{workdir}/bad.sock")
-    assert done.returncode == 2 and "line 4" in done.stderr and "nopool" in done.stderr
+    driver = Driver(home, config)
+    client = driver.start()
+    try:
+        assert client.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+        capacity = client.controller.GetCapacity(csi_pb2.GetCapacityRequest())
+        assert capacity.available_capacity == 0
+    finally:
+        client.close()
+        assert driver.stop() == 0
+    log = driver.log_path.read_text()
+    assert "device class unavailable" in log and "'nopool'" in log and "line 4" in log
 
 
 def test_stale_socket_is_replaced_and_sigterm_stops_cleanly(

@@ -82,3 +82,16 @@ def test_a_waiter_gives_up_at_its_deadline() -> None:
     with pytest.raises(DeadlineExceeded):
         batcher.get(0.2)
     runner.join()
+
+
+def test_a_recent_report_is_reused_until_it_is_old_or_the_driver_changed_something() -> None:
+    scans, changes = SlowScans(seconds=0.0), [0]
+    batcher = ScanBatcher(scans, lambda: changes[0])
+    first = batcher.get(10)
+    assert batcher.recent(60, 10) is first and len(scans.started) == 1
+    changes[0] += 1  # the driver made or removed an LV: its effect must show at once
+    second = batcher.recent(60, 10)
+    assert second is not first and len(scans.started) == 2
+    assert batcher.recent(60, 10) is second
+    time.sleep(0.05)
+    assert batcher.recent(0.01, 10) is not second and len(scans.started) == 3
