@@ -394,17 +394,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: Context
     ) -> csi_pb2.DeleteVolumeResponse:
-        while_open = (
-            f"volume {request.volume_id} is still in use on node {self.node_id} "
-            "(its device is open); unpublish and unstage it first"
-        )
-        self._delete(request.volume_id, Kind.VOLUME, while_open, budget(context))
+        self._delete(request.volume_id, Kind.VOLUME, budget(context))
         return csi_pb2.DeleteVolumeResponse()
 
-    def _delete(self, text: str, kind: Kind, while_open: str, timeout: float | None) -> None:
+    def _delete(self, text: str, kind: Kind, timeout: float | None) -> None:
         """Remove the owned LV the id ``text`` names, if there is one (a
-        delete of what is gone succeeds); ``while_open`` is the answer while
-        its device is open."""
+        delete of what is gone succeeds)."""
         if not text:
             raise InvalidArgument(f"{kind.value}_id is required")
         object_id = self.inventory.local_id(text, kind, kind.value)
@@ -419,13 +414,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 owned = self.inventory.find_anywhere(object_id, timeout)
             if owned is None:
                 return
-            self._remove(owned, while_open, timeout)
+            self._remove(owned, timeout)
         log.info(f"{kind.value} deleted", id=text, lv=owned.lv.full_name)
 
-    def _remove(self, owned: Owned, while_open: str, timeout: float | None) -> None:
+    def _remove(self, owned: Owned, timeout: float | None) -> None:
         backend = self.backends.of(owned.device_class)
         if backend.held_open(owned, timeout):
-            raise FailedPrecondition(while_open)
+            if owned.kind is Kind.VOLUME:
+                raise FailedPrecondition(
+                    f"volume {owned.id} is still in use on node {self.node_id} (its device "
+                    "is open); unpublish and unstage it first"
+                )
+            raise FailedPrecondition(
+                f"snapshot {owned.id} is being read (a restore from it is copying); retry "
+                "when the restore has finished"
+            )
         try:
             backend.remove(owned, timeout)
         except LvmInUse as exc:
@@ -618,11 +621,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: Context
     ) -> csi_pb2.DeleteSnapshotResponse:
-        while_open = (
-            f"snapshot {request.snapshot_id} is being read (a restore from it is copying); "
-            "retry when the restore has finished"
-        )
-        self._delete(request.snapshot_id, Kind.SNAPSHOT, while_open, budget(context))
+        self._delete(request.snapshot_id, Kind.SNAPSHOT, budget(context))
         return csi_pb2.DeleteSnapshotResponse()
 
     def GetSnapshot(
