@@ -40,7 +40,11 @@ RUN apt-get update \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log \
     && mkdir -p /run/lock/lvm /run/lvm /csi /etc/csi-lvm
+# The container's LVM settings: its own lvmlocal.conf where the host's /etc/lvm
+# is not mounted, and the overrides the DaemonSet gives every command on top of
+# the host's configuration (--lvm-config-overrides) where it is.
 COPY deploy/image/lvmlocal.conf /etc/lvm/lvmlocal.conf
+COPY deploy/image/lvmlocal.conf /usr/share/csi-lvm/lvm-container.conf
 COPY --from=build /opt/csi-lvm /opt/csi-lvm
 ENV PATH=/opt/csi-lvm/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

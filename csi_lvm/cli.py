@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
@@ -24,7 +25,7 @@ from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
 from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.commands import Lvm, config_overrides_from
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.node import NodeService
 from csi_lvm.release import add_release_node_parser, release_node
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds for calls to end")
     serve.add_argument("--lvm-prefix", default="", help="command to run LVM through, e.g. nsenter")
+    _add_lvm_config_overrides(serve)
     serve.add_argument(
         "--no-lvm-shell",
         action="store_true",
@@ -102,19 +104,44 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", default=DEFAULT_CONFIG)
     status.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_lvm_config_overrides(status)
     doctor = commands.add_parser("doctor", help="check what this node needs to run csi-lvm")
     doctor.add_argument("--config", default=DEFAULT_CONFIG)
     doctor.add_argument(
         "--node-id", default=None, help="this node's id ($NODE_NAME, else hostname)"
     )
     doctor.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    _add_lvm_config_overrides(doctor)
     add_release_node_parser(commands, DEFAULT_DRIVER_NAME)
     return parser
 
 
+def _add_lvm_config_overrides(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--lvm-config-overrides",
+        default="",
+        metavar="FILE",
+        help="LVM settings (lvm.conf syntax) given to every LVM command with --config, on top "
+        "of the node's own LVM configuration",
+    )
+
+
+def lvm_overrides(args: argparse.Namespace) -> str:
+    if not args.lvm_config_overrides:
+        return ""
+    try:
+        text = Path(args.lvm_config_overrides).read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"--lvm-config-overrides {args.lvm_config_overrides}: cannot read it: {exc.strerror}"
+        ) from exc
+    return config_overrides_from(text)
+
+
 def status(args: argparse.Namespace) -> int:
     configure_logging("warning")
-    inventory = Inventory(load_config(args.config), Lvm(), default_node_id(), args.driver_name)
+    lvm = Lvm(config_overrides=lvm_overrides(args))
+    inventory = Inventory(load_config(args.config), lvm, default_node_id(), args.driver_name)
     classes = node_status(Backends(inventory))
     if args.json:
         print(json.dumps(status_json(classes), indent=2))
@@ -131,7 +158,8 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"FAIL config: {error}")
         config = None
     node_id = args.node_id or default_node_id()
-    checks = run_doctor(config, Lvm(), os.path.dirname(socket_path(args.endpoint)), node_id)
+    lvm = Lvm(config_overrides=lvm_overrides(args))
+    checks = run_doctor(config, lvm, os.path.dirname(socket_path(args.endpoint)), node_id)
     for check in checks:
         print(f"ok   {check.what}" if check.ok else f"FAIL {check.what}: {check.fix}")
     return 0 if config is not None and all(c.ok for c in checks) else 1
@@ -181,6 +209,7 @@ def serve(args: argparse.Namespace) -> int:
         prefix=args.lvm_prefix.split(),
         shell=not args.no_lvm_shell,
         shell_idle_exit=args.lvm_shell_idle_exit,
+        config_overrides=lvm_overrides(args),
     )
     inventory = Inventory(config, lvm, node_id, args.driver_name)
     backends = Backends(inventory)

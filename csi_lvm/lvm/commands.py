@@ -39,6 +39,13 @@ NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 TAG_RE = re.compile(r"[A-Za-z0-9_+.:/=!&#][A-Za-z0-9_+.:/=!&#-]{0,1023}")
 
 
+def config_overrides_from(text: str) -> str:
+    """LVM configuration text (a file's, comments and all) as the one
+    argument ``--config`` takes."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return " ".join(line for line in lines if line)
+
+
 def check_name(name: str, what: str) -> None:
     """Names reach LVM only once they match LVM's own grammar."""
     if not NAME_RE.fullmatch(name) or name in {".", ".."}:
@@ -69,10 +76,14 @@ class Lvm:
         timeout: float = 120.0,
         shell: bool = False,
         shell_idle_exit: float = 0.0,
+        config_overrides: str = "",
     ):
         self.binary = binary
         self.prefix = list(prefix)
         self.timeout = timeout
+        # LVM settings every command gets on top of the node's own config
+        # (``--config``): what a container must change, and nothing else.
+        self.config_overrides = config_overrides
         self._env = {
             **os.environ,
             "LC_ALL": "C",
@@ -95,8 +106,14 @@ class Lvm:
     def _limit(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))
 
+    def _with_overrides(self, args: Sequence[str]) -> list[str]:
+        if not self.config_overrides or not args:
+            return list(args)
+        return [args[0], "--config", self.config_overrides, *args[1:]]
+
     def run(self, args: Sequence[str], timeout: float | None = None) -> str:
         """One ``lvm`` process for ``args``; its standard output."""
+        args = self._with_overrides(args)
         command = [*self.prefix, self.binary, *args]
         limit = self._limit(timeout)
         started = time.monotonic()
@@ -121,6 +138,7 @@ class Lvm:
         cannot take it (the caller then runs a process)."""
         if self.shell is None:
             return None
+        args = self._with_overrides(args)
         limit = self._limit(timeout)
         started = time.monotonic()
         outcome = self.shell.execute(args, limit)

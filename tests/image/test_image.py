@@ -301,6 +301,53 @@ def test_xfs_made_without_zeroing_its_log_passes_the_image_s_own_xfs_repair(
     assert (skipped, repair_code) == ("True", "0"), output
 
 
+HOST_CONFIG_CHECK = """
+host=/tmp/host-lvm-$1
+mkdir -p "$host"
+printf '%s\\n' "$2" > "$host/lvm.conf"
+LVM_SYSTEM_DIR=$host exec csi-lvm doctor --config /etc/csi-lvm/config.yaml --node-id n \\
+    --lvm-config-overrides /usr/share/csi-lvm/lvm-container.conf
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "host_lvm_conf", "seen"),
+    [
+        ("hides", 'devices { global_filter = [ "r|^/dev/loop|", "a|.*|" ] }', False),
+        ("shows", "devices { }", True),
+    ],
+)
+def test_the_driver_s_lvm_sees_only_what_the_host_s_lvm_configuration_lets_it(
+    plugin: Plugin, name: str, host_lvm_conf: str, seen: bool
+) -> None:
+    # The DaemonSet mounts the host's /etc/lvm; LVM_SYSTEM_DIR stands for that
+    # here. A PV the host's filter hides, the driver must not see either, with
+    # the container's own settings (--lvm-config-overrides) on top.
+    # (doctor's exit code also counts checks of this host, device-mapper among them)
+    _, output = plugin.exec("sh", "-c", HOST_CONFIG_CHECK, "check", name, host_lvm_conf)
+    line = next(text for text in output.splitlines() if "device class thick" in text)
+    if seen:
+        assert line.startswith("ok"), output
+    else:
+        assert line.startswith("FAIL") and f"'{VOLUME_GROUP}'" in line, output
+        assert "does not exist on node" in line, output
+
+
+def test_the_container_s_settings_reach_every_command_on_top_of_the_host_s(
+    plugin: Plugin,
+) -> None:
+    script = (
+        "mkdir -p /tmp/host-lvm-udev && printf 'activation { udev_sync = 1 }\\n' "
+        "> /tmp/host-lvm-udev/lvm.conf && "
+        'overrides=$(grep -v "^ *#" /usr/share/csi-lvm/lvm-container.conf | tr "\\n" " ") && '
+        'LVM_SYSTEM_DIR=/tmp/host-lvm-udev lvmconfig --config "$overrides" '
+        "activation/udev_sync global/use_lvmpolld"
+    )
+    code, output = plugin.exec("sh", "-c", script)
+    assert code == 0, output
+    assert output.split() == ["udev_sync=0", "use_lvmpolld=0"], output
+
+
 def test_lvm_is_configured_for_a_container(plugin: Plugin) -> None:
     code, output = plugin.exec(
         "lvmconfig",

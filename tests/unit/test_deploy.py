@@ -74,6 +74,8 @@ PLUGIN_COMMAND = [
     "info",
     "--metrics-address",
     "0.0.0.0:9810",
+    "--lvm-config-overrides",
+    "/usr/share/csi-lvm/lvm-container.conf",
 ]
 
 # ---------------------------------------------------------------- sidecars
@@ -565,14 +567,23 @@ def test_plugin_container_has_what_lvm_and_mounts_need() -> None:
     kubelet = mount(plugin, "/var/lib/kubelet")
     assert kubelet["mountPropagation"] == "Bidirectional"
     assert volumes()[kubelet["name"]]["hostPath"]["path"] == "/var/lib/kubelet"
-    for path in ("/dev", "/run/lvm", "/run/lock/lvm", "/etc/lvm/backup", "/etc/lvm/archive"):
+    for path in (
+        "/dev",
+        "/run/lvm",
+        "/run/lock/lvm",
+        "/etc/lvm",
+        "/etc/lvm/backup",
+        "/etc/lvm/archive",
+    ):
         host = volumes()[mount(plugin, path)["name"]]["hostPath"]["path"]
         assert host.rstrip("/") == path, f"{path} must be the host's own {path}"
-    # The image's /etc/lvm/lvmlocal.conf (no udev) must not be hidden by the host's.
-    etc_lvm = [
-        m["mountPath"] for m in plugin["volumeMounts"] if m["mountPath"].startswith("/etc/lvm")
-    ]
-    assert sorted(etc_lvm) == ["/etc/lvm/archive", "/etc/lvm/backup"]
+    # The host's LVM configuration, as it is (read-only); the container's own
+    # settings reach every command on top of it, from a file of the image.
+    assert mount(plugin, "/etc/lvm")["readOnly"] is True
+    args = build_parser().parse_args([a.replace("$(NODE_NAME)", "n") for a in plugin["args"]])
+    assert args.lvm_config_overrides == "/usr/share/csi-lvm/lvm-container.conf"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY deploy/image/lvmlocal.conf /usr/share/csi-lvm/lvm-container.conf" in dockerfile
 
 
 def test_liveness_probe_is_served_by_the_livenessprobe_sidecar() -> None:

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
 import pytest
 
 from csi_lvm.errors import status_for
-from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.commands import Lvm, config_overrides_from
 from csi_lvm.lvm.errors import (
     LvmAlreadyExists,
     LvmBadName,
@@ -20,6 +21,8 @@ from csi_lvm.lvm.errors import (
     classify_failure,
 )
 from csi_lvm.lvm.records import LvAttr, parse_lv_report, parse_vg_report
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LVS = json.loads("""
 {"report": [{"lv": [
@@ -163,3 +166,15 @@ def test_a_pool_transaction_mismatch_is_named_and_not_mistaken_for_no_space() ->
     error = classify_failure(["lvm", "lvcreate"], 5, stderr)
     assert isinstance(error, LvmPoolNeedsRepair) and not isinstance(error, LvmNoSpace)
     assert "unexpected transaction id 25" in str(error) and "lvmthin(7)" in str(error)
+
+
+def test_container_settings_reach_every_command_as_one_config_argument() -> None:
+    text = (ROOT / "deploy" / "image" / "lvmlocal.conf").read_text()
+    overrides = config_overrides_from(text)
+    assert "#" not in overrides and "\n" not in overrides
+    assert "udev_sync = 0" in overrides and overrides.startswith("activation {")
+    lvm = Lvm(binary="/nonexistent/lvm", config_overrides=overrides)
+    assert lvm._with_overrides(["lvs", "-o", "lv_name", "vg0"]) == [
+        "lvs", "--config", overrides, "-o", "lv_name", "vg0",
+    ]  # fmt: skip
+    assert Lvm()._with_overrides(["lvs", "vg0"]) == ["lvs", "vg0"]
