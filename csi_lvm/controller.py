@@ -190,7 +190,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         needed = backend.room_for_volume(size, None, 0)
         tags = self._volume_tags(request, device_class, source_id="")
-        with self._making(backend, size, needed, scan, f"volume {request.name}"):
+        with self._making(backend, size, needed, space, scan, f"volume {request.name}"):
             backend.create_blank(NewLv(lv_name, size, tags, timeout))
         return csi_pb2.Volume(
             volume_id=str(self.inventory.make_id(device_class, lv_name)),
@@ -220,13 +220,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         size = choose_size(wanted, extent, minimum=source.size_bytes)
         needed = backend.room_for_volume(size, source, extent)
         tags = self._volume_tags(request, device_class, source_id=str(source.id))
-        with self._making(backend, size, needed, scan, f"volume {request.name}"):
+        with self._making(backend, size, needed, space, scan, f"volume {request.name}"):
             owned = backend.create_from(NewLv(lv_name, size, tags, timeout), source, extent)
         return self._csi_volume(owned, request.volume_content_source)
 
     @contextmanager
     def _making(
-        self, backend: Backend, size: int, needed: int, scan: Scan, name: str
+        self, backend: Backend, size: int, needed: int, space: ClassSpace, scan: Scan, name: str
     ) -> Iterator[None]:
         """Around the making of a new object of ``size`` bytes that takes
         ``needed`` bytes of its class's room (more than its size while a copy
@@ -236,7 +236,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         provisioner reschedules the PVC."""
         device_class = backend.device_class
         try:
-            with backend.reserved(needed, backend.space(scan), scan):
+            with backend.reserved(needed, space, scan):
                 yield
         except NoRoom as exc:
             during = (
@@ -599,7 +599,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 }
             )
             new = NewLv(lv_name, source.size_bytes, tags, timeout)
-            with self._making(backend, new.size, needed, scan, f"snapshot {request.name}"):
+            with self._making(backend, new.size, needed, space, scan, f"snapshot {request.name}"):
                 snapshot = backend.snapshot(new, source, extent)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
         return snapshot

@@ -368,7 +368,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise NotFound(str(exc)) from None
         if not os.path.exists(path):
             raise NotFound(f"volume_path {path} does not exist")
-        ours = fs.device_number(owned.lv.device) if os.path.exists(owned.lv.device) else None
+        ours = self._device_number(owned)
         current = fs.mounted_device(path)
         if ours is None or current != ours:
             raise NotFound(f"volume {request.volume_id} is not mounted at {path}")

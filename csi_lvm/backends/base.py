@@ -12,6 +12,7 @@ answers of the call that met them. It never sees a CSI request.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -135,10 +136,7 @@ class Backend(ABC):
         needs_repair = self.needs_repair()
         if needs_repair is None:
             return space
-        return ClassSpace(
-            0, space.extent_bytes, space.total_bytes, space.used_bytes, space.full,
-            needs_repair=needs_repair,
-        )  # fmt: skip
+        return dataclasses.replace(space, available_bytes=0, needs_repair=needs_repair)
 
     @abstractmethod
     def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:

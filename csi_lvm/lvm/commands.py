@@ -115,23 +115,28 @@ class Lvm:
         """One ``lvm`` process for ``args``; its standard output."""
         args = self._with_overrides(args)
         command = [*self.prefix, self.binary, *args]
-        limit = self._limit(timeout)
         started = time.monotonic()
-        try:
-            done = run_to_completion(command, self._env, limit)
-        except subprocess.TimeoutExpired as exc:
-            raise LvmTimeout(
-                f"lvm {args[0]} did not finish within {limit:.1f}s; the call may be retried"
-            ) from exc
-        except FileNotFoundError as exc:
-            raise LvmToolMissing(
-                f"the LVM tool {self.binary!r} is not installed on this node"
-            ) from exc
+        done = self._process(command, f"lvm {args[0]}", f"the LVM tool {self.binary!r}", timeout)
         elapsed = time.monotonic() - started
         log.debug("lvm", args=list(args), rc=done.returncode, seconds=round(elapsed, 3))
         if done.returncode != 0:
             raise classify_failure(command[len(self.prefix) :], done.returncode, done.stderr)
         return done.stdout
+
+    def _process(
+        self, command: list[str], what: str, tool: str, timeout: float | None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` as a process of its own (never killed: see
+        ``process``), its failures to run as LVM-domain errors."""
+        limit = self._limit(timeout)
+        try:
+            return run_to_completion(command, self._env, limit)
+        except subprocess.TimeoutExpired as exc:
+            raise LvmTimeout(
+                f"{what} did not finish within {limit:.1f}s; the call may be retried"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise LvmToolMissing(f"{tool} is not installed on this node") from exc
 
     def _execute(self, args: Sequence[str], timeout: float | None) -> dict[str, object] | None:
         """Run a report or a change through the shell; None when the shell
@@ -383,12 +388,7 @@ class Lvm:
         if not lv.dm_path.startswith("/dev/mapper/") or not NAME_RE.fullmatch(name):
             return None
         command = [*self.prefix, "dmsetup", "status", "--target", "thin", "--", name]
-        try:
-            done = run_to_completion(command, self._env, self._limit(timeout))
-        except subprocess.TimeoutExpired as exc:
-            raise LvmTimeout(f"dmsetup status {name} did not finish in time") from exc
-        except FileNotFoundError as exc:
-            raise LvmToolMissing("dmsetup is not installed on this node") from exc
+        done = self._process(command, f"dmsetup status {name}", "dmsetup", timeout)
         # "<start> <length> thin <mapped sectors> <highest mapped sector>|-"
         fields = done.stdout.split()
         if done.returncode != 0 or len(fields) < 4 or fields[2] != "thin":
