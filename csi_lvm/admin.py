@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from csi_lvm.backends import Backends
+from csi_lvm.backends.base import metadata_room_lvs
 from csi_lvm.config import Config
 from csi_lvm.errors import DriverError
 from csi_lvm.ids import Kind, Tag
@@ -41,6 +42,12 @@ class ClassStatus:
     data_percent: float | None = None
     metadata_percent: float | None = None
     unavailable: str | None = None  # why the class takes no new volumes here
+    volume_group: str = ""
+    # The VG's metadata area (records of every LV): its size, the room left,
+    # and about how many more volumes or snapshots that room holds.
+    metadata_area_bytes: int = 0
+    metadata_free_bytes: int = 0
+    metadata_room_volumes: int | None = None
     objects: list[ObjectStatus] = field(default_factory=list)
 
 
@@ -70,7 +77,13 @@ def node_status(backends: Backends) -> list[ClassStatus]:
             available_bytes=space.available_bytes,
             overprovision_ratio=device_class.overprovision_ratio,
             unavailable=space.refusal,
+            volume_group=device_class.volume_group,
         )
+        group = scan.vgs.get(device_class.volume_group)
+        if group is not None:
+            status.metadata_area_bytes = group.metadata_area_bytes
+            status.metadata_free_bytes = group.metadata_free_bytes
+            status.metadata_room_volumes = metadata_room_lvs(group)
         if device_class.thin_pool is not None:
             pool = scan.lv(device_class.volume_group, device_class.thin_pool)
             if pool is not None:
@@ -123,6 +136,12 @@ def status_text(classes: list[ClassStatus]) -> str:
             f"{c.name}: {c.backing}; {_size(c.used_bytes)} of {_size(c.size_bytes)} provisioned, "
             f"{_size(c.available_bytes)} free (overprovision x{c.overprovision_ratio:g}){pool}"
         )
+        if c.metadata_room_volumes is not None:
+            lines.append(
+                f"  volume group {c.volume_group} metadata area: {_size(c.metadata_free_bytes)} "
+                f"of {_size(c.metadata_area_bytes)} free, room for about "
+                f"{c.metadata_room_volumes} more volumes or snapshots"
+            )
         if c.unavailable:
             lines.append(f"  takes no new volumes: {c.unavailable}")
         for o in c.objects:

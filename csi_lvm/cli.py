@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from csi_lvm.metrics import serve_metrics
 from csi_lvm.node import NodeService
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
-from csi_lvm.volumes import Inventory
+from csi_lvm.volumes import REFRESH_SECONDS, Inventory
 
 DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="seconds without LVM work after which the lvm shell ends (0: never)",
+    )
+    serve.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=REFRESH_SECONDS,
+        help="seconds between reads of the volume groups for changes made by others than "
+        "the driver (its own show at once); stats, capacity and metrics answer from them",
     )
     serve.add_argument(
         "--metrics-address", default="", help="host:port for Prometheus /metrics (off when empty)"
@@ -205,13 +213,15 @@ def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.lvm_shell_idle_exit < 0:
         raise ConfigError("--lvm-shell-idle-exit must not be negative")
+    if not 0.5 <= args.refresh_interval <= 3600:
+        raise ConfigError("--refresh-interval must be between 0.5 and 3600 seconds")
     lvm = Lvm(
         prefix=args.lvm_prefix.split(),
         shell=not args.no_lvm_shell,
         shell_idle_exit=args.lvm_shell_idle_exit,
         config_overrides=lvm_overrides(args),
     )
-    inventory = Inventory(config, lvm, node_id, args.driver_name)
+    inventory = Inventory(config, lvm, node_id, args.driver_name, args.refresh_interval)
     backends = Backends(inventory)
     scan = inventory.scan()
     for backend in backends:
@@ -240,9 +250,14 @@ def serve(args: argparse.Namespace) -> int:
         topology_key=topology_key,
         classes=[c.describe() for c in config.device_classes],
     )
+    stop_refreshing = threading.Event()
+    threading.Thread(
+        target=inventory.keep_fresh, args=(stop_refreshing,), name="refresh", daemon=True
+    ).start()
     try:
         server.run_until_signalled(args.grace_period)
     finally:
+        stop_refreshing.set()
         lvm.close()
     return 0
 

@@ -33,19 +33,27 @@ from csi_lvm.errors import (
     NotFound,
     ResourceExhausted,
 )
-from csi_lvm.ids import Kind, ObjectId, Tag, check_csi_name, encode_tags, lv_name_for
+from csi_lvm.ids import (
+    Kind,
+    ObjectId,
+    Tag,
+    check_csi_name,
+    csi_name_in,
+    encode_tags,
+    lv_name_for,
+)
 from csi_lvm.lifecycle import Stage
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.errors import LvmAlreadyExists, LvmInUse, LvmNoSpace, LvmPoolNeedsRepair
+from csi_lvm.lvm.errors import (
+    LvmAlreadyExists,
+    LvmInUse,
+    LvmMetadataFull,
+    LvmNoSpace,
+    LvmPoolNeedsRepair,
+)
 from csi_lvm.rpc import budget, node_topology
 from csi_lvm.validation import (
-    PV_NAME,
-    PVC_NAME,
-    PVC_NAMESPACE,
     SIDECAR_PARAMETER_PREFIX,
-    SNAPSHOT_CONTENT_NAME,
-    SNAPSHOT_NAME,
-    SNAPSHOT_NAMESPACE,
     SizeRange,
     capability_problem,
     check_capabilities,
@@ -139,11 +147,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         timeout: float | None,
     ) -> csi_pb2.Volume:
         with self.locks.hold(lv_name):
-            scan = self.inventory.scan(timeout)
+            # The kept view: the name, the source and the room need no report
+            # of the whole VG (the room's reservations count recent creates).
+            scan = self.inventory.view(timeout)
             existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
             if existing is not None and lifecycle.stage_of(existing.lv) is Stage.MAKING:
                 self.backends.states.discard_unfinished(existing, timeout)
-                scan, existing = self.inventory.scan(timeout), None
+                scan, existing = self.inventory.view(timeout), None
             source = None
             if request.HasField("volume_content_source"):
                 # A repeat of a finished restore or clone needs no source any
@@ -189,7 +199,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self._check_open(device_class, space)
         size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
         needed = backend.room_for_volume(size, None, 0)
-        tags = self._volume_tags(request, device_class, source_id="")
+        tags = self._tags(Kind.VOLUME, request.name, device_class, None)
         with self._making(backend, size, needed, space, scan, f"volume {request.name}"):
             backend.create_blank(NewLv(lv_name, size, tags, timeout))
         return csi_pb2.Volume(
@@ -219,7 +229,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         extent = space.extent_bytes
         size = choose_size(wanted, extent, minimum=source.size_bytes)
         needed = backend.room_for_volume(size, source, extent)
-        tags = self._volume_tags(request, device_class, source_id=str(source.id))
+        tags = self._tags(Kind.VOLUME, request.name, device_class, source)
         with self._making(backend, size, needed, space, scan, f"volume {request.name}"):
             owned = backend.create_from(NewLv(lv_name, size, tags, timeout), source, extent)
         return self._csi_volume(owned, request.volume_content_source)
@@ -259,6 +269,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise ResourceExhausted(
                 f"device class {device_class.name} on node {self.node_id} has no room for "
                 f"{size} bytes: {exc}"
+            ) from exc
+        except LvmMetadataFull as exc:
+            raise ResourceExhausted(
+                f"device class {device_class.name} on node {self.node_id} cannot record "
+                f"another LV: {exc}"
             ) from exc
         except LvmAlreadyExists as exc:
             raise Aborted(f"{name} appeared while being created; retry") from exc
@@ -356,19 +371,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"volumes: {refusal}"
         )
 
-    def _volume_tags(
-        self, request: csi_pb2.CreateVolumeRequest, device_class: DeviceClass, source_id: str
+    def _tags(
+        self, kind: Kind, name: str, device_class: DeviceClass, source: Owned | None
     ) -> list[str]:
-        parameters = request.parameters
+        """The tags of a new volume or snapshot: only what the driver needs
+        (see ``Tag``); the CSI name only when its LV name is a hash."""
+        lv_name = lv_name_for(kind, name)
         return encode_tags(
             {
                 Tag.DRIVER: self.inventory.driver_name,
-                Tag.NAME: request.name,
+                Tag.NAME: "" if csi_name_in(lv_name) == name else name,
                 Tag.CLASS: device_class.name,
-                Tag.SOURCE: source_id,
-                Tag.PVC_NAME: parameters.get(PVC_NAME, ""),
-                Tag.PVC_NAMESPACE: parameters.get(PVC_NAMESPACE, ""),
-                Tag.PV_NAME: parameters.get(PV_NAME, ""),
+                Tag.SOURCE: "" if source is None else source.lv.name,
             }
         )
 
@@ -507,7 +521,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             and request.accessible_topology.segments.get(self.topology_key) != self.node_id
         ):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
-        space = self.backends.of(device_class).space(self.inventory.scan(budget(context)))
+        space = self.backends.of(device_class).space(self.inventory.current(budget(context)))
         if space.refusal is not None:
             # The scheduler then looks elsewhere: no CSIStorageCapacity here.
             return csi_pb2.GetCapacityResponse(available_capacity=0)
@@ -549,7 +563,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source_class = self.inventory.config.find(source_id.device_class) if source_id else None
         snapshot = self._off_the_rpc_threads(
             source_class is not None and self.backends.of(source_class).slow_to_make,
-            lambda: self._create_snapshot(request, parameters, timeout),
+            lambda: self._create_snapshot(request, timeout),
             timeout,
         )
         return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(snapshot))
@@ -557,7 +571,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _create_snapshot(
         self,
         request: csi_pb2.CreateSnapshotRequest,
-        parameters: dict[str, str],
         timeout: float | None,
     ) -> Owned:
         lv_name = lv_name_for(Kind.SNAPSHOT, request.name)
@@ -587,17 +600,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self._check_open(device_class, space)
             extent = space.extent_bytes
             needed = backend.room_for_snapshot(source, extent)
-            tags = encode_tags(
-                {
-                    Tag.DRIVER: self.inventory.driver_name,
-                    Tag.NAME: request.name,
-                    Tag.CLASS: device_class.name,
-                    Tag.SOURCE: request.source_volume_id,
-                    Tag.SNAPSHOT_NAME: parameters.get(SNAPSHOT_NAME, ""),
-                    Tag.SNAPSHOT_NAMESPACE: parameters.get(SNAPSHOT_NAMESPACE, ""),
-                    Tag.SNAPSHOT_CONTENT_NAME: parameters.get(SNAPSHOT_CONTENT_NAME, ""),
-                }
-            )
+            tags = self._tags(Kind.SNAPSHOT, request.name, device_class, source)
             new = NewLv(lv_name, source.size_bytes, tags, timeout)
             with self._making(backend, new.size, needed, space, scan, f"snapshot {request.name}"):
                 snapshot = backend.snapshot(new, source, extent)

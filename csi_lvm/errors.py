@@ -72,6 +72,7 @@ _LVM_CODES: tuple[tuple[type[lvm.LvmError], grpc.StatusCode], ...] = (
     (lvm.LvmNotFound, grpc.StatusCode.NOT_FOUND),
     (lvm.LvmAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (lvm.LvmNoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (lvm.LvmMetadataFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (lvm.LvmInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (lvm.LvmPoolNeedsRepair, grpc.StatusCode.FAILED_PRECONDITION),
     (lvm.LvmToolMissing, grpc.StatusCode.FAILED_PRECONDITION),

@@ -49,6 +49,16 @@ def lv_name_for(kind: Kind, csi_name: str) -> str:
     return f"{kind.lv_prefix}_{digest}"
 
 
+def csi_name_in(lv_name: str) -> str | None:
+    """The CSI name an LV name spells out (its readable form), else None: a
+    hashed name needs the name tag to say it."""
+    kind = kind_of_lv(lv_name)
+    if kind is None or not lv_name.startswith(f"{kind.lv_prefix}-"):
+        return None
+    name = lv_name[len(kind.lv_prefix) + 1 :]
+    return name if _READABLE_NAME_RE.fullmatch(name) else None
+
+
 def view_name_for(lv_name: str) -> str:
     """The temporary COW snapshot that a copy into ``lv_name`` reads from. The
     '.' keeps it from ever being a volume or snapshot name (or id)."""
@@ -144,12 +154,19 @@ def unescape_tag_value(text: str) -> str:
 
 
 class Tag(enum.Enum):
-    """The keys csi-lvm writes; the driver tag marks ownership."""
+    """The keys csi-lvm writes; the driver tag marks ownership.
+
+    Every tag takes room in the VG's metadata area, which bounds how many
+    LVs a VG holds, so an LV carries only what the driver needs to be
+    stateless: driver, class, the CSI name only where the LV name does not
+    spell it, the source's LV name (a source is always of the same node and
+    class). The Kubernetes names below were written by earlier versions and
+    are still read."""
 
     DRIVER = "driver"
     NAME = "name"
     CLASS = "class"
-    SOURCE = "source"  # id of the volume or snapshot a LV was made from
+    SOURCE = "source"  # the LV (or, before, the id) a volume or snapshot was made from
     PVC_NAME = "pvc-name"
     PVC_NAMESPACE = "pvc-namespace"
     PV_NAME = "pv-name"

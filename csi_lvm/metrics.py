@@ -1,9 +1,9 @@
 """Prometheus metrics: RPC counts and latencies, and per device class space,
 thin pool usage, object counts and availability.
 
-A scrape reads the driver's latest LVM report when it is younger than
-``SCRAPE_MAX_AGE`` seconds (every RPC that needs one makes one), and makes a
-report only when none is that recent: scrapers never add an LVM report each.
+A scrape reads the driver's kept LVM report (``Inventory.current``: read
+again after the driver's own changes and every refresh interval for others'),
+so scrapers never add an LVM report each.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from csi_lvm.backends import Backends
 from csi_lvm.ids import Kind
 
 log = structlog.get_logger("csi_lvm.metrics")
-
-SCRAPE_MAX_AGE = 30.0
 
 REGISTRY = CollectorRegistry()
 RPCS = Counter(
@@ -77,10 +75,21 @@ class DeviceClassCollector(Collector):
             "are not listed.",
             labels=labels,
         )
+        metadata_free = GaugeMetricFamily(
+            "csi_lvm_volume_group_metadata_free_bytes",
+            "Room left in the metadata area of the class's volume group, where LVM records "
+            "every LV; a full area takes no new volumes.",
+            labels=labels,
+        )
+        metadata_area = GaugeMetricFamily(
+            "csi_lvm_volume_group_metadata_area_bytes",
+            "Size of the metadata area of the class's volume group.",
+            labels=labels,
+        )
         volumes = GaugeMetricFamily("csi_lvm_volumes", "Volumes csi-lvm owns.", labels=labels)
         snapshots = GaugeMetricFamily("csi_lvm_snapshots", "Snapshots csi-lvm owns.", labels=labels)
         try:
-            scan = self.inventory.recent_scan(SCRAPE_MAX_AGE, timeout=30)
+            scan = self.inventory.current(timeout=30)
         except Exception as error:  # a scrape must never crash the server
             log.warning("metrics scan failed", error=str(error))
             return
@@ -98,6 +107,10 @@ class DeviceClassCollector(Collector):
             size.add_metric(name, space.total_bytes)
             available.add_metric(name, space.available_bytes)
             full.add_metric(name, 0 if space.full is None else 1)
+            group = scan.vgs.get(device_class.volume_group)
+            if group is not None and group.metadata_area_bytes > 0:
+                metadata_free.add_metric(name, group.metadata_free_bytes)
+                metadata_area.add_metric(name, group.metadata_area_bytes)
             if device_class.thin_pool is not None:
                 pool = scan.lv(device_class.volume_group, device_class.thin_pool)
                 if pool is not None:
@@ -107,6 +120,7 @@ class DeviceClassCollector(Collector):
             volumes.add_metric(name, sum(o.kind is Kind.VOLUME for o in mine))
             snapshots.add_metric(name, sum(o.kind is Kind.SNAPSHOT for o in mine))
         yield from (size, available, full, missing, data, metadata, volumes, snapshots)
+        yield from (metadata_free, metadata_area)
 
 
 def serve_metrics(address: str, backends: Backends) -> None:

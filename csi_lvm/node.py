@@ -360,7 +360,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not request.volume_path:
             raise InvalidArgument("volume_path is required")
         timeout = budget(context) or DEFAULT_TIMEOUT
-        scan = self.inventory.scan(timeout)
+        # The kubelet asks this of every mounted volume every minute: the
+        # kept view and the kernel answer it, never a report per call.
+        scan = self.inventory.view(timeout)
         owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
         try:
             path = check_path(request.volume_path, "volume_path")
@@ -369,8 +371,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not os.path.exists(path):
             raise NotFound(f"volume_path {path} does not exist")
         ours = self._device_number(owned)
-        current = fs.mounted_device(path)
-        if ours is None or current != ours:
+        if ours is None or fs.device_at(path) != ours:
             raise NotFound(f"volume {request.volume_id} is not mounted at {path}")
         condition = self.backends.of(owned.device_class).condition(owned, scan)
         volume_condition = csi_pb2.VolumeCondition(
@@ -414,7 +415,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
         timeout = budget(context) or DEFAULT_TIMEOUT
-        scan = self.inventory.scan(timeout)
+        scan = self.inventory.view(timeout)
         owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
         volume_path = check_path(request.volume_path, "volume_path")
         backend = self.backends.of(owned.device_class)

@@ -13,18 +13,31 @@ the same time share one (``ScanBatcher``).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
+
 from csi_lvm.config import Config, DeviceClass
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
-from csi_lvm.ids import Kind, ObjectId, Tag, decode_tags, node_component, view_name_for
+from csi_lvm.ids import (
+    Kind,
+    ObjectId,
+    Tag,
+    csi_name_in,
+    decode_tags,
+    node_component,
+    view_name_for,
+)
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmNotFound
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
+
+log = structlog.get_logger("csi_lvm.volumes")
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,7 @@ class Owned:
 
     @property
     def name(self) -> str:
-        return self.tags.get(Tag.NAME, "")
+        return self.tags.get(Tag.NAME) or csi_name_in(self.lv.name) or ""
 
     @property
     def size_bytes(self) -> int:
@@ -50,7 +63,11 @@ class Owned:
 
     @property
     def source_id(self) -> str:
-        return self.tags.get(Tag.SOURCE, "")
+        """The id of the volume or snapshot this was made from ("" if none)."""
+        source = self.tags.get(Tag.SOURCE, "")
+        if not source or ":" in source:  # empty, or a whole id (earlier versions)
+            return source
+        return str(ObjectId(self.id.node, self.id.device_class, source))
 
 
 @dataclass(frozen=True)
@@ -61,8 +78,44 @@ class Scan:
     vgs: dict[str, VolumeGroup]
     started: float = 0.0  # time.monotonic() when the report began
 
+    @functools.cached_property
+    def _by_name(self) -> dict[tuple[str, str], LogicalVolume]:
+        return {(lv.vg_name, lv.name): lv for lv in self.lvs}
+
     def lv(self, volume_group: str, name: str) -> LogicalVolume | None:
-        return next((v for v in self.lvs if v.vg_name == volume_group and v.name == name), None)
+        return self._by_name.get((volume_group, name))
+
+    def named(self, name: str) -> list[LogicalVolume]:
+        """The LVs of this name, in any of the scan's volume groups."""
+        found = (self._by_name.get((group, name)) for group in self.vgs)
+        return [lv for lv in found if lv is not None]
+
+
+@dataclass(frozen=True)
+class ChangedScan(Scan):
+    """A kept report with the LVs the driver has changed since it began
+    (``touched``) read again, one at a time, when a caller asks for one of
+    them by name. Sums over ``lvs`` (a class's room) still show them as they
+    were: the backends' reservations count what the driver has made since."""
+
+    touched: frozenset[tuple[str, str]] = frozenset()
+    reread: Callable[[str, str], LogicalVolume | None] | None = None
+
+    @functools.cached_property
+    def _reread(self) -> dict[tuple[str, str], LogicalVolume | None]:
+        return {}
+
+    def lv(self, volume_group: str, name: str) -> LogicalVolume | None:
+        key = (volume_group, name)
+        if key not in self.touched or self.reread is None:
+            return super().lv(volume_group, name)
+        if key not in self._reread:
+            self._reread[key] = self.reread(volume_group, name)
+        return self._reread[key]
+
+    def named(self, name: str) -> list[LogicalVolume]:
+        found = (self.lv(group, name) for group in self.vgs)
+        return [lv for lv in found if lv is not None]
 
 
 class ScanBatcher:
@@ -118,6 +171,12 @@ class ScanBatcher:
                     self._latest = (began, changes, result)
                 self._cond.notify_all()
 
+    def latest(self) -> tuple[float, int, Scan] | None:
+        """The newest report that succeeded: when it began, the driver's
+        change count then, and the report."""
+        with self._cond:
+            return self._latest
+
     def recent(self, max_age: float, timeout: float | None) -> Scan:
         """The latest report if it began less than ``max_age`` seconds ago and
         the driver has changed nothing since, else a new one: for readers that
@@ -132,14 +191,28 @@ class ScanBatcher:
         return self.get(timeout)
 
 
+# How often the kept view is read again, for changes made by others than the
+# driver (an admin's lvcreate, a pool that fills): they show within this.
+REFRESH_SECONDS = 10.0
+
+
 class Inventory:
-    def __init__(self, config: Config, lvm: Lvm, node_id: str, driver_name: str):
+    def __init__(
+        self,
+        config: Config,
+        lvm: Lvm,
+        node_id: str,
+        driver_name: str,
+        refresh_seconds: float = REFRESH_SECONDS,
+    ):
         self.config = config
         self.lvm = lvm
         self.node_id = node_id
         self.node_part = node_component(node_id)
         self.driver_name = driver_name
+        self.refresh_seconds = refresh_seconds
         self._batcher = ScanBatcher(self._fresh_scan, lambda: self.lvm.changes)
+        self._owned_memo: tuple[Scan, dict[Kind, list[Owned]]] | None = None
 
     # ---- ids
 
@@ -195,7 +268,9 @@ class Inventory:
         if device_class.thin_pool is not None and lv.pool != device_class.thin_pool:
             return None
         object_id = self.make_id(device_class, lv.name)
-        if ObjectId.parse(str(object_id)) is None or not tags.get(Tag.NAME):
+        if ObjectId.parse(str(object_id)) is None:
+            return None
+        if not tags.get(Tag.NAME) and csi_name_in(lv.name) is None:
             return None
         return Owned(object_id, lv, device_class, tags)
 
@@ -216,9 +291,52 @@ class Inventory:
         """The configured VGs and their LVs, from a report begun after this call."""
         return self._batcher.get(timeout)
 
-    def recent_scan(self, max_age: float, timeout: float | None = None) -> Scan:
-        """A scan no older than ``max_age`` seconds (any call's, or a new one)."""
-        return self._batcher.recent(max_age, timeout)
+    # ---- the kept view: what calls that must not cost a report read
+
+    def view(self, timeout: float | None = None) -> Scan:
+        """The latest report (``keep_fresh`` keeps it younger than the refresh
+        interval), with every LV the driver has changed since it began read
+        again when asked for by name: the driver's own changes show at once,
+        others' within the interval, and a call costs at most a report of
+        the one LV it names. A new report only when there is no recent one."""
+        latest = self._batcher.latest()
+        if latest is None or time.monotonic() - latest[0] > 3 * self.refresh_seconds:
+            return self.scan(timeout)
+        _, changes, scan = latest
+        touched = self.lvm.touched_since(changes)
+        if touched is None:
+            return self.scan(timeout)
+        if not touched:
+            return scan
+        return ChangedScan(
+            scan.lvs,
+            scan.vgs,
+            scan.started,
+            touched=frozenset(touched),
+            reread=lambda group, name: self.lvm.find_lv(group, name, timeout),
+        )
+
+    def current(self, timeout: float | None = None) -> Scan:
+        """The kept report when the driver has changed nothing since it
+        began, else a new one (shared with every caller that wants one at
+        the same time): for totals over a class (capacity, metrics, status)
+        that must show the driver's changes at once."""
+        return self._batcher.recent(3 * self.refresh_seconds, timeout)
+
+    def keep_fresh(self, stop: threading.Event) -> None:
+        """Read the VGs again whenever the kept report is a refresh interval
+        old, until ``stop`` is set (run it on a thread of its own)."""
+        while not stop.is_set():
+            latest = self._batcher.latest()
+            age = self.refresh_seconds if latest is None else time.monotonic() - latest[0]
+            if age >= self.refresh_seconds:
+                log.debug("refreshing the kept view")
+                try:
+                    self.scan(timeout=max(30.0, self.refresh_seconds))
+                except Exception as error:  # retried at the next interval
+                    log.warning("refreshing the kept LVM view failed", error=str(error))
+                age = 0.0
+            stop.wait(max(0.05, self.refresh_seconds - age))
 
     def _fresh_scan(self, timeout: float | None) -> Scan:
         started = time.monotonic()
@@ -257,7 +375,17 @@ class Inventory:
         """The driver's own LV with the id's name and class, in any volume
         group: also when the class has left the config (its PVs must still be
         deleted and unstaged) or the node's id has changed. It is owned only
-        when its tags say it is this driver's object of that class."""
+        when its tags say it is this driver's object of that class. The
+        class's own volume group is asked first (one LV's report); the
+        others only when it is not there."""
+        configured = self.config.find(object_id.device_class)
+        if configured is not None:
+            try:
+                owned = self.get(object_id, configured, timeout)
+            except LvmNotFound:  # the class's VG is not on this node
+                owned = None
+            if owned is not None:
+                return owned
         for lv in self.lvm.find_lvs_named(object_id.lv_name, timeout):
             device_class = self.config.find(object_id.device_class)
             if device_class is None or device_class.volume_group != lv.vg_name:
@@ -288,9 +416,7 @@ class Inventory:
 
         An LV of that name that csi-lvm did not make is an error: the driver
         will neither adopt nor replace it."""
-        for lv in scan.lvs:
-            if lv.name != lv_name:
-                continue
+        for lv in scan.named(lv_name):
             owned = self.adopt(lv)
             if owned is None or owned.kind is not kind:
                 raise AlreadyExists(
@@ -301,5 +427,15 @@ class Inventory:
         return None
 
     def owned(self, kind: Kind, scan: Scan) -> list[Owned]:
-        found = [o for lv in scan.lvs if (o := self.adopt(lv)) is not None and o.kind is kind]
-        return sorted(found, key=lambda o: str(o.id))
+        """The owned objects of one kind in ``scan``, sorted by id; worked out
+        once per report (a scrape of a kept report costs no pass over it)."""
+        memo = self._owned_memo
+        if memo is None or memo[0] is not scan:
+            by_kind: dict[Kind, list[Owned]] = {k: [] for k in Kind}
+            for lv in scan.lvs:
+                if (found := self.adopt(lv)) is not None:
+                    by_kind[found.kind].append(found)
+            for objects in by_kind.values():
+                objects.sort(key=lambda o: str(o.id))
+            memo = self._owned_memo = (scan, by_kind)
+        return list(memo[1][kind])

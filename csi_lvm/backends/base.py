@@ -26,6 +26,7 @@ from csi_lvm import lifecycle
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import Aborted, FailedPrecondition
 from csi_lvm.lifecycle import Lifecycle
+from csi_lvm.lvm.errors import METADATA_FIX
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
@@ -34,6 +35,34 @@ log = structlog.get_logger("csi_lvm.backends")
 # How long a finished create's reservation is kept: longer than any report
 # that began before it ended can be in use.
 RESERVATION_SECONDS = 600.0
+# About what one volume's or snapshot's record takes in the VG's metadata area
+# (measured with the driver's tags: README, "How many volumes a node holds").
+METADATA_BYTES_PER_LV = 500
+# The room a class leaves in the metadata area when it takes new volumes: a
+# few records, for creates under way and the temporary views of thick copies.
+METADATA_RESERVE_BYTES = 8 * METADATA_BYTES_PER_LV
+# Below this many LVs of room, start-up and ``doctor`` warn.
+METADATA_LOW_LVS = 100
+
+
+def metadata_room_lvs(group: VolumeGroup) -> int | None:
+    """About how many more LVs the VG's metadata area holds (None when the
+    report did not say)."""
+    if group.metadata_area_bytes <= 0:
+        return None
+    return max(0, group.metadata_free_bytes - METADATA_RESERVE_BYTES) // METADATA_BYTES_PER_LV
+
+
+def metadata_full(group: VolumeGroup) -> str | None:
+    """Why the VG takes no new LVs for want of metadata room, or None."""
+    if group.metadata_area_bytes <= 0 or group.metadata_free_bytes >= METADATA_RESERVE_BYTES:
+        return None
+    return (
+        f"the metadata area of volume group {group.name} is full ({group.metadata_free_bytes} "
+        f"of {group.metadata_area_bytes} bytes left). {METADATA_FIX}"
+    )
+
+
 # How long a class whose thin pool refused a create for want of repair stays
 # closed before a create may try it again (a restart of the plugin retries at
 # once, for an admin who has just repaired it).
@@ -51,11 +80,12 @@ class ClassSpace:
     full: str | None = None  # the thin pool is past the class's threshold
     missing: str | None = None  # the class's storage is not on this node
     needs_repair: str | None = None  # LVM refused the pool until an admin repairs it
+    metadata_full: str | None = None  # the VG's metadata area has no room for more LVs
 
     @property
     def refusal(self) -> str | None:
         """Why the class takes no new volumes, or None while it does."""
-        return self.missing or self.needs_repair or self.full
+        return self.missing or self.needs_repair or self.metadata_full or self.full
 
 
 class NoRoom(Exception):
@@ -133,6 +163,8 @@ class Backend(ABC):
             return ClassSpace(0, extent, 0, 0, missing=missing)
         assert group is not None  # else it would be missing
         space = self._space(group, scan)
+        if (full := metadata_full(group)) is not None:
+            space = dataclasses.replace(space, available_bytes=0, metadata_full=full)
         needs_repair = self.needs_repair()
         if needs_repair is None:
             return space
@@ -289,7 +321,15 @@ class Backend(ABC):
     def warning(self, scan: Scan) -> str | None:
         """Something about present storage an admin must hear of at start-up
         and from ``doctor`` (it still takes volumes)."""
-        return None
+        group = scan.vgs.get(self.device_class.volume_group)
+        room = None if group is None else metadata_room_lvs(group)
+        if group is None or room is None or room >= METADATA_LOW_LVS:
+            return None
+        return (
+            f"the metadata area of volume group {group.name} has room for about {room} more "
+            f"volumes or snapshots ({group.metadata_free_bytes} of "
+            f"{group.metadata_area_bytes} bytes left). {METADATA_FIX}"
+        )
 
     def storage_problem(self, scan: Scan) -> str | None:
         """A problem of the class's storage itself that makes its objects

@@ -146,7 +146,8 @@ class ThinBackend(Backend):
 
     def warning(self, scan: Scan) -> str | None:
         pool = scan.lv(self.device_class.volume_group, self.pool)
-        return None if pool is None else self.leaks_old_data(pool)
+        leak = None if pool is None else self.leaks_old_data(pool)
+        return leak or super().warning(scan)
 
 
 def pool_fullness(device_class: DeviceClass, pool: LogicalVolume) -> str | None:

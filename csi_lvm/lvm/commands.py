@@ -9,6 +9,7 @@ in bytes and return typed records; failures are the errors of ``errors``.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -37,6 +38,9 @@ log = structlog.get_logger("csi_lvm.lvm")
 # LVM's grammar for VG and LV names (lvm(8), "Valid names"), and for tags.
 NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 TAG_RE = re.compile(r"[A-Za-z0-9_+.:/=!&#][A-Za-z0-9_+.:/=!&#-]{0,1023}")
+# How many touched LVs the change log keeps (a reader of an older report
+# rereads everything).
+_TOUCHED_KEPT = 4096
 
 
 def config_overrides_from(text: str) -> str:
@@ -92,6 +96,10 @@ class Lvm:
         self.shell = LvmShell([*self.prefix, binary], self._env, shell_idle_exit) if shell else None
         self._changes = 0
         self._changes_lock = threading.Lock()
+        # The LVs each recent change named, with the count at its start and
+        # at its end: what a report older than those counts may show wrong.
+        self._touched: collections.deque[tuple[int, str, str]] = collections.deque()
+        self._forgotten = 0  # the highest count whose entries were dropped
 
     def close(self, wait_seconds: float | None = None) -> None:
         """End the shell, and wait (up to ``wait_seconds``, by default the
@@ -161,14 +169,21 @@ class Lvm:
             raise classify_failure([self.binary, *args], returncode, messages)
         return report
 
-    def change(self, args: Sequence[str], timeout: float | None = None) -> None:
-        """A command that changes LVM state (its output is not needed)."""
-        self._changed()
+    def change(
+        self,
+        args: Sequence[str],
+        timeout: float | None = None,
+        touches: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """A command that changes LVM state (its output is not needed);
+        ``touches`` names the LVs (volume group, name) it makes, alters or
+        removes."""
+        self._changed(touches)
         try:
             if self._execute(args, timeout) is None:
                 self.run(args, timeout)
         finally:
-            self._changed()
+            self._changed(touches)
 
     @property
     def changes(self) -> int:
@@ -176,9 +191,22 @@ class Lvm:
         taken while the count stood still shows all of them."""
         return self._changes
 
-    def _changed(self) -> None:
+    def touched_since(self, count: int) -> set[tuple[str, str]] | None:
+        """The LVs that changes named since ``changes`` stood at ``count``
+        (a change under way then is included); None when the log no longer
+        reaches back that far."""
+        with self._changes_lock:
+            if count < self._forgotten:
+                return None
+            return {(vg, name) for seen, vg, name in self._touched if seen > count}
+
+    def _changed(self, touches: Sequence[tuple[str, str]]) -> None:
         with self._changes_lock:
             self._changes += 1
+            for volume_group, name in touches:
+                self._touched.append((self._changes, volume_group, name))
+            while len(self._touched) > _TOUCHED_KEPT:
+                self._forgotten = self._touched.popleft()[0]
 
     def _report(self, args: Sequence[str], timeout: float | None) -> dict[str, object]:
         full = [*args, "--reportformat", "json", "--units", "b", "--nosuffix"]
@@ -284,6 +312,7 @@ class Lvm:
                 *_tag_args(tags), volume_group,
             ],
             timeout,
+            [(volume_group, name)],
         )  # fmt: skip
 
     def create_linear_volume(
@@ -304,6 +333,7 @@ class Lvm:
                 *_tag_args(tags), volume_group,
             ],
             timeout,
+            [(volume_group, name)],
         )  # fmt: skip
 
     def create_thin_snapshot(
@@ -330,6 +360,7 @@ class Lvm:
                 *_tag_args(tags), f"{volume_group}/{origin}",
             ],
             timeout,
+            [(volume_group, name), (volume_group, origin)],
         )  # fmt: skip
 
     def create_cow_snapshot(
@@ -353,17 +384,21 @@ class Lvm:
                 *_tag_args(tags), f"{volume_group}/{origin}",
             ],
             timeout,
+            [(volume_group, name), (volume_group, origin)],
         )  # fmt: skip
 
     def remove(self, volume_group: str, name: str, timeout: float | None = None) -> None:
         check_lv_names(volume_group, name)
-        self.change(["lvremove", "--yes", f"{volume_group}/{name}"], timeout)
+        self.change(
+            ["lvremove", "--yes", f"{volume_group}/{name}"], timeout, [(volume_group, name)]
+        )
 
     def activate(self, volume_group: str, name: str, timeout: float | None = None) -> None:
         check_lv_names(volume_group, name)
         self.change(
             ["lvchange", "--activate", "y", "--ignoreactivationskip", f"{volume_group}/{name}"],
             timeout,
+            [(volume_group, name)],
         )
 
     def extend(
@@ -371,14 +406,20 @@ class Lvm:
     ) -> None:
         check_lv_names(volume_group, name)
         self.change(
-            ["lvextend", "--yes", "--size", f"{size_bytes}b", f"{volume_group}/{name}"], timeout
+            ["lvextend", "--yes", "--size", f"{size_bytes}b", f"{volume_group}/{name}"],
+            timeout,
+            [(volume_group, name)],
         )
 
     def delete_tag(
         self, volume_group: str, name: str, tag: str, timeout: float | None = None
     ) -> None:
         check_lv_names(volume_group, name)
-        self.change(["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"], timeout)
+        self.change(
+            ["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"],
+            timeout,
+            [(volume_group, name)],
+        )
 
     def thin_mapped_sectors(self, lv: LogicalVolume, timeout: float | None = None) -> int | None:
         """The exact number of sectors an active thin LV maps in its pool, from

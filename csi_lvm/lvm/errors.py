@@ -58,7 +58,30 @@ class LvmPoolNeedsRepair(LvmError):
         )
 
 
+METADATA_FIX = (
+    "LVM keeps a record of every LV in the volume group's metadata area, whose size was "
+    "fixed when its PVs were made: delete volumes and snapshots that are no longer "
+    "needed, or add a PV with a larger area (pvcreate --metadatasize 64m DEVICE; vgextend "
+    "VG DEVICE) and stop using the small ones (pvchange --metadataignore y OLD-PV)"
+)
+
+
+class LvmMetadataFull(LvmError):
+    """The VG's metadata area has no room for the change."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message} -- the volume group's metadata area is full. {METADATA_FIX}")
+
+
 _CLASSIFIERS: tuple[tuple[re.Pattern[str], type[LvmError]], ...] = (
+    (
+        re.compile(
+            r"exceeds maximum metadata size|metadata (area )?(is )?too (large|small)|"
+            r"no space for metadata|metadata area is full",
+            re.I,
+        ),
+        LvmMetadataFull,
+    ),
     (
         re.compile(r"unexpected transaction id|transaction_id is \d+, while expected", re.I),
         LvmPoolNeedsRepair,

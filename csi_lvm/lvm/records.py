@@ -18,7 +18,7 @@ LV_FIELDS = (
     "lv_name,vg_name,lv_uuid,lv_size,lv_attr,pool_lv,origin,lv_tags,"
     "data_percent,metadata_percent,lv_path,lv_dm_path,lv_time"
 )
-VG_COLUMNS = "vg_size,vg_free,vg_extent_size,vg_attr,vg_missing_pv_count"
+VG_COLUMNS = "vg_size,vg_free,vg_extent_size,vg_attr,vg_missing_pv_count,vg_mda_size,vg_mda_free"
 VG_FIELDS = f"vg_name,{VG_COLUMNS}"
 
 
@@ -141,6 +141,10 @@ class VolumeGroup:
     extent_bytes: int
     attr: str
     missing_pvs: int
+    # LVM's metadata area (the smallest of the VG's copies) and the room left
+    # in it: each LV's record takes some, and a full area takes no new LV.
+    metadata_area_bytes: int = 0
+    metadata_free_bytes: int = 0
 
     @property
     def partial(self) -> bool:
@@ -198,6 +202,8 @@ def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[Volu
             extent_bytes=_int(row.get("vg_extent_size", "")),
             attr=row.get("vg_attr", ""),
             missing_pvs=_int(row.get("vg_missing_pv_count", "")),
+            metadata_area_bytes=_int(row.get("vg_mda_size", "")),
+            metadata_free_bytes=_int(row.get("vg_mda_free", "")),
         )
         for row in rows
     ]

@@ -54,12 +54,28 @@ def test_thin_volume_is_tagged_rounded_and_local(
     assert volume.capacity_bytes == 12 * MiB  # whole 4 MiB extents
     assert volume.volume_id == f"{NODE_ID}:thin:csi-{name}"
     assert [dict(t.segments) for t in volume.accessible_topology] == [{TOPOLOGY_KEY: NODE_ID}]
-    tags = lv_tags(vg.name, f"csi-{name}")
-    assert f"csi-lvm/name={name}" in tags and f"csi-lvm/driver={DRIVER_NAME}" in tags
-    assert {"csi-lvm/class=thin", "csi-lvm/pvc-name=data", "csi-lvm/pvc-namespace=shop",
-            "csi-lvm/pv-name=pv-1"} <= set(tags)  # fmt: skip
+    # Only what the driver needs (each tag takes room in the VG's metadata
+    # area): the LV name spells the CSI name, the Kubernetes names are not kept.
+    assert set(lv_tags(vg.name, f"csi-{name}")) == {
+        f"csi-lvm/driver={DRIVER_NAME}",
+        "csi-lvm/class=thin",
+    }
     delete(csi, volume.volume_id)
     assert f"csi-{name}" not in vg.lv_names()
+
+
+def test_a_name_its_lv_name_cannot_spell_is_kept_in_a_tag(
+    csi: CsiClient, vg: LoopVolumeGroup, name: str
+) -> None:
+    long_name = f"{name}.Upper_Case"
+    volume = create(csi, long_name, 4 * MiB)
+    lv_name = volume.volume_id.split(":")[2]
+    assert lv_name.startswith("csi_")  # a hash
+    assert f"csi-lvm/name={long_name}" in lv_tags(vg.name, lv_name)
+    listed = csi.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
+    assert volume.volume_id in {e.volume.volume_id for e in listed}
+    assert create(csi, long_name, 4 * MiB).volume_id == volume.volume_id  # idempotent
+    delete(csi, volume.volume_id)
 
 
 def test_thick_volume(csi: CsiClient, vg: LoopVolumeGroup, name: str) -> None:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2
-from csi_lvm.ids import Tag
+from csi_lvm.ids import Tag, csi_name_in
 from tests.lvm.helpers import MiB, create_request
 from tests.stress.conftest import lv_report, owned_by_driver, untouched_part
 from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
@@ -65,7 +65,8 @@ def owned_names(vg: LoopVolumeGroup) -> dict[str, list[str]]:
     for row in lv_report(vg.name):
         tags = owned_by_driver(row)
         if tags is not None:
-            names.setdefault(tags[Tag.NAME], []).append(row["lv_name"])
+            csi_name = tags.get(Tag.NAME) or csi_name_in(row["lv_name"]) or ""
+            names.setdefault(csi_name, []).append(row["lv_name"])
     return names
 
 

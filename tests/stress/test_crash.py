@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2
-from csi_lvm.ids import Tag
+from csi_lvm.ids import Tag, csi_name_in
 from csi_lvm.lifecycle import COPYING_TAG, MAKING_TAG
 from tests.lvm.helpers import MiB, create_request
 from tests.stress.conftest import RESULTS, lv_report, owned_by_driver, untouched_part
@@ -137,9 +137,10 @@ def check_volume_group(
             continue
         assert MAKING_TAG not in row["lv_tags"], f"{row['lv_name']} was never finished"
         assert COPYING_TAG not in row["lv_tags"], f"{row['lv_name']}: its copy never finished"
-        assert tags.get(Tag.NAME) and tags.get(Tag.CLASS), f"{row['lv_name']} lacks tags"
+        csi_name = tags.get(Tag.NAME) or csi_name_in(row["lv_name"])
+        assert csi_name and tags.get(Tag.CLASS), f"{row['lv_name']} lacks tags"
         kind = "snapshot" if row["lv_name"].startswith("snap") else "volume"
-        names[(tags[Tag.NAME], kind)] += 1
+        names[(csi_name, kind)] += 1
     assert dict(names) == {(n, k): 1 for n, k in expected.items()}
 
 

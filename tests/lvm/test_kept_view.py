@@ -1,0 +1,214 @@
+"""The kept view (issue 18): stats, capacity, metrics and creates answer
+without a report of the whole volume group per call; the driver's own changes
+show at once, an admin's within the refresh interval; a full metadata area is
+RESOURCE_EXHAUSTED that names it, and status, metrics and doctor say so first.
+
+A driver of its own runs here with debug logs (each LVM command is a line) on
+the session's VG and on a small VG of its own, whose metadata area an admin's
+LV with long tags fills."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_lvm.admin import doctor as run_doctor
+from csi_lvm.config import load_config
+from csi_lvm.csi import csi_pb2
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.errors import LvmMetadataFull
+from tests.lvm.conftest import metrics_port
+from tests.lvm.helpers import (
+    MiB,
+    create,
+    delete,
+    expect_error,
+    mount_capability,
+    publish,
+    stage,
+    unpublish,
+    unstage,
+)
+from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup
+
+REFRESH = 3.0
+CRAMPED = "cramped"  # the class on the small VG
+TAG = "x" * 1000  # LVM's longest tag is 1024 characters
+
+
+def watched_port() -> int:
+    return metrics_port() + 100
+
+
+@pytest.fixture(scope="module")
+def small_vg(workdir: Path) -> Iterator[LoopVolumeGroup]:
+    group = LoopVolumeGroup(workdir, name=f"cramped{os.getpid()}", size="256M", pool_size="64M")
+    group.create()
+    try:
+        yield group
+    finally:
+        group.destroy()
+
+
+@pytest.fixture(scope="module")
+def watched(workdir: Path, vg: LoopVolumeGroup, small_vg: LoopVolumeGroup) -> Iterator[Driver]:
+    home = workdir / "watched-driver"
+    home.mkdir()
+    config = home / "config.yaml"
+    config.write_text(
+        "deviceClasses:\n"
+        f"  - name: kept\n    volumeGroup: {vg.name}\n    thinPool: {vg.pool}\n"
+        f"  - name: {CRAMPED}\n    volumeGroup: {small_vg.name}\n    thinPool: {small_vg.pool}\n"
+    )
+    driver = Driver(
+        home, config, "--log-level", "debug", "--refresh-interval", str(REFRESH),
+        "--metrics-address", f"127.0.0.1:{watched_port()}",
+    )  # fmt: skip
+    driver.start()
+    try:
+        yield driver
+    finally:
+        assert driver.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(watched: Driver) -> Iterator[CsiClient]:
+    csi = CsiClient(watched.socket)
+    yield csi
+    csi.close()
+
+
+def reports_during(driver: Driver, call: Callable[[], object]) -> tuple[int, list[list[str]]]:
+    """What ``call`` asked of LVM: the number of whole-VG reports (``lvs``
+    with no selection; the background refreshes' are not counted), and the
+    commands it ran."""
+    before = driver.log_path.stat().st_size
+    call()
+    time.sleep(0.2)  # the log lines of the last command
+    with driver.log_path.open() as log:
+        log.seek(before)
+        lines = [json.loads(line) for line in log if line.startswith("{")]
+    commands = [line["args"] for line in lines if line.get("event") == "lvm"]
+    refreshes = sum(line.get("event") == "refreshing the kept view" for line in lines)
+    whole = sum(args[0] == "lvs" and "-S" not in args for args in commands)
+    return whole - refreshes, commands
+
+
+def capacity(csi: CsiClient, device_class: str) -> int:
+    request = csi_pb2.GetCapacityRequest(parameters={"deviceClass": device_class})
+    return csi.controller.GetCapacity(request).available_capacity
+
+
+def test_stats_creates_and_capacity_read_no_whole_vg_report(
+    client: CsiClient, watched: Driver, workdir: Path, name: str
+) -> None:
+    capacity(client, "kept")
+    whole, commands = reports_during(watched, lambda: create(client, name, 8 * MiB, "kept"))
+    assert whole == 0, commands
+    assert [args[0] for args in commands] == ["lvcreate"]
+    volume_id = f"{NODE_ID}:kept:csi-{name}"
+    staging, target = str(workdir / f"{name}.staging"), str(workdir / f"{name}.target")
+    stage(client, volume_id, staging, mount_capability())
+    publish(client, volume_id, staging, target, mount_capability())
+    request = csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=target)
+
+    def poll_stats() -> None:
+        for _ in range(20):
+            client.node.NodeGetVolumeStats(request)
+
+    whole, commands = reports_during(watched, poll_stats)
+    assert whole == 0 and not [c for c in commands if c[0] == "lvs"], commands
+    assert client.node.NodeGetVolumeStats(request).usage[0].total > 0
+    # Nothing changed: capacity comes from the kept view; a change of the
+    # driver's own is read once, by the first call after it.
+    whole, _ = reports_during(watched, lambda: [capacity(client, "kept") for _ in range(5)])
+    assert whole == 0
+    unpublish(client, volume_id, target)
+    unstage(client, volume_id, staging)
+    delete(client, volume_id)
+
+
+def test_the_drivers_changes_show_at_once_and_an_admins_within_the_interval(
+    client: CsiClient, vg: LoopVolumeGroup, name: str
+) -> None:
+    before = capacity(client, "kept")
+    volume = create(client, name, 64 * MiB, "kept")
+    assert capacity(client, "kept") == before - 64 * MiB
+    delete(client, volume.volume_id)
+    assert capacity(client, "kept") == before
+    # The same name again at once: the view saw the delete.
+    volume = create(client, name, 64 * MiB, "kept")
+    delete(client, volume.volume_id)
+    admin_lv = f"admin-{name}"
+    vg.lvcreate("-V", "128M", "-T", f"{vg.name}/{vg.pool}", "-n", admin_lv)
+    try:
+        started = time.monotonic()
+        while capacity(client, "kept") != before - 128 * MiB:
+            assert time.monotonic() - started < 3 * REFRESH, "the admin's LV never showed"
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{admin_lv}"], check=True)
+
+
+def metric(port: int, name: str, device_class: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    prefix = f'{name}{{device_class="{device_class}"}} '
+    return float(next(line for line in text.splitlines() if line.startswith(prefix))[len(prefix) :])
+
+
+def test_a_full_metadata_area_is_resource_exhausted_that_names_it(
+    client: CsiClient, watched: Driver, small_vg: LoopVolumeGroup, name: str
+) -> None:
+    port = watched_port()
+    area = metric(port, "csi_lvm_volume_group_metadata_area_bytes", CRAMPED)
+    free = metric(port, "csi_lvm_volume_group_metadata_free_bytes", CRAMPED)
+    assert 0 < free < area
+    volume = create(client, name, 8 * MiB, CRAMPED)
+    # An admin's LV whose tags leave about 2 KiB of the area: a few records more.
+    tags = int((free - 2048) // (len(TAG) + 8))
+    filler = f"filler-{name}"
+    small_vg.lvcreate(
+        "-L", "4M", "-n", filler,
+        *[arg for i in range(tags) for arg in ("--addtag", f"{i:03d}{TAG}")], small_vg.name,
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        while capacity(client, CRAMPED) != 0:  # the admin's change, within the interval
+            assert time.monotonic() - started < 3 * REFRESH
+            time.sleep(0.2)
+        assert metric(port, "csi_lvm_volume_group_metadata_free_bytes", CRAMPED) < 4096
+        details = expect_error(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            client.controller.CreateVolume,
+            csi_pb2.CreateVolumeRequest(
+                name=f"{name}-2",
+                volume_capabilities=[mount_capability()],
+                parameters={"deviceClass": CRAMPED},
+            ),
+            f"metadata area of volume group {small_vg.name} is full",
+            "pvcreate --metadatasize",
+        )
+        assert "vgextend" in details
+        checks = run_doctor(load_config(watched.config), Lvm(), "/tmp", NODE_ID)
+        failed = [c for c in checks if not c.ok and CRAMPED in c.what]
+        assert failed and "metadata area" in failed[0].fix
+        # LVM's own refusal, when a change does not fit, is told apart too.
+        with pytest.raises(LvmMetadataFull, match="pvcreate --metadatasize"):
+            more = [arg for i in range(4) for arg in ("--addtag", f"zz{i}{TAG}")]
+            Lvm().change(["lvchange", *more, f"{small_vg.name}/{filler}"])
+        # What exists is still served: deleting frees records.
+        delete(client, volume.volume_id)
+    finally:
+        subprocess.run(["lvremove", "-q", "-y", f"{small_vg.name}/{filler}"], check=True)
+    started = time.monotonic()
+    while capacity(client, CRAMPED) == 0:
+        assert time.monotonic() - started < 3 * REFRESH
+        time.sleep(0.2)

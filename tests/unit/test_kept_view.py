@@ -1,0 +1,68 @@
+"""The kept view: the LVs the driver changed since a report are read again by
+name, nothing else is; the change log says when it no longer reaches back."""
+
+from __future__ import annotations
+
+import pytest
+
+from csi_lvm.lvm import commands
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.records import LogicalVolume, LvAttr, VolumeGroup
+from csi_lvm.volumes import ChangedScan, Scan
+
+
+def lv(name: str, group: str = "vg0", size: int = 4096) -> LogicalVolume:
+    return LogicalVolume(
+        name=name, vg_name=group, uuid="", size_bytes=size, attr=LvAttr("Vwi-a-tz--"),
+        pool="pool0", origin="", tags=(), data_percent=0.0, metadata_percent=None,
+        path=f"/dev/{group}/{name}", dm_path="", created="",
+    )  # fmt: skip
+
+
+def group(name: str) -> VolumeGroup:
+    return VolumeGroup(name, 1 << 30, 1 << 29, 4 << 20, "wz--n-", 0)
+
+
+def test_a_scan_finds_lvs_by_group_and_name() -> None:
+    scan = Scan((lv("a"), lv("a", "vg1"), lv("b")), {"vg0": group("vg0"), "vg1": group("vg1")})
+    assert scan.lv("vg0", "b") is not None and scan.lv("vg1", "b") is None
+    assert {found.vg_name for found in scan.named("a")} == {"vg0", "vg1"}
+
+
+def test_only_touched_lvs_are_read_again_and_each_once() -> None:
+    reads: list[tuple[str, str]] = []
+    made_since = lv("new", size=8192)
+
+    def reread(volume_group: str, name: str) -> LogicalVolume | None:
+        reads.append((volume_group, name))
+        return made_since if name == "new" else None
+
+    view = ChangedScan(
+        (lv("kept"), lv("removed")),
+        {"vg0": group("vg0")},
+        touched=frozenset({("vg0", "new"), ("vg0", "removed")}),
+        reread=reread,
+    )
+    assert view.lv("vg0", "kept") is not None  # from the report
+    assert view.lv("vg0", "new") is made_since
+    assert view.lv("vg0", "removed") is None  # gone since the report
+    assert view.named("new") == [made_since] and view.named("removed") == []
+    assert sorted(reads) == [("vg0", "new"), ("vg0", "removed")]
+    # Sums over the report still see it as it was (reservations cover the rest).
+    assert [found.name for found in view.lvs] == ["kept", "removed"]
+
+
+def test_the_change_log_names_what_changed_since_a_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    lvm = Lvm(binary="true")  # a process that accepts any change and succeeds
+    before = lvm.changes
+    lvm.create_thin_volume("vg0", "pool0", "csi-a", 4 << 20, [])
+    middle = lvm.changes
+    lvm.remove("vg0", "csi-b")
+    assert lvm.touched_since(before) == {("vg0", "csi-a"), ("vg0", "csi-b")}
+    assert lvm.touched_since(middle) == {("vg0", "csi-b")}
+    assert lvm.touched_since(lvm.changes) == set()
+    monkeypatch.setattr(commands, "_TOUCHED_KEPT", 2)
+    for name in ("csi-c", "csi-d", "csi-e"):
+        lvm.extend("vg0", name, 8 << 20)
+    assert lvm.touched_since(before) is None  # forgotten: read everything again
+    assert lvm.touched_since(lvm.changes - 1) == {("vg0", "csi-e")}
