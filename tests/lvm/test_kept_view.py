@@ -86,10 +86,10 @@ def client(watched: Driver) -> Iterator[CsiClient]:
     csi.close()
 
 
-def reports_during(driver: Driver, call: Callable[[], object]) -> tuple[int, list[list[str]]]:
+def reports_during(driver: Driver, call: Callable[[], object]) -> tuple[int, int, list[str]]:
     """What ``call`` asked of LVM: the number of whole-VG reports (``lvs``
-    with no selection; the background refreshes' are not counted), and the
-    commands it ran."""
+    with no selection; the background refreshes' are not counted), of
+    reports of selected LVs, and the other commands it ran."""
     before = driver.log_path.stat().st_size
     call()
     time.sleep(0.2)  # the log lines of the last command
@@ -99,7 +99,8 @@ def reports_during(driver: Driver, call: Callable[[], object]) -> tuple[int, lis
     commands = [line["args"] for line in lines if line.get("event") == "lvm"]
     refreshes = sum(line.get("event") == "refreshing the kept view" for line in lines)
     whole = sum(args[0] == "lvs" and "-S" not in args for args in commands)
-    return whole - refreshes, commands
+    selected = sum(args[0] == "lvs" and "-S" in args for args in commands)
+    return whole - refreshes, selected, [args[0] for args in commands if args[0] != "lvs"]
 
 
 def capacity(csi: CsiClient, device_class: str) -> int:
@@ -111,9 +112,8 @@ def test_stats_creates_and_capacity_read_no_whole_vg_report(
     client: CsiClient, watched: Driver, workdir: Path, name: str
 ) -> None:
     capacity(client, "kept")
-    whole, commands = reports_during(watched, lambda: create(client, name, 8 * MiB, "kept"))
-    assert whole == 0, commands
-    assert [args[0] for args in commands] == ["lvcreate"]
+    made = reports_during(watched, lambda: create(client, name, 8 * MiB, "kept"))
+    assert made == (0, 0, ["lvcreate"])
     volume_id = f"{NODE_ID}:kept:csi-{name}"
     staging, target = str(workdir / f"{name}.staging"), str(workdir / f"{name}.target")
     stage(client, volume_id, staging, mount_capability())
@@ -124,13 +124,11 @@ def test_stats_creates_and_capacity_read_no_whole_vg_report(
         for _ in range(20):
             client.node.NodeGetVolumeStats(request)
 
-    whole, commands = reports_during(watched, poll_stats)
-    assert whole == 0 and not [c for c in commands if c[0] == "lvs"], commands
+    assert reports_during(watched, poll_stats) == (0, 0, [])
     assert client.node.NodeGetVolumeStats(request).usage[0].total > 0
     # Nothing changed: capacity comes from the kept view; a change of the
     # driver's own is read once, by the first call after it.
-    whole, _ = reports_during(watched, lambda: [capacity(client, "kept") for _ in range(5)])
-    assert whole == 0
+    assert reports_during(watched, lambda: [capacity(client, "kept") for _ in range(5)])[0] == 0
     unpublish(client, volume_id, target)
     unstage(client, volume_id, staging)
     delete(client, volume_id)
