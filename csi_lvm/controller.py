@@ -66,6 +66,11 @@ from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.controller")
 
+
+class _NameTaken(Aborted):
+    """LVM refused a new LV's name: one of that name exists already."""
+
+
 Cap = csi_pb2.ControllerServiceCapability.RPC.Type
 CAPABILITIES = (
     Cap.CREATE_DELETE_VOLUME,
@@ -147,32 +152,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         timeout: float | None,
     ) -> csi_pb2.Volume:
         with self.locks.hold(lv_name):
-            # The kept view: the name, the source and the room need no report
-            # of the whole VG (the room's reservations count recent creates).
-            scan = self.inventory.view(timeout)
-            existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
-            if existing is not None and lifecycle.stage_of(existing.lv) is Stage.MAKING:
-                self.backends.states.discard_unfinished(existing, timeout)
-                scan, existing = self.inventory.view(timeout), None
-            source = None
-            if request.HasField("volume_content_source"):
-                # A repeat of a finished restore or clone needs no source any
-                # more: its snapshot may have been deleted since (a sidecar
-                # that lost the first answer asks again).
-                settled = existing is not None and lifecycle.is_ready(existing)
-                source = self._content_source(
-                    request.volume_content_source, scan, must_exist=not settled
+            try:
+                # The kept view: the name, the source and the room need no
+                # report of the whole VG (reservations count recent creates).
+                volume = self._create_volume_in(
+                    request, lv_name, backend, wanted, self.inventory.view(timeout), timeout
                 )
-            self._check_topology(request.accessibility_requirements, source)
-            if existing is not None:
-                return self._existing_volume(
-                    request, existing, backend, wanted, source, scan, timeout
-                )
-            if source is None:
-                volume = self._create_blank(request, lv_name, backend, wanted, scan, timeout)
-            else:
-                volume = self._create_from_source(
-                    request, lv_name, backend, wanted, source, scan, timeout
+            except _NameTaken:
+                # An LV of the name the view did not show (made by hand, or by
+                # another process since): a report of now decides.
+                volume = self._create_volume_in(
+                    request, lv_name, backend, wanted, self.inventory.scan(timeout), timeout
                 )
         log.info(
             "volume created",
@@ -181,6 +171,36 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             bytes=volume.capacity_bytes,
         )
         return volume
+
+    def _create_volume_in(
+        self,
+        request: csi_pb2.CreateVolumeRequest,
+        lv_name: str,
+        backend: Backend,
+        wanted: SizeRange,
+        scan: Scan,
+        timeout: float | None,
+    ) -> csi_pb2.Volume:
+        """CreateVolume's work under the name's lock, from ``scan``."""
+        existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
+        if existing is not None and lifecycle.stage_of(existing.lv) is Stage.MAKING:
+            self.backends.states.discard_unfinished(existing, timeout)
+            scan, existing = self.inventory.view(timeout), None
+        source = None
+        if request.HasField("volume_content_source"):
+            # A repeat of a finished restore or clone needs no source any
+            # more: its snapshot may have been deleted since (a sidecar
+            # that lost the first answer asks again).
+            settled = existing is not None and lifecycle.is_ready(existing)
+            source = self._content_source(
+                request.volume_content_source, scan, must_exist=not settled
+            )
+        self._check_topology(request.accessibility_requirements, source)
+        if existing is not None:
+            return self._existing_volume(request, existing, backend, wanted, source, scan, timeout)
+        if source is None:
+            return self._create_blank(request, lv_name, backend, wanted, scan, timeout)
+        return self._create_from_source(request, lv_name, backend, wanted, source, scan, timeout)
 
     def _create_blank(
         self,
@@ -276,7 +296,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 f"another LV: {exc}"
             ) from exc
         except LvmAlreadyExists as exc:
-            raise Aborted(f"{name} appeared while being created; retry") from exc
+            raise _NameTaken(f"{name} appeared while being created; retry") from exc
 
     def _existing_volume(
         self,

@@ -13,6 +13,7 @@ the same time share one (``ScanBatcher``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -308,9 +309,26 @@ class Inventory:
             return self.scan(timeout)
         if not touched:
             return scan
+        # What the driver removed since is gone from the sums at once (a
+        # create right after a delete finds the room); what it made since,
+        # the backends' reservations count.
+        removed = {key for key, was_removed in touched.items() if was_removed}
+        lvs, vgs = scan.lvs, scan.vgs
+        if removed:
+            lvs = tuple(lv for lv in scan.lvs if (lv.vg_name, lv.name) not in removed)
+            freed: dict[str, int] = {}
+            for lv in scan.lvs:
+                if (lv.vg_name, lv.name) in removed and not lv.pool:  # extents of the VG
+                    freed[lv.vg_name] = freed.get(lv.vg_name, 0) + lv.size_bytes
+            vgs = {
+                name: dataclasses.replace(group, free_bytes=group.free_bytes + freed[name])
+                if name in freed
+                else group
+                for name, group in scan.vgs.items()
+            }
         return ChangedScan(
-            scan.lvs,
-            scan.vgs,
+            lvs,
+            vgs,
             scan.started,
             touched=frozenset(touched),
             reread=lambda group, name: self.lvm.find_lv(group, name, timeout),

@@ -97,8 +97,9 @@ class Lvm:
         self._changes = 0
         self._changes_lock = threading.Lock()
         # The LVs each recent change named, with the count at its start and
-        # at its end: what a report older than those counts may show wrong.
-        self._touched: collections.deque[tuple[int, str, str]] = collections.deque()
+        # at its end (and whether it ended by removing them): what a report
+        # older than those counts may show wrong.
+        self._touched: collections.deque[tuple[int, str, str, bool]] = collections.deque()
         self._forgotten = 0  # the highest count whose entries were dropped
 
     def close(self, wait_seconds: float | None = None) -> None:
@@ -178,12 +179,14 @@ class Lvm:
         """A command that changes LVM state (its output is not needed);
         ``touches`` names the LVs (volume group, name) it makes, alters or
         removes."""
-        self._changed(touches)
+        self._changed(touches, removed=False)
+        done = False
         try:
             if self._execute(args, timeout) is None:
                 self.run(args, timeout)
+            done = True
         finally:
-            self._changed(touches)
+            self._changed(touches, removed=done and args[0] == "lvremove")
 
     @property
     def changes(self) -> int:
@@ -191,20 +194,25 @@ class Lvm:
         taken while the count stood still shows all of them."""
         return self._changes
 
-    def touched_since(self, count: int) -> set[tuple[str, str]] | None:
-        """The LVs that changes named since ``changes`` stood at ``count``
-        (a change under way then is included); None when the log no longer
+    def touched_since(self, count: int) -> dict[tuple[str, str], bool] | None:
+        """The LVs (volume group, name) that changes named since ``changes``
+        stood at ``count`` (a change under way then is included), each with
+        whether the latest of them removed it; None when the log no longer
         reaches back that far."""
         with self._changes_lock:
             if count < self._forgotten:
                 return None
-            return {(vg, name) for seen, vg, name in self._touched if seen > count}
+            touched: dict[tuple[str, str], bool] = {}
+            for seen, volume_group, name, removed in self._touched:
+                if seen > count:
+                    touched[(volume_group, name)] = removed
+            return touched
 
-    def _changed(self, touches: Sequence[tuple[str, str]]) -> None:
+    def _changed(self, touches: Sequence[tuple[str, str]], removed: bool) -> None:
         with self._changes_lock:
             self._changes += 1
             for volume_group, name in touches:
-                self._touched.append((self._changes, volume_group, name))
+                self._touched.append((self._changes, volume_group, name, removed))
             while len(self._touched) > _TOUCHED_KEPT:
                 self._forgotten = self._touched.popleft()[0]
 

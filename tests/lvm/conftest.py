@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lvm.helpers import REFRESH_SECONDS
 from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
 
 HANDMADE_LV = "root"  # made by hand: no csi-lvm tags, so untouchable
@@ -61,7 +62,10 @@ def driver(workdir: Path, vg: LoopVolumeGroup) -> Iterator[Driver]:
             f"  - name: {SMALL_CLASS}\n    volumeGroup: {vg.name}\n    thinPool: {SMALL_POOL}\n"
             "    overprovisionRatio: 4\n    fullThresholdPercent: 90\n"
         )
-    process = Driver(workdir, config, "--metrics-address", f"127.0.0.1:{metrics_port()}")
+    process = Driver(
+        workdir, config, "--metrics-address", f"127.0.0.1:{metrics_port()}",
+        "--refresh-interval", str(REFRESH_SECONDS),
+    )  # fmt: skip
     process.start()
     try:
         yield process

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from csi_lvm.csi import csi_pb2
 from tests.testbed import CsiClient
 
+T = TypeVar("T")
 MiB = 1 << 20
 GiB = 1 << 30
 Mode = csi_pb2.VolumeCapability.AccessMode
@@ -62,6 +64,22 @@ def expect_error(
     for fragment in fragments:
         assert fragment in error.details(), f"{fragment!r} not in {error.details()!r}"
     return str(error.details())
+
+
+# The session driver's --refresh-interval: what others change (an admin's
+# lvcreate, a tenant's writes filling a pool) shows within it.
+REFRESH_SECONDS = 2.0
+
+
+def eventually(check: Callable[[], T], seconds: float = 3 * REFRESH_SECONDS) -> T:
+    """``check()`` once it is true, within ``seconds``: for what the driver
+    reads from its kept view of the VGs, which shows others' changes within
+    the refresh interval."""
+    deadline = time.monotonic() + seconds
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"not true within {seconds:.0f} s"
+        time.sleep(0.2)
+    return result
 
 
 def stage(

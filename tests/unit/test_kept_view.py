@@ -7,6 +7,7 @@ import pytest
 
 from csi_lvm.lvm import commands
 from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.records import LogicalVolume, LvAttr, VolumeGroup
 from csi_lvm.volumes import ChangedScan, Scan
 
@@ -58,11 +59,16 @@ def test_the_change_log_names_what_changed_since_a_count(monkeypatch: pytest.Mon
     lvm.create_thin_volume("vg0", "pool0", "csi-a", 4 << 20, [])
     middle = lvm.changes
     lvm.remove("vg0", "csi-b")
-    assert lvm.touched_since(before) == {("vg0", "csi-a"), ("vg0", "csi-b")}
-    assert lvm.touched_since(middle) == {("vg0", "csi-b")}
-    assert lvm.touched_since(lvm.changes) == set()
+    # Each LV with whether the latest change removed it.
+    assert lvm.touched_since(before) == {("vg0", "csi-a"): False, ("vg0", "csi-b"): True}
+    assert lvm.touched_since(middle) == {("vg0", "csi-b"): True}
+    assert lvm.touched_since(lvm.changes) == {}
+    failing = Lvm(binary="false")
+    with pytest.raises(LvmError):
+        failing.remove("vg0", "csi-c")
+    assert failing.touched_since(0) == {("vg0", "csi-c"): False}  # still there
     monkeypatch.setattr(commands, "_TOUCHED_KEPT", 2)
     for name in ("csi-c", "csi-d", "csi-e"):
         lvm.extend("vg0", name, 8 << 20)
     assert lvm.touched_since(before) is None  # forgotten: read everything again
-    assert lvm.touched_since(lvm.changes - 1) == {("vg0", "csi-e")}
+    assert lvm.touched_since(lvm.changes - 1) == {("vg0", "csi-e"): False}
