@@ -607,8 +607,13 @@ def main() -> int:
     parser.add_argument("--rpcs", type=int, default=1000)
     parser.add_argument("--zeroing-samples", type=int, default=3)
     parser.add_argument("--mounted-seconds", type=int, default=60)
+    parser.add_argument("--scale-volumes", type=int, default=1000)
+    parser.add_argument("--scale-samples", type=int, default=8)
+    parser.add_argument("--scale-calls", type=int, default=300)
+    parser.add_argument("--scale-load-creates", type=int, default=3, help="per creator, of 16")
     parser.add_argument(
-        "--only", default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped"
+        "--only",
+        default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,scale,default-vg",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -643,6 +648,15 @@ def main() -> int:
         if "ext4-mapped" in only:
             with phase("pool space an ext4 first stage maps"):
                 bench.ext4_mapped(args.mounted_seconds)
+        if "scale" in only or "default-vg" in only:
+            from bench.scale import ScaleBench
+
+            with phase(f"a node with 10 and with {args.scale_volumes} volumes"):
+                ScaleBench(work, bench.add).run(
+                    args.scale_volumes, args.scale_samples, args.scale_calls,
+                    args.scale_load_creates, scale="scale" in only,
+                    default_vg="default-vg" in only,
+                )  # fmt: skip
         rows = bench.rows
     finally:
         driver.stop()

@@ -214,6 +214,10 @@ class Inventory:
         self.refresh_seconds = refresh_seconds
         self._batcher = ScanBatcher(self._fresh_scan, lambda: self.lvm.changes)
         self._owned_memo: tuple[Scan, dict[Kind, list[Owned]]] | None = None
+        # LVs read again since the kept report: the change count when each was
+        # read, and what it was then.
+        self._rereads: dict[tuple[str, str], tuple[int, LogicalVolume | None]] = {}
+        self._rereads_lock = threading.Lock()
 
     # ---- ids
 
@@ -312,7 +316,7 @@ class Inventory:
         # What the driver removed since is gone from the sums at once (a
         # create right after a delete finds the room); what it made since,
         # the backends' reservations count.
-        removed = {key for key, was_removed in touched.items() if was_removed}
+        removed = {key for key, (_, was_removed) in touched.items() if was_removed}
         lvs, vgs = scan.lvs, scan.vgs
         if removed:
             lvs = tuple(lv for lv in scan.lvs if (lv.vg_name, lv.name) not in removed)
@@ -331,8 +335,25 @@ class Inventory:
             vgs,
             scan.started,
             touched=frozenset(touched),
-            reread=lambda group, name: self.lvm.find_lv(group, name, timeout),
+            reread=lambda group, name: self._reread(group, name, touched[group, name][0], timeout),
         )
+
+    def _reread(
+        self, volume_group: str, name: str, last_change: int, timeout: float | None
+    ) -> LogicalVolume | None:
+        """One LV the driver changed since the kept report, read again: once,
+        not per call, until a change touches it again."""
+        with self._rereads_lock:
+            kept = self._rereads.get((volume_group, name))
+        if kept is not None and kept[0] >= last_change:
+            return kept[1]
+        count = self.lvm.changes
+        lv = self.lvm.find_lv(volume_group, name, timeout)
+        with self._rereads_lock:
+            if len(self._rereads) > 4096:  # only the recently changed matter
+                self._rereads.clear()
+            self._rereads[(volume_group, name)] = (count, lv)
+        return lv
 
     def current(self, timeout: float | None = None) -> Scan:
         """The kept report when the driver has changed nothing since it

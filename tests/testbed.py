@@ -47,6 +47,7 @@ class LoopVolumeGroup:
     size: str = "8G"
     pool: str = "pool0"
     pool_size: str = "2G"
+    metadata_size: str = ""  # pvcreate --metadatasize (LVM's default when empty)
     image: Path = field(init=False)
     device: str = field(init=False, default="")
 
@@ -58,7 +59,8 @@ class LoopVolumeGroup:
         self.workdir.mkdir(parents=True, exist_ok=True)
         sh("truncate", "-s", self.size, str(self.image))
         self.device = sh("losetup", "--find", "--show", str(self.image)).strip()
-        sh("pvcreate", "-q", "-y", self.device)
+        sizing = ["--metadatasize", self.metadata_size] if self.metadata_size else []
+        sh("pvcreate", "-q", "-y", *sizing, self.device)
         sh("vgcreate", "-q", "-y", self.name, self.device)
         sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size,
            "-n", self.pool, self.name)  # fmt: skip

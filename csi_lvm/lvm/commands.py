@@ -194,18 +194,18 @@ class Lvm:
         taken while the count stood still shows all of them."""
         return self._changes
 
-    def touched_since(self, count: int) -> dict[tuple[str, str], bool] | None:
+    def touched_since(self, count: int) -> dict[tuple[str, str], tuple[int, bool]] | None:
         """The LVs (volume group, name) that changes named since ``changes``
         stood at ``count`` (a change under way then is included), each with
-        whether the latest of them removed it; None when the log no longer
-        reaches back that far."""
+        the count of the latest of them and whether it removed the LV; None
+        when the log no longer reaches back that far."""
         with self._changes_lock:
             if count < self._forgotten:
                 return None
-            touched: dict[tuple[str, str], bool] = {}
+            touched: dict[tuple[str, str], tuple[int, bool]] = {}
             for seen, volume_group, name, removed in self._touched:
                 if seen > count:
-                    touched[(volume_group, name)] = removed
+                    touched[(volume_group, name)] = (seen, removed)
             return touched
 
     def _changed(self, touches: Sequence[tuple[str, str]], removed: bool) -> None:

@@ -60,15 +60,17 @@ def test_the_change_log_names_what_changed_since_a_count(monkeypatch: pytest.Mon
     middle = lvm.changes
     lvm.remove("vg0", "csi-b")
     # Each LV with whether the latest change removed it.
-    assert lvm.touched_since(before) == {("vg0", "csi-a"): False, ("vg0", "csi-b"): True}
-    assert lvm.touched_since(middle) == {("vg0", "csi-b"): True}
+    after = lvm.changes
+    assert lvm.touched_since(before) == {("vg0", "csi-a"): (middle, False),
+                                         ("vg0", "csi-b"): (after, True)}  # fmt: skip
+    assert lvm.touched_since(middle) == {("vg0", "csi-b"): (after, True)}
     assert lvm.touched_since(lvm.changes) == {}
     failing = Lvm(binary="false")
     with pytest.raises(LvmError):
         failing.remove("vg0", "csi-c")
-    assert failing.touched_since(0) == {("vg0", "csi-c"): False}  # still there
+    assert failing.touched_since(0) == {("vg0", "csi-c"): (2, False)}  # still there
     monkeypatch.setattr(commands, "_TOUCHED_KEPT", 2)
     for name in ("csi-c", "csi-d", "csi-e"):
         lvm.extend("vg0", name, 8 << 20)
     assert lvm.touched_since(before) is None  # forgotten: read everything again
-    assert lvm.touched_since(lvm.changes - 1) == {("vg0", "csi-e"): False}
+    assert lvm.touched_since(lvm.changes - 1) == {("vg0", "csi-e"): (lvm.changes, False)}
