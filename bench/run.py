@@ -656,6 +656,7 @@ def main() -> int:
                     args.scale_volumes, args.scale_samples, args.scale_calls,
                     args.scale_load_creates, scale="scale" in only,
                     default_vg="default-vg" in only,
+                    log_copy=Path(args.json).with_suffix(".scale-driver.log"),
                 )  # fmt: skip
         rows = bench.rows
     finally:

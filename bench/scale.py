@@ -17,6 +17,8 @@ once: thin LVs cost little to make, activation and udev most of it.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import statistics
 import subprocess
 import threading
@@ -25,6 +27,8 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import structlog
 
 from bench.run import MiB, Row, mount_cap, percentile, rss_mib, timed
 from csi_lvm.csi import csi_pb2
@@ -39,6 +43,8 @@ SIZE = 4 * MiB
 
 class ScaleBench:
     def __init__(self, work: Path, add: Callable[[Row], None]) -> None:
+        # The LVM layer's own log lines (one per command) stay out of the table.
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
         self.work = work / "scale"
         self.work.mkdir()
         self.add = add
@@ -170,6 +176,10 @@ class ScaleBench:
             self.published.append(csi_pb2.NodeGetVolumeStatsRequest(
                 volume_id=volume.volume_id, volume_path=str(target)))  # fmt: skip
         figures["stage"] = percentile(stages, 0.5)
+        # The kubelet's steady state: each volume asked about before (a
+        # staged volume's LV is read again once after the staging changed it).
+        for request in self.published:
+            client.node.NodeGetVolumeStats(request, timeout=30)
         time.sleep(1)
         stats = [timed(lambda: client.node.NodeGetVolumeStats(
             self.published[n % len(self.published)], timeout=30))  # noqa: B023
@@ -262,6 +272,7 @@ class ScaleBench:
         creates_each: int,
         scale: bool = True,
         default_vg: bool = True,
+        log_copy: Path | None = None,
     ) -> None:
         if scale:
             self.vg.create()
@@ -274,6 +285,8 @@ class ScaleBench:
                 for path in self.work.glob("[st]-*"):  # the pods' mounts
                     subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
                 self.vg.destroy()
+                if log_copy is not None and (self.work / "driver.log").exists():
+                    shutil.copy(self.work / "driver.log", log_copy)
         if default_vg:
             self.default_vg_capacity()
 

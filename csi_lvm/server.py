@@ -126,7 +126,9 @@ class Server:
         identity: csi_pb2_grpc.IdentityServicer,
         controller: csi_pb2_grpc.ControllerServicer,
         node: csi_pb2_grpc.NodeServicer,
-        workers: int = 16,
+        # More threads than a sidecar sends slow calls at once (16 creates
+        # waiting on LVM must not keep Probe and the kubelet's calls waiting).
+        workers: int = 64,
     ) -> None:
         self.path = socket_path(endpoint)
         self.grpc = grpc.server(

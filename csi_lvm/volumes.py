@@ -172,6 +172,13 @@ class ScanBatcher:
                     self._latest = (began, changes, result)
                 self._cond.notify_all()
 
+    def keep(self, began: float, changes: int, scan: Scan) -> None:
+        """Make ``scan`` (a report that began at ``began``, when the change
+        count stood at ``changes``) the latest."""
+        with self._cond:
+            if self._latest is None or self._latest[0] < began:
+                self._latest = (began, changes, scan)
+
     def latest(self) -> tuple[float, int, Scan] | None:
         """The newest report that succeeded: when it began, the driver's
         change count then, and the report."""
@@ -195,6 +202,9 @@ class ScanBatcher:
 # How often the kept view is read again, for changes made by others than the
 # driver (an admin's lvcreate, a pool that fills): they show within this.
 REFRESH_SECONDS = 10.0
+# Every this many refreshes, a whole report even when no VG's metadata changed
+# (an LV's state outside the metadata: an admin's dmsetup, a failed device).
+FULL_REFRESH_EVERY = 6
 
 
 class Inventory:
@@ -364,18 +374,49 @@ class Inventory:
 
     def keep_fresh(self, stop: threading.Event) -> None:
         """Read the VGs again whenever the kept report is a refresh interval
-        old, until ``stop`` is set (run it on a thread of its own)."""
+        old, until ``stop`` is set (run it on a thread of its own). Where
+        nothing but the thin pools' use can have changed, only they are read."""
+        refreshes = 0
         while not stop.is_set():
             latest = self._batcher.latest()
             age = self.refresh_seconds if latest is None else time.monotonic() - latest[0]
             if age >= self.refresh_seconds:
-                log.debug("refreshing the kept view")
+                refreshes += 1
                 try:
-                    self.scan(timeout=max(30.0, self.refresh_seconds))
+                    if refreshes % FULL_REFRESH_EVERY == 0 or not self._refresh_pools():
+                        log.debug("refreshing the kept view")
+                        self.scan(timeout=max(30.0, self.refresh_seconds))
                 except Exception as error:  # retried at the next interval
                     log.warning("refreshing the kept LVM view failed", error=str(error))
                 age = 0.0
             stop.wait(max(0.05, self.refresh_seconds - age))
+
+    def _refresh_pools(self) -> bool:
+        """Renew the kept report from its VGs' thin pools alone, when no VG's
+        metadata changed since it began (its ``seqno``, which every LVM change
+        by anyone bumps) and the driver made no change: what can still have
+        moved is the pools' use, which tenants' writes change. False when a
+        whole report is needed."""
+        latest = self._batcher.latest()
+        if latest is None:
+            return False
+        _, changes, kept = latest
+        began, count = time.monotonic(), self.lvm.changes
+        if count != changes or self.lvm.touched_since(changes):
+            return False
+        log.debug("refreshing the thin pools")
+        pools, groups = self.lvm.thin_pools(
+            self.config.volume_groups, timeout=max(30.0, self.refresh_seconds)
+        )
+        now = {group.name: group for group in groups}
+        if self.lvm.changes != count or set(now) != set(kept.vgs):
+            return False
+        if any(now[name].seqno != group.seqno for name, group in kept.vgs.items()):
+            return False
+        renewed = {(pool.vg_name, pool.name): pool for pool in pools}
+        lvs = tuple(renewed.get((lv.vg_name, lv.name), lv) for lv in kept.lvs)
+        self._batcher.keep(began, count, Scan(lvs, now, began))
+        return True
 
     def _fresh_scan(self, timeout: float | None) -> Scan:
         started = time.monotonic()

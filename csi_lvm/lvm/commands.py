@@ -263,6 +263,22 @@ class Lvm:
             vgs += self.list_vgs(without_lvs, timeout)
         return lvs, vgs
 
+    def thin_pools(
+        self, volume_groups: Iterable[str], timeout: float | None = None
+    ) -> tuple[list[LogicalVolume], list[VolumeGroup]]:
+        """The thin pools of the given VGs, and the VGs themselves (their
+        ``seqno`` says whether anything else changed): a report whose cost
+        does not grow with the number of volumes."""
+        groups = sorted(set(volume_groups))
+        for group in groups:
+            check_name(group, "volume group")
+        if not groups:
+            return [], []
+        # A select, not VG arguments: a VG that is not there is not an error.
+        select = "segtype=thin-pool && (" + "||".join(f"vg_name={g}" for g in groups) + ")"
+        pools = parse_lv_report(self._report(["lvs", "-o", LV_FIELDS, "-S", select], timeout))
+        return pools, self.list_vgs(groups, timeout)
+
     def find_lv(
         self, volume_group: str, name: str, timeout: float | None = None
     ) -> LogicalVolume | None:

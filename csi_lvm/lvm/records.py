@@ -18,7 +18,9 @@ LV_FIELDS = (
     "lv_name,vg_name,lv_uuid,lv_size,lv_attr,pool_lv,origin,lv_tags,"
     "data_percent,metadata_percent,lv_path,lv_dm_path,lv_time"
 )
-VG_COLUMNS = "vg_size,vg_free,vg_extent_size,vg_attr,vg_missing_pv_count,vg_mda_size,vg_mda_free"
+VG_COLUMNS = (
+    "vg_size,vg_free,vg_extent_size,vg_attr,vg_missing_pv_count,vg_mda_size,vg_mda_free,vg_seqno"
+)
 VG_FIELDS = f"vg_name,{VG_COLUMNS}"
 
 
@@ -145,6 +147,7 @@ class VolumeGroup:
     # in it: each LV's record takes some, and a full area takes no new LV.
     metadata_area_bytes: int = 0
     metadata_free_bytes: int = 0
+    seqno: int = 0  # bumped by every change of the VG's metadata, by anyone
 
     @property
     def partial(self) -> bool:
@@ -204,6 +207,7 @@ def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[Volu
             missing_pvs=_int(row.get("vg_missing_pv_count", "")),
             metadata_area_bytes=_int(row.get("vg_mda_size", "")),
             metadata_free_bytes=_int(row.get("vg_mda_free", "")),
+            seqno=_int(row.get("vg_seqno", "")),
         )
         for row in rows
     ]

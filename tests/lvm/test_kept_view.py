@@ -96,11 +96,21 @@ def reports_during(driver: Driver, call: Callable[[], object]) -> tuple[int, int
     with driver.log_path.open() as log:
         log.seek(before)
         lines = [json.loads(line) for line in log if line.startswith("{")]
-    commands = [line["args"] for line in lines if line.get("event") == "lvm"]
-    refreshes = sum(line.get("event") == "refreshing the kept view" for line in lines)
-    whole = sum(args[0] == "lvs" and "-S" not in args for args in commands)
-    selected = sum(args[0] == "lvs" and "-S" in args for args in commands)
-    return whole - refreshes, selected, [args[0] for args in commands if args[0] != "lvs"]
+    commands, skip = [], []
+    for line in lines:
+        if line.get("event") == "refreshing the kept view":
+            skip.append("lvs")  # the background refresh's whole report
+        elif line.get("event") == "refreshing the thin pools":
+            skip += ["lvs -S", "vgs"]  # its report of the pools alone
+        elif line.get("event") == "lvm":
+            args = line["args"]
+            kind = "lvs -S" if args[0] == "lvs" and "-S" in args else args[0]
+            if kind in skip:
+                skip.remove(kind)
+            else:
+                commands.append(kind)
+    whole, selected = commands.count("lvs"), commands.count("lvs -S")
+    return whole, selected, [kind for kind in commands if not kind.startswith("lvs")]
 
 
 def capacity(csi: CsiClient, device_class: str) -> int:
