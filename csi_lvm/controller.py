@@ -595,35 +595,51 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> Owned:
         lv_name = lv_name_for(Kind.SNAPSHOT, request.name)
         with self.locks.hold(lv_name):
-            scan = self.inventory.scan(timeout)
-            existing = self.inventory.find_by_name(Kind.SNAPSHOT, lv_name, scan)
-            if existing is not None:
-                if existing.name != request.name or existing.source_id != request.source_volume_id:
-                    raise AlreadyExists(
-                        f"snapshot {request.name} already exists for source volume "
-                        f"{existing.source_id}, not {request.source_volume_id}"
-                    )
-                if not lifecycle.is_ready(existing):
-                    # A thick snapshot whose copy was interrupted: redo it.
-                    source = self._require_volume(request.source_volume_id, scan)
-                    lifecycle.check_ready(source, "source volume")
-                    backend = self.backends.of(existing.device_class)
-                    extent = backend.space(scan).extent_bytes
-                    new = NewLv(existing.lv.name, existing.size_bytes, (), timeout)
-                    existing = backend.resume(existing, source, new, extent)
-                return existing
-            source = self._require_volume(request.source_volume_id, scan)
-            lifecycle.check_ready(source, "source volume")
-            device_class = source.device_class
-            backend = self.backends.of(device_class)
-            space = backend.space(scan)
-            self._check_open(device_class, space)
-            extent = space.extent_bytes
-            needed = backend.room_for_snapshot(source, extent)
-            tags = self._tags(Kind.SNAPSHOT, request.name, device_class, source)
-            new = NewLv(lv_name, source.size_bytes, tags, timeout)
-            with self._making(backend, new.size, needed, space, scan, f"snapshot {request.name}"):
-                snapshot = backend.snapshot(new, source, extent)
+            try:
+                return self._create_snapshot_in(
+                    request, lv_name, self.inventory.view(timeout), timeout
+                )
+            except _NameTaken:  # see _create_volume
+                return self._create_snapshot_in(
+                    request, lv_name, self.inventory.scan(timeout), timeout
+                )
+
+    def _create_snapshot_in(
+        self,
+        request: csi_pb2.CreateSnapshotRequest,
+        lv_name: str,
+        scan: Scan,
+        timeout: float | None,
+    ) -> Owned:
+        """CreateSnapshot's work under the name's lock, from ``scan``."""
+        existing = self.inventory.find_by_name(Kind.SNAPSHOT, lv_name, scan)
+        if existing is not None:
+            if existing.name != request.name or existing.source_id != request.source_volume_id:
+                raise AlreadyExists(
+                    f"snapshot {request.name} already exists for source volume "
+                    f"{existing.source_id}, not {request.source_volume_id}"
+                )
+            if not lifecycle.is_ready(existing):
+                # A thick snapshot whose copy was interrupted: redo it.
+                source = self._require_volume(request.source_volume_id, scan)
+                lifecycle.check_ready(source, "source volume")
+                backend = self.backends.of(existing.device_class)
+                extent = backend.space(scan).extent_bytes
+                new = NewLv(existing.lv.name, existing.size_bytes, (), timeout)
+                existing = backend.resume(existing, source, new, extent)
+            return existing
+        source = self._require_volume(request.source_volume_id, scan)
+        lifecycle.check_ready(source, "source volume")
+        device_class = source.device_class
+        backend = self.backends.of(device_class)
+        space = backend.space(scan)
+        self._check_open(device_class, space)
+        extent = space.extent_bytes
+        needed = backend.room_for_snapshot(source, extent)
+        tags = self._tags(Kind.SNAPSHOT, request.name, device_class, source)
+        new = NewLv(lv_name, source.size_bytes, tags, timeout)
+        with self._making(backend, new.size, needed, space, scan, f"snapshot {request.name}"):
+            snapshot = backend.snapshot(new, source, extent)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
         return snapshot
 

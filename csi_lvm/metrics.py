@@ -93,10 +93,7 @@ class DeviceClassCollector(Collector):
         except Exception as error:  # a scrape must never crash the server
             log.warning("metrics scan failed", error=str(error))
             return
-        owned = [
-            *self.inventory.owned(Kind.VOLUME, scan),
-            *self.inventory.owned(Kind.SNAPSHOT, scan),
-        ]
+        counts = self.inventory.counts(scan)
         for backend in self.backends:
             if not backend.offered_here:
                 continue
@@ -116,9 +113,8 @@ class DeviceClassCollector(Collector):
                 if pool is not None:
                     data.add_metric(name, (pool.data_percent or 0.0) / 100)
                     metadata.add_metric(name, (pool.metadata_percent or 0.0) / 100)
-            mine = [o for o in owned if o.device_class.name == device_class.name]
-            volumes.add_metric(name, sum(o.kind is Kind.VOLUME for o in mine))
-            snapshots.add_metric(name, sum(o.kind is Kind.SNAPSHOT for o in mine))
+            volumes.add_metric(name, counts.get((device_class.name, Kind.VOLUME), 0))
+            snapshots.add_metric(name, counts.get((device_class.name, Kind.SNAPSHOT), 0))
         yield from (size, available, full, missing, data, metadata, volumes, snapshots)
         yield from (metadata_free, metadata_area)
 

@@ -199,6 +199,11 @@ class ScanBatcher:
         return self.get(timeout)
 
 
+# A kept report, the LVs removed since, and the view of what is left.
+_ViewMemo = tuple[
+    Scan, frozenset[tuple[str, str]], tuple[LogicalVolume, ...], dict[str, VolumeGroup]
+]
+
 # How often the kept view is read again, for changes made by others than the
 # driver (an admin's lvcreate, a pool that fills): they show within this.
 REFRESH_SECONDS = 10.0
@@ -223,7 +228,11 @@ class Inventory:
         self.driver_name = driver_name
         self.refresh_seconds = refresh_seconds
         self._batcher = ScanBatcher(self._fresh_scan, lambda: self.lvm.changes)
-        self._owned_memo: tuple[Scan, dict[Kind, list[Owned]]] | None = None
+        self._owned_memo: (
+            tuple[Scan, dict[Kind, list[Owned]], dict[tuple[str, Kind], int]] | None
+        ) = None
+        # The last view with removals: its report, the removed, what is left.
+        self._view_memo: _ViewMemo | None = None
         # LVs read again since the kept report: the change count when each was
         # read, and what it was then.
         self._rereads: dict[tuple[str, str], tuple[int, LogicalVolume | None]] = {}
@@ -326,9 +335,12 @@ class Inventory:
         # What the driver removed since is gone from the sums at once (a
         # create right after a delete finds the room); what it made since,
         # the backends' reservations count.
-        removed = {key for key, (_, was_removed) in touched.items() if was_removed}
+        removed = frozenset(key for key, (_, was_removed) in touched.items() if was_removed)
         lvs, vgs = scan.lvs, scan.vgs
-        if removed:
+        memo = self._view_memo
+        if removed and memo is not None and memo[0] is scan and memo[1] == removed:
+            lvs, vgs = memo[2], memo[3]  # the same view as the last call's
+        elif removed:
             lvs = tuple(lv for lv in scan.lvs if (lv.vg_name, lv.name) not in removed)
             freed: dict[str, int] = {}
             for lv in scan.lvs:
@@ -340,6 +352,7 @@ class Inventory:
                 else group
                 for name, group in scan.vgs.items()
             }
+            self._view_memo = (scan, removed, lvs, vgs)
         return ChangedScan(
             lvs,
             vgs,
@@ -506,16 +519,26 @@ class Inventory:
             return owned
         return None
 
+    def counts(self, scan: Scan) -> dict[tuple[str, Kind], int]:
+        """How many owned objects of each class and kind ``scan`` shows (worked
+        out with ``owned``, once per report)."""
+        self.owned(Kind.VOLUME, scan)
+        assert self._owned_memo is not None
+        return self._owned_memo[2]
+
     def owned(self, kind: Kind, scan: Scan) -> list[Owned]:
         """The owned objects of one kind in ``scan``, sorted by id; worked out
         once per report (a scrape of a kept report costs no pass over it)."""
         memo = self._owned_memo
         if memo is None or memo[0] is not scan:
             by_kind: dict[Kind, list[Owned]] = {k: [] for k in Kind}
+            counts: dict[tuple[str, Kind], int] = {}
             for lv in scan.lvs:
                 if (found := self.adopt(lv)) is not None:
                     by_kind[found.kind].append(found)
+                    key = (found.device_class.name, found.kind)
+                    counts[key] = counts.get(key, 0) + 1
             for objects in by_kind.values():
                 objects.sort(key=lambda o: str(o.id))
-            memo = self._owned_memo = (scan, by_kind)
+            memo = self._owned_memo = (scan, by_kind, counts)
         return list(memo[1][kind])

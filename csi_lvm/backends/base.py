@@ -371,9 +371,9 @@ class Backend(ABC):
             self.lvm.remove(owned.lv.vg_name, owned.lv.name)
 
     def _made(self, lv_name: str, timeout: float | None) -> Owned:
-        """The LV just made, from a shared scan (not an ``lvs`` of this LV:
-        concurrent creates share one)."""
-        lv = self.inventory.scan(timeout).lv(self.device_class.volume_group, lv_name)
+        """The LV just made: a report of it alone (one of the whole VG would
+        cost in proportion to the volumes the node has)."""
+        lv = self.lvm.find_lv(self.device_class.volume_group, lv_name, timeout)
         owned = None if lv is None else self.inventory.adopt(lv, self.device_class)
         if owned is None:
             raise Aborted(

@@ -21,6 +21,9 @@ from csi_lvm.volumes import Owned, Scan
 
 
 class ThinBackend(Backend):
+    # The last report's sum (the tuple of LVs it came from, the sum).
+    _provisioned_memo: tuple[tuple[LogicalVolume, ...], int] | None = None
+
     @property
     def pool(self) -> str:
         assert self.device_class.thin_pool is not None  # a thin class has one
@@ -43,11 +46,7 @@ class ThinBackend(Backend):
     def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:
         pool = scan.lv(group.name, self.pool)
         assert pool is not None  # else it would be missing
-        provisioned = sum(
-            lv.size_bytes
-            for lv in scan.lvs
-            if lv.vg_name == group.name and lv.pool == self.pool and not self._is_snapshot(lv)
-        )
+        provisioned = self._provisioned(group.name, scan.lvs)
         limit = math.floor(pool.size_bytes * self.device_class.overprovision_ratio)
         full = pool_fullness(self.device_class, pool)
         return ClassSpace(
@@ -57,6 +56,22 @@ class ThinBackend(Backend):
             used_bytes=provisioned,
             full=full,
         )
+
+    def _provisioned(self, volume_group: str, lvs: tuple[LogicalVolume, ...]) -> int:
+        """The virtual sizes of the pool's volumes (its snapshots share their
+        origins' blocks), summed once per report: every create, capacity call
+        and scrape of a kept report asks again, and a sum over a thousand LVs
+        each time would make them cost in proportion to the node's load."""
+        memo = self._provisioned_memo
+        if memo is not None and memo[0] is lvs:
+            return memo[1]
+        total = sum(
+            lv.size_bytes
+            for lv in lvs
+            if lv.vg_name == volume_group and lv.pool == self.pool and not self._is_snapshot(lv)
+        )
+        self._provisioned_memo = (lvs, total)
+        return total
 
     def _is_snapshot(self, lv: LogicalVolume) -> bool:
         owned = self.inventory.adopt(lv)
