@@ -39,6 +39,23 @@ _LOGGED_FIELDS = (
 )
 
 
+# Calls the kubelet, the sidecars and the liveness probe repeat all day (stats
+# of every mounted volume each minute): logged at debug when they succeed, so
+# a node with many volumes does not log a line per volume per minute.
+_POLLS = frozenset(
+    {
+        "Probe",
+        "GetPluginInfo",
+        "GetPluginCapabilities",
+        "NodeGetInfo",
+        "NodeGetCapabilities",
+        "NodeGetVolumeStats",
+        "ControllerGetCapabilities",
+        "GetCapacity",
+    }
+)
+
+
 def _request_ids(request: Message) -> dict[str, str]:
     ids = {}
     for field in _LOGGED_FIELDS:
@@ -84,7 +101,8 @@ class CallInterceptor(grpc.ServerInterceptor):
             finally:
                 elapsed = time.monotonic() - started
                 observe_rpc(method, code.name, elapsed)
-                log.info(
+                quiet = method in _POLLS and code is grpc.StatusCode.OK
+                (log.debug if quiet else log.info)(
                     "rpc",
                     method=method,
                     **_request_ids(request),
