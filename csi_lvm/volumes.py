@@ -8,7 +8,11 @@ caller needs as a device); it holds no policy of thin or thick classes, whose
 space and health are ``csi_lvm.backends``' business. One ``Scan`` (a single
 LVM report) answers every question an RPC has about space, names and health,
 so a call costs one report, not one per question; calls that want a scan at
-the same time share one (``ScanBatcher``).
+the same time share one (``ScanBatcher``). The calls a node serves all day
+(stats, capacity, metrics, creates) read the kept view instead
+(``Inventory.view`` and ``current``): the latest report, renewed in the
+background every refresh interval, with the driver's own changes since
+applied at once, so that their cost does not grow with the node's volumes.
 """
 
 from __future__ import annotations
@@ -96,8 +100,9 @@ class Scan:
 class ChangedScan(Scan):
     """A kept report with the LVs the driver has changed since it began
     (``touched``) read again, one at a time, when a caller asks for one of
-    them by name. Sums over ``lvs`` (a class's room) still show them as they
-    were: the backends' reservations count what the driver has made since."""
+    them by name. Its ``lvs`` and ``vgs`` are the report's less what the
+    driver removed since (``Inventory.view`` makes it); what the driver made
+    since, the backends' reservations count in a class's room."""
 
     touched: frozenset[tuple[str, str]] = frozenset()
     reread: Callable[[str, str], LogicalVolume | None] | None = None
