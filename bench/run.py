@@ -614,6 +614,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,scale,default-vg",
+        help="phases; default-vg-fill also fills a default VG until LVM refuses (slow)",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -657,6 +658,7 @@ def main() -> int:
                     args.scale_load_creates, scale="scale" in only,
                     default_vg="default-vg" in only,
                     log_copy=Path(args.json).with_suffix(".scale-driver.log"),
+                    fill_default_vg="default-vg-fill" in only,
                 )  # fmt: skip
         rows = bench.rows
     finally:
