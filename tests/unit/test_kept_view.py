@@ -3,8 +3,16 @@ name, nothing else is; the change log says when it no longer reaches back."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from csi_lvm.backends.base import (
+    METADATA_BYTES_PER_LV,
+    METADATA_RESERVE_BYTES,
+    metadata_full,
+    metadata_room_lvs,
+)
 from csi_lvm.lvm import commands
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
@@ -74,3 +82,16 @@ def test_the_change_log_names_what_changed_since_a_count(monkeypatch: pytest.Mon
         lvm.extend("vg0", name, 8 << 20)
     assert lvm.touched_since(before) is None  # forgotten: read everything again
     assert lvm.touched_since(lvm.changes - 1) == {("vg0", "csi-e"): (lvm.changes, False)}
+
+
+def test_a_metadata_area_near_full_takes_no_new_volumes_and_says_how_to_fix_it() -> None:
+    roomy = VolumeGroup("vg0", 1 << 30, 1 << 29, 4 << 20, "wz--n-", 0, 1044480, 300_000)
+    assert metadata_full(roomy) is None
+    assert metadata_room_lvs(roomy) == (300_000 - METADATA_RESERVE_BYTES) // METADATA_BYTES_PER_LV
+    cramped = dataclasses.replace(roomy, metadata_free_bytes=METADATA_RESERVE_BYTES - 1)
+    refusal = metadata_full(cramped)
+    assert refusal is not None and "metadata area of volume group vg0 is full" in refusal
+    assert "pvcreate --metadatasize" in refusal and "vgextend" in refusal
+    assert metadata_room_lvs(cramped) == 0
+    unknown = dataclasses.replace(roomy, metadata_area_bytes=0)  # a report without the fields
+    assert metadata_full(unknown) is None and metadata_room_lvs(unknown) is None
