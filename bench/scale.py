@@ -49,7 +49,11 @@ class ScaleBench:
         self.work.mkdir()
         self.add = add
         self.counter = 0
-        self.vg = LoopVolumeGroup(self.work, "scale", "8G", pool_size="2G", metadata_size="8m")
+        # Room for 1500 LVs' records in the VG, and for as many thin devices
+        # in the pool's own metadata (LVM refuses new ones past 75 % of it).
+        self.vg = LoopVolumeGroup(
+            self.work, "scale", "8G", pool_size="2G", metadata_size="8m", pool_metadata_size="64m"
+        )
         # LVM archives a VG's metadata before each change (into the VM's
         # memory here): thousands of changes of a large VG would fill it.
         self.overrides = self.work / "lvm-overrides.conf"

@@ -48,6 +48,7 @@ class LoopVolumeGroup:
     pool: str = "pool0"
     pool_size: str = "2G"
     metadata_size: str = ""  # pvcreate --metadatasize (LVM's default when empty)
+    pool_metadata_size: str = ""  # lvcreate --poolmetadatasize (LVM's default when empty)
     image: Path = field(init=False)
     device: str = field(init=False, default="")
 
@@ -62,7 +63,10 @@ class LoopVolumeGroup:
         sizing = ["--metadatasize", self.metadata_size] if self.metadata_size else []
         sh("pvcreate", "-q", "-y", *sizing, self.device)
         sh("vgcreate", "-q", "-y", self.name, self.device)
-        sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size,
+        pool_sizing = (
+            ["--poolmetadatasize", self.pool_metadata_size] if self.pool_metadata_size else []
+        )
+        sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size, *pool_sizing,
            "-n", self.pool, self.name)  # fmt: skip
         return self
 
