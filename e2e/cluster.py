@@ -73,6 +73,16 @@ def writable_var_lib(scratch: Path) -> None:
     KUBELET_DIR.mkdir(exist_ok=True)
 
 
+def cgroup_controllers() -> None:
+    """On cgroup v2 (the VM), the controllers the kubelet's cgroups need."""
+    control = Path("/sys/fs/cgroup/cgroup.subtree_control")
+    if not control.exists():
+        return
+    available = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+    wanted = [c for c in ("cpu", "cpuset", "memory", "pids", "io", "hugetlb") if c in available]
+    control.write_text(" ".join(f"+{c}" for c in wanted))
+
+
 def loopback_addresses() -> None:
     run(["ip", "link", "set", "lo", "up"])
     addresses = run(["ip", "-o", "addr", "show", "dev", "lo"])
@@ -317,10 +327,10 @@ class Cluster:
     def import_image(self, tarball: Path) -> None:
         self.ctr("images", "import", str(tarball))
 
-    def start_kubelet(self) -> None:
+    def start_kubelet(self, again: bool = False) -> None:
         config = self.scratch / "kubelet.yaml"
         logs = self.scratch / "pod-logs"
-        logs.mkdir()
+        logs.mkdir(exist_ok=again)
         zero = "0%"
         config.write_text(yaml.safe_dump({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",

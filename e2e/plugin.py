@@ -17,6 +17,7 @@ talk to the API, and the registration directory for node-driver-registrar
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -171,7 +172,9 @@ class NodeProcesses:
             return f"{prefix}={value}" if prefix else value
 
         if container.get("command"):
-            program = shutil.which(container["command"][0])
+            # The image's venv is this checkout's (on PATH in the VM, scripts/guest.sh).
+            search = f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"
+            program = shutil.which(container["command"][0], path=search)
             if program is None:
                 raise Failed(
                     f"{container['command'][0]} (container {container['name']}) is not on PATH"

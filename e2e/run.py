@@ -22,7 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from e2e.cluster import KUBE_BINARIES, Cluster, missing_debian_programs  # noqa: E402
+from e2e.checks import run_checks  # noqa: E402
+from e2e.cluster import (  # noqa: E402
+    KUBE_BINARIES,
+    Cluster,
+    cgroup_controllers,
+    loopback_addresses,
+    missing_debian_programs,
+    writable_var_lib,
+)
+from e2e.plugin import sidecar_binaries  # noqa: E402
 from e2e.procs import Failed, Processes  # noqa: E402
 
 NO_BINARY = 4
@@ -54,8 +63,6 @@ class Report:
 
 
 def required_binaries() -> list[str]:
-    from e2e.plugin import sidecar_binaries
-
     return [*CLUSTER_BINARIES, *sidecar_binaries()]
 
 
@@ -104,14 +111,11 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
     procs = Processes(scratch / "logs")
     cluster = Cluster(directory, scratch, procs)
     try:
-        from e2e.cluster import loopback_addresses, writable_var_lib
-
         loopback_addresses()
+        cgroup_controllers()
         writable_var_lib(scratch)
         cluster.bring_up(report)
         if stage != "cluster":
-            from e2e.checks import run_checks
-
             run_checks(cluster, report, stage)
     except Failed as error:
         report.failed("the tier stopped", str(error))
