@@ -236,6 +236,7 @@ class Cluster:
             f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
             f"--client-ca-file={self.pki.ca}",
             f"--kubelet-client-certificate={kcert}", f"--kubelet-client-key={kkey}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--service-account-key-file={self.sa_public}",
             f"--service-account-signing-key-file={self.sa_key}",
             "--service-account-issuer=https://kubernetes.default.svc",
@@ -306,6 +307,9 @@ class Cluster:
             [plugins."io.containerd.grpc.v1.cri"]
               sandbox_image = "{PAUSE_IMAGE}"
               enable_unprivileged_ports = false
+              # Where this process may not lower oom_score_adj (the host-side
+              # trial), pods keep containerd's own instead of failing.
+              restrict_oom_score_adj = true
               [plugins."io.containerd.grpc.v1.cri".containerd]
                 snapshotter = "overlayfs"
                 default_runtime_name = "runc"
