@@ -11,6 +11,7 @@ not loopback, which the kubelet (node IP) and the endpoints of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from e2e.images import busybox_image
@@ -323,6 +325,18 @@ class Cluster:
             """))  # fmt: skip
         self.procs.start("containerd", ["containerd", "--config", str(config)])
         wait_for("containerd socket", self.containerd_socket.exists, 60, interval=0.5)
+
+    def kill_shims(self) -> None:
+        """containerd's shims outlive it (they run in sessions of their own):
+        end them and the pod processes under them."""
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if str(self.containerd_socket) not in cmdline:
+                continue
+            with contextlib.suppress(psutil.Error):
+                for child in process.children(recursive=True):
+                    child.kill()
+                process.kill()
 
     def ctr(self, *args: str, timeout: float = 300) -> str:
         return run(["ctr", "--address", str(self.containerd_socket), "-n", "k8s.io", *args],

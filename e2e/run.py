@@ -124,6 +124,7 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
             print(f"e2e: kept running; scratch {scratch}", flush=True)
         else:
             procs.stop_all()
+            cluster.kill_shims()
             for log in (scratch / "logs").glob("*.log"):
                 shutil.copy(log, RESULTS / log.name)
     total = time.monotonic() - report.start
