@@ -57,7 +57,9 @@ def test_paths_env_and_the_additions(tmp_path: Path) -> None:
     assert env == {"NODE_NAME": "node-a", "NAMESPACE": "csi-lvm", "POD_NAME": "csi-lvm-xyz"}
     registrar, _ = found["node-driver-registrar"]
     # The registration path is the kubelet's view: the env value, unchanged.
-    assert "--kubelet-registration-path=/var/lib/kubelet/plugins/lvm.csi-lvm.io/csi.sock" in registrar
+    assert (
+        "--kubelet-registration-path=/var/lib/kubelet/plugins/lvm.csi-lvm.io/csi.sock" in registrar
+    )
     assert registrar[-1] == f"--plugin-registration-path={host}/var/lib/kubelet/plugins_registry"
     resizer, _ = found["csi-resizer"]
     assert "--leader-election-namespace=csi-lvm" in resizer
