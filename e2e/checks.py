@@ -213,8 +213,8 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
     try:
         rendered, node = set_up_plugin(cluster, scratch, report)
         checks = Checks(cluster, report, lvm)
-        check_registered(checks, rendered)
-        if stage == "all" and have_dm:
+        registered = check_registered(checks, rendered)
+        if stage == "all" and have_dm and registered:
             workload_checks(checks, rendered, node)
     finally:
         if vg is not None:
@@ -237,7 +237,7 @@ def vg_cleanup(vg: Any) -> None:
     vg.destroy()
 
 
-def check_registered(checks: Checks, rendered: Rendered) -> None:
+def check_registered(checks: Checks, rendered: Rendered) -> bool:
     cluster = checks.cluster
     driver = rendered.driver_name
     key = f"topology.{driver}/node"
@@ -269,11 +269,9 @@ def check_registered(checks: Checks, rendered: Rendered) -> None:
         found = objects()
         return ", ".join(f"{sc} {found[sc]}" for sc in classes)
 
-    checks.check("1a node Ready, plugin registered: CSINode", registered)
-    checks.check(
-        "1b CSIStorageCapacity per StorageClass",
-        capacity,
-        needs=("1a node Ready, plugin registered: CSINode",),
+    first = "1a node Ready, plugin registered: CSINode"
+    return checks.check(first, registered) & checks.check(
+        "1b CSIStorageCapacity per StorageClass", capacity, needs=(first,)
     )
 
 

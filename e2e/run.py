@@ -107,8 +107,10 @@ def subprocess_call(command: list[str]) -> int:
 def inside_main(directory: Path, stage: str, keep: bool) -> int:
     report = Report()
     scratch = Path(tempfile.mkdtemp(prefix="csi-lvm-e2e-", dir="/tmp"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    procs = Processes(scratch / "logs")
+    # The logs go straight to build/vm/e2e, which the host sees while the VM runs.
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    RESULTS.mkdir(parents=True)
+    procs = Processes(RESULTS)
     cluster = Cluster(directory, scratch, procs)
     try:
         loopback_addresses()
@@ -125,8 +127,6 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
         else:
             procs.stop_all()
             cluster.kill_shims()
-            for log in (scratch / "logs").glob("*.log"):
-                shutil.copy(log, RESULTS / log.name)
     total = time.monotonic() - report.start
     verdict = "PASS" if report.failures == 0 else f"FAIL ({report.failures} failed)"
     print(f"e2e: {verdict} in {total:.0f} s; logs in {RESULTS}", flush=True)
