@@ -211,7 +211,9 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
             "         no device-mapper here: the plugin runs with its classes missing", flush=True
         )
     try:
+        # While the kubelet comes up (minutes under TCG).
         rendered, node = set_up_plugin(cluster, scratch, report)
+        cluster.wait_ready(report)
         checks = Checks(cluster, report, lvm)
         registered = check_registered(checks, rendered)
         if stage == "all" and have_dm and registered:
@@ -249,7 +251,7 @@ def check_registered(checks: Checks, rendered: Rendered) -> bool:
             drivers = cluster.get("csinode", NODE_NAME)["spec"].get("drivers") or []
             return next((d for d in drivers if d["name"] == driver), None)
 
-        took = wait_for(f"CSINode {NODE_NAME} lists {driver}", lambda: entry() is not None, 180)
+        took = wait_for(f"CSINode {NODE_NAME} lists {driver}", lambda: entry() is not None, 300)
         found = entry() or {}
         if found.get("topologyKeys") != [key]:
             raise Failed(f"CSINode topology keys {found.get('topologyKeys')}, expected [{key}]")

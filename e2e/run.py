@@ -116,8 +116,10 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
         loopback_addresses()
         cgroup_controllers()
         writable_var_lib(scratch)
-        cluster.bring_up(report)
-        if stage != "cluster":
+        cluster.start(report)
+        if stage == "cluster":
+            cluster.wait_ready(report)
+        else:
             run_checks(cluster, report, stage)
     except Failed as error:
         report.failed("the tier stopped", str(error))
