@@ -199,6 +199,6 @@ class NodeProcesses:
             if only is not None and container["name"] not in only:
                 continue
             argv, env = self.command(container)
-            self.procs.start(container["name"], argv, env)
+            self.procs.start(container["name"], argv, env, restart=True)
             lines.append(f"{container['name']}: {shlex.join(argv)}")
         return lines

@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +61,14 @@ class Process:
     args: list[str]
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    # Restarted when it exits, as the kubelet restarts a pod's containers
+    # (restartPolicy Always), with the kubelet's doubling back-off.
+    restart: bool = False
     popen: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    stopping: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    next_start: float = 0.0
 
     def start(self) -> Process:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +91,25 @@ class Process:
             code = self.popen.returncode if self.popen else None
             raise Died(f"{self.name} exited ({code}); its log:\n{tail(self.log)}")
 
+    def supervise(self) -> None:
+        """Start it again if it exited and may restart; called every second."""
+        with self.lock:
+            if not self.restart or self.stopping or self.alive():
+                return
+            now = time.monotonic()
+            if self.next_start == 0.0:
+                self.next_start = now + min(2**self.restarts, 20)
+            if now < self.next_start:
+                return
+            self.restarts += 1
+            self.next_start = 0.0
+            with self.log.open("ab") as out:
+                out.write(f"=== e2e: restart {self.restarts}\n".encode())
+            self.start()
+
     def stop(self, sig: signal.Signals = signal.SIGTERM, grace: float = 15) -> None:
+        with self.lock:
+            self.stopping = True
         if self.popen is None:
             return
         if self.popen.poll() is None:
@@ -103,13 +129,27 @@ class Processes:
 
     logs: Path
     started: list[Process] = field(default_factory=list)
+    supervisor: threading.Thread | None = None
 
     def start(
-        self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        restart: bool = False,
     ) -> Process:
-        process = Process(name, list(args), self.logs / f"{name}.log", dict(env or {}))
+        process = Process(name, list(args), self.logs / f"{name}.log", dict(env or {}), restart)
         self.started.append(process.start())
+        if restart and self.supervisor is None:
+            self.supervisor = threading.Thread(target=self._supervise, daemon=True)
+            self.supervisor.start()
         return process
+
+    def _supervise(self) -> None:
+        while True:
+            time.sleep(1)
+            for process in list(self.started):
+                process.supervise()
 
     def get(self, name: str) -> Process:
         return next(p for p in reversed(self.started) if p.name == name)
