@@ -107,9 +107,10 @@ class Checks:
             return False
         try:
             detail = body()
-        except Failed as error:
+        except Exception as error:  # a check that breaks is a check that failed
             self.broken.add(name)
-            self.report.failed(name, str(error).replace("\n", "\n    "))
+            text = str(error) if isinstance(error, Failed) else f"{type(error).__name__}: {error}"
+            self.report.failed(name, text.replace("\n", "\n    "))
             return False
         self.report.passed(name, detail)
         return True
@@ -373,16 +374,19 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     checks.check("4 VolumeSnapshot ready; restore to a second pod", snapshot, needs=(two,))
     checks.check("5 clone (dataSource PVC)", clone, needs=(two,))
 
+    def size_kib() -> int:
+        return int(checks.exec("thin", "df -P -k /data | tail -1").split()[1])
+
     def expand() -> str:
-        before = int(checks.exec("thin", "df -k /data | tail -1").split()[1])
+        before = size_kib()
         grow = {"spec": {"resources": {"requests": {"storage": "2Gi"}}}}
         kubectl("patch", "pvc", "thin", "-n", NAMESPACE, "--type=merge", "-p", json.dumps(grow))
 
         def grown() -> bool:
-            return int(checks.exec("thin", "df -k /data | tail -1").split()[1]) * 1024 > 1.5 * GiB
+            return size_kib() * 1024 > 1.5 * GiB
 
         took = wait_for("the pod sees the grown filesystem", grown, 240, interval=3)
-        after = int(checks.exec("thin", "df -k /data | tail -1").split()[1])
+        after = size_kib()
         status = cluster.get("pvc", "thin", "-n", NAMESPACE)["status"]["capacity"]["storage"]
         return f"df {before} -> {after} KiB in {took:.0f} s, PVC capacity {status}"
 
