@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +91,7 @@ def host_main(stage: str) -> int:
         print(f"e2e: missing Debian programs: {', '.join(programs)}; run `make setup`.",
               file=sys.stderr)  # fmt: skip
         return NO_BINARY
-    vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--memory", "4G"]
+    vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--force-vm", "--memory", "4G"]
     command = ["python", "e2e/run.py", "--inside", str(directory), "--stage", stage]
     start = time.monotonic()
     code = subprocess_call([*vmrun, "--", "timeout", "1800", *command])
@@ -99,14 +100,16 @@ def host_main(stage: str) -> int:
 
 
 def subprocess_call(command: list[str]) -> int:
-    import subprocess
-
     return subprocess.call(command)
 
 
 def inside_main(directory: Path, stage: str, keep: bool) -> int:
     report = Report()
     scratch = Path(tempfile.mkdtemp(prefix="csi-lvm-e2e-", dir="/tmp"))
+    # A tmpfs of its own: the VM's /tmp is an overlay, and overlayfs (containerd's
+    # snapshots, the /var/lib overlay) refuses an upper directory on an overlay.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "e2e-scratch", str(scratch)],
+                   check=True)  # fmt: skip
     # The logs go straight to build/vm/e2e, which the host sees while the VM runs.
     shutil.rmtree(RESULTS, ignore_errors=True)
     RESULTS.mkdir(parents=True)
