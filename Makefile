@@ -5,7 +5,7 @@ VMRUN  := $(PY) scripts/vmrun.py
 # A subset of the real-LVM suite: make lvm-tests LVM_TESTS=tests/lvm/test_node.py
 LVM_TESTS ?= tests/lvm
 
-.PHONY: setup proto lint unit image-test lvm-tests stress test demo sanity bench clean
+.PHONY: setup proto lint unit image-test lvm-tests stress test demo sanity e2e bench clean
 
 setup:
 	scripts/setup.sh
@@ -17,8 +17,8 @@ proto: setup
 	    --mypy_grpc_out=generate_concrete_servicer_stubs,only_sync,quiet:. csi_lvm/csi/csi.proto
 
 lint: setup
-	$(VENV)/bin/ruff check csi_lvm tests scripts bench
-	$(VENV)/bin/ruff format --check csi_lvm tests scripts bench
+	$(VENV)/bin/ruff check csi_lvm tests scripts bench e2e
+	$(VENV)/bin/ruff format --check csi_lvm tests scripts bench e2e
 	$(VENV)/bin/mypy
 
 unit: setup
@@ -57,6 +57,12 @@ bench: setup
 # Upstream csi-sanity, once per device class (needs the binary; see sanity/README.md).
 sanity: setup
 	$(PY) sanity/run.py
+
+# The Kubernetes end-to-end tier (issue 17): a one-node cluster in one VM,
+# binaries from $$CSI_LVM_E2E_BIN (see e2e/README.md). Not part of `make test`.
+E2E_ARGS ?=
+e2e: setup
+	$(PY) e2e/run.py $(E2E_ARGS)
 
 clean:
 	rm -rf build

@@ -1,0 +1,490 @@
+"""The checks of issue 17, each reported as one PASS or FAIL line.
+
+The workloads are busybox pods (host network, image imported, never pulled)
+on PVCs of the StorageClasses that deploy/kubernetes ships. A check that
+fails is reported and the next one runs, unless it needs what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e.cluster import BUSYBOX_IMAGE, KUBELET_DIR, NODE_NAME, Cluster, kubeconfig
+from e2e.plugin import NodeProcesses, Rendered, containers, render
+from e2e.procs import Failed, run, wait_for
+from tests.testbed import LoopVolumeGroup
+
+NAMESPACE = "default"
+PHANTOM_NODE = "e2e-node-2"
+SNAPSHOT_CONTROLLER_ARGS = ("--enable-distributed-snapshotting", "--leader-election=false")
+POD_TIMEOUT = 300
+GiB = 1024**3
+SELECTED_NODE = "volume.kubernetes.io/selected-node"
+DEFAULT_CLASS = "storageclass.kubernetes.io/is-default-class"
+BLOCK_WRITE = "echo block-data | dd of=/dev/e2e-block conv=fsync 2>/dev/null"
+
+
+class Lvm:
+    """The node's volume group as LVM reports it (not the driver)."""
+
+    def __init__(self, vg: str) -> None:
+        self.vg = vg
+
+    def lvs(self) -> dict[str, str]:
+        out = run(["lvs", "--noheadings", "--units", "b", "--nosuffix",
+                   "-o", "lv_name,lv_size", self.vg])  # fmt: skip
+        return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def kubelet_mounts() -> list[str]:
+    """Mount points under the kubelet's directory, from this namespace's mountinfo."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [p for p in points if p.startswith(f"{KUBELET_DIR}/")]
+
+
+def pvc(name: str, size: str, storage_class: str | None = None, *, block: bool = False,
+        source: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": size}},
+        "volumeMode": "Block" if block else "Filesystem",
+    }
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    if source:
+        spec["dataSource"] = source
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}  # fmt: skip
+
+
+def pod(name: str, claim: str, script: str, *, block: bool = False, fs_group: int | None = None,
+        node: str | None = None) -> dict[str, Any]:  # fmt: skip
+    container: dict[str, Any] = {
+        "name": "app",
+        "image": BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["/bin/sh", "-c", f"{script}\nexec sleep 1000000"],
+    }
+    if block:
+        container["volumeDevices"] = [{"name": "data", "devicePath": "/dev/e2e-block"}]
+    else:
+        container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+    spec: dict[str, Any] = {
+        "hostNetwork": True,
+        "terminationGracePeriodSeconds": 2,
+        "containers": [container],
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+    }
+    if fs_group is not None:
+        spec["securityContext"] = {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": fs_group}
+    if node:
+        spec["nodeSelector"] = {"kubernetes.io/hostname": node}
+        spec["tolerations"] = [{"operator": "Exists"}]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}  # fmt: skip
+
+
+class Checks:
+    def __init__(self, cluster: Cluster, report: Any, lvm: Lvm | None) -> None:
+        self.cluster = cluster
+        self.report = report
+        self.lvm = lvm
+        self.kubectl = cluster.kubectl
+        self.broken: set[str] = set()
+
+    # ---- helpers -----------------------------------------------------------
+    def check(self, name: str, body: Callable[[], str], needs: tuple[str, ...] = ()) -> bool:
+        missing = [n for n in needs if n in self.broken]
+        if missing:
+            self.broken.add(name)
+            self.report.failed(name, f"not run: needs {', '.join(missing)}")
+            return False
+        try:
+            detail = body()
+        except Exception as error:  # a check that breaks is a check that failed
+            self.broken.add(name)
+            text = str(error) if isinstance(error, Failed) else f"{type(error).__name__}: {error}"
+            self.report.failed(name, text.replace("\n", "\n    "))
+            return False
+        self.report.passed(name, detail)
+        return True
+
+    def phase(self, name: str) -> str:
+        phase: str = self.cluster.get("pod", name, "-n", NAMESPACE)["status"].get("phase", "")
+        return phase
+
+    def wait_running(self, *names: str, timeout: float = POD_TIMEOUT) -> None:
+        for name in names:
+
+            def running(name: str = name) -> bool:
+                return self.phase(name) == "Running"
+
+            try:
+                wait_for(f"pod {name} Running", running, timeout, interval=2)
+            except Failed as error:
+                raise Failed(f"{error}; {self.why(name)}") from None
+
+    def why(self, name: str) -> str:
+        events = self.cluster.get("events", "-n", NAMESPACE,
+                                  f"--field-selector=involvedObject.name={name}")  # fmt: skip
+        last = [f"{e['reason']}: {e['message']}" for e in events["items"][-3:]]
+        return "events: " + (" | ".join(last) or "none")
+
+    def exec(self, name: str, script: str) -> str:
+        return self.kubectl("exec", "-n", NAMESPACE, name, "--", "/bin/sh", "-c", script)
+
+    def pv_of(self, claim: str) -> dict[str, Any]:
+        volume = self.cluster.get("pvc", claim, "-n", NAMESPACE)["spec"].get("volumeName")
+        if not volume:
+            raise Failed(f"PVC {claim} is not bound")
+        result: dict[str, Any] = self.cluster.get("pv", volume)
+        return result
+
+    def pv_node(self, claim: str) -> str:
+        terms = self.pv_of(claim)["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+        values = {v for t in terms for e in t["matchExpressions"] for v in e["values"]}
+        return ",".join(sorted(values))
+
+    def lvs(self) -> dict[str, str]:
+        return self.lvm.lvs() if self.lvm else {}
+
+
+def set_up_plugin(cluster: Cluster, scratch: Path, report: Any) -> tuple[Rendered, NodeProcesses]:
+    """The CRDs, the snapshot-controller, deploy/kubernetes applied and the
+    DaemonSet's containers started on the node (see plugin.py)."""
+    kubectl = cluster.kubectl
+    kubectl("apply", "--server-side", "-k", str(cluster.bin / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd", "--all")
+    cluster.apply([{
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": PHANTOM_NODE, "labels": {"kubernetes.io/hostname": PHANTOM_NODE}},
+    }])  # fmt: skip
+    rendered = render(kubectl)
+    daemonset = rendered.daemonset
+    # The plugin image is not built in the VM: its pods go to the node without
+    # a kubelet, and the containers run on the real node as processes.
+    daemonset["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": PHANTOM_NODE}
+    cluster.apply(rendered.objects)
+    cluster.procs.start("snapshot-controller", [
+        str(cluster.bin / "snapshot-controller"), f"--kubeconfig={cluster.admin}",
+        *SNAPSHOT_CONTROLLER_ARGS,
+    ])  # fmt: skip
+    namespace = daemonset["metadata"]["namespace"]
+    selector = ",".join(f"{k}={v}" for k, v in daemonset["spec"]["selector"]["matchLabels"].items())
+
+    def pod_name() -> str:
+        pods = cluster.get("pods", "-n", namespace, "-l", selector)["items"]
+        names: list[str] = [p["metadata"]["name"] for p in pods]
+        return names[0] if names else ""
+
+    wait_for("the DaemonSet's pod object", lambda: bool(pod_name()), 120)
+    account = daemonset["spec"]["template"]["spec"]["serviceAccountName"]
+    token = kubectl("create", "token", account, "-n", namespace, "--duration=3h").strip()
+    sa_config = kubeconfig(scratch / "csi-lvm-sa.kubeconfig", cluster.pki.ca, token=token)
+    node = NodeProcesses(rendered, NODE_NAME, pod_name(), cluster.bin, scratch, sa_config,
+                         cluster.procs)  # fmt: skip
+    for line in node.start():
+        print(f"         {line}", flush=True)
+    return rendered, node
+
+
+def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
+    scratch = cluster.scratch
+    lvm: Lvm | None = None
+    vg = None
+    have_dm = Path("/sys/module/dm_thin_pool").exists()
+    config = yaml.safe_load(
+        render(cluster.kubectl).the("ConfigMap", "csi-lvm-config")["data"]["config.yaml"]
+    )
+    thin = next(c for c in config["deviceClasses"] if c.get("thinPool"))
+    if have_dm:
+        vg = LoopVolumeGroup(scratch, name=thin["volumeGroup"], size="8G",
+                             pool=thin["thinPool"], pool_size="2G").create()  # fmt: skip
+        lvm = Lvm(vg.name)
+    else:
+        print(
+            "         no device-mapper here: the plugin runs with its classes missing", flush=True
+        )
+    try:
+        # While the kubelet comes up (minutes under TCG).
+        rendered, node = set_up_plugin(cluster, scratch, report)
+        cluster.wait_ready(report)
+        checks = Checks(cluster, report, lvm)
+        registered = check_registered(checks, rendered)
+        if stage == "all" and have_dm and registered:
+            workload_checks(checks, rendered, node)
+    finally:
+        if vg is not None:
+            # The tier's own clean-up, after the checks have judged the driver's.
+            for name in list(checks_pods(cluster)):
+                cluster.kubectl("delete", "pod", "-n", NAMESPACE, name, "--wait=false", check=False)
+            vg_cleanup(vg)
+
+
+def checks_pods(cluster: Cluster) -> list[str]:
+    try:
+        return [p["metadata"]["name"] for p in cluster.get("pods", "-n", NAMESPACE)["items"]]
+    except Failed:
+        return []
+
+
+def vg_cleanup(vg: Any) -> None:
+    for point in reversed(kubelet_mounts()):
+        run(["umount", "-l", point], check=False)
+    vg.destroy()
+
+
+def check_registered(checks: Checks, rendered: Rendered) -> bool:
+    cluster = checks.cluster
+    driver = rendered.driver_name
+    key = f"topology.{driver}/node"
+    classes = [sc["metadata"]["name"] for sc in rendered.all("StorageClass")
+               if sc["provisioner"] == driver]  # fmt: skip
+
+    def registered() -> str:
+        def entry() -> dict[str, Any] | None:
+            drivers = cluster.get("csinode", NODE_NAME)["spec"].get("drivers") or []
+            return next((d for d in drivers if d["name"] == driver), None)
+
+        took = wait_for(f"CSINode {NODE_NAME} lists {driver}", lambda: entry() is not None, 300)
+        found = entry() or {}
+        if found.get("topologyKeys") != [key]:
+            raise Failed(f"CSINode topology keys {found.get('topologyKeys')}, expected [{key}]")
+        return f"topology key {key}, after {took:.0f} s"
+
+    def capacity() -> str:
+        def objects() -> dict[str, str]:
+            items = cluster.get("csistoragecapacities", "-A")["items"]
+            found = {}
+            for item in items:
+                labels = item.get("nodeTopology", {}).get("matchLabels", {})
+                if labels.get(key) == NODE_NAME:
+                    found[item["storageClassName"]] = item.get("capacity", "0")
+            return found
+
+        wait_for("CSIStorageCapacity for every class", lambda: set(classes) <= set(objects()), 180)
+        found = objects()
+        return ", ".join(f"{sc} {found[sc]}" for sc in classes)
+
+    first = "1a node Ready, plugin registered: CSINode"
+    return checks.check(first, registered) & checks.check(
+        "1b CSIStorageCapacity per StorageClass", capacity, needs=(first,)
+    )
+
+
+def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None:
+    cluster = checks.cluster
+    kubectl = checks.kubectl
+    initial_lvs = checks.lvs()
+    default_class = next(
+        sc["metadata"]["name"] for sc in rendered.all("StorageClass")
+        if sc["metadata"].get("annotations", {}).get(DEFAULT_CLASS) == "true"
+    )  # fmt: skip
+    # Checks 2 and 3 at once: their pods start in parallel.
+    cluster.apply([
+        pvc("thin", "1Gi"), pod("thin", "thin", "echo snapshot-time > /data/file && sync"),
+        pvc("xfs", "1Gi", "csi-lvm-xfs"), pod("xfs", "xfs", "echo xfs > /data/file && sync"),
+        pvc("block", "64Mi", block=True),
+        pod("block", "block", BLOCK_WRITE, block=True),
+        pvc("fsgroup", "64Mi"), pod("fsgroup", "fsgroup", "echo mine > /data/file", fs_group=4321),
+    ])  # fmt: skip
+
+    def first() -> str:
+        checks.wait_running("thin")
+        node_of = checks.pv_node("thin")
+        if node_of != NODE_NAME:
+            raise Failed(f"PV pinned to {node_of}")
+        text = checks.exec("thin", "cat /data/file").strip()
+        if text != "snapshot-time":
+            raise Failed(f"the pod's file holds {text!r}")
+        fs = checks.exec("thin", "stat -f -c %T /data").strip()
+        return f"default class {default_class}, PV on {node_of}, {fs}, the pod wrote its file"
+
+    def xfs() -> str:
+        checks.wait_running("xfs")
+        fs = checks.exec("xfs", "stat -f -c %T /data; cat /data/file").split()
+        if fs != ["xfs", "xfs"]:
+            raise Failed(f"filesystem and file: {fs}")
+        return "mounted xfs, file written"
+
+    def block() -> str:
+        checks.wait_running("block")
+        out = checks.exec("block", "test -b /dev/e2e-block && head -c 10 /dev/e2e-block; echo; "
+                          "blockdev --getsize64 /dev/e2e-block").split()  # fmt: skip
+        if out[:1] != ["block-data"]:
+            raise Failed(f"the device reads {out}")
+        return f"a block device of {out[1]} bytes, written and read"
+
+    def fsgroup() -> str:
+        checks.wait_running("fsgroup")
+        out = checks.exec("fsgroup", "stat -c '%g %u' /data/file; stat -c %g /data; id -u").split()
+        if out[0] != "4321" or out[2] != "4321":
+            raise Failed(f"file group/owner, dir group, uid: {out}")
+        return f"file group {out[0]}, owner {out[1]}, directory group {out[2]}"
+
+    two = "2 PVC on the default class: scheduled, provisioned, staged, published"
+    checks.check(two, first)
+    checks.check("3a csi-lvm-xfs", xfs)
+    checks.check("3b raw block PVC", block)
+    checks.check("3c fsGroup", fsgroup)
+
+    def snapshot() -> str:
+        cluster.apply([{
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "snap", "namespace": NAMESPACE},
+            "spec": {"source": {"persistentVolumeClaimName": "thin"}},
+        }])  # fmt: skip
+
+        def ready() -> bool:
+            status = cluster.get("volumesnapshot", "snap", "-n", NAMESPACE).get("status", {})
+            if status.get("error"):
+                raise Failed(f"VolumeSnapshot error: {status['error']}")
+            return bool(status.get("readyToUse"))
+
+        took = wait_for("VolumeSnapshot snap readyToUse", ready, 180, interval=2)
+        checks.exec("thin", "echo after-snapshot >> /data/file && sync")
+        cluster.apply([
+            pvc("restore", "1Gi", source={"apiGroup": "snapshot.storage.k8s.io",
+                                          "kind": "VolumeSnapshot", "name": "snap"}),
+            pod("restore", "restore", "true"),
+        ])  # fmt: skip
+        checks.wait_running("restore")
+        text = checks.exec("restore", "cat /data/file")
+        if text != "snapshot-time\n":
+            raise Failed(f"the restored file holds {text!r}")
+        return f"ready after {took:.0f} s; the restore holds exactly the data at snapshot time"
+
+    def clone() -> str:
+        cluster.apply([
+            pvc("clone", "1Gi", source={"kind": "PersistentVolumeClaim", "name": "thin"}),
+            pod("clone", "clone", "true"),
+        ])  # fmt: skip
+        checks.wait_running("clone")
+        text = checks.exec("clone", "cat /data/file")
+        if not text.startswith("snapshot-time\n"):
+            raise Failed(f"the clone's file holds {text!r}")
+        return "the clone holds the source's file"
+
+    checks.check("4 VolumeSnapshot ready; restore to a second pod", snapshot, needs=(two,))
+    checks.check("5 clone (dataSource PVC)", clone, needs=(two,))
+
+    def size_kib() -> int:
+        return int(checks.exec("thin", "df -P -k /data | tail -1").split()[1])
+
+    def expand() -> str:
+        before = size_kib()
+        grow = {"spec": {"resources": {"requests": {"storage": "2Gi"}}}}
+        kubectl("patch", "pvc", "thin", "-n", NAMESPACE, "--type=merge", "-p", json.dumps(grow))
+
+        def grown() -> bool:
+            return size_kib() * 1024 > 1.5 * GiB
+
+        took = wait_for("the pod sees the grown filesystem", grown, 240, interval=3)
+        after = size_kib()
+        status = cluster.get("pvc", "thin", "-n", NAMESPACE)["status"]["capacity"]["storage"]
+        return f"df {before} -> {after} KiB in {took:.0f} s, PVC capacity {status}"
+
+    checks.check("6 online expansion", expand, needs=(two,))
+
+    def too_big() -> str:
+        before = set(checks.lvs())
+        cluster.apply([pvc("huge", "1Ti"), pod("huge", "huge", "true")])
+
+        def reason() -> str:
+            events = cluster.get("events", "-n", NAMESPACE,
+                                 "--field-selector=involvedObject.name=huge")["items"]  # fmt: skip
+            messages = [e["message"] for e in events if e["reason"] == "FailedScheduling"]
+            return messages[-1] if messages else ""
+
+        wait_for("a FailedScheduling event for pod huge", lambda: bool(reason()), 120, interval=2)
+        time.sleep(5)
+        if checks.phase("huge") != "Pending":
+            raise Failed(f"pod huge is {checks.phase('huge')}")
+        new = set(checks.lvs()) - before
+        if new:
+            raise Failed(f"LVs made: {sorted(new)}")
+        return f"Pending: {reason()}"
+
+    checks.check("7 a PVC larger than the node stays Pending", too_big)
+    kubectl("delete", "pod", "huge", "-n", NAMESPACE, "--wait=false", check=False)
+    kubectl("delete", "pvc", "huge", "-n", NAMESPACE, "--wait=false", check=False)
+
+    def plugin_restart() -> str:
+        mounts = kubelet_mounts()
+        for container in reversed(containers(rendered.daemonset)):
+            node.procs.get(container["name"]).stop()
+        node.start()
+        text = checks.exec("thin", "cat /data/file")
+        lost = set(mounts) - set(kubelet_mounts())
+        if lost:
+            raise Failed(f"mounts gone: {sorted(lost)}")
+        cluster.apply([pvc("after-restart", "64Mi"), pod("after-restart", "after-restart", "true")])
+        checks.wait_running("after-restart")
+        return (
+            f"{len(mounts)} mounts kept, the pod reads {text.split()[0]!r}, a new PVC provisioned"
+        )
+
+    def kubelet_restart() -> str:
+        kubelet = cluster.procs.get("kubelet")
+        kubelet.stop()
+        cluster.start_kubelet(again=True)
+        cluster.wait_node_ready(180)
+        text = checks.exec("thin", "cat /data/file")
+        volume = checks.pv_of("fsgroup")["metadata"]["name"]
+        kubectl("delete", "pod", "fsgroup", "-n", NAMESPACE, "--timeout=180s")
+        left = [m for m in kubelet_mounts() if volume in m]
+        if left:
+            raise Failed(f"mounts of {volume} left after the pod went: {left}")
+        return f"the pod still reads {text.split()[0]!r}; a deleted pod unstaged cleanly"
+
+    checks.check(
+        "8a plugin restarted: mounts stay, new PVCs provision", plugin_restart, needs=(two,)
+    )
+    checks.check("8b kubelet restarted: volumes kept, clean unstage", kubelet_restart, needs=(two,))
+
+    def other_node() -> str:
+        before = set(checks.lvs())
+        cluster.apply([pvc("elsewhere", "64Mi"),
+                       pod("elsewhere", "elsewhere", "true", node=PHANTOM_NODE)])  # fmt: skip
+        time.sleep(20)
+        claim = cluster.get("pvc", "elsewhere", "-n", NAMESPACE)
+        selected = claim["metadata"].get("annotations", {}).get(SELECTED_NODE)
+        # As if the scheduler had picked that node: only its provisioner may act.
+        kubectl("annotate", "pvc", "elsewhere", "-n", NAMESPACE, "--overwrite",
+                f"{SELECTED_NODE}={PHANTOM_NODE}")  # fmt: skip
+        time.sleep(20)
+        claim = cluster.get("pvc", "elsewhere", "-n", NAMESPACE)
+        if claim["status"].get("phase") != "Pending":
+            raise Failed(f"PVC elsewhere is {claim['status'].get('phase')}")
+        new = set(checks.lvs()) - before
+        if new:
+            raise Failed(f"LVs made: {sorted(new)}")
+        return (f"Pending, no LV, no PV (the scheduler selected {selected}; "
+                f"then annotated for {PHANTOM_NODE}: still none)")  # fmt: skip
+
+    checks.check("10 a PVC for a node without the plugin is not provisioned here", other_node)
+
+    def cleanup() -> str:
+        kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")
+        kubectl("delete", "volumesnapshot", "--all", "-n", NAMESPACE, "--timeout=120s")
+        kubectl("delete", "pvc", "--all", "-n", NAMESPACE, "--timeout=120s")
+        wait_for("every PV gone", lambda: not cluster.get("pv")["items"], 180, interval=3)
+        wait_for(
+            "every VolumeSnapshotContent gone",
+            lambda: not cluster.get("volumesnapshotcontents")["items"],
+            120,
+            interval=3,
+        )
+        wait_for("LVs back to the start", lambda: checks.lvs() == initial_lvs, 60, interval=2)
+        left = kubelet_mounts()
+        if left:
+            raise Failed(f"mounts left under {KUBELET_DIR}: {left}")
+        return f"LVs as before ({', '.join(sorted(initial_lvs))}), no mount under {KUBELET_DIR}"
+
+    checks.check("9 everything deleted: LVs as before, no mounts left", cleanup)

@@ -1,0 +1,204 @@
+"""The csi-lvm DaemonSet of deploy/kubernetes, run on the node as processes.
+
+The manifests are rendered with ``kubectl kustomize deploy/kubernetes`` and
+applied, the DaemonSet included, except that its pods are kept off the real
+node (a nodeSelector on the second, kubelet-less node): the plugin image is
+not built in the VM. Each container of the DaemonSet's pod template then runs
+here as a process with the container's own command, args and env, read from
+the rendered DaemonSet: $(VAR) references and fieldRefs are resolved as the
+kubelet would, and every path under a volumeMount is replaced by what that
+volume is on the node (its hostPath, or a directory holding the ConfigMap's
+keys; files the Dockerfile copies into the image come from the checkout).
+What a container needs beyond its manifest, and only that, is added: a
+kubeconfig with the DaemonSet's ServiceAccount token for the sidecars that
+talk to the API, and the registration directory for node-driver-registrar
+(whose /registration is a mount in the pod).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e.procs import Failed, Processes
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy" / "kubernetes"
+DOCKERFILE = ROOT / "Dockerfile"
+PLUGIN_CONTAINER = "csi-lvm"
+# Sidecars that talk to the Kubernetes API (rbac.yaml grants these).
+API_CLIENTS = {"csi-provisioner", "csi-snapshotter", "csi-resizer"}
+REGISTRAR = "csi-node-driver-registrar"
+VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def raw_daemonset() -> dict[str, Any]:
+    result: dict[str, Any] = yaml.safe_load((DEPLOY / "daemonset.yaml").read_text())
+    return result
+
+
+def image_binary(image: str) -> str:
+    """The program a sidecar image runs: its repository's last path part."""
+    return image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0]
+
+
+def containers(daemonset: dict[str, Any]) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = daemonset["spec"]["template"]["spec"]["containers"]
+    return result
+
+
+def sidecar_binaries() -> list[str]:
+    return [
+        image_binary(c["image"])
+        for c in containers(raw_daemonset())
+        if c["name"] != PLUGIN_CONTAINER
+    ]
+
+
+def image_files() -> dict[str, Path]:
+    """Paths in the plugin image that the Dockerfile copies from the checkout."""
+    files: dict[str, Path] = {}
+    for match in re.finditer(r"^COPY\s+(?!--)(\S+)\s+(\S+)\s*$", DOCKERFILE.read_text(), re.M):
+        source, target = match.groups()
+        if (ROOT / source).is_file():
+            files[target] = ROOT / source
+    return files
+
+
+@dataclass
+class Rendered:
+    objects: list[dict[str, Any]]
+
+    def the(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        for obj in self.objects:
+            if obj["kind"] == kind and (name is None or obj["metadata"]["name"] == name):
+                return obj
+        raise Failed(f"deploy/kubernetes renders no {kind} {name or ''}")
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    @property
+    def daemonset(self) -> dict[str, Any]:
+        return self.the("DaemonSet")
+
+    @property
+    def driver_name(self) -> str:
+        name: str = self.the("CSIDriver")["metadata"]["name"]
+        return name
+
+
+def render(kubectl: Any) -> Rendered:
+    text: str = kubectl("kustomize", str(DEPLOY))
+    return Rendered([o for o in yaml.safe_load_all(text) if o])
+
+
+@dataclass
+class NodeProcesses:
+    """The DaemonSet's containers as processes of the node ``node``."""
+
+    rendered: Rendered
+    node: str
+    pod_name: str
+    bin: Path
+    scratch: Path
+    kubeconfig: Path
+    procs: Processes
+
+    def _volumes(self) -> dict[str, Path]:
+        spec = self.rendered.daemonset["spec"]["template"]["spec"]
+        result: dict[str, Path] = {}
+        for volume in spec["volumes"]:
+            name = volume["name"]
+            if "hostPath" in volume:
+                path = Path(volume["hostPath"]["path"])
+                if volume["hostPath"].get("type") == "DirectoryOrCreate":
+                    path.mkdir(parents=True, exist_ok=True)
+                result[name] = path
+            elif "configMap" in volume:
+                data = self.rendered.the("ConfigMap", volume["configMap"]["name"])["data"]
+                directory = self.scratch / "volumes" / name
+                directory.mkdir(parents=True, exist_ok=True)
+                for key, value in data.items():
+                    (directory / key).write_text(value)
+                result[name] = directory
+            else:
+                raise Failed(f"the DaemonSet's volume {name} is of a kind the tier cannot map")
+        return result
+
+    def _env(self, container: dict[str, Any]) -> dict[str, str]:
+        fields = {
+            "spec.nodeName": self.node,
+            "metadata.namespace": self.rendered.daemonset["metadata"]["namespace"],
+            "metadata.name": self.pod_name,
+        }
+        env: dict[str, str] = {}
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = VARIABLE.sub(lambda m: env.get(m[1], m[0]), item["value"])
+            else:
+                env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        return env
+
+    def command(self, container: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        """The container's command line on the node, and its environment."""
+        env = self._env(container)
+        volumes = self._volumes()
+        mounts = {
+            m["mountPath"].rstrip("/"): volumes[m["name"]]
+            for m in container.get("volumeMounts", [])
+        }
+        if container["name"] == PLUGIN_CONTAINER:
+            mounts.update({k: v for k, v in image_files().items()})
+
+        def on_node(word: str) -> str:
+            word = VARIABLE.sub(lambda m: env.get(m[1], m[0]), word)
+            prefix, _, value = word.rpartition("=") if word.startswith("--") else ("", "", word)
+            for mount in sorted(mounts, key=len, reverse=True):
+                if (
+                    value == mount
+                    or value.startswith(mount + "/")
+                    or value.startswith(f"unix://{mount}/")
+                ):
+                    value = value.replace(mount, str(mounts[mount]).rstrip("/"), 1)
+                    break
+            return f"{prefix}={value}" if prefix else value
+
+        if container.get("command"):
+            # The image's venv is this checkout's (on PATH in the VM, scripts/guest.sh).
+            search = f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"
+            program = shutil.which(container["command"][0], path=search)
+            if program is None:
+                raise Failed(
+                    f"{container['command'][0]} (container {container['name']}) is not on PATH"
+                )
+            argv = [program, *container["command"][1:]]
+        else:
+            argv = [str(self.bin / image_binary(container["image"]))]
+        argv += [on_node(a) for a in container.get("args", [])]
+        binary = image_binary(container["image"])
+        if binary in API_CLIENTS:
+            argv.append(f"--kubeconfig={self.kubeconfig}")
+        if binary == REGISTRAR:
+            registration = next(
+                m for m in container["volumeMounts"] if m["mountPath"] == "/registration"
+            )
+            argv.append(f"--plugin-registration-path={volumes[registration['name']]}")
+        return argv, env
+
+    def start(self, only: set[str] | None = None) -> list[str]:
+        lines = []
+        for container in containers(self.rendered.daemonset):
+            if only is not None and container["name"] not in only:
+                continue
+            argv, env = self.command(container)
+            self.procs.start(container["name"], argv, env, restart=True)
+            lines.append(f"{container['name']}: {shlex.join(argv)}")
+        return lines

@@ -1,0 +1,153 @@
+"""The Kubernetes end-to-end tier (issue 17): a one-node cluster with the real
+kubelet, scheduler, controllers and sidecars driving csi-lvm, in the test VM.
+
+    python e2e/run.py              # on the host: finds the binaries, boots the VM
+    python e2e/run.py --inside DIR # what runs inside the VM (DIR: the binaries)
+
+The Kubernetes and sidecar binaries come from the directory $CSI_LVM_E2E_BIN
+(e2e/README.md lists them). Exit codes: 0 every check passed, 1 some check
+failed, 4 a binary or a Debian program is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from e2e.checks import run_checks  # noqa: E402
+from e2e.cluster import (  # noqa: E402
+    KUBE_BINARIES,
+    Cluster,
+    cgroup_controllers,
+    loopback_addresses,
+    missing_debian_programs,
+    writable_var_lib,
+)
+from e2e.plugin import sidecar_binaries  # noqa: E402
+from e2e.procs import Failed, Processes  # noqa: E402
+
+NO_BINARY = 4
+BIN_VARIABLE = "CSI_LVM_E2E_BIN"
+# Besides the DaemonSet's sidecars (read from deploy/kubernetes/daemonset.yaml).
+CLUSTER_BINARIES = (*KUBE_BINARIES, "snapshot-controller")
+RESULTS = ROOT / "build" / "vm" / "e2e"
+STAGES = ("cluster", "plugin", "all")
+
+
+class Report:
+    """One PASS or FAIL line per check, flushed as it happens."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.start = time.monotonic()
+
+    def _line(self, verdict: str, check: str, detail: str) -> None:
+        clock = time.monotonic() - self.start
+        suffix = f" ({detail})" if detail else ""
+        print(f"[{clock:6.0f}s] {verdict} {check}{suffix}", flush=True)
+
+    def passed(self, check: str, detail: str = "") -> None:
+        self._line("PASS", check, detail)
+
+    def failed(self, check: str, detail: str) -> None:
+        self.failures += 1
+        self._line("FAIL", check, detail)
+
+
+def required_binaries() -> list[str]:
+    return [*CLUSTER_BINARIES, *sidecar_binaries()]
+
+
+def find_missing(directory: Path) -> list[str]:
+    missing = [name for name in required_binaries() if not os.access(directory / name, os.X_OK)]
+    if not (directory / "crds" / "kustomization.yaml").exists():
+        missing.append("crds/ (the VolumeSnapshot CRDs with their kustomization.yaml)")
+    return missing
+
+
+def host_main(stage: str) -> int:
+    configured = os.environ.get(BIN_VARIABLE)
+    if not configured:
+        print(f"e2e: set {BIN_VARIABLE} to the directory of the Kubernetes and sidecar "
+              "binaries; see e2e/README.md.", file=sys.stderr)  # fmt: skip
+        return NO_BINARY
+    directory = Path(configured).resolve()
+    missing = find_missing(directory)
+    if missing:
+        print(f"e2e: missing in {BIN_VARIABLE}={directory}: {', '.join(missing)}; "
+              "see e2e/README.md.", file=sys.stderr)  # fmt: skip
+        return NO_BINARY
+    programs = missing_debian_programs()
+    if programs:
+        print(f"e2e: missing Debian programs: {', '.join(programs)}; run `make setup`.",
+              file=sys.stderr)  # fmt: skip
+        return NO_BINARY
+    vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--force-vm", "--memory", "4G"]
+    command = ["python", "e2e/run.py", "--inside", str(directory), "--stage", stage]
+    start = time.monotonic()
+    code = subprocess_call([*vmrun, "--", "timeout", "1800", *command])
+    print(f"e2e: VM wall time {time.monotonic() - start:.0f} s, exit {code}", flush=True)
+    return code
+
+
+def subprocess_call(command: list[str]) -> int:
+    return subprocess.call(command)
+
+
+def inside_main(directory: Path, stage: str, keep: bool) -> int:
+    report = Report()
+    scratch = Path(tempfile.mkdtemp(prefix="csi-lvm-e2e-", dir="/tmp"))
+    # A tmpfs of its own: the VM's /tmp is an overlay, and overlayfs (containerd's
+    # snapshots, the /var/lib overlay) refuses an upper directory on an overlay.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "e2e-scratch", str(scratch)],
+                   check=True)  # fmt: skip
+    # The logs go straight to build/vm/e2e, which the host sees while the VM runs.
+    shutil.rmtree(RESULTS, ignore_errors=True)
+    RESULTS.mkdir(parents=True)
+    procs = Processes(RESULTS)
+    cluster = Cluster(directory, scratch, procs)
+    try:
+        loopback_addresses()
+        cgroup_controllers()
+        writable_var_lib(scratch)
+        cluster.start(report)
+        if stage == "cluster":
+            cluster.wait_ready(report)
+        else:
+            run_checks(cluster, report, stage)
+    except Failed as error:
+        report.failed("the tier stopped", str(error))
+    finally:
+        if keep:
+            print(f"e2e: kept running; scratch {scratch}", flush=True)
+        else:
+            procs.stop_all()
+            cluster.kill_shims()
+    total = time.monotonic() - report.start
+    verdict = "PASS" if report.failures == 0 else f"FAIL ({report.failures} failed)"
+    print(f"e2e: {verdict} in {total:.0f} s; logs in {RESULTS}", flush=True)
+    return 0 if report.failures == 0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--inside", metavar="DIR", help="run here, binaries from DIR")
+    parser.add_argument("--stage", choices=STAGES, default="all", help="stop after this stage")
+    parser.add_argument("--keep", action="store_true", help="leave the cluster running")
+    args = parser.parse_args()
+    if args.inside:
+        return inside_main(Path(args.inside), args.stage, args.keep)
+    return host_main(args.stage)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
