@@ -7,15 +7,19 @@ import os
 import signal
 import socket
 import stat
+import time
 from pathlib import Path
 
 from csi_lvm.csi import csi_pb2
-from tests.testbed import Driver, LoopVolumeGroup, write_config
+from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
 
 
-def test_socket_is_private_and_logs_are_json(driver: Driver) -> None:
+def test_socket_is_private_and_logs_are_json(driver: Driver, csi: CsiClient) -> None:
     mode = stat.S_IMODE(os.stat(driver.socket).st_mode)
     assert mode & 0o002 == 0, oct(mode)  # never world-writable
+    csi.controller.ListVolumes(csi_pb2.ListVolumesRequest())  # logged (not a poll)
+    csi.identity.Probe(csi_pb2.ProbeRequest())  # a poll that succeeds: at debug only
+    time.sleep(0.2)
     lines = [
         json.loads(line)
         for line in driver.log_path.read_text().splitlines()
@@ -24,6 +28,7 @@ def test_socket_is_private_and_logs_are_json(driver: Driver) -> None:
     rpcs = [line for line in lines if line.get("event") == "rpc"]
     assert rpcs, "no rpc log lines"
     assert {"method", "code", "ms", "timestamp"} <= set(rpcs[-1])
+    assert rpcs[-1]["method"] == "ListVolumes"
 
 
 def test_a_missing_thin_pool_is_reported_and_the_driver_serves_on(
