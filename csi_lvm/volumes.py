@@ -92,7 +92,7 @@ class Scan:
 
     def named(self, name: str) -> list[LogicalVolume]:
         """The LVs of this name, in any of the scan's volume groups."""
-        found = (self._by_name.get((group, name)) for group in self.vgs)
+        found = (self.lv(group, name) for group in self.vgs)
         return [lv for lv in found if lv is not None]
 
 
@@ -118,10 +118,6 @@ class ChangedScan(Scan):
         if key not in self._reread:
             self._reread[key] = self.reread(volume_group, name)
         return self._reread[key]
-
-    def named(self, name: str) -> list[LogicalVolume]:
-        found = (self.lv(group, name) for group in self.vgs)
-        return [lv for lv in found if lv is not None]
 
 
 class ScanBatcher:
