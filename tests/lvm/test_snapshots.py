@@ -10,7 +10,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi_lvm.backends import Backends
+from csi_lvm.config import load_config
+from csi_lvm.controller import ControllerService
 from csi_lvm.csi import csi_pb2
+from csi_lvm.errors import status_for
+from csi_lvm.ids import Kind, lv_name_for
+from csi_lvm.locks import KeyedLocks
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.errors import LvmMetadataFull
+from csi_lvm.volumes import Inventory
 from tests.lvm.helpers import (
     GiB,
     MiB,
@@ -25,7 +34,7 @@ from tests.lvm.helpers import (
     unpublish,
     unstage,
 )
-from tests.testbed import NODE_ID, TOPOLOGY_KEY, CsiClient, LoopVolumeGroup
+from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient, Driver, LoopVolumeGroup
 
 Code = grpc.StatusCode
 RESULTS = Path(__file__).resolve().parents[2] / "build" / "vm"
@@ -330,4 +339,48 @@ def test_a_repeated_restore_answers_after_its_snapshot_is_gone(csi: CsiClient, n
         "does not exist",
     )  # fmt: skip
     delete(csi, restored.volume_id)
+    delete(csi, volume.volume_id)
+
+
+class _ExtendFails(Lvm):
+    """The driver's real LVM layer, but every ``lvextend`` is refused as LVM
+    refuses one when the VG's metadata area filled meanwhile. No state of a
+    real VG makes a thin LV's extend fail on demand and its snapshot succeed
+    just before; everything but this one refusal is real."""
+
+    def extend(
+        self, volume_group: str, name: str, size_bytes: int, timeout: float | None = None
+    ) -> None:
+        raise LvmMetadataFull(f"VG {volume_group} metadata on /dev/loop (1048576 bytes)")
+
+
+@pytest.mark.parametrize("source_kind", ["snapshot", "volume"])
+def test_a_thin_restore_or_clone_whose_extend_fails_leaves_no_lv(
+    csi: CsiClient, driver: Driver, vg: LoopVolumeGroup, name: str, source_kind: str
+) -> None:
+    # RESOURCE_EXHAUSTED sends the PVC to another node: an LV left here would
+    # never be deleted by anyone.
+    volume = create(csi, name, 8 * MiB)
+    source_id = volume.volume_id
+    if source_kind == "snapshot":
+        source_id = snapshot(csi, f"{name}-s", volume.volume_id).snapshot_id
+    content = from_snapshot(source_id) if source_kind == "snapshot" else from_volume(source_id)
+    lvm = _ExtendFails()
+    inventory = Inventory(load_config(driver.config), lvm, NODE_ID, DRIVER_NAME)
+    controller = ControllerService(inventory, Backends(inventory), KeyedLocks(), TOPOLOGY_KEY)
+    request = create_request(f"{name}-r", 16 * MiB)  # larger than the source: extended
+    request.volume_content_source.CopyFrom(content)
+    try:
+        with pytest.raises(Exception) as failure:
+            controller.CreateVolume(request, None)  # type: ignore[arg-type]
+    finally:
+        lvm.close()
+    code, message = status_for(failure.value)
+    assert code is Code.RESOURCE_EXHAUSTED and "metadata area" in message
+    assert lv_name_for(Kind.VOLUME, f"{name}-r") not in vg.lv_names()
+    restored = csi.controller.CreateVolume(request).volume  # the real driver still can
+    assert restored.capacity_bytes == 16 * MiB
+    delete(csi, restored.volume_id)
+    if source_kind == "snapshot":
+        csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=source_id))
     delete(csi, volume.volume_id)
