@@ -49,6 +49,7 @@ from csi_lvm.lvm.errors import (
     LvmInUse,
     LvmMetadataFull,
     LvmNoSpace,
+    LvmNotFound,
     LvmPoolNeedsRepair,
 )
 from csi_lvm.rpc import budget, node_topology
@@ -152,18 +153,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         timeout: float | None,
     ) -> csi_pb2.Volume:
         with self.locks.hold(lv_name):
-            try:
-                # The kept view: the name, the source and the room need no
-                # report of the whole VG (reservations count recent creates).
-                volume = self._create_volume_in(
-                    request, lv_name, backend, wanted, self.inventory.view(timeout), timeout
-                )
-            except _NameTaken:
-                # An LV of the name the view did not show (made by hand, or by
-                # another process since): a report of now decides.
-                volume = self._create_volume_in(
-                    request, lv_name, backend, wanted, self.inventory.scan(timeout), timeout
-                )
+            volume = self._decided(
+                lambda scan, fresh: self._create_volume_in(
+                    request, lv_name, backend, wanted, scan, fresh, timeout
+                ),
+                timeout,
+            )
         log.info(
             "volume created",
             volume_id=volume.volume_id,
@@ -179,10 +174,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         backend: Backend,
         wanted: SizeRange,
         scan: Scan,
+        fresh: bool,
         timeout: float | None,
     ) -> csi_pb2.Volume:
         """CreateVolume's work under the name's lock, from ``scan``."""
-        existing = self.inventory.find_by_name(Kind.VOLUME, lv_name, scan)
+        existing = self._existing(Kind.VOLUME, lv_name, scan, fresh, timeout)
         if existing is not None and lifecycle.stage_of(existing.lv) is Stage.MAKING:
             self.backends.states.discard_unfinished(existing, timeout)
             scan, existing = self.inventory.view(timeout), None
@@ -595,24 +591,47 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> Owned:
         lv_name = lv_name_for(Kind.SNAPSHOT, request.name)
         with self.locks.hold(lv_name):
-            try:
-                return self._create_snapshot_in(
-                    request, lv_name, self.inventory.view(timeout), timeout
-                )
-            except _NameTaken:  # see _create_volume
-                return self._create_snapshot_in(
-                    request, lv_name, self.inventory.scan(timeout), timeout
-                )
+            return self._decided(
+                lambda scan, fresh: self._create_snapshot_in(
+                    request, lv_name, scan, fresh, timeout
+                ),
+                timeout,
+            )
+
+    def _decided(self, decide: Callable[[Scan, bool], T], timeout: float | None) -> T:
+        """A create decided from the kept view: the name, the source and the
+        room need no report of the whole VG (reservations count recent
+        creates). Where LVM shows the view was behind others' changes within
+        the refresh interval (an LV of the name it lacks, made by hand or by
+        another process; an LV it shows, removed since), a report of now
+        decides again. Neither refusal made anything. ``decide`` learns
+        whether its scan is a report of now."""
+        try:
+            return decide(self.inventory.view(timeout), False)
+        except (_NameTaken, LvmNotFound):
+            return decide(self.inventory.scan(timeout), True)
+
+    def _existing(
+        self, kind: Kind, lv_name: str, scan: Scan, fresh: bool, timeout: float | None
+    ) -> Owned | None:
+        """The object of the name in ``scan``; one the kept view shows is read
+        again alone before a create trusts it: removed by hand within the
+        refresh interval, it must be made anew, not answered as made."""
+        existing = self.inventory.find_by_name(kind, lv_name, scan)
+        if existing is None or fresh:
+            return existing
+        return self.inventory.get(existing.id, existing.device_class, timeout)
 
     def _create_snapshot_in(
         self,
         request: csi_pb2.CreateSnapshotRequest,
         lv_name: str,
         scan: Scan,
+        fresh: bool,
         timeout: float | None,
     ) -> Owned:
         """CreateSnapshot's work under the name's lock, from ``scan``."""
-        existing = self.inventory.find_by_name(Kind.SNAPSHOT, lv_name, scan)
+        existing = self._existing(Kind.SNAPSHOT, lv_name, scan, fresh, timeout)
         if existing is not None:
             if existing.name != request.name or existing.source_id != request.source_volume_id:
                 raise AlreadyExists(

@@ -143,6 +143,9 @@ class NodeProcesses:
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = VARIABLE.sub(lambda m: env.get(m[1], m[0]), item["value"])
+            elif "configMapKeyRef" in item["valueFrom"]:
+                ref = item["valueFrom"]["configMapKeyRef"]
+                env[item["name"]] = self.rendered.the("ConfigMap", ref["name"])["data"][ref["key"]]
             else:
                 env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
         return env

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,19 +136,24 @@ class CsiClient:
 class Driver:
     """``csi-lvm serve`` as a child process, logging to a file."""
 
-    def __init__(self, workdir: Path, config: Path, *extra: str) -> None:
+    def __init__(
+        self, workdir: Path, config: Path, *extra: str, launcher: Sequence[str] = ()
+    ) -> None:
         self.workdir = workdir
         self.socket = str(workdir / "csi.sock")
         self.log_path = workdir / "driver.log"
         self.config = config
         self.extra = list(extra)
+        # A command the driver is started through (as a container runtime
+        # would start it in a cgroup of its own).
+        self.launcher = list(launcher)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> CsiClient:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "csi_lvm.cli", "serve",
+                *self.launcher, sys.executable, "-m", "csi_lvm.cli", "serve",
                 "--endpoint", f"unix://{self.socket}", "--config", str(self.config),
                 "--node-id", NODE_ID, "--driver-name", DRIVER_NAME, *self.extra,
             ],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -101,11 +102,20 @@ exit "$status"
 
 
 def plugin_command() -> list[str]:
-    """The plugin container's command line from the DaemonSet, for this node."""
+    """The plugin container's command line from the DaemonSet, for this node,
+    with the environment the kubelet would give it (lvm-runner.yaml's keys)."""
     manifest = yaml.safe_load((ROOT / "deploy/kubernetes/daemonset.yaml").read_text())
     containers = manifest["spec"]["template"]["spec"]["containers"]
     plugin = next(c for c in containers if c["name"] == "csi-lvm")
-    return [a.replace("$(NODE_NAME)", NODE_NAME) for a in plugin["command"] + plugin["args"]]
+    settings = yaml.safe_load((ROOT / "deploy/kubernetes/lvm-runner.yaml").read_text())["data"]
+    env = {"NODE_NAME": NODE_NAME}
+    for item in plugin["env"]:
+        ref = item.get("valueFrom", {}).get("configMapKeyRef")
+        if ref is not None:
+            env[item["name"]] = settings[ref["key"]]
+    return [
+        re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in plugin["command"] + plugin["args"]
+    ]
 
 
 def loop_devices_backed_by(prefix: str) -> list[str]:

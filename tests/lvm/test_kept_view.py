@@ -37,7 +37,7 @@ from tests.lvm.helpers import (
     unpublish,
     unstage,
 )
-from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup
+from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup, write_config
 
 REFRESH = 3.0
 CRAMPED = "cramped"  # the class on the small VG
@@ -223,3 +223,38 @@ def test_a_full_metadata_area_is_resource_exhausted_that_names_it(
     while capacity(client, CRAMPED) == 0:
         assert time.monotonic() - started < 3 * REFRESH
         time.sleep(0.2)
+
+
+def test_a_create_never_answers_an_lv_removed_by_hand_since_the_view_showed_it(
+    workdir: Path, vg: LoopVolumeGroup, name: str
+) -> None:
+    # A refresh interval longer than the test: the kept view shows the
+    # volume (made by this driver, read again once) after an admin removed it.
+    home = workdir / name
+    home.mkdir()
+    driver = Driver(home, write_config(home / "config.yaml", vg.name, vg.pool),
+                    "--refresh-interval", "3600")  # fmt: skip
+    csi = driver.start()
+    try:
+        volume = create(csi, name, 8 * MiB)
+        assert create(csi, name, 8 * MiB) == volume  # a repeat: the view has it now
+        lv = volume.volume_id.rsplit(":", 1)[1]
+        subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{lv}"], check=True)
+        again = create(csi, name, 8 * MiB)
+        assert again.volume_id == volume.volume_id
+        assert lv in vg.lv_names()  # made anew, not answered as made
+        snapshot_name = f"{name}-s"
+        made = csi.controller.CreateSnapshot(
+            csi_pb2.CreateSnapshotRequest(name=snapshot_name, source_volume_id=volume.volume_id)
+        ).snapshot
+        snapshot_lv = made.snapshot_id.rsplit(":", 1)[1]
+        subprocess.run(["lvremove", "-q", "-y", f"{vg.name}/{snapshot_lv}"], check=True)
+        remade = csi.controller.CreateSnapshot(
+            csi_pb2.CreateSnapshotRequest(name=snapshot_name, source_volume_id=volume.volume_id)
+        ).snapshot
+        assert remade.snapshot_id == made.snapshot_id and snapshot_lv in vg.lv_names()
+        csi.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=made.snapshot_id))
+        delete(csi, volume.volume_id)
+    finally:
+        csi.close()
+        assert driver.stop() == 0

@@ -75,7 +75,9 @@ PLUGIN_COMMAND = [
     "--metrics-address",
     "0.0.0.0:9810",
     "--lvm-config-overrides",
-    "/usr/share/csi-lvm/lvm-container.conf",
+    "$(LVM_CONFIG_OVERRIDES)",
+    "--lvm-prefix",
+    "$(LVM_PREFIX)",
 ]
 
 # ---------------------------------------------------------------- sidecars
@@ -527,16 +529,40 @@ def test_driver_name_is_the_one_the_driver_reports() -> None:
     assert args.driver_name == DEFAULT_DRIVER_NAME
 
 
+def environment(container: dict[str, Any], objs: list[dict[str, Any]]) -> dict[str, str]:
+    """The container's env as the kubelet sets it, fieldRefs aside: literal
+    values and keys of the rendered ConfigMaps."""
+    maps = {o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"}
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif "configMapKeyRef" in item["valueFrom"]:
+            ref = item["valueFrom"]["configMapKeyRef"]
+            env[item["name"]] = maps[ref["name"]][ref["key"]]
+    return env
+
+
+def plugin_args(objs: list[dict[str, Any]]) -> list[str]:
+    """The plugin's arguments as the kubelet expands them, on node-a."""
+    plugin = containers(rendered_daemonset(objs))[PLUGIN]
+    env = {**environment(plugin, objs), "NODE_NAME": "node-a"}
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in plugin["args"]]
+
+
 def test_plugin_command_line_is_the_contract() -> None:
     plugin = containers()[PLUGIN]
     assert plugin["command"] + plugin["args"] == PLUGIN_COMMAND
-    args = build_parser().parse_args([a.replace("$(NODE_NAME)", "node-a") for a in plugin["args"]])
+    args = build_parser().parse_args(plugin_args(render()))
     assert args.command == "serve"
     assert args.node_id == "node-a"
     assert args.topology_key is None  # so the default topology.<driver>/node applies
     config_mount = mount(plugin, str(PurePosixPath(args.config).parent))
     assert volumes()[config_mount["name"]]["configMap"]["name"] == "csi-lvm-config"
     assert "config.yaml" in the("ConfigMap", "csi-lvm-config")["data"]
+    # By default LVM runs in the container, with the image's overrides.
+    assert args.lvm_prefix == ""
+    assert args.lvm_config_overrides == "/usr/share/csi-lvm/lvm-container.conf"
 
 
 def test_socket_path_is_shared_by_plugin_registrar_and_sidecars() -> None:
@@ -580,7 +606,7 @@ def test_plugin_container_has_what_lvm_and_mounts_need() -> None:
     # The host's LVM configuration, as it is (read-only); the container's own
     # settings reach every command on top of it, from a file of the image.
     assert mount(plugin, "/etc/lvm")["readOnly"] is True
-    args = build_parser().parse_args([a.replace("$(NODE_NAME)", "n") for a in plugin["args"]])
+    args = build_parser().parse_args(plugin_args(render()))
     assert args.lvm_config_overrides == "/usr/share/csi-lvm/lvm-container.conf"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY deploy/image/lvmlocal.conf /usr/share/csi-lvm/lvm-container.conf" in dockerfile
@@ -652,6 +678,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "microk8s": {"kubelet_dir": OTHER_KUBELET_DIRS[1]},
     "registry": {"image": REGISTRY_IMAGE},
     "storage-nodes": {"components": ("components/storage-nodes",)},
+    "host-lvm": {"components": ("components/host-lvm",)},
 }
 
 
@@ -734,6 +761,29 @@ def test_the_storage_nodes_component_selects_only_labelled_nodes() -> None:
     assert ds == with_selector  # the selector and nothing else
 
 
+def test_the_host_lvm_component_runs_lvm_outside_the_container_s_pid_namespace_and_cgroup() -> None:
+    default = render()
+    objs = render(components=("components/host-lvm",))
+    ds = rendered_daemonset(objs)
+    assert pod_spec(ds)["hostPID"] is True
+    args = build_parser().parse_args(plugin_args(objs))
+    prefix = args.lvm_prefix.split()
+    # Into the host's mount namespace (its lvm2, /etc/lvm, systemd's socket);
+    # not its PID namespace by nsenter: hostPID is that already.
+    assert prefix[:3] == ["nsenter", "--target", "1"]
+    assert {"--mount", "--uts", "--ipc", "--net"} <= set(prefix[3 : prefix.index("--")])
+    # A transient scope: a cgroup of its own, outside the Pod's.
+    runner = prefix[prefix.index("--") + 1 :]
+    assert runner[0] == "systemd-run" and "--scope" in runner and runner[-1] == "--"
+    assert args.lvm_config_overrides == ""  # the host's configuration alone
+    # Nothing else of the deployment changes.
+    expected = copy.deepcopy(default)
+    rendered_daemonset(expected)["spec"]["template"]["spec"]["hostPID"] = True
+    settings = keyed(expected)[("ConfigMap", NAMESPACE, "csi-lvm-lvm")]["data"]
+    settings.update(prefix=args.lvm_prefix, configOverrides="")
+    assert keyed(objs) == keyed(expected)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_the_kustomize_subset_renders_what_kustomize_renders(variant: str, tmp_path: Path) -> None:
     command = kustomize.real_kustomize()
@@ -780,7 +830,7 @@ def test_downward_api_environment(name: str) -> None:
     env = {
         e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
         for e in container.get("env", [])
-        if "valueFrom" in e
+        if "fieldRef" in e.get("valueFrom", {})
     }
     for variable in NEEDS_ENV[name]:
         assert env.get(variable) == DOWNWARD_API[variable], f"{name} lacks {variable}"

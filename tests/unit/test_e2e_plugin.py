@@ -48,7 +48,11 @@ def test_paths_env_and_the_additions(tmp_path: Path) -> None:
     assert plugin[plugin.index("--node-id") + 1] == "node-a"
     overrides = plugin[plugin.index("--lvm-config-overrides") + 1]
     assert Path(overrides) == image_files()["/usr/share/csi-lvm/lvm-container.conf"]
-    assert plugin_env == {"NODE_NAME": "node-a"}
+    assert plugin_env == {
+        "NODE_NAME": "node-a",
+        "LVM_CONFIG_OVERRIDES": "/usr/share/csi-lvm/lvm-container.conf",
+        "LVM_PREFIX": "",
+    }
     assert "deviceClasses" in (tmp_path / "volumes" / "config" / "config.yaml").read_text()
     provisioner, env = found["csi-provisioner"]
     assert provisioner[0] == "/bin-dir/csi-provisioner"

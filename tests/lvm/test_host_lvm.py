@@ -1,0 +1,178 @@
+"""LVM outside the plugin's container (deploy/kubernetes/components/host-lvm):
+the container's end, as a runtime brings it about, does not reach an LVM
+command in flight.
+
+A container's processes share its cgroup, and the runtime ends them together
+(runc writes cgroup.kill when the container has no PID namespace of its own,
+as with hostPID; with one, the kernel kills the namespace's processes when
+its first one dies). The component runs LVM through ``systemd-run --scope``,
+which moves it into a cgroup of its own before it becomes lvm. The VM has no
+systemd, so here a two-line script makes the same move (cgroup.procs). The
+LVM command is held in flight by its VG's lock, taken here as another LVM
+command on the node would take it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_lvm.csi import csi_pb2
+from csi_lvm.ids import Kind, lv_name_for
+from tests.lvm.helpers import MiB, create, create_request, delete
+from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
+
+CGROUPS = Path("/sys/fs/cgroup")
+WAIT_SECONDS = 120
+
+
+@pytest.fixture
+def cgroups(name: str) -> Iterator[dict[str, Path]]:
+    """The plugin's container and the cgroup LVM moves to, made for the test
+    and removed after it (their processes killed first)."""
+    made = {}
+    for role in ("container", "lvm"):
+        made[role] = CGROUPS / f"{name}-{role}"
+        made[role].mkdir()
+    yield made
+    for group in made.values():
+        (group / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + WAIT_SECONDS
+        while (group / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        group.rmdir()
+
+
+def moved_into(group: Path) -> list[str]:
+    """A command prefix that moves itself into ``group`` and becomes the rest."""
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "moved-into"]
+
+
+def lock_file(vg: str) -> Path:
+    """The VG's lock file under LVM's locking directory."""
+    shown = subprocess.run(
+        ["lvmconfig", "--type", "current", "--valuesonly", "global/locking_dir"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip().strip('"')  # fmt: skip
+    return Path(shown or "/run/lock/lvm") / f"V_{vg}"
+
+
+def waiting_for(path: Path) -> list[int]:
+    """The processes blocked on a flock of ``path`` (the kernel's /proc/locks:
+    a waiter's line has "->" before its lock)."""
+    inode = os.stat(path).st_ino
+    found = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 6 and fields[1] == "->" and fields[6].rsplit(":", 1)[-1] == str(inode):
+            found.append(int(fields[5]))
+    return found
+
+
+def cgroup_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text().strip().split("::", 1)[-1]
+
+
+def transaction_ids(vg: LoopVolumeGroup) -> tuple[int, int]:
+    """The thin pool's transaction id as LVM's metadata records it and as the
+    kernel's pool has it: equal unless a change was cut off between the two."""
+    recorded = subprocess.run(
+        ["lvs", "--noheadings", "-o", "transaction_id", f"{vg.name}/{vg.pool}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    status = subprocess.run(
+        ["dmsetup", "status", f"{vg.name}-{vg.pool}-tpool"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return int(recorded), int(status[3])  # "<start> <length> thin-pool <transaction id> ..."
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.parametrize("lvm_outside", [False, True], ids=["lvm-in-container", "host-lvm"])
+def test_a_killed_container_cuts_off_lvm_only_when_lvm_runs_inside_it(
+    csi: CsiClient,
+    workdir: Path,
+    vg: LoopVolumeGroup,
+    name: str,
+    cgroups: dict[str, Path],
+    lvm_outside: bool,
+) -> None:
+    home = workdir / name
+    home.mkdir()
+    extra = ["--refresh-interval", "3600"]  # no report of its own while the VG is locked
+    if lvm_outside:
+        script = home / "lvm-outside"
+        script.write_text(f'#!/bin/sh\necho $$ > {cgroups["lvm"]}/cgroup.procs || exit 1\n'
+                          'exec "$@"\n')  # fmt: skip
+        script.chmod(0o755)
+        extra += ["--lvm-prefix", str(script)]
+    plugin = Driver(
+        home, write_config(home / "config.yaml", vg.name, vg.pool), *extra,
+        launcher=moved_into(cgroups["container"]),
+    )  # fmt: skip
+    client = plugin.start()
+    # The kept view is read before the VG is locked: the create's first LVM
+    # command is then its lvcreate.
+    client.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"deviceClass": "thin"}))
+    lv = lv_name_for(Kind.VOLUME, name)
+    lock = lock_file(vg.name)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    answers: list[object] = []
+    try:
+        call = threading.Thread(
+            target=lambda: answers.append(_create_or_error(client, name)), daemon=True
+        )
+        call.start()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (waiters := waiting_for(lock)):
+            assert time.monotonic() < deadline, "the create's lvcreate never waited for the lock"
+            time.sleep(0.1)
+        (lvcreate,) = waiters
+        expected = cgroups["lvm" if lvm_outside else "container"].name
+        assert cgroup_of(lvcreate).endswith(expected)
+
+        (cgroups["container"] / "cgroup.kill").write_text("1")  # the runtime ends the container
+        assert plugin.process is not None
+        plugin.process.wait(WAIT_SECONDS)
+        plugin.process = None
+        call.join(WAIT_SECONDS)
+        assert answers and isinstance(answers[0], grpc.RpcError)  # no answer reached anyone
+        assert gone(lvcreate) is not lvm_outside
+    finally:
+        os.close(held)  # the lock is free: an lvcreate still alive goes on
+        client.close()
+
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not gone(lvcreate):
+        assert time.monotonic() < deadline, "the lvm shell did not end after its command"
+        time.sleep(0.1)
+    recorded, in_kernel = transaction_ids(vg)
+    assert recorded == in_kernel
+    # The LV is complete (the driver's own retry answers it as made) or absent.
+    assert (lv in vg.lv_names()) is lvm_outside
+    volume = create(csi, name, 16 * MiB)
+    assert volume.volume_id.endswith(f":{lv}") and volume.capacity_bytes == 16 * MiB
+    delete(csi, volume.volume_id)
+
+
+def _create_or_error(client: CsiClient, name: str) -> object:
+    try:
+        return client.controller.CreateVolume(create_request(name, 16 * MiB), timeout=WAIT_SECONDS)
+    except grpc.RpcError as error:
+        return error
