@@ -388,6 +388,7 @@ def test_lvm_is_configured_for_a_container(plugin: Plugin) -> None:
         ("thin_check", "-V"),
         ("blkid", "-V"),
         ("mount", "-V"),
+        ("nsenter", "-V"),  # the host-lvm component's way into the host
     ],
     ids=lambda command: command[0],
 )

@@ -83,16 +83,22 @@ def cgroup_of(pid: int) -> str:
 
 def transaction_ids(vg: LoopVolumeGroup) -> tuple[int, int]:
     """The thin pool's transaction id as LVM's metadata records it and as the
-    kernel's pool has it: equal unless a change was cut off between the two."""
+    kernel's pool has it: equal unless a change was cut off between the two.
+    The pool is activated first (LVM itself compares the two then, and
+    refuses a pool where they differ)."""
+    subprocess.run(["lvchange", "-q", "-ay", f"{vg.name}/{vg.pool}"], check=True)
     recorded = subprocess.run(
         ["lvs", "--noheadings", "-o", "transaction_id", f"{vg.name}/{vg.pool}"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    status = subprocess.run(
-        ["dmsetup", "status", f"{vg.name}-{vg.pool}-tpool"],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    return int(recorded), int(status[3])  # "<start> <length> thin-pool <transaction id> ..."
+    pools = subprocess.run(
+        ["dmsetup", "status", "--target", "thin-pool"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    # "<name>: <start> <length> thin-pool <transaction id> ..."; the kernel's
+    # pool is <vg>-<pool>-tpool while thin LVs are active, else <vg>-<pool>.
+    names = (f"{vg.name}-{vg.pool}-tpool:", f"{vg.name}-{vg.pool}:")
+    (status,) = [line.split() for line in pools if line.split()[0] in names]
+    return int(recorded), int(status[4])
 
 
 def gone(pid: int) -> bool:
