@@ -40,7 +40,7 @@ def cgroups(name: str) -> Iterator[dict[str, Path]]:
     and removed after it (their processes killed first)."""
     made = {}
     for role in ("container", "lvm"):
-        made[role] = CGROUPS / f"{name}-{role}"
+        made[role] = CGROUPS / f"{name}-{os.getpid()}-{role}"  # xdist workers share names
         made[role].mkdir()
     yield made
     for group in made.values():
