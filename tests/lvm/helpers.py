@@ -6,6 +6,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -171,3 +172,24 @@ def fs_type_of(device_or_path: str) -> str:
         text=True,
         check=False,
     ).stdout.strip()
+
+
+def lock_file(vg: str) -> Path:
+    """The VG's lock file under LVM's locking directory."""
+    shown = subprocess.run(
+        ["lvmconfig", "--type", "current", "--valuesonly", "global/locking_dir"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip().strip('"')  # fmt: skip
+    return Path(shown or "/run/lock/lvm") / f"V_{vg}"
+
+
+def waiting_for(path: Path) -> list[int]:
+    """The processes blocked on a flock of ``path`` (the kernel's /proc/locks:
+    a waiter's line has "->" before its lock)."""
+    inode = os.stat(path).st_ino
+    found = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 6 and fields[1] == "->" and fields[6].rsplit(":", 1)[-1] == str(inode):
+            found.append(int(fields[5]))
+    return found

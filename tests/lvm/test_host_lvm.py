@@ -27,7 +27,7 @@ import pytest
 
 from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, lv_name_for
-from tests.lvm.helpers import MiB, create, create_request, delete
+from tests.lvm.helpers import MiB, create, create_request, delete, lock_file, waiting_for
 from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
 
 CGROUPS = Path("/sys/fs/cgroup")
@@ -54,27 +54,6 @@ def cgroups(name: str) -> Iterator[dict[str, Path]]:
 def moved_into(group: Path) -> list[str]:
     """A command prefix that moves itself into ``group`` and becomes the rest."""
     return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "moved-into"]
-
-
-def lock_file(vg: str) -> Path:
-    """The VG's lock file under LVM's locking directory."""
-    shown = subprocess.run(
-        ["lvmconfig", "--type", "current", "--valuesonly", "global/locking_dir"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip().strip('"')  # fmt: skip
-    return Path(shown or "/run/lock/lvm") / f"V_{vg}"
-
-
-def waiting_for(path: Path) -> list[int]:
-    """The processes blocked on a flock of ``path`` (the kernel's /proc/locks:
-    a waiter's line has "->" before its lock)."""
-    inode = os.stat(path).st_ino
-    found = []
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 6 and fields[1] == "->" and fields[6].rsplit(":", 1)[-1] == str(inode):
-            found.append(int(fields[5]))
-    return found
 
 
 def cgroup_of(pid: int) -> str:

@@ -9,12 +9,14 @@ LV with long tags fills."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -31,11 +33,13 @@ from tests.lvm.helpers import (
     create,
     delete,
     expect_error,
+    lock_file,
     mount_capability,
     publish,
     stage,
     unpublish,
     unstage,
+    waiting_for,
 )
 from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup, write_config
 
@@ -258,3 +262,44 @@ def test_a_create_never_answers_an_lv_removed_by_hand_since_the_view_showed_it(
     finally:
         csi.close()
         assert driver.stop() == 0
+
+
+def test_probe_info_and_capacity_answer_while_every_lvm_command_waits(
+    workdir: Path, vg: LoopVolumeGroup, name: str
+) -> None:
+    # A queue of creates behind a VG that another LVM command holds: the
+    # liveness probe must never wait for LVM, or the kubelet restarts the
+    # container, and LVM with it (issue 15, item 5).
+    home = workdir / name
+    home.mkdir()
+    driver = Driver(home, write_config(home / "config.yaml", vg.name, vg.pool),
+                    "--refresh-interval", "3600")  # fmt: skip
+    csi = driver.start()
+    capacity(csi, "thin")  # the kept view, read before the VG is held
+    lock = lock_file(vg.name)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    names = [f"{name}-{i}" for i in range(16)]
+    with ThreadPoolExecutor(len(names)) as pool:
+        try:
+            creates = [pool.submit(create, csi, n, 8 * MiB) for n in names]
+            deadline = time.monotonic() + 60
+            while not waiting_for(lock):
+                assert time.monotonic() < deadline, "no create reached LVM"
+                time.sleep(0.1)
+            slowest = 0.0
+            for _ in range(20):
+                started = time.monotonic()
+                assert csi.identity.Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value
+                csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=5)
+                assert capacity(csi, "thin") >= 0  # the creates under way hold their room
+                slowest = max(slowest, time.monotonic() - started)
+            assert waiting_for(lock), "LVM was not held during the calls: the test proved nothing"
+            assert slowest < 1.0, f"a probe, info and capacity took {slowest:.3f} s"
+        finally:
+            os.close(held)
+        volumes = [c.result(timeout=300) for c in creates]
+    for volume in volumes:
+        delete(csi, volume.volume_id)
+    csi.close()
+    assert driver.stop() == 0
