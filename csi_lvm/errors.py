@@ -75,6 +75,9 @@ _LVM_CODES: tuple[tuple[type[lvm.LvmError], grpc.StatusCode], ...] = (
     (lvm.LvmMetadataFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (lvm.LvmInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (lvm.LvmPoolNeedsRepair, grpc.StatusCode.FAILED_PRECONDITION),
+    # Retried on this node by the sidecars (non-final), which is right for a
+    # check that met a busy device; the message says what to do if it lasts.
+    (lvm.LvmPoolCheckFailed, grpc.StatusCode.UNAVAILABLE),
     (lvm.LvmToolMissing, grpc.StatusCode.FAILED_PRECONDITION),
     (lvm.LvmTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (lvm.LvmBadName, grpc.StatusCode.INVALID_ARGUMENT),

@@ -58,6 +58,21 @@ class LvmPoolNeedsRepair(LvmError):
         )
 
 
+class LvmPoolCheckFailed(LvmError):
+    """LVM would not activate a thin pool: its metadata check (thin_check)
+    failed. A device opened for a moment by another prober makes it fail
+    once; damaged metadata makes it fail every time."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message} -- LVM checks a thin pool's metadata (thin_check) each time it "
+            "activates the pool, and would not activate it. A check that found its device "
+            "busy passes on a retry; if it keeps failing, the metadata needs an admin: "
+            "lvchange -an VG/POOL, then lvconvert --repair VG/POOL (lvmthin(7), 'Metadata "
+            "check and repair')."
+        )
+
+
 METADATA_FIX = (
     "LVM keeps a record of every LV in the volume group's metadata area, whose size was "
     "fixed when its PVs were made: delete volumes and snapshots that are no longer "
@@ -86,6 +101,7 @@ _CLASSIFIERS: tuple[tuple[re.Pattern[str], type[LvmError]], ...] = (
         re.compile(r"unexpected transaction id|transaction_id is \d+, while expected", re.I),
         LvmPoolNeedsRepair,
     ),
+    (re.compile(r"check of pool \S+ failed", re.I), LvmPoolCheckFailed),
     (re.compile(r"already exists", re.I), LvmAlreadyExists),
     (
         re.compile(

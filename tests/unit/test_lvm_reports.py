@@ -15,6 +15,7 @@ from csi_lvm.lvm.errors import (
     LvmInUse,
     LvmNoSpace,
     LvmNotFound,
+    LvmPoolCheckFailed,
     LvmPoolNeedsRepair,
     LvmTimeout,
     LvmToolMissing,
@@ -120,6 +121,11 @@ def test_skip_activation_flag() -> None:
         ('  Volume group "vg9" not found', LvmNotFound),
         ("  Logical volume vg0/csi-x in use.", LvmInUse),
         ('  Can\'t remove open logical volume "snap-x"', LvmInUse),
+        (  # the message an e2e run met on a pool's first activation
+            "  Check of pool vg0/pool0 failed (status:1). Manual repair required!\n"
+            "  Failed to activate thin pool vg0/pool0.",
+            LvmPoolCheckFailed,
+        ),
         ("  Something unexpected", LvmError),
     ],
 )
@@ -136,6 +142,7 @@ def test_failures_are_classified(stderr: str, error: type[Exception]) -> None:
         (LvmNoSpace("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (LvmInUse("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (LvmPoolNeedsRepair("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (LvmPoolCheckFailed("x"), grpc.StatusCode.UNAVAILABLE),
         (LvmToolMissing("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (LvmTimeout("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (LvmBadName("x"), grpc.StatusCode.INVALID_ARGUMENT),
