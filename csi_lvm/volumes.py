@@ -419,9 +419,12 @@ class Inventory:
         if count != changes or self.lvm.touched_since(changes):
             return False
         log.debug("refreshing the thin pools")
-        pools, groups = self.lvm.thin_pools(
-            self.config.volume_groups, timeout=max(30.0, self.refresh_seconds)
-        )
+        try:
+            # The VGs of the kept report: a configured VG missing from the
+            # node is looked for again by the whole reports.
+            pools, groups = self.lvm.thin_pools(kept.vgs, timeout=max(30.0, self.refresh_seconds))
+        except LvmNotFound:  # a VG went away: a whole report says what is left
+            return False
         now = {group.name: group for group in groups}
         if self.lvm.changes != count or set(now) != set(kept.vgs):
             return False

@@ -274,10 +274,14 @@ class Lvm:
             check_name(group, "volume group")
         if not groups:
             return [], []
-        # A select, not VG arguments: a VG that is not there is not an error.
-        select = "segtype=thin-pool && (" + "||".join(f"vg_name={g}" for g in groups) + ")"
-        pools = parse_lv_report(self._report(["lvs", "-o", LV_FIELDS, "-S", select], timeout))
-        return pools, self.list_vgs(groups, timeout)
+        # VG arguments, not a select on vg_name: LVM then reads (and locks)
+        # these VGs alone, never a VG of someone else's that a long command
+        # of theirs holds. A VG that is gone is LvmNotFound.
+        select = "segtype=thin-pool"
+        pools = parse_lv_report(
+            self._report(["lvs", "-o", LV_FIELDS, "-S", select, *groups], timeout)
+        )
+        return pools, parse_vg_report(self._report(["vgs", "-o", VG_FIELDS, *groups], timeout))
 
     def find_lv(
         self, volume_group: str, name: str, timeout: float | None = None
