@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -161,3 +162,47 @@ def _create_or_error(client: CsiClient, name: str) -> object:
         return client.controller.CreateVolume(create_request(name, 16 * MiB), timeout=WAIT_SECONDS)
     except grpc.RpcError as error:
         return error
+
+
+def test_sigterm_waits_for_the_lvm_command_in_flight(
+    csi: CsiClient, workdir: Path, vg: LoopVolumeGroup, name: str
+) -> None:
+    # What a DaemonSet rollout sends first: the plugin stops taking calls,
+    # and LVM, in its container, runs to the end of the command it is in.
+    home = workdir / name
+    home.mkdir()
+    plugin = Driver(home, write_config(home / "config.yaml", vg.name, vg.pool),
+                    "--refresh-interval", "3600")  # fmt: skip
+    client = plugin.start()
+    client.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"deviceClass": "thin"}))
+    lock = lock_file(vg.name)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    answers: list[object] = []
+    try:
+        call = threading.Thread(
+            target=lambda: answers.append(_create_or_error(client, name)), daemon=True
+        )
+        call.start()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (waiters := waiting_for(lock)):
+            assert time.monotonic() < deadline, "the create's lvcreate never waited for the lock"
+            time.sleep(0.1)
+        assert plugin.process is not None
+        plugin.process.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert plugin.process.poll() is None, "the plugin left with an LVM command in flight"
+        assert waiting_for(lock) == waiters
+    finally:
+        os.close(held)
+    assert plugin.process.wait(WAIT_SECONDS) == 0
+    plugin.process = None
+    call.join(WAIT_SECONDS)
+    client.close()
+    (answer,) = answers
+    assert isinstance(answer, csi_pb2.CreateVolumeResponse), answer  # it finished, and answered
+    lv = lv_name_for(Kind.VOLUME, name)
+    assert lv in vg.lv_names()
+    recorded, in_kernel = transaction_ids(vg)
+    assert recorded == in_kernel
+    delete(csi, create(csi, name, 16 * MiB).volume_id)
