@@ -106,6 +106,10 @@ class ChangedScan(Scan):
 
     touched: frozenset[tuple[str, str]] = frozenset()
     reread: Callable[[str, str], LogicalVolume | None] | None = None
+    # The report this view is made of: its index by name, built once per
+    # report, serves the untouched LVs (a view is made per call, and an
+    # index of its own would cost every call a pass over every LV).
+    kept: Scan | None = None
 
     @functools.cached_property
     def _reread(self) -> dict[tuple[str, str], LogicalVolume | None]:
@@ -114,6 +118,8 @@ class ChangedScan(Scan):
     def lv(self, volume_group: str, name: str) -> LogicalVolume | None:
         key = (volume_group, name)
         if key not in self.touched or self.reread is None:
+            if self.kept is not None:
+                return self.kept.lv(volume_group, name)
             return super().lv(volume_group, name)
         if key not in self._reread:
             self._reread[key] = self.reread(volume_group, name)
@@ -360,6 +366,7 @@ class Inventory:
             scan.started,
             touched=frozenset(touched),
             reread=lambda group, name: self._reread(group, name, touched[group, name][0], timeout),
+            kept=scan,
         )
 
     def _reread(

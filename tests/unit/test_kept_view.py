@@ -95,3 +95,19 @@ def test_a_metadata_area_near_full_takes_no_new_volumes_and_says_how_to_fix_it()
     assert metadata_room_lvs(cramped) == 0
     unknown = dataclasses.replace(roomy, metadata_area_bytes=0)  # a report without the fields
     assert metadata_full(unknown) is None and metadata_room_lvs(unknown) is None
+
+
+def test_a_view_looks_untouched_lvs_up_in_its_report_s_index() -> None:
+    # One view per call: an index of its own would cost each call a pass
+    # over every LV of the node (issue 18: stats p99 at 1000 volumes).
+    report = Scan(tuple(lv(f"v{i}") for i in range(1000)), {"vg0": group("vg0")})
+    touched = frozenset({("vg0", "v1")})
+    views = [
+        ChangedScan(report.lvs, report.vgs, touched=touched, reread=lambda g, n: None, kept=report)
+        for _ in range(3)
+    ]
+    for view in views:
+        assert view.lv("vg0", "v7") is report.lv("vg0", "v7")
+        assert view.lv("vg0", "v1") is None  # touched: read again
+        assert view.named("v9") == [report.lv("vg0", "v9")]
+        assert "_by_name" not in view.__dict__  # no index of its own was built
