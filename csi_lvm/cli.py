@@ -21,16 +21,19 @@ from csi_lvm import __version__
 from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.admin import node_status, status_json, status_text
 from csi_lvm.backends import Backends
+from csi_lvm.block_maps import BlockMaps, PoolReservations
 from csi_lvm.config import load_config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
 from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm, config_overrides_from
+from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.node import NodeService
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
+from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.volumes import REFRESH_SECONDS, Inventory
 
 DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
@@ -107,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--metrics-address", default="", help="host:port for Prometheus /metrics (off when empty)"
+    )
+    serve.add_argument(
+        "--state-dir",
+        default=None,
+        help="a directory on the host for the driver's records of the thin pools' metadata "
+        "snapshots it holds (default: the socket's directory)",
     )
     status = commands.add_parser("status", help="device classes, volumes and snapshots here")
     status.add_argument("--config", default=DEFAULT_CONFIG)
@@ -236,11 +245,15 @@ def serve(args: argparse.Namespace) -> int:
         serve_metrics(args.metrics_address, backends)
     locks = KeyedLocks()
     backends.states.remove_unfinished(inventory, locks)
+    state_dir = args.state_dir or os.path.dirname(socket_path(args.endpoint))
+    reservations = PoolReservations(ThinMetadata(prefix=args.lvm_prefix.split()), state_dir)
+    reservations.release_stale(BlockMaps.thin_pools(config))
     server = Server(
         args.endpoint,
         IdentityService(args.driver_name),
         ControllerService(inventory, backends, locks, topology_key),
         NodeService(inventory, backends, locks, topology_key, args.max_volumes_per_node),
+        SnapshotMetadataService(inventory, BlockMaps(lvm, reservations)),
     )
     log.info(
         "starting",

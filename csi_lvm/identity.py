@@ -29,7 +29,13 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     def GetPluginCapabilities(
         self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
-        services = (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
+        # SNAPSHOT_METADATA_SERVICE for the driver as a whole: thin classes
+        # answer it, thick classes say they cannot (their snapshots are copies).
+        services = (
+            Service.CONTROLLER_SERVICE,
+            Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+            Service.SNAPSHOT_METADATA_SERVICE,
+        )
         capabilities = [
             csi_pb2.PluginCapability(service=csi_pb2.PluginCapability.Service(type=s))
             for s in services
