@@ -196,12 +196,15 @@ class Server:
         self,
         endpoint: str,
         identity: csi_pb2_grpc.IdentityServicer,
-        controller: csi_pb2_grpc.ControllerServicer,
-        node: csi_pb2_grpc.NodeServicer,
+        controller: csi_pb2_grpc.ControllerServicer | None,
+        node: csi_pb2_grpc.NodeServicer | None,
         snapshot_metadata: csi_pb2_grpc.SnapshotMetadataServicer | None = None,
         # More threads than a sidecar sends slow calls at once (16 creates
         # waiting on LVM must not keep Probe and the kubelet's calls waiting).
         workers: int = 64,
+        # A TCP address and credentials on which the SnapshotMetadata service
+        # alone is served, to the cluster's forwarder (csi_lvm.forwarding).
+        tls_listener: tuple[str, grpc.ServerCredentials] | None = None,
     ) -> None:
         self.path = socket_path(endpoint)
         self.grpc = grpc.server(
@@ -210,10 +213,24 @@ class Server:
             options=[("grpc.so_reuseport", 0)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(identity, self.grpc)
-        csi_pb2_grpc.add_ControllerServicer_to_server(controller, self.grpc)
-        csi_pb2_grpc.add_NodeServicer_to_server(node, self.grpc)
+        if controller is not None:
+            csi_pb2_grpc.add_ControllerServicer_to_server(controller, self.grpc)
+        if node is not None:
+            csi_pb2_grpc.add_NodeServicer_to_server(node, self.grpc)
         if snapshot_metadata is not None:
             csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, self.grpc)
+        self.tls: grpc.Server | None = None
+        self.tls_port = 0
+        if tls_listener is not None:
+            if snapshot_metadata is None:
+                raise ConfigError("a TLS listener serves the SnapshotMetadata service: give it")
+            self.tls = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tls-rpc"),
+                interceptors=[CallInterceptor()],
+                options=[("grpc.so_reuseport", 0)],
+            )
+            csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, self.tls)
+            self._tls_listener = tls_listener
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -227,10 +244,19 @@ class Server:
             os.umask(previous)
         os.chmod(self.path, 0o660)
         log.info("serving", socket=self.path)
+        if self.tls is not None:
+            address, credentials = self._tls_listener
+            self.tls_port = self.tls.add_secure_port(address, credentials)
+            if self.tls_port == 0:
+                raise ConfigError(f"cannot listen on {address} for the forwarder's calls")
+            self.tls.start()
+            log.info("serving snapshot metadata over mutual TLS", address=address)
 
     def stop(self, grace: float = 30.0) -> None:
         """Refuse new calls, let running ones finish (up to ``grace`` seconds)."""
         log.info("stopping", grace_seconds=grace)
+        if self.tls is not None:
+            self.tls.stop(grace)
         self.grpc.stop(grace).wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
