@@ -32,6 +32,7 @@ import grpc
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import InvalidArgument, NotFound, Relayed, Unavailable
 from csi_lvm.ids import Kind, ObjectId, node_component
+from csi_lvm.rpc import budget
 from csi_lvm.tls import PLUGIN_SERVER_NAME, TlsFiles, channel_credentials
 
 Context = grpc.ServicerContext
@@ -133,7 +134,7 @@ class ForwardingService(csi_pb2_grpc.SnapshotMetadataServicer):
     ) -> Iterator[csi_pb2.GetMetadataAllocatedResponse]:
         node = _node_of(request.snapshot_id, "snapshot_id")
         stub = self._stub(node)
-        return _relayed(node, stub.GetMetadataAllocated(request, timeout=context.time_remaining()))
+        return _relayed(node, stub.GetMetadataAllocated(request, timeout=budget(context)))
 
     def GetMetadataDelta(
         self, request: csi_pb2.GetMetadataDeltaRequest, context: Context
@@ -147,7 +148,7 @@ class ForwardingService(csi_pb2_grpc.SnapshotMetadataServicer):
                 "snapshots of the same volume"
             )
         stub = self._stub(base)
-        return _relayed(base, stub.GetMetadataDelta(request, timeout=context.time_remaining()))
+        return _relayed(base, stub.GetMetadataDelta(request, timeout=budget(context)))
 
     def _stub(self, node: str) -> csi_pb2_grpc.SnapshotMetadataStub:
         address = self.peers.address(node)
