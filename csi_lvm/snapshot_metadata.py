@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import grpc
 
-from csi_lvm.block_maps import BlockMap, BlockMaps
+from csi_lvm.block_maps import BlockMap, BlockMaps, thin_only
 from csi_lvm.block_ranges import batches, starting_at
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import InvalidArgument, NotFound, OutOfRange
@@ -69,6 +69,8 @@ class SnapshotMetadataService(csi_pb2_grpc.SnapshotMetadataServicer):
         timeout = budget(context)
         base = self._snapshot(request.base_snapshot_id, "base snapshot", timeout)
         target = self._snapshot(request.target_snapshot_id, "target snapshot", timeout)
+        thin_only(base)  # before the pair's checks: a thick snapshot has no delta at all
+        thin_only(target)
         if str(base.id) == str(target.id):
             raise InvalidArgument(
                 f"base and target are the same snapshot ({base.id}); a delta needs two"
