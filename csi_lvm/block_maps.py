@@ -238,6 +238,9 @@ class BlockMaps:
         self.lvm = lvm
         self.reservations = reservations
         self.tools = reservations.tools
+        # Spools go to the state directory: on the host and writable where the
+        # container's own filesystem may not be (their files are unlinked).
+        self.spool_dir = str(reservations.state_dir)
 
     @staticmethod
     def thin_pools(config: Config) -> list[tuple[str, str]]:
@@ -267,7 +270,8 @@ class BlockMaps:
         """The ranges ``snapshot`` maps, in the pool's chunks, merged."""
         thin_only(snapshot)
         pool, (dev_id,) = self._thin_lvs([snapshot], timeout)
-        spool = RangeSpool()
+        os.makedirs(self.spool_dir, exist_ok=True)
+        spool = RangeSpool(self.spool_dir)
         try:
             with self.reservations.held(pool.vg_name, pool.name, timeout):
                 try:
@@ -290,7 +294,8 @@ class BlockMaps:
         thin_only(target)
         thin_only(base)
         pool, (base_id, target_id) = self._thin_lvs([base, target], timeout)
-        spool = RangeSpool()
+        os.makedirs(self.spool_dir, exist_ok=True)
+        spool = RangeSpool(self.spool_dir)
         try:
             with self.reservations.held(pool.vg_name, pool.name, timeout):
                 devices = self._devices(pool, {base_id, target_id}, timeout)
