@@ -25,7 +25,7 @@ import os
 import re
 import subprocess
 import tempfile
-import time
+import threading
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -258,7 +258,7 @@ class ThinMetadata:
         """A tool's output as a ``Listing``, read as the caller iterates; the
         tool is stopped if the caller leaves early, and its failure raised."""
         command = [*self.prefix, *args]
-        deadline = time.monotonic() + self._limit(timeout)
+        limit = self._limit(timeout)
         with tempfile.TemporaryFile() as errors:
             try:
                 process = subprocess.Popen(
@@ -274,23 +274,33 @@ class ThinMetadata:
                     f"{args[0]} (thin-provisioning-tools) is not installed on this node"
                 ) from exc
             assert process.stdout is not None
+            expired = threading.Event()
+
+            def expire() -> None:  # past the call's time: a read-only tool, safe to stop
+                expired.set()
+                process.kill()
+
+            watchdog = threading.Timer(limit, expire)
+            watchdog.daemon = True
+            watchdog.start()
             left_early = True
             try:
                 try:
-                    yield Listing(_until(xml_elements(process.stdout), deadline, args[0]))
+                    yield Listing(xml_elements(process.stdout))
                 except (ThinMetadataError, ElementTree.ParseError) as exc:
                     # Output cut short or absent: the tool's own failure says why.
                     if process.wait() != 0:
-                        raise _tool_failure(args, process.returncode, _text(errors)) from exc
+                        raise _failure(args, process.returncode, errors, expired, limit) from exc
                     raise ThinMetadataError(f"{args[0]} printed unreadable output: {exc}") from exc
                 left_early = bool(process.stdout.read(1))
             finally:
+                watchdog.cancel()
                 if left_early and process.poll() is None:
                     process.kill()  # a read-only tool: safe to stop
                 process.wait()
                 process.stdout.close()
             if not left_early and process.returncode != 0:
-                raise _tool_failure(args, process.returncode, _text(errors))
+                raise _failure(args, process.returncode, errors, expired, limit)
 
     @contextmanager
     def device_details(
@@ -335,11 +345,12 @@ class ThinMetadata:
             yield listing
 
 
-def _until(elements: Iterator[Element], deadline: float, tool: str) -> Iterator[Element]:
-    for element in elements:
-        if time.monotonic() > deadline:
-            raise LvmTimeout(f"{tool} did not finish within the call's time")
-        yield element
+def _failure(
+    args: Sequence[str], returncode: int, errors: IO[bytes], expired: threading.Event, limit: float
+) -> LvmError:
+    if expired.is_set():
+        return LvmTimeout(f"{args[0]} did not finish within {limit:.1f}s; it was stopped")
+    return _tool_failure(args, returncode, _text(errors))
 
 
 def _text(errors: IO[bytes]) -> str:

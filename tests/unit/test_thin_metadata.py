@@ -7,15 +7,18 @@ already-written chunk, a new chunk and a discard."""
 from __future__ import annotations
 
 import io
+import sys
+import time
 import tracemalloc
 from collections.abc import Iterator
 
 import pytest
 
-from csi_lvm.lvm.errors import LvmNotFound
+from csi_lvm.lvm.errors import LvmNotFound, LvmTimeout
 from csi_lvm.lvm.thin_metadata import (
     Listing,
     ThinDeviceMissing,
+    ThinMetadata,
     ThinMetadataError,
     _tool_failure,
     dm_name,
@@ -140,7 +143,7 @@ class GeneratedDump(io.RawIOBase):
 
 
 def test_a_long_dump_streams_in_constant_memory() -> None:
-    count = 200_000  # about 14 MB of XML
+    count = 100_000  # about 7 MB of XML
     tracemalloc.start()
     try:
         dump = Listing(xml_elements(GeneratedDump(count)))  # type: ignore[arg-type]
@@ -185,3 +188,61 @@ def test_tool_failures_are_classified() -> None:
     assert isinstance(gone, ThinMetadataError) and "metadata snapshot is gone" in str(gone)
     other = _tool_failure(["thin_dump"], 2, "")
     assert "exit code 2" in str(other) and "no message" in str(other)
+
+
+# The tool runner, with stand-ins for the thin tools (they need device-mapper):
+# a process that prints a document, one that fails, one that hangs.
+def printing(document: bytes, code: int = 0) -> list[str]:
+    script = (
+        f"import sys; sys.stdout.buffer.write({document!r}); sys.stdout.flush(); sys.exit({code})"
+    )
+    return [sys.executable, "-c", script]
+
+
+def test_a_tool_s_document_is_read_and_its_exit_checked() -> None:
+    tools = ThinMetadata()
+    with tools._listing(printing(DELTA), timeout=30) as delta:
+        assert list(delta.differences()) == [(2, 1), (3, 1), (100, 1)]
+    with (
+        pytest.raises(ThinDeviceMissing),
+        tools._listing(
+            [
+                sys.executable,
+                "-c",
+                "import sys; sys.stderr.write('Unable to find mapping tree for snap2 (9)'); sys.exit(1)",
+            ],
+            timeout=30,
+        ) as listing,
+    ):
+        list(listing.differences())
+    failing = tools._listing(printing(DELTA, code=3), timeout=30)
+    with pytest.raises(ThinMetadataError, match="exit code 3"), failing as delta:
+        list(delta.differences())
+
+
+ENDLESS_DUMP = (
+    "import sys, itertools\n"
+    "out = sys.stdout\n"
+    'out.write(\'<superblock uuid="" time="1" transaction="1" data_block_size="128" nr_data_blocks="0">\\n\')\n'
+    'out.write(\'<device dev_id="1" mapped_blocks="0" transaction="0" creation_time="0" snap_time="0">\\n\')\n'
+    "for block in itertools.count():\n"
+    '    out.write(f\'<single_mapping origin_block="{block}" data_block="{block}" time="0"/>\\n\')\n'
+)
+
+
+def test_a_reader_that_stops_early_stops_the_tool() -> None:
+    """A tool that would print forever: the reader takes one mapping and
+    leaves; the tool is stopped, and that is no error."""
+    started = time.monotonic()
+    with ThinMetadata()._listing([sys.executable, "-c", ENDLESS_DUMP], timeout=30) as dump:
+        first = next(dump.mappings())
+    assert first == (0, 1)
+    assert time.monotonic() - started < 20
+
+
+def test_a_tool_past_the_call_s_time_is_stopped() -> None:
+    started = time.monotonic()
+    hanging = ThinMetadata()._listing(["sleep", "30"], timeout=0.5)
+    with pytest.raises(LvmTimeout, match="did not finish within 0.5s"), hanging as listing:
+        list(listing.mappings())
+    assert time.monotonic() - started < 10
