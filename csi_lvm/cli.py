@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "csi-lvm"))
     forward.add_argument(
         "--plugin-selector",
-        default="app.kubernetes.io/name=csi-lvm,app.kubernetes.io/component=plugin",
+        default="app.kubernetes.io/name=csi-lvm",
         help="label selector of the plugin's pods",
     )
     forward.add_argument("--plugin-port", type=int, default=9811)
@@ -175,7 +175,7 @@ def _add_lvm_config_overrides(command: argparse.ArgumentParser) -> None:
 def _add_tls_dir(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--tls-dir",
-        default="/etc/csi-lvm/tls",
+        default="/etc/csi-lvm-tls",
         help="ca.crt, tls.crt and tls.key (a kubernetes.io/tls Secret with the CA's certificate) "
         "for mutual TLS between the forwarder and the plugins",
     )
@@ -312,8 +312,13 @@ def serve(args: argparse.Namespace) -> int:
     reservations.release_stale(BlockMaps.thin_pools(config))
     tls_listener = None
     if args.snapshot_metadata_listen:
-        listen_tls = server_credentials(TlsFiles(Path(args.tls_dir)))
-        tls_listener = (args.snapshot_metadata_listen, listen_tls)
+        try:
+            listen_tls = server_credentials(TlsFiles(Path(args.tls_dir)))
+            tls_listener = (args.snapshot_metadata_listen, listen_tls)
+        except ConfigError as error:
+            # The Secret is optional in the DaemonSet: a cluster without the
+            # forwarder runs the plugin without the port (restart it to add).
+            log.warning("no snapshot metadata port for the forwarder", reason=str(error))
     server = Server(
         args.endpoint,
         IdentityService(args.driver_name),

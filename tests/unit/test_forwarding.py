@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import ConfigError, InvalidArgument, NotFound
 from csi_lvm.forwarding import (
     StaticPeers,
@@ -18,6 +19,7 @@ from csi_lvm.forwarding import (
 )
 from csi_lvm.ids import node_component
 from csi_lvm.tls import TlsFiles
+from tests.testbed import Driver
 
 LONG_NODE = "a-node-name-longer-than-forty-characters.example.internal"
 
@@ -68,3 +70,26 @@ def test_missing_tls_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "ca.crt").write_text("x")
     with pytest.raises(ConfigError, match=r"tls\.crt"):
         TlsFiles(tmp_path).read()
+
+
+def test_a_plugin_without_its_tls_files_starts_without_the_port(tmp_path: Path) -> None:
+    """The DaemonSet's Secret is optional: the plugin serves its socket and
+    says why the forwarder's port is missing. (On the host: a volume group
+    it does not have, so no LVM is touched.)"""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"deviceClasses:\n  - name: thin\n    volumeGroup: absentvg{os.getpid()}\n"
+        "    thinPool: pool0\n    default: true\n"
+    )
+    driver = Driver(
+        tmp_path, config, "--snapshot-metadata-listen", "127.0.0.1:0",
+        "--tls-dir", str(tmp_path / "no-tls-here"), "--no-lvm-shell",
+    )  # fmt: skip
+    client = driver.start()
+    try:
+        client.identity.Probe(csi_pb2.ProbeRequest())
+    finally:
+        client.close()
+        assert driver.stop() == 0
+    log = driver.log_path.read_text()
+    assert "no snapshot metadata port for the forwarder" in log and "no-tls-here" in log
