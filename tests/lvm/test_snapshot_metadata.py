@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -185,6 +186,10 @@ def test_the_delta_is_exactly_the_chunks_written_and_rebuilds_the_target(
     assert same == ranges and counts == [2, 2, 1]
     _, resumed, _ = delta(cbt, base, target, starting_offset=20 * chunk + 100)
     assert resumed == [(20 * chunk + 100, chunk - 100), *ranges[3:]]
+    # Calls at once on one pool take turns with its one metadata snapshot.
+    with ThreadPoolExecutor(4) as calls:
+        answers = list(calls.map(lambda _: delta(cbt, base, target)[1], range(4)))
+    assert answers == [ranges] * 4
     # Where the base holds data: what was written before it, merged.
     base_capacity, base_ranges, _ = allocated(cbt, base)
     assert base_capacity == 16 * MiB
