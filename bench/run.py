@@ -13,6 +13,8 @@ on it and measures every figure against a baseline taken in the same run:
    plain ``mkfs`` with its defaults: the stage ratio.
 5. The driver's RSS idle and after 1,000 mixed RPCs.
 6. Round trips of Probe and NodeGetInfo (p50, p99).
+7. GetMetadataDelta of a 4 GiB thin volume with 1 % changed against reading
+   both snapshots whole and comparing them (``bench/cbt.py``).
 
 Prints one table and writes the same as JSON (``--json``, default
 build/vm/bench.json; ``make bench`` copies it to bench/results.json).
@@ -607,13 +609,14 @@ def main() -> int:
     parser.add_argument("--rpcs", type=int, default=1000)
     parser.add_argument("--zeroing-samples", type=int, default=3)
     parser.add_argument("--mounted-seconds", type=int, default=60)
+    parser.add_argument("--cbt-samples", type=int, default=3)
     parser.add_argument("--scale-volumes", type=int, default=1000)
     parser.add_argument("--scale-samples", type=int, default=8)
     parser.add_argument("--scale-calls", type=int, default=300)
     parser.add_argument("--scale-load-creates", type=int, default=3, help="per creator, of 16")
     parser.add_argument(
         "--only",
-        default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,scale,default-vg",
+        default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,cbt,scale,default-vg",
         help="phases; default-vg-fill also fills a default VG until LVM refuses (slow)",
     )
     args = parser.parse_args()
@@ -649,6 +652,11 @@ def main() -> int:
         if "ext4-mapped" in only:
             with phase("pool space an ext4 first stage maps"):
                 bench.ext4_mapped(args.mounted_seconds)
+        if "cbt" in only:
+            from bench.cbt import changed_blocks
+
+            with phase("changed block tracking: GetMetadataDelta against reading whole"):
+                changed_blocks(bench, args.cbt_samples)
         if "scale" in only or "default-vg" in only:
             from bench.scale import ScaleBench
 

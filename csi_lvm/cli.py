@@ -21,16 +21,21 @@ from csi_lvm import __version__
 from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.admin import node_status, status_json, status_text
 from csi_lvm.backends import Backends
+from csi_lvm.block_maps import BlockMaps, PoolReservations
 from csi_lvm.config import load_config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
+from csi_lvm.forwarding import ForwardingService, KubernetesPeers, Peers, StaticPeers
 from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm, config_overrides_from
+from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.node import NodeService
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
+from csi_lvm.snapshot_metadata import SnapshotMetadataService
+from csi_lvm.tls import TlsFiles, server_credentials
 from csi_lvm.volumes import REFRESH_SECONDS, Inventory
 
 DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
@@ -108,6 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-address", default="", help="host:port for Prometheus /metrics (off when empty)"
     )
+    serve.add_argument(
+        "--state-dir",
+        default=None,
+        help="a directory on the host for the driver's records of the thin pools' metadata "
+        "snapshots it holds (default: the socket's directory)",
+    )
+    serve.add_argument(
+        "--snapshot-metadata-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="also serve the SnapshotMetadata service there, over mutual TLS (--tls-dir), "
+        "for the cluster's forwarder (off when empty)",
+    )
+    _add_tls_dir(serve)
+    forward = commands.add_parser(
+        "forward-snapshot-metadata",
+        help="serve SnapshotMetadata on a socket for the cluster's sidecar, forwarding each "
+        "call to the plugin of the snapshot's node over mutual TLS",
+    )
+    forward.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="unix:///path/to/csi.sock")
+    forward.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    forward.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    _add_tls_dir(forward)
+    forward.add_argument(
+        "--peers-file", default="", help="<node> <host:port> lines (else the Kubernetes API)"
+    )
+    forward.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "csi-lvm"))
+    forward.add_argument(
+        "--plugin-selector",
+        default="app.kubernetes.io/name=csi-lvm",
+        help="label selector of the plugin's pods",
+    )
+    forward.add_argument("--plugin-port", type=int, default=9811)
     status = commands.add_parser("status", help="device classes, volumes and snapshots here")
     status.add_argument("--config", default=DEFAULT_CONFIG)
     status.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
@@ -132,6 +170,39 @@ def _add_lvm_config_overrides(command: argparse.ArgumentParser) -> None:
         help="LVM settings (lvm.conf syntax) given to every LVM command with --config, on top "
         "of the node's own LVM configuration",
     )
+
+
+def _add_tls_dir(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--tls-dir",
+        default="/etc/csi-lvm-tls",
+        help="ca.crt, tls.crt and tls.key (a kubernetes.io/tls Secret with the CA's certificate) "
+        "for mutual TLS between the forwarder and the plugins",
+    )
+
+
+def forward_snapshot_metadata(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    tls = TlsFiles(Path(args.tls_dir))
+    tls.read()  # missing files stop start-up, with their names
+    peers: Peers = (
+        StaticPeers(args.peers_file)
+        if args.peers_file
+        else KubernetesPeers(args.namespace, args.plugin_selector, args.plugin_port)
+    )
+    forwarding = ForwardingService(peers, tls)
+    server = Server(
+        args.endpoint,
+        IdentityService(args.driver_name, snapshot_metadata_only=True),
+        None,
+        None,
+        forwarding,
+    )
+    try:
+        server.run_until_signalled()
+    finally:
+        forwarding.close()
+    return 0
 
 
 def lvm_overrides(args: argparse.Namespace) -> str:
@@ -236,11 +307,25 @@ def serve(args: argparse.Namespace) -> int:
         serve_metrics(args.metrics_address, backends)
     locks = KeyedLocks()
     backends.states.remove_unfinished(inventory, locks)
+    state_dir = args.state_dir or os.path.dirname(socket_path(args.endpoint))
+    reservations = PoolReservations(ThinMetadata(prefix=args.lvm_prefix.split()), state_dir)
+    reservations.release_stale(BlockMaps.thin_pools(config))
+    tls_listener = None
+    if args.snapshot_metadata_listen:
+        try:
+            listen_tls = server_credentials(TlsFiles(Path(args.tls_dir)))
+            tls_listener = (args.snapshot_metadata_listen, listen_tls)
+        except ConfigError as error:
+            # The Secret is optional in the DaemonSet: a cluster without the
+            # forwarder runs the plugin without the port (restart it to add).
+            log.warning("no snapshot metadata port for the forwarder", reason=str(error))
     server = Server(
         args.endpoint,
         IdentityService(args.driver_name),
         ControllerService(inventory, backends, locks, topology_key),
         NodeService(inventory, backends, locks, topology_key, args.max_volumes_per_node),
+        SnapshotMetadataService(inventory, BlockMaps(lvm, reservations)),
+        tls_listener=tls_listener,
     )
     log.info(
         "starting",
@@ -273,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return doctor(args)
         if args.command == "release-node":
             return release_node(args)
+        if args.command == "forward-snapshot-metadata":
+            return forward_snapshot_metadata(args)
     except ConfigError as exc:
         print(f"csi-lvm: {exc}", file=sys.stderr)
         return 2

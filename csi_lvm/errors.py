@@ -97,3 +97,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, kind):
             return code, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}): {error}"
+
+
+class Relayed(DriverError):
+    """Another csi-lvm's answer to a forwarded call, passed on as it came."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -18,8 +18,10 @@ Service = csi_pb2.PluginCapability.Service.Type
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, driver_name: str) -> None:
+    def __init__(self, driver_name: str, snapshot_metadata_only: bool = False) -> None:
         self.driver_name = driver_name
+        # The forwarder of a cluster's SnapshotMetadata calls serves nothing else.
+        self.snapshot_metadata_only = snapshot_metadata_only
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -29,11 +31,21 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     def GetPluginCapabilities(
         self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
-        services = (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
+        # SNAPSHOT_METADATA_SERVICE for the driver as a whole: thin classes
+        # answer it, thick classes say they cannot (their snapshots are copies).
+        services: tuple[Service, ...] = (
+            Service.CONTROLLER_SERVICE,
+            Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+            Service.SNAPSHOT_METADATA_SERVICE,
+        )
+        if self.snapshot_metadata_only:
+            services = (Service.SNAPSHOT_METADATA_SERVICE,)
         capabilities = [
             csi_pb2.PluginCapability(service=csi_pb2.PluginCapability.Service(type=s))
             for s in services
         ]
+        if self.snapshot_metadata_only:
+            return csi_pb2.GetPluginCapabilitiesResponse(capabilities=capabilities)
         # Volumes grow while mounted (NodeExpandVolume on the volume's node).
         capabilities.append(
             csi_pb2.PluginCapability(

@@ -1,8 +1,11 @@
-"""The gRPC server: one unix socket serving Identity, Controller and Node.
+"""The gRPC server: one unix socket serving Identity, Controller, Node and
+SnapshotMetadata.
 
 An interceptor wraps every RPC: it logs one JSON line per call (method, ids,
 duration, outcome) and turns domain errors into gRPC statuses, so servicers
-raise and never pick status codes by hand.
+raise and never pick status codes by hand. A streaming call is logged when
+its stream ends, and an error raised while it streams ends the stream with
+the error's status.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -32,6 +35,8 @@ _LOGGED_FIELDS = (
     "name",
     "volume_id",
     "snapshot_id",
+    "base_snapshot_id",
+    "target_snapshot_id",
     "source_volume_id",
     "staging_target_path",
     "target_path",
@@ -72,49 +77,98 @@ class CallInterceptor(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
+    @staticmethod
+    def _unary(
+        method: str, inner: Callable[[Any, grpc.ServicerContext], Any]
+    ) -> Callable[[Message, grpc.ServicerContext], Message]:
         def call(request: Message, context: grpc.ServicerContext) -> Message:
-            started = time.monotonic()
-            code = grpc.StatusCode.OK
-            message = ""
+            outcome = _Outcome(method, request)
             try:
                 answer: Message = inner(request, context)
                 return answer
-            except NotImplementedError:
-                # The generated base class answers RPCs csi-lvm does not offer.
-                code = grpc.StatusCode.UNIMPLEMENTED
-                message = (
-                    f"csi-lvm does not offer {method}; its capabilities "
-                    "(GetPluginCapabilities, ControllerGetCapabilities, NodeGetCapabilities) "
-                    "list what it serves"
-                )
-                context.abort(code, message)
             except Exception as error:  # every failure leaves as a proper status
-                code, message = status_for(error)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("rpc crashed", method=method)
-                context.abort(code, message)
+                outcome.failed(error, context)
+                raise  # not reached: abort raises
             finally:
-                elapsed = time.monotonic() - started
-                observe_rpc(method, code.name, elapsed)
-                quiet = method in _POLLS and code is grpc.StatusCode.OK
-                (log.debug if quiet else log.info)(
-                    "rpc",
-                    method=method,
-                    **_request_ids(request),
-                    code=code.name,
-                    error=message or None,
-                    ms=round(elapsed * 1000, 1),
-                )
+                outcome.log()
 
-        return grpc.unary_unary_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return call
+
+    @staticmethod
+    def _streaming(
+        method: str, inner: Callable[[Any, grpc.ServicerContext], Any]
+    ) -> Callable[[Message, grpc.ServicerContext], Iterator[Message]]:
+        def call(request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
+            outcome = _Outcome(method, request)
+            try:
+                answers: Iterator[Message] = inner(request, context)
+                for answer in answers:
+                    outcome.messages += 1
+                    yield answer
+            except Exception as error:
+                outcome.failed(error, context)
+            finally:
+                outcome.log()
+
+        return call
+
+
+class _Outcome:
+    """One call's status, timing and log line."""
+
+    def __init__(self, method: str, request: Message) -> None:
+        self.method = method
+        self.request = request
+        self.started = time.monotonic()
+        self.code = grpc.StatusCode.OK
+        self.message = ""
+        self.messages = 0  # of a streaming answer
+
+    def failed(self, error: Exception, context: grpc.ServicerContext) -> None:
+        """End the call with the error's status (``abort`` raises)."""
+        if isinstance(error, NotImplementedError):
+            # The generated base class answers RPCs csi-lvm does not offer.
+            self.code = grpc.StatusCode.UNIMPLEMENTED
+            self.message = (
+                f"csi-lvm does not offer {self.method}; its capabilities "
+                "(GetPluginCapabilities, ControllerGetCapabilities, NodeGetCapabilities) "
+                "list what it serves"
+            )
+        else:
+            self.code, self.message = status_for(error)
+            if self.code is grpc.StatusCode.INTERNAL:
+                log.error("rpc crashed", method=self.method, exc_info=error)
+        context.abort(self.code, self.message)
+
+    def log(self) -> None:
+        elapsed = time.monotonic() - self.started
+        observe_rpc(self.method, self.code.name, elapsed)
+        quiet = self.method in _POLLS and self.code is grpc.StatusCode.OK
+        (log.debug if quiet else log.info)(
+            "rpc",
+            method=self.method,
+            **_request_ids(self.request),
+            code=self.code.name,
+            error=self.message or None,
+            **({"messages": self.messages} if self.messages else {}),
+            ms=round(elapsed * 1000, 1),
         )
 
 
@@ -142,11 +196,15 @@ class Server:
         self,
         endpoint: str,
         identity: csi_pb2_grpc.IdentityServicer,
-        controller: csi_pb2_grpc.ControllerServicer,
-        node: csi_pb2_grpc.NodeServicer,
+        controller: csi_pb2_grpc.ControllerServicer | None,
+        node: csi_pb2_grpc.NodeServicer | None,
+        snapshot_metadata: csi_pb2_grpc.SnapshotMetadataServicer | None = None,
         # More threads than a sidecar sends slow calls at once (16 creates
         # waiting on LVM must not keep Probe and the kubelet's calls waiting).
         workers: int = 64,
+        # A TCP address and credentials on which the SnapshotMetadata service
+        # alone is served, to the cluster's forwarder (csi_lvm.forwarding).
+        tls_listener: tuple[str, grpc.ServerCredentials] | None = None,
     ) -> None:
         self.path = socket_path(endpoint)
         self.grpc = grpc.server(
@@ -155,8 +213,24 @@ class Server:
             options=[("grpc.so_reuseport", 0)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(identity, self.grpc)
-        csi_pb2_grpc.add_ControllerServicer_to_server(controller, self.grpc)
-        csi_pb2_grpc.add_NodeServicer_to_server(node, self.grpc)
+        if controller is not None:
+            csi_pb2_grpc.add_ControllerServicer_to_server(controller, self.grpc)
+        if node is not None:
+            csi_pb2_grpc.add_NodeServicer_to_server(node, self.grpc)
+        if snapshot_metadata is not None:
+            csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, self.grpc)
+        self.tls: grpc.Server | None = None
+        self.tls_port = 0
+        if tls_listener is not None:
+            if snapshot_metadata is None:
+                raise ConfigError("a TLS listener serves the SnapshotMetadata service: give it")
+            self.tls = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tls-rpc"),
+                interceptors=[CallInterceptor()],
+                options=[("grpc.so_reuseport", 0)],
+            )
+            csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, self.tls)
+            self._tls_listener = tls_listener
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -170,10 +244,19 @@ class Server:
             os.umask(previous)
         os.chmod(self.path, 0o660)
         log.info("serving", socket=self.path)
+        if self.tls is not None:
+            address, credentials = self._tls_listener
+            self.tls_port = self.tls.add_secure_port(address, credentials)
+            if self.tls_port == 0:
+                raise ConfigError(f"cannot listen on {address} for the forwarder's calls")
+            self.tls.start()
+            log.info("serving snapshot metadata over mutual TLS", address=address)
 
     def stop(self, grace: float = 30.0) -> None:
         """Refuse new calls, let running ones finish (up to ``grace`` seconds)."""
         log.info("stopping", grace_seconds=grace)
+        if self.tls is not None:
+            self.tls.stop(grace)
         self.grpc.stop(grace).wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

@@ -32,6 +32,12 @@ SIZES = st.one_of(
     st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1),
 )
 
+# An int32 (the SnapshotMetadata service's max_results).
+MAX_RESULTS = st.one_of(
+    st.sampled_from([-1, 0, 1, (1 << 31) - 1, -(1 << 31)]),
+    st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1),
+)
+
 PARAMETERS = st.one_of(
     st.sampled_from(
         [{}, {"deviceClass": "nope"}, {"deviceClass": ""}, {"deviceClass": "../thin"},
@@ -274,6 +280,34 @@ def hostile_calls(paths: Sequence[str], handmade_lv: str) -> st.SearchStrategy[C
             path,
             capacity,
         ),
+        st.builds(
+            lambda i, offset, most: Call(
+                "snapshot_metadata",
+                "GetMetadataAllocated",
+                csi_pb2.GetMetadataAllocatedRequest(
+                    snapshot_id=i, starting_offset=offset, max_results=most
+                ),
+            ),
+            ids,
+            SIZES,
+            MAX_RESULTS,
+        ),
+        st.builds(
+            lambda base, target, offset, most: Call(
+                "snapshot_metadata",
+                "GetMetadataDelta",
+                csi_pb2.GetMetadataDeltaRequest(
+                    base_snapshot_id=base,
+                    target_snapshot_id=target,
+                    starting_offset=offset,
+                    max_results=most,
+                ),
+            ),
+            ids,
+            ids,
+            SIZES,
+            MAX_RESULTS,
+        ),
     )
 
 
@@ -283,6 +317,8 @@ def answer(client: CsiClient, call: Call) -> tuple[grpc.StatusCode, Any]:
     stub = getattr(client, call.service)
     try:
         response = getattr(stub, call.method)(call.request, timeout=120)
+        if call.service == "snapshot_metadata":  # a stream: its messages, or its error
+            response = list(response)
     except grpc.RpcError as error:
         code, details = error.code(), error.details() or ""
         assert code not in IMPROPER, f"{call}: {code.name}: {details}"

@@ -128,6 +128,7 @@ class CsiClient:
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.snapshot_metadata = csi_pb2_grpc.SnapshotMetadataStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

@@ -24,6 +24,7 @@ from csi_lvm.lvm.errors import LvmBadName, LvmError, LvmTimeout, LvmToolMissing,
 from csi_lvm.lvm.process import run_to_completion, wait_for_unfinished
 from csi_lvm.lvm.records import (
     LV_FIELDS,
+    THIN_FIELDS,
     VG_COLUMNS,
     VG_FIELDS,
     LogicalVolume,
@@ -292,6 +293,19 @@ class Lvm:
             self._report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
         )
         return lvs[0] if lvs else None
+
+    def thin_lvs(
+        self, volume_group: str, names: Iterable[str], timeout: float | None = None
+    ) -> dict[str, LogicalVolume]:
+        """The named LVs that exist, with their thin device ids and (for a
+        pool) chunk size, by name."""
+        wanted = sorted(set(names))
+        check_lv_names(volume_group, *wanted)
+        if not wanted:
+            return {}
+        select = "||".join(f"lv_name={name}" for name in wanted)
+        report = self._report(["lvs", "-o", THIN_FIELDS, "-S", select, volume_group], timeout)
+        return {lv.name: lv for lv in parse_lv_report(report)}
 
     def snapshots_of(
         self, volume_group: str, origin: str, timeout: float | None = None

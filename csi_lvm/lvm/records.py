@@ -22,6 +22,9 @@ VG_COLUMNS = (
     "vg_size,vg_free,vg_extent_size,vg_attr,vg_missing_pv_count,vg_mda_size,vg_mda_free,vg_seqno"
 )
 VG_FIELDS = f"vg_name,{VG_COLUMNS}"
+# Asked for only where the thin pool's own metadata is read: a thin LV's
+# device id in its pool, and a pool's chunk size.
+THIN_FIELDS = f"{LV_FIELDS},thin_id,chunk_size"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ class LogicalVolume:
     path: str
     dm_path: str
     created: str
+    thin_id: int | None = None  # a thin LV's device id in its pool (THIN_FIELDS)
+    chunk_bytes: int = 0  # a thin pool's chunk size (THIN_FIELDS)
 
     @property
     def full_name(self) -> str:
@@ -188,6 +193,8 @@ def parse_lv_report(report: dict[str, object]) -> list[LogicalVolume]:
             path=row.get("lv_path", ""),
             dm_path=row.get("lv_dm_path", ""),
             created=_created(row.get("lv_time", "")),
+            thin_id=int(row["thin_id"]) if row.get("thin_id", "").isdigit() else None,
+            chunk_bytes=_int(row.get("chunk_size", "")),
         )
         for row in rows
     ]

@@ -15,13 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from csi_lvm.backends import Backends
+from csi_lvm.block_maps import BlockMaps, PoolReservations
 from csi_lvm.config import parse_config
 from csi_lvm.controller import ControllerService
 from csi_lvm.identity import IdentityService
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.node import NodeService
 from csi_lvm.server import Server
+from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.volumes import Inventory
 from tests.hostile import Call, answer, hostile_calls
 from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient
@@ -42,14 +45,17 @@ class HostBed:
             "    thinPool: pool0\n    default: true\n"
             f"  - name: thick\n    volumeGroup: absentvg{os.getpid()}\n"
         )
-        inventory = Inventory(config, Lvm(), NODE_ID, DRIVER_NAME)
+        lvm = Lvm()
+        inventory = Inventory(config, lvm, NODE_ID, DRIVER_NAME)
         backends = Backends(inventory)
         locks = KeyedLocks()
+        maps = BlockMaps(lvm, PoolReservations(ThinMetadata(), str(root / "state")))
         self.server = Server(
             f"unix://{root}/csi.sock",
             IdentityService(DRIVER_NAME),
             ControllerService(inventory, backends, locks, TOPOLOGY_KEY),
             NodeService(inventory, backends, locks, TOPOLOGY_KEY),
+            SnapshotMetadataService(inventory, maps),
         )
         self.server.start()
         self.client = CsiClient(f"{root}/csi.sock")
@@ -88,5 +94,6 @@ def test_every_hostile_request_gets_a_proper_status(bed: HostBed) -> None:
     check()
     # Every RPC was driven, and the answers were not all one code.
     assert len(SEEN) >= 16, sorted(SEEN)
+    assert {"GetMetadataAllocated", "GetMetadataDelta"} <= set(SEEN), sorted(SEEN)
     assert "INVALID_ARGUMENT" in set().union(*SEEN.values())
     assert SEEN["ControllerPublishVolume"] == {grpc.StatusCode.UNIMPLEMENTED.name}

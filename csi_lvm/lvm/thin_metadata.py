@@ -1,0 +1,368 @@
+"""A thin pool's own metadata: which chunks each thin device maps.
+
+dm-thin keeps, for every thin device of a pool, the map from its chunks to
+the pool's data blocks; a snapshot shares its origin's blocks until either
+is written. This module reads those maps, read-only, with the tools of
+thin-provisioning-tools from a *metadata snapshot*: a frozen copy of the
+pool's metadata that the kernel keeps consistent while the pool goes on
+changing. It sends the pool's device the only two messages that touch the
+metadata, ``reserve_metadata_snap`` and ``release_metadata_snap``, and reads
+the pool's status; nothing else here writes anything.
+
+``thin_dump`` and ``thin_delta`` print XML, one element per mapping; it is
+parsed as it arrives, so a map of any size passes in constant memory. These
+tools only read, so unlike LVM they may be stopped mid-run.
+
+Device-mapper names: LVM names a pool's devices ``<vg>-<pool>-tpool`` (the
+pool itself, once thin volumes use it; ``<vg>-<pool>`` before) and
+``<vg>-<pool>_tmeta`` (its metadata), each dash inside a VG or LV name
+doubled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, cast
+
+from csi_lvm.lvm.commands import check_lv_names
+from csi_lvm.lvm.errors import LvmError, LvmNotFound, LvmTimeout, LvmToolMissing
+from csi_lvm.lvm.process import run_to_completion
+
+SECTOR_BYTES = 512
+_READ_BYTES = 1 << 16
+# How a failed message names a pool that has a metadata snapshot already, and
+# one that has none to release.
+_BUSY = re.compile(r"resource busy", re.I)
+_NOTHING_HELD = re.compile(r"invalid argument", re.I)
+
+
+class ThinMetadataError(LvmError):
+    """A thin-provisioning tool or a message to the pool failed."""
+
+
+class ThinDeviceMissing(LvmNotFound):
+    """The metadata snapshot has no thin device of that id (it was deleted
+    before the snapshot of the metadata was taken)."""
+
+
+class MetadataSnapshotHeld(ThinMetadataError):
+    """The pool has a metadata snapshot reserved already; the kernel keeps one."""
+
+
+class PoolNotActive(ThinMetadataError):
+    """The pool has no device-mapper device: its metadata is not live."""
+
+
+def dm_name(volume_group: str, lv_name: str, layer: str = "") -> str:
+    """The device-mapper name LVM gives an LV (or a layer of it, ``tpool``)."""
+    name = f"{volume_group.replace('-', '--')}-{lv_name.replace('-', '--')}"
+    return f"{name}-{layer}" if layer else name
+
+
+def metadata_device(volume_group: str, pool: str) -> str:
+    """The pool's metadata device (its hidden ``_tmeta`` LV)."""
+    return f"/dev/mapper/{dm_name(volume_group, f'{pool}_tmeta')}"
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """A thin pool's status line, the parts that matter here."""
+
+    device: str  # the device-mapper name messages go to
+    transaction_id: int
+    held_root: int | None  # the metadata snapshot's block, None when none is held
+    mode: str  # rw, ro, out_of_data_space
+
+
+def parse_pool_status(device: str, line: str) -> PoolStatus | None:
+    """``dmsetup status`` of a thin-pool target: ``<start> <length> thin-pool
+    <transaction> <used>/<total meta> <used>/<total data> <held root>|-
+    rw|ro|out_of_data_space ...`` (dm-thin's documentation); None when the
+    line is not a thin pool's."""
+    fields = line.split()
+    if len(fields) < 8 or fields[2] != "thin-pool" or not fields[3].isdigit():
+        return None
+    held = fields[6]
+    return PoolStatus(
+        device=device,
+        transaction_id=int(fields[3]),
+        held_root=int(held) if held.isdigit() else None,
+        mode=fields[7],
+    )
+
+
+@dataclass(frozen=True)
+class ThinDevice:
+    """A thin device's details in the pool's metadata. ``creation_time`` is
+    the pool's clock, which every snapshot creation advances: of two
+    snapshots, the later one has the higher value."""
+
+    dev_id: int
+    mapped_blocks: int
+    creation_time: int
+    snap_time: int
+
+
+Element = tuple[str, dict[str, str]]
+
+
+def xml_elements(stream: IO[bytes]) -> Iterator[Element]:
+    """Each element's tag and attributes as its start tag arrives, with the
+    tree pruned as it goes: memory stays constant however long the document.
+    The input is a thin-provisioning tool's own output."""
+    parser: ElementTree.XMLPullParser[ElementTree.Element] = ElementTree.XMLPullParser(
+        events=("start", "end")
+    )
+    open_elements: list[ElementTree.Element] = []
+    while True:
+        data = stream.read(_READ_BYTES)
+        if data:
+            parser.feed(data)
+        else:
+            parser.close()
+        # Start and end events only: each is (event, element).
+        events = cast(Iterator[tuple[str, ElementTree.Element]], parser.read_events())
+        for event, element in events:
+            if event == "start":
+                open_elements.append(element)
+                yield element.tag, dict(element.attrib)
+            else:
+                open_elements.pop()
+                if open_elements:  # each element is read once: drop it
+                    open_elements[-1].remove(element)
+        if not data:
+            return
+
+
+def _number(attributes: dict[str, str], name: str) -> int:
+    value = attributes.get(name, "")
+    if not value.isdigit():
+        raise ThinMetadataError(f"thin metadata element lacks a number {name!r}: {attributes}")
+    return int(value)
+
+
+class Listing:
+    """A thin tool's document: the superblock's ``data_block_size`` (the
+    pool's chunk, in sectors) first, then the elements after it."""
+
+    def __init__(self, elements: Iterator[Element]) -> None:
+        self._elements = elements
+        self.devices_seen = 0  # the <device> elements ``mappings`` met
+        for tag, attributes in elements:
+            if tag == "superblock":
+                self.chunk_bytes = _number(attributes, "data_block_size") * SECTOR_BYTES
+                return
+        raise ThinMetadataError("thin tool output has no superblock")
+
+    def devices(self) -> Iterator[ThinDevice]:
+        for tag, attributes in self._elements:
+            if tag == "device":
+                yield ThinDevice(
+                    dev_id=_number(attributes, "dev_id"),
+                    mapped_blocks=_number(attributes, "mapped_blocks"),
+                    creation_time=_number(attributes, "creation_time"),
+                    snap_time=_number(attributes, "snap_time"),
+                )
+
+    def mappings(self) -> Iterator[tuple[int, int]]:
+        """A ``thin_dump`` of one device: its mapped chunks as (first chunk,
+        count), in order of the device's address."""
+        for tag, attributes in self._elements:
+            if tag == "device":
+                self.devices_seen += 1
+            elif tag == "range_mapping":
+                yield _number(attributes, "origin_begin"), _number(attributes, "length")
+            elif tag == "single_mapping":
+                yield _number(attributes, "origin_block"), 1
+
+    def differences(self) -> Iterator[tuple[int, int]]:
+        """A ``thin_delta``: the chunks the two devices do not share as
+        (first chunk, count), in order. Chunks mapped to different blocks,
+        mapped by the second only, and mapped by the first only (the second
+        discarded them) all differ; only ``same`` chunks are left out."""
+        for tag, attributes in self._elements:
+            if tag in ("different", "left_only", "right_only"):
+                yield _number(attributes, "begin"), _number(attributes, "length")
+            elif tag not in ("same", "diff"):
+                raise ThinMetadataError(f"unexpected element <{tag}> in thin_delta output")
+
+
+class ThinMetadata:
+    """Runs ``dmsetup`` and the thin-provisioning tools, through ``prefix``
+    (``nsenter`` into the host, as LVM is) and with ``LC_ALL=C``."""
+
+    def __init__(self, prefix: Sequence[str] = (), timeout: float = 120.0) -> None:
+        self.prefix = list(prefix)
+        self.timeout = timeout
+        self._env = {**os.environ, "LC_ALL": "C"}
+
+    def _limit(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))
+
+    def _dmsetup(self, args: Sequence[str], timeout: float | None) -> tuple[int, str, str]:
+        command = [*self.prefix, "dmsetup", *args]
+        limit = self._limit(timeout)
+        try:
+            done = run_to_completion(command, self._env, limit)
+        except subprocess.TimeoutExpired as exc:
+            raise LvmTimeout(f"dmsetup {args[0]} did not finish within {limit:.1f}s") from exc
+        except FileNotFoundError as exc:
+            raise LvmToolMissing("dmsetup is not installed on this node") from exc
+        return done.returncode, done.stdout, " ".join(done.stderr.split())
+
+    def pool_status(self, volume_group: str, pool: str, timeout: float | None = None) -> PoolStatus:
+        """The status of the pool's thin-pool device."""
+        check_lv_names(volume_group, pool)
+        for device in (dm_name(volume_group, pool, "tpool"), dm_name(volume_group, pool)):
+            code, out, _ = self._dmsetup(["status", "--", device], timeout)
+            status = parse_pool_status(device, out) if code == 0 else None
+            if status is not None:
+                return status
+        raise PoolNotActive(
+            f"thin pool {volume_group}/{pool} is not active (no thin-pool device "
+            f"{dm_name(volume_group, pool, 'tpool')}); activate it with "
+            f"lvchange --activate y {volume_group}/{pool}"
+        )
+
+    def reserve(self, status: PoolStatus, timeout: float | None = None) -> None:
+        """Take the pool's metadata snapshot (the kernel commits first)."""
+        code, _, err = self._dmsetup(
+            ["message", status.device, "0", "reserve_metadata_snap"], timeout
+        )
+        if code != 0 and _BUSY.search(err):
+            raise MetadataSnapshotHeld(f"{status.device} has a metadata snapshot already: {err}")
+        if code != 0:
+            raise ThinMetadataError(f"reserving a metadata snapshot of {status.device}: {err}")
+
+    def release(self, status: PoolStatus, timeout: float | None = None) -> bool:
+        """Let the pool's metadata snapshot go; False when none was held."""
+        code, _, err = self._dmsetup(
+            ["message", status.device, "0", "release_metadata_snap"], timeout
+        )
+        if code != 0 and _NOTHING_HELD.search(err):
+            return False
+        if code != 0:
+            raise ThinMetadataError(f"releasing the metadata snapshot of {status.device}: {err}")
+        return True
+
+    @contextmanager
+    def _listing(self, args: Sequence[str], timeout: float | None) -> Iterator[Listing]:
+        """A tool's output as a ``Listing``, read as the caller iterates; the
+        tool is stopped if the caller leaves early, and its failure raised."""
+        command = [*self.prefix, *args]
+        limit = self._limit(timeout)
+        with tempfile.TemporaryFile() as errors:
+            try:
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    env=self._env,
+                    start_new_session=True,
+                )
+            except FileNotFoundError as exc:
+                raise LvmToolMissing(
+                    f"{args[0]} (thin-provisioning-tools) is not installed on this node"
+                ) from exc
+            assert process.stdout is not None
+            expired = threading.Event()
+
+            def expire() -> None:  # past the call's time: a read-only tool, safe to stop
+                expired.set()
+                process.kill()
+
+            watchdog = threading.Timer(limit, expire)
+            watchdog.daemon = True
+            watchdog.start()
+            left_early = True
+            try:
+                try:
+                    yield Listing(xml_elements(process.stdout))
+                except (ThinMetadataError, ElementTree.ParseError) as exc:
+                    # Output cut short or absent: the tool's own failure says why.
+                    if process.wait() != 0:
+                        raise _failure(args, process.returncode, errors, expired, limit) from exc
+                    raise ThinMetadataError(f"{args[0]} printed unreadable output: {exc}") from exc
+                left_early = bool(process.stdout.read(1))
+            finally:
+                watchdog.cancel()
+                if left_early and process.poll() is None:
+                    process.kill()  # a read-only tool: safe to stop
+                process.wait()
+                process.stdout.close()
+            if not left_early and process.returncode != 0:
+                raise _failure(args, process.returncode, errors, expired, limit)
+
+    @contextmanager
+    def device_details(
+        self, volume_group: str, pool: str, timeout: float | None = None
+    ) -> Iterator[Listing]:
+        """Every thin device's details, from the metadata snapshot."""
+        check_lv_names(volume_group, pool)
+        args = [
+            "thin_dump",
+            "--metadata-snap",
+            "--skip-mappings",
+            metadata_device(volume_group, pool),
+        ]
+        with self._listing(args, timeout) as listing:
+            yield listing
+
+    @contextmanager
+    def mapped(
+        self, volume_group: str, pool: str, dev_id: int, timeout: float | None = None
+    ) -> Iterator[Listing]:
+        """One thin device's mappings, from the metadata snapshot."""
+        check_lv_names(volume_group, pool)
+        args = [
+            "thin_dump", "--metadata-snap", "--dev-id", str(dev_id),
+            metadata_device(volume_group, pool),
+        ]  # fmt: skip
+        with self._listing(args, timeout) as listing:
+            yield listing
+
+    @contextmanager
+    def delta(
+        self, volume_group: str, pool: str, base_id: int, target_id: int,
+        timeout: float | None = None,
+    ) -> Iterator[Listing]:  # fmt: skip
+        """What differs between two thin devices, from the metadata snapshot."""
+        check_lv_names(volume_group, pool)
+        args = [
+            "thin_delta", "--metadata-snap", "--snap1", str(base_id), "--snap2", str(target_id),
+            metadata_device(volume_group, pool),
+        ]  # fmt: skip
+        with self._listing(args, timeout) as listing:
+            yield listing
+
+
+def _failure(
+    args: Sequence[str], returncode: int, errors: IO[bytes], expired: threading.Event, limit: float
+) -> LvmError:
+    if expired.is_set():
+        return LvmTimeout(f"{args[0]} did not finish within {limit:.1f}s; it was stopped")
+    return _tool_failure(args, returncode, _text(errors))
+
+
+def _text(errors: IO[bytes]) -> str:
+    errors.seek(0)
+    return " ".join(errors.read().decode(errors="replace").split())
+
+
+def _tool_failure(args: Sequence[str], returncode: int, message: str) -> LvmError:
+    if "unable to find mapping tree" in message.lower():
+        return ThinDeviceMissing(f"{args[0]}: {message.split(' Usage:')[0]}")
+    if "no current metadata snap" in message.lower():
+        return ThinMetadataError(f"{args[0]}: the pool's metadata snapshot is gone: {message}")
+    return ThinMetadataError(
+        f"{args[0]} failed (exit code {returncode}): {message[:500] or 'no message'}"
+    )
