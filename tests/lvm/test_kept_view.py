@@ -94,26 +94,35 @@ def client(watched: Driver) -> Iterator[CsiClient]:
 def reports_during(driver: Driver, call: Callable[[], object]) -> tuple[int, int, list[str]]:
     """What ``call`` asked of LVM: the number of whole-VG reports (``lvs``
     with no selection; the background refreshes' are not counted), of
-    reports of selected LVs, and the other commands it ran."""
+    reports of selected LVs, and the other commands it ran. A refresh that
+    began before the call and ends during it is not counted either: the log
+    is read from its start, and the refreshes still under way when the call
+    began carry over."""
     before = driver.log_path.stat().st_size
     call()
     time.sleep(0.2)  # the log lines of the last command
+    commands: list[str] = []
+    skip: list[str] = []  # the commands of refreshes whose markers were seen
     with driver.log_path.open() as log:
-        log.seek(before)
-        lines = [json.loads(line) for line in log if line.startswith("{")]
-    commands, skip = [], []
-    for line in lines:
-        if line.get("event") == "refreshing the kept view":
-            skip.append("lvs")  # the background refresh's whole report
-        elif line.get("event") == "refreshing the thin pools":
-            skip += ["lvs -S", "vgs"]  # its report of the pools alone
-        elif line.get("event") == "lvm":
-            args = line["args"]
-            kind = "lvs -S" if args[0] == "lvs" and "-S" in args else args[0]
-            if kind in skip:
-                skip.remove(kind)
-            else:
-                commands.append(kind)
+        while True:
+            position = log.tell()
+            text = log.readline()
+            if not text:
+                break
+            if not text.startswith("{"):
+                continue
+            line = json.loads(text)
+            if line.get("event") == "refreshing the kept view":
+                skip.append("lvs")  # the background refresh's whole report
+            elif line.get("event") == "refreshing the thin pools":
+                skip += ["lvs -S", "vgs"]  # its report of the pools alone
+            elif line.get("event") == "lvm":
+                args = line["args"]
+                kind = "lvs -S" if args[0] == "lvs" and "-S" in args else args[0]
+                if kind in skip:
+                    skip.remove(kind)
+                elif position >= before:
+                    commands.append(kind)
     whole, selected = commands.count("lvs"), commands.count("lvs -S")
     return whole, selected, [kind for kind in commands if not kind.startswith("lvs")]
 
