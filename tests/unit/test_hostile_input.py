@@ -14,20 +14,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from csi_lvm.backends import Backends
-from csi_lvm.block_maps import BlockMaps, PoolReservations
-from csi_lvm.config import parse_config
-from csi_lvm.controller import ControllerService
-from csi_lvm.identity import IdentityService
-from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.commands import Lvm
-from csi_lvm.lvm.thin_metadata import ThinMetadata
-from csi_lvm.node import NodeService
-from csi_lvm.server import Server
-from csi_lvm.snapshot_metadata import SnapshotMetadataService
-from csi_lvm.volumes import Inventory
 from tests.hostile import Call, answer, hostile_calls
-from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient
+from tests.unit.host_server import serve_absent_vg
 
 SEEN: dict[str, set[str]] = {}
 
@@ -40,25 +28,7 @@ class HostBed:
         (self.kept / "data").write_text("mine")
         self.link = root / "link-to-kept"
         self.link.symlink_to(self.kept)
-        config = parse_config(
-            f"deviceClasses:\n  - name: thin\n    volumeGroup: absentvg{os.getpid()}\n"
-            "    thinPool: pool0\n    default: true\n"
-            f"  - name: thick\n    volumeGroup: absentvg{os.getpid()}\n"
-        )
-        lvm = Lvm()
-        inventory = Inventory(config, lvm, NODE_ID, DRIVER_NAME)
-        backends = Backends(inventory)
-        locks = KeyedLocks()
-        maps = BlockMaps(lvm, PoolReservations(ThinMetadata(), str(root / "state")))
-        self.server = Server(
-            f"unix://{root}/csi.sock",
-            IdentityService(DRIVER_NAME),
-            ControllerService(inventory, backends, locks, TOPOLOGY_KEY),
-            NodeService(inventory, backends, locks, TOPOLOGY_KEY),
-            SnapshotMetadataService(inventory, maps),
-        )
-        self.server.start()
-        self.client = CsiClient(f"{root}/csi.sock")
+        self.server, self.client = serve_absent_vg(root, root / "state")
 
     def untouched(self) -> bool:
         return (

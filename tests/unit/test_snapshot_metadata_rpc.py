@@ -7,28 +7,18 @@ stream runs ends it with its own status after the messages before it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from csi_lvm.backends import Backends
-from csi_lvm.block_maps import BlockMaps, PoolReservations
-from csi_lvm.config import parse_config
-from csi_lvm.controller import ControllerService
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import NotFound
 from csi_lvm.identity import IdentityService
-from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.commands import Lvm
-from csi_lvm.lvm.thin_metadata import ThinMetadata
-from csi_lvm.node import NodeService
-from csi_lvm.server import Server
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
-from csi_lvm.volumes import Inventory
-from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient
+from tests.testbed import DRIVER_NAME, NODE_ID
+from tests.unit.host_server import serve_absent_vg
 
 Code = grpc.StatusCode
 SNAPSHOT_OF_THIS_NODE = f"{NODE_ID}:thin:snap-nothing-here"
@@ -55,25 +45,7 @@ class Faltering(SnapshotMetadataService):
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[csi_pb2_grpc.SnapshotMetadataStub]:
     root: Path = tmp_path_factory.mktemp("cbt")
-    config = parse_config(
-        f"deviceClasses:\n  - name: thin\n    volumeGroup: absentvg{os.getpid()}\n"
-        "    thinPool: pool0\n    default: true\n"
-        f"  - name: thick\n    volumeGroup: absentvg{os.getpid()}\n"
-    )
-    lvm = Lvm()
-    inventory = Inventory(config, lvm, NODE_ID, DRIVER_NAME)
-    backends = Backends(inventory)
-    locks = KeyedLocks()
-    maps = BlockMaps(lvm, PoolReservations(ThinMetadata(), str(root)))
-    server = Server(
-        f"unix://{root}/csi.sock",
-        IdentityService(DRIVER_NAME),
-        ControllerService(inventory, backends, locks, TOPOLOGY_KEY),
-        NodeService(inventory, backends, locks, TOPOLOGY_KEY),
-        Faltering(inventory, maps),
-    )
-    server.start()
-    client = CsiClient(f"{root}/csi.sock")
+    server, client = serve_absent_vg(root, root, Faltering)
     yield csi_pb2_grpc.SnapshotMetadataStub(client.channel)
     client.close()
     server.stop(grace=5)
