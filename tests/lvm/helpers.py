@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,7 +15,7 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2
-from tests.testbed import CsiClient
+from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -193,3 +195,38 @@ def waiting_for(path: Path) -> list[int]:
         if len(fields) > 6 and fields[1] == "->" and fields[6].rsplit(":", 1)[-1] == str(inode):
             found.append(int(fields[5]))
     return found
+
+
+@contextmanager
+def lvm_lock_held(volume_group: str) -> Iterator[Path]:
+    """The VG's LVM lock, held here as another LVM command on the node would
+    hold it, until the block ends: every LVM command on the VG waits meanwhile.
+    Yields the lock file."""
+    lock = lock_file(volume_group)
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield lock
+    finally:
+        os.close(held)  # the lock is free: the commands that waited go on
+
+
+def first_waiting(lock: Path, what: str, seconds: float = 120) -> list[int]:
+    """The processes waiting for ``lock``, once one is; ``what`` says which
+    wait failed to come within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (waiters := waiting_for(lock)):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return waiters
+
+
+def driver_of_its_own(
+    workdir: Path, name: str, vg: LoopVolumeGroup, *extra: str, launcher: Sequence[str] = ()
+) -> Driver:
+    """A driver (not started) with the session's classes on ``vg``, in a
+    directory of its own under ``workdir``."""
+    home = workdir / name
+    home.mkdir()
+    config = write_config(home / "config.yaml", vg.name, vg.pool)
+    return Driver(home, config, *extra, launcher=launcher)

@@ -14,7 +14,6 @@ command on the node would take it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -28,8 +27,17 @@ import pytest
 
 from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, lv_name_for
-from tests.lvm.helpers import MiB, create, create_request, delete, lock_file, waiting_for
-from tests.testbed import CsiClient, Driver, LoopVolumeGroup, write_config
+from tests.lvm.helpers import (
+    MiB,
+    create,
+    create_request,
+    delete,
+    driver_of_its_own,
+    first_waiting,
+    lvm_lock_held,
+    waiting_for,
+)
+from tests.testbed import CsiClient, Driver, LoopVolumeGroup
 
 CGROUPS = Path("/sys/fs/cgroup")
 WAIT_SECONDS = 120
@@ -98,50 +106,31 @@ def test_a_killed_container_cuts_off_lvm_only_when_lvm_runs_inside_it(
     cgroups: dict[str, Path],
     lvm_outside: bool,
 ) -> None:
-    home = workdir / name
-    home.mkdir()
     extra = ["--refresh-interval", "3600"]  # no report of its own while the VG is locked
     if lvm_outside:
-        script = home / "lvm-outside"
+        script = workdir / f"{name}-lvm-outside"
         script.write_text(f'#!/bin/sh\necho $$ > {cgroups["lvm"]}/cgroup.procs || exit 1\n'
                           'exec "$@"\n')  # fmt: skip
         script.chmod(0o755)
         extra += ["--lvm-prefix", str(script)]
-    plugin = Driver(
-        home, write_config(home / "config.yaml", vg.name, vg.pool), *extra,
-        launcher=moved_into(cgroups["container"]),
-    )  # fmt: skip
-    client = plugin.start()
-    # The kept view is read before the VG is locked: the create's first LVM
-    # command is then its lvcreate.
-    client.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"deviceClass": "thin"}))
+    plugin = driver_of_its_own(workdir, name, vg, *extra, launcher=moved_into(cgroups["container"]))
+    client = _started(plugin)
     lv = lv_name_for(Kind.VOLUME, name)
-    lock = lock_file(vg.name)
-    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(held, fcntl.LOCK_EX)
-    answers: list[object] = []
     try:
-        call = threading.Thread(
-            target=lambda: answers.append(_create_or_error(client, name)), daemon=True
-        )
-        call.start()
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not (waiters := waiting_for(lock)):
-            assert time.monotonic() < deadline, "the create's lvcreate never waited for the lock"
-            time.sleep(0.1)
-        (lvcreate,) = waiters
-        expected = cgroups["lvm" if lvm_outside else "container"].name
-        assert cgroup_of(lvcreate).endswith(expected)
+        with lvm_lock_held(vg.name) as lock:
+            call, answers, (lvcreate,) = _create_behind(client, name, lock)
+            expected = cgroups["lvm" if lvm_outside else "container"].name
+            assert cgroup_of(lvcreate).endswith(expected)
 
-        (cgroups["container"] / "cgroup.kill").write_text("1")  # the runtime ends the container
-        assert plugin.process is not None
-        plugin.process.wait(WAIT_SECONDS)
-        plugin.process = None
-        call.join(WAIT_SECONDS)
-        assert answers and isinstance(answers[0], grpc.RpcError)  # no answer reached anyone
-        assert gone(lvcreate) is not lvm_outside
+            (cgroups["container"] / "cgroup.kill").write_text("1")  # the runtime ends it
+            assert plugin.process is not None
+            plugin.process.wait(WAIT_SECONDS)
+            plugin.process = None
+            call.join(WAIT_SECONDS)
+            assert answers and isinstance(answers[0], grpc.RpcError)  # no answer reached anyone
+            assert gone(lvcreate) is not lvm_outside
+        # The lock is free: an lvcreate still alive goes on.
     finally:
-        os.close(held)  # the lock is free: an lvcreate still alive goes on
         client.close()
 
     deadline = time.monotonic() + WAIT_SECONDS
@@ -157,6 +146,29 @@ def test_a_killed_container_cuts_off_lvm_only_when_lvm_runs_inside_it(
     delete(csi, volume.volume_id)
 
 
+def _started(plugin: Driver) -> CsiClient:
+    """The plugin started, with its kept view read before any test locks the
+    VG: a create's first LVM command is then its lvcreate."""
+    client = plugin.start()
+    client.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"deviceClass": "thin"}))
+    return client
+
+
+def _create_behind(
+    client: CsiClient, name: str, lock: Path
+) -> tuple[threading.Thread, list[object], list[int]]:
+    """A CreateVolume of ``name`` on a thread of its own, once its lvcreate
+    waits for the held ``lock``: the thread, where its answer will be, and
+    the processes waiting for the lock."""
+    answers: list[object] = []
+    call = threading.Thread(
+        target=lambda: answers.append(_create_or_error(client, name)), daemon=True
+    )
+    call.start()
+    waiters = first_waiting(lock, "the create's lvcreate never waited for the lock", WAIT_SECONDS)
+    return call, answers, waiters
+
+
 def _create_or_error(client: CsiClient, name: str) -> object:
     try:
         return client.controller.CreateVolume(create_request(name, 16 * MiB), timeout=WAIT_SECONDS)
@@ -169,32 +181,15 @@ def test_sigterm_waits_for_the_lvm_command_in_flight(
 ) -> None:
     # What a DaemonSet rollout sends first: the plugin stops taking calls,
     # and LVM, in its container, runs to the end of the command it is in.
-    home = workdir / name
-    home.mkdir()
-    plugin = Driver(home, write_config(home / "config.yaml", vg.name, vg.pool),
-                    "--refresh-interval", "3600")  # fmt: skip
-    client = plugin.start()
-    client.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"deviceClass": "thin"}))
-    lock = lock_file(vg.name)
-    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(held, fcntl.LOCK_EX)
-    answers: list[object] = []
-    try:
-        call = threading.Thread(
-            target=lambda: answers.append(_create_or_error(client, name)), daemon=True
-        )
-        call.start()
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not (waiters := waiting_for(lock)):
-            assert time.monotonic() < deadline, "the create's lvcreate never waited for the lock"
-            time.sleep(0.1)
+    plugin = driver_of_its_own(workdir, name, vg, "--refresh-interval", "3600")
+    client = _started(plugin)
+    with lvm_lock_held(vg.name) as lock:
+        call, answers, waiters = _create_behind(client, name, lock)
         assert plugin.process is not None
         plugin.process.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert plugin.process.poll() is None, "the plugin left with an LVM command in flight"
         assert waiting_for(lock) == waiters
-    finally:
-        os.close(held)
     assert plugin.process.wait(WAIT_SECONDS) == 0
     plugin.process = None
     call.join(WAIT_SECONDS)

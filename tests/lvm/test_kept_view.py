@@ -9,7 +9,6 @@ LV with long tags fills."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -33,8 +32,10 @@ from tests.lvm.helpers import (
     create,
     create_request,
     delete,
+    driver_of_its_own,
     expect_error,
-    lock_file,
+    first_waiting,
+    lvm_lock_held,
     mount_capability,
     publish,
     stage,
@@ -42,7 +43,7 @@ from tests.lvm.helpers import (
     unstage,
     waiting_for,
 )
-from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup, write_config
+from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup
 
 REFRESH = 3.0
 CRAMPED = "cramped"  # the class on the small VG
@@ -244,10 +245,7 @@ def test_a_create_never_answers_an_lv_removed_by_hand_since_the_view_showed_it(
 ) -> None:
     # A refresh interval longer than the test: the kept view shows the
     # volume (made by this driver, read again once) after an admin removed it.
-    home = workdir / name
-    home.mkdir()
-    driver = Driver(home, write_config(home / "config.yaml", vg.name, vg.pool),
-                    "--refresh-interval", "3600")  # fmt: skip
+    driver = driver_of_its_own(workdir, name, vg, "--refresh-interval", "3600")
     csi = driver.start()
     try:
         volume = create(csi, name, 8 * MiB)
@@ -280,23 +278,14 @@ def test_probe_and_info_answer_while_every_lvm_command_waits(
     # A queue of creates behind a VG that another LVM command holds: the
     # liveness probe must never wait for LVM, or the kubelet restarts the
     # container, and LVM with it (issue 15, item 5).
-    home = workdir / name
-    home.mkdir()
-    driver = Driver(home, write_config(home / "config.yaml", vg.name, vg.pool),
-                    "--refresh-interval", "3600")  # fmt: skip
+    driver = driver_of_its_own(workdir, name, vg, "--refresh-interval", "3600")
     csi = driver.start()
     capacity(csi, "thin")  # the kept view, read before the VG is held (start-up's report)
-    lock = lock_file(vg.name)
-    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(held, fcntl.LOCK_EX)
     names = [f"{name}-{i}" for i in range(16)]
     with ThreadPoolExecutor(len(names)) as pool:
-        try:
+        with lvm_lock_held(vg.name) as lock:
             creates = [pool.submit(create, csi, n, 8 * MiB) for n in names]
-            deadline = time.monotonic() + 60
-            while not waiting_for(lock):
-                assert time.monotonic() < deadline, "no create reached LVM"
-                time.sleep(0.1)
+            first_waiting(lock, "no create reached LVM", 60)
             slowest = 0.0
             for _ in range(20):
                 started = time.monotonic()
@@ -305,8 +294,6 @@ def test_probe_and_info_answer_while_every_lvm_command_waits(
                 slowest = max(slowest, time.monotonic() - started)
             assert waiting_for(lock), "LVM was not held during the calls: the test proved nothing"
             assert slowest < 1.0, f"a probe and info took {slowest:.3f} s"
-        finally:
-            os.close(held)
         volumes = [c.result(timeout=300) for c in creates]
     for volume in volumes:
         delete(csi, volume.volume_id)
@@ -321,27 +308,24 @@ def test_a_vg_that_is_not_the_drivers_never_stalls_it(
     # on another VG (here: its lock, held) must not queue the driver's LVM.
     foreign = LoopVolumeGroup(workdir / name, name=f"foreign{os.getpid()}", size="64M",
                               pool_size="16M").create()  # fmt: skip
-    lock = lock_file(foreign.name)
-    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(held, fcntl.LOCK_EX)
     try:
-        start = watched.log_path.stat().st_size
-        deadline = time.monotonic() + 6 * REFRESH
-        refreshed = False
-        while not refreshed:
-            assert time.monotonic() < deadline, "no refresh of the thin pools finished"
-            time.sleep(0.5)
-            with watched.log_path.open() as log:
-                log.seek(start)
-                refreshed = any(
-                    '"lvm"' in line and "segtype=thin-pool" in line for line in log
-                )  # fmt: skip
-        volume = client.controller.CreateVolume(
-            create_request(name, 8 * MiB, "kept"), timeout=30
-        ).volume
-        client.controller.DeleteVolume(
-            csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=30
-        )
+        with lvm_lock_held(foreign.name):
+            start = watched.log_path.stat().st_size
+            deadline = time.monotonic() + 6 * REFRESH
+            refreshed = False
+            while not refreshed:
+                assert time.monotonic() < deadline, "no refresh of the thin pools finished"
+                time.sleep(0.5)
+                with watched.log_path.open() as log:
+                    log.seek(start)
+                    refreshed = any(
+                        '"lvm"' in line and "segtype=thin-pool" in line for line in log
+                    )  # fmt: skip
+            volume = client.controller.CreateVolume(
+                create_request(name, 8 * MiB, "kept"), timeout=30
+            ).volume
+            client.controller.DeleteVolume(
+                csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=30
+            )
     finally:
-        os.close(held)
         foreign.destroy()
