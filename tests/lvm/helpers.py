@@ -211,14 +211,23 @@ def lvm_lock_held(volume_group: str) -> Iterator[Path]:
         os.close(held)  # the lock is free: the commands that waited go on
 
 
-def first_waiting(lock: Path, what: str, seconds: float = 120) -> list[int]:
-    """The processes waiting for ``lock``, once one is; ``what`` says which
-    wait failed to come within ``seconds``."""
+def first_waiting(lock: Path, parent: int, what: str, seconds: float = 120) -> list[int]:
+    """The children of ``parent`` (a driver: its lvm shell) waiting for
+    ``lock``, once one is; ``what`` says which wait failed to come within
+    ``seconds``. Other drivers' commands on the VG may wait for it too."""
     deadline = time.monotonic() + seconds
-    while not (waiters := waiting_for(lock)):
+    while not (waiters := [pid for pid in waiting_for(lock) if parent_of(pid) == parent]):
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
     return waiters
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # "<pid> (<comm>) <state> <ppid> ..."
 
 
 def driver_of_its_own(

@@ -285,7 +285,8 @@ def test_probe_and_info_answer_while_every_lvm_command_waits(
     with ThreadPoolExecutor(len(names)) as pool:
         with lvm_lock_held(vg.name) as lock:
             creates = [pool.submit(create, csi, n, 8 * MiB) for n in names]
-            first_waiting(lock, "no create reached LVM", 60)
+            assert driver.process is not None
+            first_waiting(lock, driver.process.pid, "no create reached LVM", 60)
             slowest = 0.0
             for _ in range(20):
                 started = time.monotonic()
