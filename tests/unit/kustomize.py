@@ -1,9 +1,11 @@
 """The part of kustomize that deploy/kubernetes relies on, for the unit tests.
 
-Resources (files), components, a configMapGenerator of literals, strategic
-merge patches of mappings, images, and replacements with a delimiter and an
-index, applied in kustomize's order: resources, then components, then this
-kustomization's generators, patches, images and replacements; resources
+Resources (files), components (with resources of their own), a
+configMapGenerator of literals, strategic merge patches of mappings, JSON
+patches that add, images, and replacements with a delimiter and an index,
+applied in kustomize's order: resources, then each component's resources and
+transformers, then this kustomization's generators, patches, images and
+replacements; resources
 annotated local-config are left out of the result. Anything else in a
 kustomization is refused, so a feature the manifests start to use fails here
 instead of being ignored. ``real_kustomize`` renders the same directory with
@@ -57,17 +59,27 @@ def _accumulate(directory: Path, kustomization: Object) -> list[Object]:
     unknown = set(kustomization) - KUSTOMIZATION_KEYS
     if unknown:
         raise Unsupported(f"{directory}: {sorted(unknown)}")
+    objects = _resources(directory, kustomization)
+    for component in kustomization.get("components", []):
+        component_directory = directory / component
+        found = load(component_directory)
+        if found.get("components"):
+            raise Unsupported(f"{component_directory}: components of a component")
+        objects = objects + _resources(component_directory, found)
+        own_of_component = {k: v for k, v in found.items() if k != "resources"}
+        objects = _apply(component_directory, own_of_component, objects)
+    own = {k: v for k, v in kustomization.items() if k not in ("resources", "components")}
+    return _apply(directory, own, objects)
+
+
+def _resources(directory: Path, kustomization: Object) -> list[Object]:
     objects: list[Object] = []
     for resource in kustomization.get("resources", []):
         path = directory / resource
         if not path.is_file():
             raise Unsupported(f"{path}: only files are implemented as resources")
         objects.extend(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
-    for component in kustomization.get("components", []):
-        component_directory = directory / component
-        objects = _apply(component_directory, load(component_directory), objects)
-    own = {k: v for k, v in kustomization.items() if k not in ("resources", "components")}
-    return _apply(directory, own, objects)
+    return objects
 
 
 def _apply(directory: Path, kustomization: Object, objects: list[Object]) -> list[Object]:
@@ -75,8 +87,6 @@ def _apply(directory: Path, kustomization: Object, objects: list[Object]) -> lis
     unknown = set(kustomization) - KUSTOMIZATION_KEYS
     if unknown:
         raise Unsupported(f"{directory}: {sorted(unknown)}")
-    if kustomization.get("resources") or kustomization.get("components"):
-        raise Unsupported(f"{directory}: resources or components of a component")
     objects = copy.deepcopy(objects)
     objects.extend(generate_config_map(g) for g in kustomization.get("configMapGenerator", []))
     for patch in kustomization.get("patches", []):
@@ -117,7 +127,9 @@ def selected(selector: Object, obj: Object) -> bool:
 
 
 def apply_patch(patch: Object, objects: list[Object]) -> None:
-    """A strategic merge patch that only adds or replaces mappings and scalars."""
+    """A strategic merge patch that only adds or replaces mappings and
+    scalars, or a JSON patch (a list of operations, as kustomize tells them
+    apart) that only adds."""
     if set(patch) - {"target", "patch"}:
         raise Unsupported(f"patch {patch}")
     body = yaml.safe_load(patch["patch"])
@@ -125,7 +137,35 @@ def apply_patch(patch: Object, objects: list[Object]) -> None:
     if not matches:
         raise ValueError(f"patch target {patch['target']} matches nothing")
     for obj in matches:
-        _merge(obj, {k: v for k, v in body.items() if k not in ("apiVersion", "kind")})
+        if isinstance(body, list):
+            for operation in body:
+                _json_add(obj, operation)
+        else:
+            _merge(obj, {k: v for k, v in body.items() if k not in ("apiVersion", "kind")})
+
+
+def _json_add(obj: Object, operation: Object) -> None:
+    """RFC 6902 ``add``: into a mapping by key, into a list at an index or at
+    its end (``-``); a missing parent is an error, as in kustomize."""
+    if set(operation) != {"op", "path", "value"} or operation["op"] != "add":
+        raise Unsupported(f"JSON patch operation {operation}")
+    pointer = operation["path"]
+    if not pointer.startswith("/"):
+        raise ValueError(f"JSON patch path {pointer!r} does not start with /")
+    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/")]
+    node: Any = obj
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    value = copy.deepcopy(operation["value"])
+    if isinstance(node, list):
+        if last == "-":
+            node.append(value)
+        elif 0 <= int(last) <= len(node):
+            node.insert(int(last), value)
+        else:
+            raise ValueError(f"JSON patch path {pointer!r}: index out of range")
+    else:
+        node[last] = value
 
 
 def _merge(into: Object, patch: Object) -> None:

@@ -15,9 +15,11 @@ itself checked against a real kustomize where one is installed.
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -37,6 +39,7 @@ from csi_lvm.identity import IdentityService
 from csi_lvm.ids import ObjectId
 from csi_lvm.node import CAPABILITIES as NODE_CAPABILITIES
 from csi_lvm.server import socket_path
+from csi_lvm.tls import PLUGIN_SERVER_NAME
 from csi_lvm.validation import DEVICE_CLASS_PARAMETER, SIDECAR_PARAMETER_PREFIX
 from tests.unit import kustomize
 
@@ -59,6 +62,12 @@ DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 OTHER_KUBELET_DIRS = ("/var/lib/k0s/kubelet", "/var/snap/microk8s/common/var/lib/kubelet")
 STORAGE_NODE_LABEL = "lvm.csi-lvm.io/storage-node"
 METRICS_PORT = 9810
+SNAPSHOT_METADATA_COMPONENT = "components/snapshot-metadata"
+SNAPSHOT_METADATA = KUBERNETES / SNAPSHOT_METADATA_COMPONENT
+SNAPSHOT_METADATA_CLIENT_ROLE = "csi-lvm-snapshot-metadata-client"
+FORWARDING_SECRET = "csi-lvm-forwarding-tls"
+SIDECAR_SECRET = "csi-lvm-snapshot-metadata-tls"
+CBT_API = "cbt.storage.k8s.io/v1beta1"
 
 # The plugin's command line is a contract with the image and the docs.
 PLUGIN_COMMAND = [
@@ -248,6 +257,15 @@ def documents() -> tuple[tuple[str, dict[str, Any]], ...]:
             if doc is not None:
                 found.append((str(path.relative_to(DEPLOY)), doc))
     return tuple(found)
+
+
+def base_documents() -> list[dict[str, Any]]:
+    """The objects deploy/kubernetes renders without components."""
+    return [
+        doc
+        for origin, doc in documents()
+        if origin.startswith("kubernetes/") and not origin.startswith("kubernetes/components/")
+    ]
 
 
 def objects(kind: str, where: Path | None = None) -> list[dict[str, Any]]:
@@ -679,11 +697,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "registry": {"image": REGISTRY_IMAGE},
     "storage-nodes": {"components": ("components/storage-nodes",)},
     "host-lvm": {"components": ("components/host-lvm",)},
+    "snapshot-metadata": {"components": (SNAPSHOT_METADATA_COMPONENT,)},
 }
 
 
 def test_with_its_defaults_the_kustomization_emits_the_manifests_as_written() -> None:
-    written = [doc for origin, doc in documents() if origin.startswith("kubernetes/")]
+    written = base_documents()
     assert keyed(render()) == keyed(written)
 
 
@@ -731,7 +750,7 @@ def test_the_kubelet_dir_setting_moves_every_kubelet_path_and_nothing_else(
 def test_the_images_entry_is_the_one_place_that_names_the_plugin_image() -> None:
     (entry,) = kustomize.load(KUBERNETES)["images"]
     sidecar_images = {f"{image}:{tag}" for image, tag, _ in SIDECARS.values()}
-    written = [doc for origin, doc in documents() if origin.startswith("kubernetes/")]
+    written = base_documents()
     plugin_images = [
         c["image"] for c in kustomize.containers_of(written) if c["image"] not in sidecar_images
     ]
@@ -782,6 +801,235 @@ def test_the_host_lvm_component_runs_lvm_outside_the_container_s_pid_namespace_a
     settings = keyed(expected)[("ConfigMap", NAMESPACE, "csi-lvm-lvm")]["data"]
     settings.update(prefix=args.lvm_prefix, configOverrides="")
     assert keyed(objs) == keyed(expected)
+
+
+# ---------------------------------------------------------------- changed block tracking
+#
+# external-snapshot-metadata v1.1.0 (commit in SIDECARS.md): the sidecar's
+# flags (pkg/sidecar/sidecar.go, klog.InitFlags on its own flag set) and API
+# calls (pkg/internal/server/grpc/{auth,snapshot}.go, pkg/internal/authn and
+# authz).
+KLOG = {
+    "v", "vmodule", "log_dir", "log_file", "log_file_max_size", "logtostderr",
+    "alsologtostderr", "stderrthreshold", "skip_headers", "skip_log_headers",
+    "add_dir_header", "one_output", "log_backtrace_at",
+}  # fmt: skip
+SNAPSHOT_METADATA_SIDECAR = (
+    SIG_STORAGE + "csi-snapshot-metadata",
+    "v1.1.0",
+    KLOG | {
+        "kubeconfig", "csi-address", "version", "timeout", "port", "tls-cert", "tls-key",
+        "audience", "max-streaming-duration-min", "kube-api-qps", "kube-api-burst",
+        "http-endpoint", "metrics-path", "disable-metrics",
+    },
+)  # fmt: skip
+SIDECAR_API_CALLS = {
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    ("snapshot.storage.k8s.io", "volumesnapshots", "get"),
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+    ("cbt.storage.k8s.io", "snapshotmetadataservices", "get"),
+}
+
+
+def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def cbt_render() -> list[dict[str, Any]]:
+    return render(components=(SNAPSHOT_METADATA_COMPONENT,))
+
+
+def snapshot_metadata_pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = keyed(objs)[("Deployment", NAMESPACE, "csi-lvm-snapshot-metadata")]
+    return dict(deployment["spec"]["template"])
+
+
+def secret_of(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The Secret volume mounted at ``path`` in ``container`` (a directory, never a subPath)."""
+    found = mount(container, path)
+    assert "subPath" not in found, "a subPath mount never sees a rotated Secret"
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == found["name"]]
+    secret: dict[str, Any] = volume["secret"]
+    return secret
+
+
+def test_the_snapshot_metadata_component_gives_the_plugin_its_tls_port_and_nothing_else() -> None:
+    default, objs = render(), cbt_render()
+    # The JSON patch appends to container 0's lists: that is the plugin.
+    assert pod_spec(rendered_daemonset(default))["containers"][0]["name"] == PLUGIN
+    ds = rendered_daemonset(objs)
+    args = build_parser().parse_args(plugin_args(objs))
+    host, _, port = args.snapshot_metadata_listen.rpartition(":")
+    assert (host, int(port)) == ("0.0.0.0", 9811)  # the pod's own address
+    plugin = containers(ds)[PLUGIN]
+    assert {"name": "snapshot-meta", "containerPort": 9811, "protocol": "TCP"} in plugin["ports"]
+    secret = secret_of({"spec": pod_spec(ds)}, plugin, args.tls_dir)
+    # Optional: a plugin starts without it, and without the port.
+    assert secret == {"secretName": FORWARDING_SECRET, "defaultMode": 0o400, "optional": True}
+    assert not args.tls_dir.startswith("/etc/csi-lvm/")  # not inside the ConfigMap's mount
+    # The DaemonSet changes by exactly these additions; nothing else of the
+    # base changes, and the component's own objects are new.
+    expected = copy.deepcopy(rendered_daemonset(default))
+    spec = expected["spec"]["template"]["spec"]
+    spec["containers"][0]["args"] += ["--snapshot-metadata-listen", "0.0.0.0:9811",
+                                      "--tls-dir", args.tls_dir]  # fmt: skip
+    spec["containers"][0]["ports"].append(plugin["ports"][-1])
+    spec["containers"][0]["volumeMounts"].append(mount(plugin, args.tls_dir))
+    spec["volumes"].append(pod_spec(ds)["volumes"][-1])
+    assert ds == expected
+    before, after = keyed(default), keyed(objs)
+    assert {k: v for k, v in after.items() if k in before and k[0] != "DaemonSet"} == {
+        k: v for k, v in before.items() if k[0] != "DaemonSet"
+    }
+    component = [
+        d for o, d in documents() if o.startswith("kubernetes/" + SNAPSHOT_METADATA_COMPONENT)
+    ]
+    assert {k: v for k, v in after.items() if k not in before} == keyed(component)
+
+
+def test_the_forwarder_and_the_sidecar_share_a_socket_no_one_else_mounts() -> None:
+    objs = cbt_render()
+    pod = snapshot_metadata_pod(objs)
+    by_name = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert set(by_name) == {"csi-snapshot-metadata", "forwarder"}
+    sidecar, forwarder = by_name["csi-snapshot-metadata"], by_name["forwarder"]
+    args = build_parser().parse_args(forwarder["command"][1:] + [
+        re.sub(r"\$\((\w+)\)", lambda m: {"POD_NAMESPACE": NAMESPACE}[m[1]], a)
+        for a in forwarder["args"]
+    ])  # fmt: skip
+    assert forwarder["command"] == ["csi-lvm"] and args.command == "forward-snapshot-metadata"
+    socket = PurePosixPath(socket_path(args.endpoint))
+    assert flags(sidecar)["csi-address"] == str(socket)
+    shared = mount(forwarder, str(socket.parent))["name"]
+    assert mount(sidecar, str(socket.parent))["name"] == shared
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == shared]
+    assert volume == {"name": shared, "emptyDir": {}}  # this Pod's alone
+    assert args.driver_name == DEFAULT_DRIVER_NAME
+    # The forwarder finds the plugin's pods, in their namespace, at their port.
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in forwarder["env"]}
+    assert env == {"POD_NAMESPACE": "metadata.namespace"} and args.namespace == NAMESPACE
+    assert args.peers_file == ""
+    selector = dict(term.split("=", 1) for term in args.plugin_selector.split(","))
+    plugin_labels = rendered_daemonset(objs)["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= plugin_labels.items()
+    assert not selector.items() <= pod["metadata"]["labels"].items()  # not its own pod
+    listen = build_parser().parse_args(plugin_args(objs)).snapshot_metadata_listen
+    assert args.plugin_port == int(listen.rpartition(":")[2])
+    # Both ends of the mutual TLS hold the one Secret; the plugin image's tool.
+    assert secret_of(pod, forwarder, args.tls_dir)["secretName"] == FORWARDING_SECRET
+    assert kustomize.split_image(forwarder["image"])[0] == "csi-lvm"
+    moved = render(image=REGISTRY_IMAGE, components=(SNAPSHOT_METADATA_COMPONENT,))
+    (moved_forwarder,) = [
+        c for c in snapshot_metadata_pod(moved)["spec"]["containers"] if c["name"] == "forwarder"
+    ]
+    assert moved_forwarder["image"] == "registry.example.com/csi-lvm:9.9.9"
+
+
+def test_the_sidecar_is_pinned_serves_the_service_s_port_and_reads_the_cr_s_audience() -> None:
+    objs = cbt_render()
+    pod = snapshot_metadata_pod(objs)
+    (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "csi-snapshot-metadata"]
+    image, tag, known = SNAPSHOT_METADATA_SIDECAR
+    assert sidecar["image"] == f"{image}:{tag}"
+    found = flags(sidecar)
+    assert not set(found) - known, sorted(set(found) - known)
+    assert "audience" not in found  # the CR's is the one checked
+    port = int(found["port"] or 0)
+    (grpc_port,) = [p for p in sidecar["ports"] if p["containerPort"] == port]
+    service = keyed(objs)[("Service", NAMESPACE, "csi-lvm-snapshot-metadata")]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == grpc_port["name"]
+    for flag in ("tls-cert", "tls-key"):
+        path = PurePosixPath(found[flag] or "")
+        assert secret_of(pod, sidecar, str(path.parent))["secretName"] == SIDECAR_SECRET
+    health = sidecar["readinessProbe"]["httpGet"]
+    assert health["path"] == "/health"
+    (health_port,) = [p for p in sidecar["ports"] if p["name"] == health["port"]]
+    assert f":{health_port['containerPort']}" == found["http-endpoint"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_snapshot_metadata_rbac_grants_what_its_two_containers_call() -> None:
+    roles = {r["metadata"]["name"]: r for r in objects("ClusterRole", SNAPSHOT_METADATA)}
+    assert grants(roles["csi-lvm-snapshot-metadata"]) == SIDECAR_API_CALLS
+    (forwarder_role,) = objects("Role", SNAPSHOT_METADATA)
+    assert grants(forwarder_role) == {("", "pods", "list")}
+    assert forwarder_role["metadata"]["namespace"] == NAMESPACE  # the plugin's pods only
+    # What a backup tool needs: the snapshots, the CR, a token of its audience.
+    client = grants(roles[SNAPSHOT_METADATA_CLIENT_ROLE])
+    assert {("snapshot.storage.k8s.io", "volumesnapshots", "get"),
+            ("cbt.storage.k8s.io", "snapshotmetadataservices", "get"),
+            ("", "serviceaccounts/token", "create")} <= client  # fmt: skip
+
+
+def run_tls_script(directory: Path) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [str(SNAPSHOT_METADATA / "tls.sh"), str(directory)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return [d for d in yaml.safe_load_all(done.stdout) if d is not None]
+
+
+def certificate(pem: bytes) -> str:
+    done = subprocess.run(
+        ["openssl", "x509", "-noout", "-text", "-serial"],
+        input=pem, capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    return done.stdout.decode()
+
+
+def test_tls_sh_makes_the_secrets_both_workloads_mount_and_the_cr(tmp_path: Path) -> None:
+    made = keyed(run_tls_script(tmp_path / "tls"))
+    objs = cbt_render()
+    forwarding = made.pop(("Secret", NAMESPACE, FORWARDING_SECRET))
+    sidecar = made.pop(("Secret", NAMESPACE, SIDECAR_SECRET))
+    ((kind, _, name), cr), *rest = made.items()
+    assert not rest and kind == "SnapshotMetadataService" and name == DEFAULT_DRIVER_NAME
+    for secret in (forwarding, sidecar):
+        validate(secret, KUBERNETES_VERSIONS[-1])
+        assert secret["type"] == "kubernetes.io/tls"
+        assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    files = {
+        s: {k: base64.b64decode(v) for k, v in made_secret["data"].items()}
+        for s, made_secret in ((FORWARDING_SECRET, forwarding), (SIDECAR_SECRET, sidecar))
+    }
+    for name, data in files.items():
+        pem = tmp_path / f"{name}.pem"
+        pem.write_bytes(data["tls.crt"])
+        ca = tmp_path / f"{name}-ca.pem"
+        ca.write_bytes(data["ca.crt"])
+        subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(pem)], check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+    # The plugins' and forwarder's certificate: server and client, naming the
+    # name the forwarder checks.
+    forwarding_text = certificate(files[FORWARDING_SECRET]["tls.crt"])
+    assert f"DNS:{PLUGIN_SERVER_NAME}" in forwarding_text
+    assert "TLS Web Server Authentication, TLS Web Client Authentication" in forwarding_text
+    # The CR: the Service's address, which the sidecar's certificate names,
+    # and the authority of that certificate, which is not the forwarding one.
+    assert set(cr) == {"apiVersion", "kind", "metadata", "spec"} and cr["apiVersion"] == CBT_API
+    assert set(cr["spec"]) == {"address", "caCert", "audience"} and cr["spec"]["audience"]
+    service = keyed(objs)[("Service", NAMESPACE, "csi-lvm-snapshot-metadata")]
+    host, _, port = cr["spec"]["address"].rpartition(":")
+    assert (host, int(port)) == (f"{service['metadata']['name']}.{NAMESPACE}",
+                                 service["spec"]["ports"][0]["port"])  # fmt: skip
+    assert f"DNS:{host}," in certificate(files[SIDECAR_SECRET]["tls.crt"])
+    assert base64.b64decode(cr["spec"]["caCert"]) == files[SIDECAR_SECRET]["ca.crt"]
+    assert files[SIDECAR_SECRET]["ca.crt"] != files[FORWARDING_SECRET]["ca.crt"]
+    # A second run renews the certificates under the same authorities.
+    again = keyed(run_tls_script(tmp_path / "tls"))
+    renewed = again[("Secret", NAMESPACE, FORWARDING_SECRET)]["data"]
+    assert renewed["ca.crt"] == forwarding["data"]["ca.crt"]
+    assert renewed["tls.crt"] != forwarding["data"]["tls.crt"]
+    assert again[("SnapshotMetadataService", "", DEFAULT_DRIVER_NAME)] == cr
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -854,19 +1102,30 @@ def test_driver_offers_the_node_side_expansion_the_resizer_relies_on() -> None:
 # ---------------------------------------------------------------- RBAC
 
 
-def test_rbac_binds_roles_of_this_deployment_to_its_one_service_account() -> None:
-    account = pod_spec()["serviceAccountName"]
-    the("ServiceAccount", account)
-    assert len(objects("ServiceAccount")) == 1
+def test_rbac_binds_each_role_to_the_service_account_of_one_workload() -> None:
+    workloads = objects("DaemonSet") + objects("Deployment")
+    accounts = {w["spec"]["template"]["spec"]["serviceAccountName"] for w in workloads}
+    assert pod_spec()["serviceAccountName"] in accounts
+    assert {a["metadata"]["name"] for a in objects("ServiceAccount")} == accounts
     roles = {(r["kind"], r["metadata"]["name"]) for r in objects("ClusterRole") + objects("Role")}
     bindings = objects("ClusterRoleBinding") + objects("RoleBinding")
     assert bindings
     for binding in bindings:
-        assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
-        ]
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NAMESPACE
+        assert subject["name"] in accounts
         assert (binding["roleRef"]["kind"], binding["roleRef"]["name"]) in roles
-    assert {r for b in bindings for r in [(b["roleRef"]["kind"], b["roleRef"]["name"])]} == roles
+        # A binding of one workload's component grants to that workload only.
+        origin = next(o for o, d in documents() if d is binding)
+        own = [
+            w for o, w in documents() if w in workloads and Path(o).parent == Path(origin).parent
+        ]
+        assert {w["spec"]["template"]["spec"]["serviceAccountName"] for w in own} == {
+            subject["name"]
+        }
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in bindings}
+    # The one role left unbound is for cluster admins to bind to backup tools.
+    assert roles - bound == {("ClusterRole", SNAPSHOT_METADATA_CLIENT_ROLE)}
 
 
 def test_rbac_grants_nothing_broad_and_no_secrets() -> None:
