@@ -416,3 +416,84 @@ def test_stops_on_sigterm_and_frees_its_loop_device(plugin: Plugin) -> None:
     assert '"event": "stopped"' in logs
     assert "plugin exited with 0" in logs
     assert loop_devices_backed_by(BACKING_FILE) == []
+
+
+COMPONENT = ROOT / "deploy/kubernetes/components/snapshot-metadata"
+
+
+def forwarder_container() -> dict[str, Any]:
+    """The forwarder's container of the snapshot-metadata Deployment."""
+    documents = yaml.safe_load_all((COMPONENT / "snapshot-metadata.yaml").read_text())
+    deployment = next(d for d in documents if d and d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container: dict[str, Any] = next(c for c in pod["containers"] if c["name"] == "forwarder")
+    container["securityContext"] = {**pod["securityContext"], **container["securityContext"]}
+    return container
+
+
+def test_the_forwarder_serves_as_the_deployment_runs_it(
+    image: str, docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Non-root, read-only root filesystem, no capabilities: the Deployment's
+    securityContext. Its socket in a directory it shares, its TLS files from
+    tls.sh in a Secret's modes."""
+    spec = forwarder_container()
+    security = spec["securityContext"]
+    user, group = security["runAsUser"], security["runAsGroup"]
+    assert security["readOnlyRootFilesystem"] and security["capabilities"]["drop"] == ["ALL"]
+    socket_dir = tmp_path / "csi"
+    socket_dir.mkdir(mode=0o777)
+    socket_dir.chmod(0o777)  # an emptyDir's mode
+    made = tmp_path / "made"
+    subprocess.run([str(COMPONENT / "tls.sh"), str(made)], check=True, capture_output=True)
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name, source in (("ca.crt", "forwarding-ca.crt"), ("tls.crt", "forwarding.crt"),
+                         ("tls.key", "forwarding.key")):  # fmt: skip
+        (tls / name).write_bytes((made / source).read_bytes())
+        os.chown(tls / name, 0, group)  # fsGroup and the Secret's defaultMode 0440
+        (tls / name).chmod(0o440)
+    mounts = {m["name"]: m["mountPath"] for m in spec["volumeMounts"]}
+    namespace = {"POD_NAMESPACE": "csi-lvm"}
+    command = spec["command"] + [re.sub(r"\$\((\w+)\)", lambda m: namespace[m[1]], a)
+                                 for a in spec["args"]]  # fmt: skip
+    container = docker_client.containers.run(
+        image,
+        entrypoint=command[:1],
+        command=command[1:],
+        user=f"{user}:{group}",
+        read_only=True,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        network_mode="none",
+        volumes={
+            str(socket_dir): {"bind": mounts["socket-dir"], "mode": "rw"},
+            str(tls): {"bind": mounts["forwarding-tls"], "mode": "ro"},
+        },
+        detach=True,
+    )
+    try:
+        channel = grpc.insecure_channel(f"unix://{socket_dir / 'csi.sock'}")
+        identity = csi_pb2_grpc.IdentityStub(channel)
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            try:
+                info = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=5)
+                break
+            except grpc.RpcError:
+                container.reload()
+                logs = container.logs().decode(errors="replace")
+                assert container.status == "running", logs
+                assert time.monotonic() < deadline, f"no answer within {START_SECONDS}s:\n{logs}"
+                time.sleep(0.5)
+        assert info.name == DEFAULT_DRIVER_NAME
+        capabilities = identity.GetPluginCapabilities(
+            csi_pb2.GetPluginCapabilitiesRequest(), timeout=5
+        )
+        services = [c.service.type for c in capabilities.capabilities]
+        assert services == [csi_pb2.PluginCapability.Service.SNAPSHOT_METADATA_SERVICE]
+        assert (socket_dir / "csi.sock").stat().st_uid == user
+        channel.close()
+    finally:
+        container.stop(timeout=10)
+        container.remove(force=True)
