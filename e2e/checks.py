@@ -7,7 +7,9 @@ fails is reported and the next one runs, unless it needs what failed.
 
 from __future__ import annotations
 
+import base64
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +17,16 @@ from typing import Any
 
 import yaml
 
-from e2e.cluster import BUSYBOX_IMAGE, KUBELET_DIR, NODE_NAME, Cluster, kubeconfig
-from e2e.plugin import NodeProcesses, Rendered, containers, render
+from e2e.cluster import (
+    APISERVER,
+    BUSYBOX_IMAGE,
+    KUBELET_DIR,
+    NODE_IP,
+    NODE_NAME,
+    Cluster,
+    kubeconfig,
+)
+from e2e.plugin import SNAPSHOT_METADATA_COMPONENT, NodeProcesses, Rendered, containers, render
 from e2e.procs import Failed, run, wait_for
 from tests.testbed import LoopVolumeGroup
 
@@ -28,6 +38,13 @@ GiB = 1024**3
 SELECTED_NODE = "volume.kubernetes.io/selected-node"
 DEFAULT_CLASS = "storageclass.kubernetes.io/is-default-class"
 BLOCK_WRITE = "echo block-data | dd of=/dev/e2e-block conv=fsync 2>/dev/null"
+CBT_CRD = "crds/cbt/cbt.storage.k8s.io_snapshotmetadataservices.yaml"
+LISTER = "snapshot-metadata-lister"
+# The path where the kubelet mounts a pod's ServiceAccount token.
+IN_POD_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+STAND_IN = "e2e-plugin-stand-in"
+BACKUP_ACCOUNT = "e2e-backup"
+MiB = 1024**2
 
 
 class Lvm:
@@ -40,6 +57,12 @@ class Lvm:
         out = run(["lvs", "--noheadings", "--units", "b", "--nosuffix",
                    "-o", "lv_name,lv_size", self.vg])  # fmt: skip
         return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def chunk_size(self) -> int:
+        """The chunk size of the VG's thin pool, in bytes."""
+        out = run(["lvs", "--noheadings", "--units", "b", "--nosuffix", "-S", "lv_layout=pool",
+                   "-o", "chunk_size", self.vg])  # fmt: skip
+        return int(out.split()[0])
 
 
 def kubelet_mounts() -> list[str]:
@@ -155,11 +178,83 @@ class Checks:
         return self.lvm.lvs() if self.lvm else {}
 
 
-def set_up_plugin(cluster: Cluster, scratch: Path, report: Any) -> tuple[Rendered, NodeProcesses]:
-    """The CRDs, the snapshot-controller, deploy/kubernetes applied and the
-    DaemonSet's containers started on the node (see plugin.py)."""
+def secret_data(cluster: Cluster) -> Callable[[str, str], dict[str, bytes] | None]:
+    def read(namespace: str, name: str) -> dict[str, bytes] | None:
+        text = cluster.kubectl("get", "secret", name, "-n", namespace, "-o", "json", check=False)
+        if not text:
+            return None
+        data = json.loads(text).get("data") or {}
+        return {key: base64.b64decode(value) for key, value in data.items()}
+
+    return read
+
+
+def in_cluster(cluster: Cluster, namespace: str, account: str) -> dict[str, str]:
+    """What the kubelet gives a pod's containers for the API: the address of
+    the API (the apiserver's own here: no Service routing) and, at the fixed
+    in-pod path, the ServiceAccount's token, the cluster's CA and the namespace."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=3h").strip()
+    IN_POD_ACCOUNT.mkdir(parents=True, exist_ok=True)
+    (IN_POD_ACCOUNT / "token").write_text(token)
+    (IN_POD_ACCOUNT / "ca.crt").write_bytes(cluster.pki.ca.read_bytes())
+    (IN_POD_ACCOUNT / "namespace").write_text(namespace)
+    host, _, port = APISERVER.removeprefix("https://").rpartition(":")
+    return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+
+
+def plugin_pod_stand_in(cluster: Cluster, daemonset: dict[str, Any]) -> None:
+    """A running pod with the plugin's labels on this node, at the node's
+    address (host network), where the plugin processes listen: what the
+    forwarder looks up (running pods of the plugin's selector, by node). The
+    DaemonSet leaves it alone: another object is its controller."""
+    namespace = daemonset["metadata"]["namespace"]
+    cluster.apply([{"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": STAND_IN, "namespace": namespace}}])  # fmt: skip
+    owner = cluster.get("configmap", STAND_IN, "-n", namespace)["metadata"]
+    cluster.apply([{
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": STAND_IN, "namespace": namespace,
+            "labels": daemonset["spec"]["template"]["metadata"]["labels"],
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": STAND_IN,
+                                 "uid": owner["uid"], "controller": True}],
+        },
+        "spec": {
+            "nodeName": NODE_NAME, "hostNetwork": True, "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 1, "tolerations": [{"operator": "Exists"}],
+            "containers": [{"name": "stand-in", "image": BUSYBOX_IMAGE,
+                            "imagePullPolicy": "Never", "command": ["sleep", "1000000"]}],
+        },
+    }])  # fmt: skip
+
+    def running() -> bool:
+        status = cluster.get("pod", STAND_IN, "-n", namespace).get("status", {})
+        return bool(status.get("phase") == "Running" and status.get("podIP") == NODE_IP)
+
+    wait_for(f"pod {STAND_IN} Running at {NODE_IP}", running, POD_TIMEOUT, interval=2)
+
+
+def service_hosts(rendered: Rendered) -> None:
+    """The snapshot-metadata Service's name resolves here, as cluster DNS
+    would resolve it in a pod: to the address its sidecar process listens on."""
+    service = rendered.the("Service", "csi-lvm-snapshot-metadata")["metadata"]
+    name = f"{service['name']}.{service['namespace']}"
+    hosts = Path("/etc/hosts")
+    ours = Path(tempfile.mkdtemp()) / "hosts"
+    ours.write_text(f"{hosts.read_text() if hosts.exists() else ''}\n127.0.0.1 {name}\n")
+    run(["mount", "--bind", str(ours), str(hosts)])
+
+
+def set_up_plugin(
+    cluster: Cluster, scratch: Path, report: Any
+) -> tuple[Rendered, NodeProcesses, NodeProcesses]:
+    """The CRDs, the snapshot-controller, deploy/kubernetes (with the
+    snapshot-metadata component and tls.sh's Secrets and CR) applied, and the
+    containers of the DaemonSet and of the snapshot-metadata Deployment
+    started on the node (see plugin.py)."""
     kubectl = cluster.kubectl
     kubectl("apply", "--server-side", "-k", str(cluster.bin / "crds"))
+    kubectl("apply", "--server-side", "-f", str(cluster.bin / CBT_CRD))
     kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd", "--all")
     cluster.apply([{
         "apiVersion": "v1", "kind": "Node",
@@ -167,31 +262,51 @@ def set_up_plugin(cluster: Cluster, scratch: Path, report: Any) -> tuple[Rendere
     }])  # fmt: skip
     rendered = render(kubectl)
     daemonset = rendered.daemonset
-    # The plugin image is not built in the VM: its pods go to the node without
+    deployment = rendered.the("Deployment", "csi-lvm-snapshot-metadata")
+    # The plugin image is not built in the VM: the pods go to the node without
     # a kubelet, and the containers run on the real node as processes.
-    daemonset["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": PHANTOM_NODE}
-    cluster.apply(rendered.objects)
+    for workload in (daemonset, deployment):
+        workload["spec"]["template"]["spec"]["nodeSelector"] = {
+            "kubernetes.io/hostname": PHANTOM_NODE
+        }
+    made = run([str(SNAPSHOT_METADATA_COMPONENT / "tls.sh"), str(scratch / "csi-lvm-tls")])
+    cluster.apply(rendered.objects + [o for o in yaml.safe_load_all(made) if o])
     cluster.procs.start("snapshot-controller", [
         str(cluster.bin / "snapshot-controller"), f"--kubeconfig={cluster.admin}",
         *SNAPSHOT_CONTROLLER_ARGS,
     ])  # fmt: skip
-    namespace = daemonset["metadata"]["namespace"]
-    selector = ",".join(f"{k}={v}" for k, v in daemonset["spec"]["selector"]["matchLabels"].items())
+    started = []
+    for workload in (daemonset, deployment):
+        namespace = workload["metadata"]["namespace"]
+        selector = ",".join(
+            f"{k}={v}" for k, v in workload["spec"]["selector"]["matchLabels"].items()
+        )
 
-    def pod_name() -> str:
-        pods = cluster.get("pods", "-n", namespace, "-l", selector)["items"]
-        names: list[str] = [p["metadata"]["name"] for p in pods]
-        return names[0] if names else ""
+        def pod_name(namespace: str = namespace, selector: str = selector) -> str:
+            pods = cluster.get("pods", "-n", namespace, "-l", selector)["items"]
+            names: list[str] = [
+                p["metadata"]["name"] for p in pods
+                if p["metadata"].get("ownerReferences", [{}])[0].get("kind") != "ConfigMap"
+            ]  # fmt: skip
+            return names[0] if names else ""
 
-    wait_for("the DaemonSet's pod object", lambda: bool(pod_name()), 120)
-    account = daemonset["spec"]["template"]["spec"]["serviceAccountName"]
-    token = kubectl("create", "token", account, "-n", namespace, "--duration=3h").strip()
-    sa_config = kubeconfig(scratch / "csi-lvm-sa.kubeconfig", cluster.pki.ca, token=token)
-    node = NodeProcesses(rendered, NODE_NAME, pod_name(), cluster.bin, scratch, sa_config,
-                         cluster.procs)  # fmt: skip
+        wait_for(f"the {workload['kind']}'s pod object", lambda: bool(pod_name()), 120)
+        account = workload["spec"]["template"]["spec"]["serviceAccountName"]
+        token = kubectl("create", "token", account, "-n", namespace, "--duration=3h").strip()
+        sa_config = kubeconfig(scratch / f"{account}-sa.kubeconfig", cluster.pki.ca, token=token)
+        started.append(NodeProcesses(
+            rendered, NODE_NAME, pod_name(), cluster.bin, scratch, sa_config, cluster.procs,
+            workload=workload, secrets=secret_data(cluster),
+            in_cluster=in_cluster(cluster, namespace, account) if workload is deployment else None,
+        ))  # fmt: skip
+    node, snapshot_metadata = started
     for line in node.start():
         print(f"         {line}", flush=True)
-    return rendered, node
+    plugin_pod_stand_in(cluster, daemonset)
+    service_hosts(rendered)
+    for line in snapshot_metadata.start():
+        print(f"         {line}", flush=True)
+    return rendered, node, snapshot_metadata
 
 
 def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
@@ -213,7 +328,7 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
         )
     try:
         # While the kubelet comes up (minutes under TCG).
-        rendered, node = set_up_plugin(cluster, scratch, report)
+        rendered, node, _ = set_up_plugin(cluster, scratch, report)
         cluster.wait_ready(report)
         checks = Checks(cluster, report, lvm)
         registered = check_registered(checks, rendered)
@@ -334,20 +449,23 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     checks.check("3b raw block PVC", block)
     checks.check("3c fsGroup", fsgroup)
 
-    def snapshot() -> str:
+    def take_snapshot(name: str, claim: str) -> float:
         cluster.apply([{
             "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
-            "metadata": {"name": "snap", "namespace": NAMESPACE},
-            "spec": {"source": {"persistentVolumeClaimName": "thin"}},
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"source": {"persistentVolumeClaimName": claim}},
         }])  # fmt: skip
 
         def ready() -> bool:
-            status = cluster.get("volumesnapshot", "snap", "-n", NAMESPACE).get("status", {})
+            status = cluster.get("volumesnapshot", name, "-n", NAMESPACE).get("status", {})
             if status.get("error"):
                 raise Failed(f"VolumeSnapshot error: {status['error']}")
             return bool(status.get("readyToUse"))
 
-        took = wait_for("VolumeSnapshot snap readyToUse", ready, 180, interval=2)
+        return wait_for(f"VolumeSnapshot {name} readyToUse", ready, 180, interval=2)
+
+    def snapshot() -> str:
+        took = take_snapshot("snap", "thin")
         checks.exec("thin", "echo after-snapshot >> /data/file && sync")
         cluster.apply([
             pvc("restore", "1Gi", source={"apiGroup": "snapshot.storage.k8s.io",
@@ -373,6 +491,61 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
 
     checks.check("4 VolumeSnapshot ready; restore to a second pod", snapshot, needs=(two,))
     checks.check("5 clone (dataSource PVC)", clone, needs=(two,))
+
+    def lister(account: str, *args: str) -> tuple[int, list[tuple[int, int]]]:
+        """The ranges the upstream example client lists, through the
+        SnapshotMetadataService CR, the sidecar, the forwarder and the
+        plugin's TLS port; and the volume's capacity."""
+        out = run([str(cluster.bin / LISTER), "-kubeconfig", str(cluster.admin),
+                   "-n", NAMESPACE, "-o", "json", "-service-account", account,
+                   "-service-account-namespace", NAMESPACE, *args], timeout=180)  # fmt: skip
+        records = json.loads(out)
+        capacity = {r["volume_capacity_bytes"] for r in records} or {0}
+        ranges = [(b.get("byte_offset", 0), b["size_bytes"])
+                  for r in records for b in r.get("block_metadata") or []]  # fmt: skip
+        return capacity.pop(), ranges
+
+    def changed_blocks() -> str:
+        # A tool's ServiceAccount, bound to the client role deploy/ ships.
+        cluster.apply([
+            {"apiVersion": "v1", "kind": "ServiceAccount",
+             "metadata": {"name": BACKUP_ACCOUNT, "namespace": NAMESPACE}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": BACKUP_ACCOUNT, "namespace": NAMESPACE},
+             "subjects": [{"kind": "ServiceAccount", "name": BACKUP_ACCOUNT,
+                           "namespace": NAMESPACE}],
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": "csi-lvm-snapshot-metadata-client"}},
+        ])  # fmt: skip
+        checks.wait_running("block")
+        chunk = checks.lvm.chunk_size() if checks.lvm else 0
+        # "block" holds 11 bytes at offset 0 (check 3b); then 128 KiB at 4 MiB.
+        take_snapshot("cbt-base", "block")
+        checks.exec("block", "dd if=/dev/urandom of=/dev/e2e-block bs=65536 count=2 seek=64 "
+                             "conv=fsync 2>/dev/null")  # fmt: skip
+        take_snapshot("cbt-target", "block")
+        capacity, allocated = lister(BACKUP_ACCOUNT, "-s", "cbt-base")
+        _, delta = lister(BACKUP_ACCOUNT, "-s", "cbt-target", "-p", "cbt-base")
+        written = -(-128 * 1024 // chunk) * chunk
+        if capacity != 64 * MiB or allocated != [(0, chunk)]:
+            raise Failed(f"cbt-base: capacity {capacity}, allocated {allocated}; "
+                         f"expected {64 * MiB} and {[(0, chunk)]}")  # fmt: skip
+        if delta != [(4 * MiB, written)]:
+            raise Failed(f"delta cbt-base -> cbt-target {delta}; expected {[(4 * MiB, written)]}")
+        # The sidecar authorizes: an account without the role gets nothing.
+        try:
+            lister("default", "-s", "cbt-base")
+        except Failed as refused:
+            if "PermissionDenied" not in str(refused):
+                raise
+        else:
+            raise Failed("the ServiceAccount default (no role) was given the ranges")
+        return (f"allocated of cbt-base {allocated}, delta to cbt-target {delta} (chunk {chunk}; "
+                "snapshot-metadata-lister through the sidecar, the forwarder and the plugin's "
+                "TLS port); an account without the client role: PermissionDenied")  # fmt: skip
+
+    checks.check("11 changed block tracking: the upstream lister gets exact ranges",
+                 changed_blocks, needs=("3b raw block PVC",))  # fmt: skip
 
     def size_kib() -> int:
         return int(checks.exec("thin", "df -P -k /data | tail -1").split()[1])

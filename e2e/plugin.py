@@ -1,18 +1,24 @@
-"""The csi-lvm DaemonSet of deploy/kubernetes, run on the node as processes.
+"""The workloads of deploy/kubernetes, run on the node as processes.
 
-The manifests are rendered with ``kubectl kustomize deploy/kubernetes`` and
-applied, the DaemonSet included, except that its pods are kept off the real
-node (a nodeSelector on the second, kubelet-less node): the plugin image is
-not built in the VM. Each container of the DaemonSet's pod template then runs
-here as a process with the container's own command, args and env, read from
-the rendered DaemonSet: $(VAR) references and fieldRefs are resolved as the
-kubelet would, and every path under a volumeMount is replaced by what that
-volume is on the node (its hostPath, or a directory holding the ConfigMap's
-keys; files the Dockerfile copies into the image come from the checkout).
-What a container needs beyond its manifest, and only that, is added: a
-kubeconfig with the DaemonSet's ServiceAccount token for the sidecars that
-talk to the API, and the registration directory for node-driver-registrar
-(whose /registration is a mount in the pod).
+The manifests are rendered with ``kubectl kustomize`` from deploy/kubernetes
+with its snapshot-metadata component (an overlay in build/, the way an admin
+turns the component on) and applied, the DaemonSet and the Deployment
+included, except that their pods are kept off the real node (a nodeSelector
+on the second, kubelet-less node): the plugin image is not built in the VM.
+Each container of a workload's pod template then runs here as a process with
+the container's own command, args and env, read from the rendered workload:
+$(VAR) references and fieldRefs are resolved as the kubelet would, and every
+path under a volumeMount is replaced by what that volume is on the node (its
+hostPath, a directory holding the ConfigMap's or the Secret's keys, or an
+empty directory of its own for an emptyDir; files the Dockerfile copies into
+the image come from the checkout). What a container needs beyond its
+manifest, and only that, is added: a kubeconfig with the workload's
+ServiceAccount token for the sidecars that talk to the API, and the
+registration directory for node-driver-registrar (whose /registration is a
+mount in the pod). A container that talks to the API as a pod does (the
+forwarder) gets what the kubelet gives every container: KUBERNETES_SERVICE_*
+and the ServiceAccount's token at the fixed in-pod path, which the caller
+writes (``in_cluster``).
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from e2e.procs import Failed, Processes
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "Dockerfile"
-PLUGIN_CONTAINER = "csi-lvm"
-# Sidecars that talk to the Kubernetes API (rbac.yaml grants these).
-API_CLIENTS = {"csi-provisioner", "csi-snapshotter", "csi-resizer"}
+SNAPSHOT_METADATA_COMPONENT = DEPLOY / "components" / "snapshot-metadata"
+# Sidecars that talk to the Kubernetes API (rbac.yaml and the
+# snapshot-metadata component grant these).
+API_CLIENTS = {"csi-provisioner", "csi-snapshotter", "csi-resizer", "csi-snapshot-metadata"}
 REGISTRAR = "csi-node-driver-registrar"
 VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
@@ -54,11 +61,21 @@ def containers(daemonset: dict[str, Any]) -> list[dict[str, Any]]:
     return result
 
 
+def raw_snapshot_metadata_deployment() -> dict[str, Any]:
+    documents = yaml.safe_load_all(
+        (SNAPSHOT_METADATA_COMPONENT / "snapshot-metadata.yaml").read_text()
+    )
+    found: dict[str, Any] = next(d for d in documents if d and d["kind"] == "Deployment")
+    return found
+
+
 def sidecar_binaries() -> list[str]:
+    """The upstream programs the workloads run: every container not of the plugin's image."""
     return [
         image_binary(c["image"])
-        for c in containers(raw_daemonset())
-        if c["name"] != PLUGIN_CONTAINER
+        for workload in (raw_daemonset(), raw_snapshot_metadata_deployment())
+        for c in containers(workload)
+        if c.get("command", [""])[0] != "csi-lvm"
     ]
 
 
@@ -95,14 +112,27 @@ class Rendered:
         return name
 
 
+OVERLAY = ROOT / "build" / "e2e-deploy"
+
+
 def render(kubectl: Any) -> Rendered:
-    text: str = kubectl("kustomize", str(DEPLOY))
+    """deploy/kubernetes with the snapshot-metadata component."""
+    OVERLAY.mkdir(parents=True, exist_ok=True)
+    (OVERLAY / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(DEPLOY, OVERLAY)],
+        "components": [os.path.relpath(SNAPSHOT_METADATA_COMPONENT, OVERLAY)],
+    }))  # fmt: skip
+    text: str = kubectl("kustomize", str(OVERLAY))
     return Rendered([o for o in yaml.safe_load_all(text) if o])
 
 
 @dataclass
 class NodeProcesses:
-    """The DaemonSet's containers as processes of the node ``node``."""
+    """A workload's containers as processes of the node ``node``; by default
+    the DaemonSet's. ``secrets`` reads a Secret's data (None: there is none);
+    ``in_cluster`` is the environment a pod's containers get for the API."""
 
     rendered: Rendered
     node: str
@@ -111,9 +141,23 @@ class NodeProcesses:
     scratch: Path
     kubeconfig: Path
     procs: Processes
+    workload: dict[str, Any] | None = None
+    secrets: Any = None
+    in_cluster: dict[str, str] | None = None
+
+    @property
+    def template(self) -> dict[str, Any]:
+        found: dict[str, Any] = (self.workload or self.rendered.daemonset)["spec"]["template"]
+        return found
+
+    @property
+    def namespace(self) -> str:
+        name: str = (self.workload or self.rendered.daemonset)["metadata"]["namespace"]
+        return name
 
     def _volumes(self) -> dict[str, Path]:
-        spec = self.rendered.daemonset["spec"]["template"]["spec"]
+        spec = self.template["spec"]
+        directory_of = self.scratch / "volumes" / self.pod_name
         result: dict[str, Path] = {}
         for volume in spec["volumes"]:
             name = volume["name"]
@@ -124,22 +168,37 @@ class NodeProcesses:
                 result[name] = path
             elif "configMap" in volume:
                 data = self.rendered.the("ConfigMap", volume["configMap"]["name"])["data"]
-                directory = self.scratch / "volumes" / name
+                directory = directory_of / name
                 directory.mkdir(parents=True, exist_ok=True)
                 for key, value in data.items():
                     (directory / key).write_text(value)
                 result[name] = directory
+            elif "secret" in volume:
+                secret = volume["secret"]
+                found = self.secrets(self.namespace, secret["secretName"]) if self.secrets else None
+                if found is None and not secret.get("optional"):
+                    raise Failed(f"volume {name}: no Secret {secret['secretName']}")
+                directory = directory_of / name
+                directory.mkdir(parents=True, exist_ok=True)
+                for key, value in (found or {}).items():
+                    (directory / key).write_bytes(value)
+                    (directory / key).chmod(secret.get("defaultMode", 0o644))
+                result[name] = directory
+            elif "emptyDir" in volume:
+                directory = directory_of / name
+                directory.mkdir(parents=True, exist_ok=True)
+                result[name] = directory
             else:
-                raise Failed(f"the DaemonSet's volume {name} is of a kind the tier cannot map")
+                raise Failed(f"volume {name} is of a kind the tier cannot map")
         return result
 
     def _env(self, container: dict[str, Any]) -> dict[str, str]:
         fields = {
             "spec.nodeName": self.node,
-            "metadata.namespace": self.rendered.daemonset["metadata"]["namespace"],
+            "metadata.namespace": self.namespace,
             "metadata.name": self.pod_name,
         }
-        env: dict[str, str] = {}
+        env: dict[str, str] = dict(self.in_cluster or {})
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = VARIABLE.sub(lambda m: env.get(m[1], m[0]), item["value"])
@@ -158,7 +217,7 @@ class NodeProcesses:
             m["mountPath"].rstrip("/"): volumes[m["name"]]
             for m in container.get("volumeMounts", [])
         }
-        if container["name"] == PLUGIN_CONTAINER:
+        if container.get("command", [""])[0] == "csi-lvm":  # the plugin's image
             mounts.update({k: v for k, v in image_files().items()})
 
         def on_node(word: str) -> str:
@@ -198,7 +257,7 @@ class NodeProcesses:
 
     def start(self, only: set[str] | None = None) -> list[str]:
         lines = []
-        for container in containers(self.rendered.daemonset):
+        for container in self.template["spec"]["containers"]:
             if only is not None and container["name"] not in only:
                 continue
             argv, env = self.command(container)

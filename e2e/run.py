@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from e2e.checks import run_checks  # noqa: E402
+from e2e.checks import CBT_CRD, LISTER, run_checks  # noqa: E402
 from e2e.cluster import (  # noqa: E402
     KUBE_BINARIES,
     Cluster,
@@ -64,13 +64,15 @@ class Report:
 
 
 def required_binaries() -> list[str]:
-    return [*CLUSTER_BINARIES, *sidecar_binaries()]
+    return [*CLUSTER_BINARIES, *sidecar_binaries(), LISTER]
 
 
 def find_missing(directory: Path) -> list[str]:
     missing = [name for name in required_binaries() if not os.access(directory / name, os.X_OK)]
     if not (directory / "crds" / "kustomization.yaml").exists():
         missing.append("crds/ (the VolumeSnapshot CRDs with their kustomization.yaml)")
+    if not (directory / CBT_CRD).exists():
+        missing.append(f"{CBT_CRD} (the SnapshotMetadataService CRD)")
     return missing
 
 
