@@ -1,7 +1,7 @@
 """The workloads of deploy/kubernetes, run on the node as processes.
 
 The manifests are rendered with ``kubectl kustomize`` from deploy/kubernetes
-with its snapshot-metadata component (an overlay in build/, the way an admin
+with its snapshot-metadata component (an overlay in build/vm/, the way an admin
 turns the component on) and applied, the DaemonSet and the Deployment
 included, except that their pods are kept off the real node (a nodeSelector
 on the second, kubelet-less node): the plugin image is not built in the VM.
@@ -112,7 +112,7 @@ class Rendered:
         return name
 
 
-OVERLAY = ROOT / "build" / "e2e-deploy"
+OVERLAY = ROOT / "build" / "vm" / "e2e-deploy"  # build/vm: writable in the VM
 
 
 def render(kubectl: Any) -> Rendered:
