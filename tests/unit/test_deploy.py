@@ -807,8 +807,8 @@ def test_the_host_lvm_component_runs_lvm_outside_the_container_s_pid_namespace_a
 #
 # external-snapshot-metadata v1.1.0 (commit in SIDECARS.md): the sidecar's
 # flags (pkg/sidecar/sidecar.go, klog.InitFlags on its own flag set) and API
-# calls (pkg/internal/server/grpc/{auth,snapshot}.go, pkg/internal/authn and
-# authz).
+# calls (pkg/internal/server/grpc/{auth,snapshot,snapshotter_secret}.go,
+# pkg/internal/authn and authz).
 KLOG = {
     "v", "vmodule", "log_dir", "log_file", "log_file_max_size", "logtostderr",
     "alsologtostderr", "stderrthreshold", "skip_headers", "skip_log_headers",
@@ -828,6 +828,9 @@ SIDECAR_API_CALLS = {
     ("authorization.k8s.io", "subjectaccessreviews", "create"),
     ("snapshot.storage.k8s.io", "volumesnapshots", "get"),
     ("snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+    # grpc/snapshotter_secret.go: the class by name, or the list for the default
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses", "get"),
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses", "list"),
     ("cbt.storage.k8s.io", "snapshotmetadataservices", "get"),
 }
 
