@@ -1,12 +1,13 @@
 #!/bin/sh
 # Installs what csi-lvm's tests, demo and benchmarks need on a fresh Debian
 # machine: LVM and filesystem tools, and (for kernels without device-mapper)
-# QEMU and a Debian kernel for the VM; then the project's virtualenv.
+# QEMU and a Debian kernel for the VM, openssl for the certificates the
+# TLS tests make; then the project's virtualenv.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 packages="lvm2 thin-provisioning-tools xfsprogs e2fsprogs util-linux kmod udev
     qemu-system-x86 linux-image-amd64 busybox-static docker.io debootstrap
-    etcd-server containerd runc containernetworking-plugins"
+    etcd-server containerd runc containernetworking-plugins openssl"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
