@@ -10,6 +10,7 @@ protocol only; which commands are sent is ``commands``' business.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -102,27 +103,30 @@ def log_errors(report: dict[str, object]) -> str:
 
 
 class _Turns:
-    """Whose command the shell runs next: a waiting report goes before a
-    waiting change. A report takes as long as one change, and a queue of
-    creates (sixteen at once from a provisioner) would otherwise keep the
-    kept view's refresh waiting behind all of them, until every call that
-    needs a view waits for a report of its own. Changes wait only while
-    reports do; those are the refreshes and single-LV reads, never steady."""
+    """Whose command the shell runs next: waiting reports first, then
+    waiting changes, each in the order they came (a command that just ran
+    never takes the shell again before those already waiting). A report
+    takes as long as one change, and a queue of creates (sixteen at once
+    from a provisioner) would otherwise keep the kept view's refresh waiting
+    behind all of them, until every call that needs a view waits for a
+    report of its own. Changes wait only while reports do; those are the
+    refreshes and single-LV reads, never steady."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._busy = False
-        self._reports_waiting = 0
+        self._reports: collections.deque[object] = collections.deque()
+        self._changes: collections.deque[object] = collections.deque()
 
     def take(self, report: bool, timeout: float | None) -> bool:
         """Wait for the shell (``timeout`` seconds, None: without end);
         False when the time ran out."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        me, queue = object(), self._reports if report else self._changes
         with self._cond:
-            if report:
-                self._reports_waiting += 1
+            queue.append(me)
             try:
-                while self._busy or (not report and self._reports_waiting):
+                while self._busy or (self._reports or self._changes)[0] is not me:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return False
@@ -130,13 +134,12 @@ class _Turns:
                 self._busy = True
                 return True
             finally:
-                if report:
-                    self._reports_waiting -= 1
-                    self._cond.notify_all()  # changes waiting for it may go
+                queue.remove(me)
+                self._cond.notify_all()  # the next in line may go
 
     def take_if_free(self) -> bool:
         with self._cond:
-            if self._busy or self._reports_waiting:
+            if self._busy or self._reports or self._changes:
                 return False
             self._busy = True
             return True
