@@ -141,6 +141,8 @@ def escape_tag_value(value: str) -> str:
 
 
 def unescape_tag_value(text: str) -> str:
+    if "+" not in text and text.isascii():  # nothing escaped: every report decodes them all
+        return text
     raw = bytearray()
     i = 0
     while i < len(text):
@@ -176,13 +178,16 @@ class Tag(enum.Enum):
     VIEW_FOR = "view-for"  # on a temporary COW snapshot: the LV it is copied into
 
 
+_TAGS_BY_KEY = {tag.value: tag for tag in Tag}
+
+
 def encode_tags(values: dict[Tag, str]) -> list[str]:
     return [f"{TAG_PREFIX}{key.value}={escape_tag_value(v)}" for key, v in values.items() if v]
 
 
 def decode_tags(tags: tuple[str, ...] | list[str]) -> dict[Tag, str]:
     """Our tags from an LV's tag list; foreign or malformed tags are ignored."""
-    known = {tag.value: tag for tag in Tag}
+    known = _TAGS_BY_KEY
     decoded: dict[Tag, str] = {}
     for raw in tags:
         if not raw.startswith(TAG_PREFIX) or "=" not in raw:

@@ -211,6 +211,11 @@ _ViewMemo = tuple[
     Scan, frozenset[tuple[str, str]], tuple[LogicalVolume, ...], dict[str, VolumeGroup]
 ]
 
+# How many LVs' adoptions are kept (more than a VG's metadata area records).
+_ADOPTIONS_KEPT = 16384
+# An owned LV's id, class and decoded tags.
+_Adoption = tuple[ObjectId, DeviceClass, dict[Tag, str]]
+
 # How often the kept view is read again, for changes made by others than the
 # driver (an admin's lvcreate, a pool that fills): they show within this.
 REFRESH_SECONDS = 10.0
@@ -244,6 +249,9 @@ class Inventory:
         # read, and what it was then.
         self._rereads: dict[tuple[str, str], tuple[int, LogicalVolume | None]] = {}
         self._rereads_lock = threading.Lock()
+        # What ``adopt`` found for an LV's name, pool and tags (the config
+        # does not change while the driver runs).
+        self._adoptions: dict[tuple[str, str, str, tuple[str, ...]], _Adoption | None] = {}
 
     # ---- ids
 
@@ -288,6 +296,23 @@ class Inventory:
 
     def adopt(self, lv: LogicalVolume, device_class: DeviceClass | None = None) -> Owned | None:
         """The LV as an owned object, or None when csi-lvm did not make it."""
+        if device_class is not None:
+            return self._adopted(lv, device_class)
+        # Every new report is adopted whole (the owned objects, the thin
+        # pool's sum), and it repeats the LVs of the last: what the answer
+        # depends on is kept, so a report costs a lookup per LV.
+        key = (lv.vg_name, lv.name, lv.pool, lv.tags)
+        try:
+            known = self._adoptions[key]
+        except KeyError:
+            owned = self._adopted(lv, None)
+            known = None if owned is None else (owned.id, owned.device_class, owned.tags)
+            if len(self._adoptions) >= _ADOPTIONS_KEPT:
+                self._adoptions.clear()
+            self._adoptions[key] = known
+        return None if known is None else Owned(known[0], lv, known[1], known[2])
+
+    def _adopted(self, lv: LogicalVolume, device_class: DeviceClass | None) -> Owned | None:
         tags = decode_tags(lv.tags)
         if tags.get(Tag.DRIVER) != self.driver_name:
             return None

@@ -203,10 +203,13 @@ class Lvm:
         with self._changes_lock:
             if count < self._forgotten:
                 return None
+            # Newest first, and only back to ``count``: every stats call asks,
+            # and the log holds thousands of the driver's older changes.
             touched: dict[tuple[str, str], tuple[int, bool]] = {}
-            for seen, volume_group, name, removed in self._touched:
-                if seen > count:
-                    touched[(volume_group, name)] = (seen, removed)
+            for seen, volume_group, name, removed in reversed(self._touched):
+                if seen <= count:
+                    break
+                touched.setdefault((volume_group, name), (seen, removed))
             return touched
 
     def _changed(self, touches: Sequence[tuple[str, str]], removed: bool) -> None:
@@ -268,8 +271,9 @@ class Lvm:
         self, volume_groups: Iterable[str], timeout: float | None = None
     ) -> tuple[list[LogicalVolume], list[VolumeGroup]]:
         """The thin pools of the given VGs, and the VGs themselves (their
-        ``seqno`` says whether anything else changed): a report whose cost
-        does not grow with the number of volumes."""
+        ``seqno`` says whether anything else changed), in one report where
+        each VG has a pool: LVM reads a VG's whole metadata for any report
+        of it, so a second command would cost as much again."""
         groups = sorted(set(volume_groups))
         for group in groups:
             check_name(group, "volume group")
@@ -279,10 +283,16 @@ class Lvm:
         # these VGs alone, never a VG of someone else's that a long command
         # of theirs holds. A VG that is gone is LvmNotFound.
         select = "segtype=thin-pool"
-        pools = parse_lv_report(
-            self._report(["lvs", "-o", LV_FIELDS, "-S", select, *groups], timeout)
+        report = self._report(
+            ["lvs", "-o", f"{LV_FIELDS},{VG_COLUMNS}", "-S", select, *groups], timeout
         )
-        return pools, parse_vg_report(self._report(["vgs", "-o", VG_FIELDS, *groups], timeout))
+        pools, vgs = parse_lv_report(report), parse_vg_report(report, "lv")
+        without_pools = set(groups) - {vg.name for vg in vgs}
+        if without_pools:
+            vgs += parse_vg_report(
+                self._report(["vgs", "-o", VG_FIELDS, *sorted(without_pools)], timeout)
+            )
+        return pools, vgs
 
     def find_lv(
         self, volume_group: str, name: str, timeout: float | None = None

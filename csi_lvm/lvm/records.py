@@ -7,6 +7,7 @@ decided above this package.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -159,17 +160,19 @@ class VolumeGroup:
         return self.missing_pvs > 0 or (len(self.attr) > 3 and self.attr[3] == "p")
 
 
-def _int(value: str) -> int:
-    return int(value) if value else 0
+def _int(value: object) -> int:
+    return int(str(value)) if value else 0
 
 
-def _percent(value: str) -> float | None:
-    return float(value) if value else None
+def _percent(value: object) -> float | None:
+    return float(str(value)) if value else None
 
 
+@functools.lru_cache(maxsize=8192)
 def _created(value: str) -> str:
     """``lv_time`` as LVM prints it by default; a profile may ask for seconds
-    since the epoch (the lvm shell's does), which is turned into that form."""
+    since the epoch (the lvm shell's does), which is turned into that form.
+    Kept for the LVs of recent reports: every report repeats them all."""
     if value.isdigit():
         when = datetime.fromtimestamp(int(value), UTC)
         return when.strftime("%Y-%m-%d %H:%M:%S %z")
@@ -177,55 +180,63 @@ def _created(value: str) -> str:
 
 
 def parse_lv_report(report: dict[str, object]) -> list[LogicalVolume]:
-    rows = _report_rows(report, "lv")
-    return [
-        LogicalVolume(
-            name=row["lv_name"],
-            vg_name=row["vg_name"],
-            uuid=row.get("lv_uuid", ""),
-            size_bytes=_int(row.get("lv_size", "")),
-            attr=LvAttr(row.get("lv_attr", "")),
-            pool=row.get("pool_lv", ""),
-            origin=row.get("origin", ""),
-            tags=tuple(t for t in row.get("lv_tags", "").split(",") if t),
-            data_percent=_percent(row.get("data_percent", "")),
-            metadata_percent=_percent(row.get("metadata_percent", "")),
-            path=row.get("lv_path", ""),
-            dm_path=row.get("lv_dm_path", ""),
-            created=_created(row.get("lv_time", "")),
-            thin_id=int(row["thin_id"]) if row.get("thin_id", "").isdigit() else None,
-            chunk_bytes=_int(row.get("chunk_size", "")),
+    # A report of every LV is read each refresh of the kept view: its rows
+    # are read where they are, each value through str() (LVM's JSON holds
+    # strings; a row with anything else is still read safely).
+    records = []
+    for row in _report_rows(report, "lv"):
+        get = row.get
+        thin_id = str(get("thin_id", ""))
+        records.append(
+            LogicalVolume(
+                name=str(row["lv_name"]),
+                vg_name=str(row["vg_name"]),
+                uuid=str(get("lv_uuid", "")),
+                size_bytes=_int(get("lv_size", "")),
+                attr=LvAttr(str(get("lv_attr", ""))),
+                pool=str(get("pool_lv", "")),
+                origin=str(get("origin", "")),
+                tags=tuple(t for t in str(get("lv_tags", "")).split(",") if t),
+                data_percent=_percent(get("data_percent", "")),
+                metadata_percent=_percent(get("metadata_percent", "")),
+                path=str(get("lv_path", "")),
+                dm_path=str(get("lv_dm_path", "")),
+                created=_created(str(get("lv_time", ""))),
+                thin_id=int(thin_id) if thin_id.isdigit() else None,
+                chunk_bytes=_int(get("chunk_size", "")),
+            )
         )
-        for row in rows
-    ]
+    return records
 
 
 def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[VolumeGroup]:
     """VG records from a ``vgs`` report, or from the VG columns of an ``lvs``
     report (``section="lv"``; one record per VG)."""
-    rows = list({row["vg_name"]: row for row in _report_rows(report, section)}.values())
+    rows: dict[str, dict[str, object]] = {}
+    for row in _report_rows(report, section):
+        rows.setdefault(str(row["vg_name"]), row)
     return [
         VolumeGroup(
-            name=row["vg_name"],
+            name=name,
             size_bytes=_int(row.get("vg_size", "")),
             free_bytes=_int(row.get("vg_free", "")),
             extent_bytes=_int(row.get("vg_extent_size", "")),
-            attr=row.get("vg_attr", ""),
+            attr=str(row.get("vg_attr", "")),
             missing_pvs=_int(row.get("vg_missing_pv_count", "")),
             metadata_area_bytes=_int(row.get("vg_mda_size", "")),
             metadata_free_bytes=_int(row.get("vg_mda_free", "")),
             seqno=_int(row.get("vg_seqno", "")),
         )
-        for row in rows
+        for name, row in rows.items()
     ]
 
 
-def _report_rows(report: dict[str, object], kind: str) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
+def _report_rows(report: dict[str, object], kind: str) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
     sections = report.get("report", [])
     if not isinstance(sections, list):
         raise LvmError(f"unexpected LVM report shape: {str(report)[:200]}")
     for section in sections:
-        for row in section.get(kind, []):
-            rows.append({str(k): str(v) for k, v in row.items()})
+        found = section.get(kind, []) if isinstance(section, dict) else []
+        rows.extend(row for row in found if isinstance(row, dict))
     return rows

@@ -10,6 +10,7 @@ protocol only; which commands are sent is ``commands``' business.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -28,6 +29,7 @@ log = structlog.get_logger("csi_lvm.lvm")
 
 # What the shell runs; anything else (``version``) runs as a process.
 SHELL_VERBS = frozenset({"lvs", "vgs", "lvcreate", "lvremove", "lvchange", "lvextend"})
+_REPORT_VERBS = frozenset({"lvs", "vgs"})
 # lvm splits a shell line into at most 64 words (MAX_ARGS in lvm2's tools).
 _SHELL_MAX_WORDS = 60
 # The command profile lvm2 ships for lvmdbusd: JSON reports, bytes, and a
@@ -100,15 +102,64 @@ def log_errors(report: dict[str, object]) -> str:
     )
 
 
+class _Turns:
+    """Whose command the shell runs next: waiting reports first, then
+    waiting changes, each in the order they came (a command that just ran
+    never takes the shell again before those already waiting). A report
+    takes as long as one change, and a queue of creates (sixteen at once
+    from a provisioner) would otherwise keep the kept view's refresh waiting
+    behind all of them, until every call that needs a view waits for a
+    report of its own. Changes wait only while reports do; those are the
+    refreshes and single-LV reads, never steady."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._reports: collections.deque[object] = collections.deque()
+        self._changes: collections.deque[object] = collections.deque()
+
+    def take(self, report: bool, timeout: float | None) -> bool:
+        """Wait for the shell (``timeout`` seconds, None: without end);
+        False when the time ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me, queue = object(), self._reports if report else self._changes
+        with self._cond:
+            queue.append(me)
+            try:
+                while self._busy or (self._reports or self._changes)[0] is not me:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                self._busy = True
+                return True
+            finally:
+                queue.remove(me)
+                self._cond.notify_all()  # the next in line may go
+
+    def take_if_free(self) -> bool:
+        with self._cond:
+            if self._busy or self._reports or self._changes:
+                return False
+            self._busy = True
+            return True
+
+    def give_back(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+
 class LvmShell:
     """One long-lived ``lvm`` process fed one command per line on stdin.
 
     LVM writes each command's report, followed by its command log, as one
     JSON document to ``LVM_REPORT_FD``; the log's "shell" entry says whether
     the command succeeded, and ``lastlog`` gives the messages of a failure.
-    Commands run one at a time. A command that outlives its timeout is left
-    to finish on its own while a new shell takes the next command; a shell that dies is
-    started again for the next command. When the shell cannot be started or
+    Commands run one at a time, reports before changes (``_Turns``). A
+    command that outlives its timeout is left to finish on its own while a
+    new shell takes the next command; a shell that dies is started again for
+    the next command. When the shell cannot be started or
     does not speak this protocol (an LVM without the lvmdbusd profile, for
     example), it is given up for good and every command runs as a process.
     """
@@ -127,7 +178,7 @@ class LvmShell:
             "LVM_LOG_FILE_MAX_LINES": "0",
         }
         self.disabled = False
-        self._lock = threading.Lock()
+        self._turns = _Turns()
         self._process: subprocess.Popen[bytes] | None = None
         self._report_fd = -1
 
@@ -144,7 +195,7 @@ class LvmShell:
         if self.disabled or line is None or args[0] not in SHELL_VERBS:
             return None
         deadline = time.monotonic() + timeout
-        if not self._lock.acquire(timeout=timeout):
+        if not self._turns.take(args[0] in _REPORT_VERBS, timeout):
             raise LvmTimeout(
                 f"lvm {args[0]} did not start within {timeout:.1f}s (LVM is busy); "
                 "the call may be retried"
@@ -181,15 +232,15 @@ class LvmShell:
             return report, 0 if code == _SUCCESS else code, messages
         finally:
             self._last_used = time.monotonic()
-            self._lock.release()
+            self._turns.give_back()
 
     def _exit_when_idle(self, process: subprocess.Popen[bytes]) -> None:
         """Beside one shell process: end it once no command came for
         ``idle_exit`` seconds; the next command starts a new one."""
         while True:
             time.sleep(max(0.5, self._last_used + self.idle_exit - time.monotonic()))
-            if not self._lock.acquire(blocking=False):
-                continue  # a command is running
+            if not self._turns.take_if_free():
+                continue  # a command is running or waiting
             try:
                 if self._process is not process:
                     return  # already replaced or stopped
@@ -198,7 +249,7 @@ class LvmShell:
                     log.debug("lvm shell ended after idling", seconds=self.idle_exit)
                     return
             finally:
-                self._lock.release()
+                self._turns.give_back()
 
     def _start(self, deadline: float) -> None:
         read_end, write_end = os.pipe()
@@ -262,7 +313,9 @@ class LvmShell:
             raise ShellDied(
                 f"lvm {verb}: the lvm shell is gone ({exc}); retry", sent=False
             ) from exc
-        data = b""
+        # A report of a thousand LVs is megabytes in pipe-sized chunks: they
+        # are joined only when one ends as a document can.
+        chunks: list[bytes] = []
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -283,8 +336,10 @@ class LvmShell:
             if not chunk:
                 self._stop()
                 raise ShellDied(f"lvm {verb}: the lvm shell died; the call may be retried", True)
-            data += chunk
-            if data.rstrip().endswith(b"}"):
+            chunks.append(chunk)
+            if chunk.rstrip().endswith(b"}"):
+                data = b"".join(chunks)
+                chunks = [data]
                 try:
                     report = json.loads(data)
                 except json.JSONDecodeError:
@@ -313,7 +368,8 @@ class LvmShell:
 
     def close(self) -> None:
         """End the shell: it exits when its input ends."""
-        with self._lock:
+        self._turns.take(report=False, timeout=None)
+        try:
             process = self._process
             if process is not None and process.stdin is not None:
                 with contextlib.suppress(OSError):
@@ -322,3 +378,5 @@ class LvmShell:
                     process.wait(10)
             self._stop()
             self.disabled = True
+        finally:
+            self._turns.give_back()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ out = os.fdopen(int(os.environ["LVM_REPORT_FD"]), "w")
 last = []
 for line in sys.stdin:
     words = shlex.split(line)
+    if os.environ.get("FAKE_ORDER_FILE"):  # which commands ran, in their order
+        with open(os.environ["FAKE_ORDER_FILE"], "a") as order:
+            order.write(f"{{words[0]}} {{words[-1]}}\\n")
     if words == ["lastlog"]:
         document = {{"log": [entry("error", "processing", m, 0) for m in last]}}
     else:
@@ -114,6 +118,41 @@ def test_a_command_past_its_timeout_stops_the_shell_and_the_next_gets_a_new_one(
             lvm.remove("vg0", "hang", timeout=1.0)
         assert lvm.list_lvs(["vg0"])
         assert len(shells(fake)) == 2
+    finally:
+        lvm.close()
+
+
+def test_a_waiting_report_runs_before_waiting_changes(
+    fake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sixteen creates queued for the shell must not keep the kept view's
+    # refresh waiting behind all of them.
+    order_file = fake.parent / "order"
+    monkeypatch.setenv("FAKE_ORDER_FILE", str(order_file))
+    monkeypatch.setenv("FAKE_HANG_SECONDS", "2")
+    lvm = Lvm(binary=str(fake), shell=True)
+
+    def ran() -> list[str]:
+        return order_file.read_text().splitlines() if order_file.exists() else []
+
+    try:
+        lvm.list_vgs()
+        running = threading.Thread(target=lvm.remove, args=("vg0", "hang"))
+        running.start()
+        while "lvremove vg0/hang" not in ran():
+            time.sleep(0.05)
+        changes = [threading.Thread(target=lvm.remove, args=("vg0", f"csi-{n}")) for n in range(3)]
+        for change in changes:
+            change.start()
+        time.sleep(0.3)  # the changes wait for the shell
+        report = threading.Thread(target=lvm.list_lvs, args=(["vg0"],))
+        report.start()
+        for thread in [running, *changes, report]:
+            thread.join(30)
+        after = ran()[ran().index("lvremove vg0/hang") + 1 :]
+        assert after[0].startswith("lvs ") and sorted(after[1:]) == [
+            f"lvremove vg0/csi-{n}" for n in range(3)
+        ]
     finally:
         lvm.close()
 
