@@ -14,7 +14,7 @@ import pytest
 
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmAlreadyExists, LvmError, LvmTimeout
-from csi_lvm.lvm.shell import shell_line
+from csi_lvm.lvm.shell import _Turns, shell_line
 
 FAKE = """#!{python}
 import json, os, shlex, sys, time
@@ -251,3 +251,34 @@ def test_closing_waits_for_a_command_its_caller_gave_up_on(
     assert time.monotonic() - started > 1.5  # it waited for the command
     with pytest.raises(ProcessLookupError):
         os.kill(abandoned, 0)
+
+
+def test_waiting_changes_take_the_shell_in_the_order_they_came() -> None:
+    # The fill of the scale bench starved one lvcreate past its timeout when
+    # the command that had just run could take the shell again first.
+    turns = _Turns()
+    assert turns.take(report=False, timeout=1)
+    order: list[int] = []
+
+    def change(number: int) -> None:
+        assert turns.take(report=False, timeout=10)
+        order.append(number)
+        turns.give_back()
+
+    waiting = []
+    for number in range(5):
+        thread = threading.Thread(target=change, args=(number,))
+        thread.start()
+        waiting.append(thread)
+        while len(turns._changes) <= number:  # queued before the next comes
+            time.sleep(0.01)
+    turns.give_back()
+    # The one that gave the shell back asks again at once: it is last in line.
+    assert turns.take(report=False, timeout=10)
+    order.append(99)
+    turns.give_back()
+    for thread in waiting:
+        thread.join(10)
+    assert order == [0, 1, 2, 3, 4, 99]
+    assert turns.take_if_free()  # nothing left waiting
+    turns.give_back()
