@@ -68,8 +68,21 @@ def dm_name(volume_group: str, lv_name: str, layer: str = "") -> str:
 
 
 def metadata_device(volume_group: str, pool: str) -> str:
-    """The pool's metadata device (its hidden ``_tmeta`` LV)."""
-    return f"/dev/mapper/{dm_name(volume_group, f'{pool}_tmeta')}"
+    """The device-mapper name of the pool's metadata device (its hidden
+    ``_tmeta`` LV)."""
+    return dm_name(volume_group, f"{pool}_tmeta")
+
+
+def kernel_node(blkdevname: str) -> str:
+    """The node devtmpfs makes for a block device the kernel names
+    ``blkdevname`` (``dm-7``): there for every device, unlike
+    ``/dev/mapper/<name>``, which udev or the LVM that activated the device
+    makes, and which a pool activated by an LVM whose udev never ran lacks
+    (thin_dump: "Couldn't stat path")."""
+    name = blkdevname.strip()
+    if not re.fullmatch(r"dm-\d+", name):
+        raise ThinMetadataError(f"dmsetup named the device {name!r}, not dm-<minor>")
+    return f"/dev/{name}"
 
 
 @dataclass(frozen=True)
@@ -232,6 +245,19 @@ class ThinMetadata:
             f"lvchange --activate y {volume_group}/{pool}"
         )
 
+    def metadata_path(self, volume_group: str, pool: str, timeout: float | None) -> str:
+        """Where the tools read the pool's metadata device: its kernel node."""
+        device = metadata_device(volume_group, pool)
+        code, out, err = self._dmsetup(
+            ["info", "-c", "--noheadings", "-o", "blkdevname", "--", device], timeout
+        )
+        if code != 0:
+            raise PoolNotActive(
+                f"thin pool {volume_group}/{pool} has no metadata device {device} ({err}); "
+                f"activate it with lvchange --activate y {volume_group}/{pool}"
+            )
+        return kernel_node(out)
+
     def reserve(self, status: PoolStatus, timeout: float | None = None) -> None:
         """Take the pool's metadata snapshot (the kernel commits first)."""
         code, _, err = self._dmsetup(
@@ -312,7 +338,7 @@ class ThinMetadata:
             "thin_dump",
             "--metadata-snap",
             "--skip-mappings",
-            metadata_device(volume_group, pool),
+            self.metadata_path(volume_group, pool, timeout),
         ]
         with self._listing(args, timeout) as listing:
             yield listing
@@ -325,7 +351,7 @@ class ThinMetadata:
         check_lv_names(volume_group, pool)
         args = [
             "thin_dump", "--metadata-snap", "--dev-id", str(dev_id),
-            metadata_device(volume_group, pool),
+            self.metadata_path(volume_group, pool, timeout),
         ]  # fmt: skip
         with self._listing(args, timeout) as listing:
             yield listing
@@ -339,7 +365,7 @@ class ThinMetadata:
         check_lv_names(volume_group, pool)
         args = [
             "thin_delta", "--metadata-snap", "--snap1", str(base_id), "--snap2", str(target_id),
-            metadata_device(volume_group, pool),
+            self.metadata_path(volume_group, pool, timeout),
         ]  # fmt: skip
         with self._listing(args, timeout) as listing:
             yield listing

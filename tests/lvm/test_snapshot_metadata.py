@@ -249,6 +249,27 @@ def test_allocated_ranges_of_a_fresh_volume_one_write_and_a_restore(
     delete(csi, volume)
 
 
+def test_the_map_is_read_without_the_metadata_device_s_dev_mapper_node(
+    csi: CsiClient, cbt: csi_pb2_grpc.SnapshotMetadataStub, vg: LoopVolumeGroup, chunk: int,
+    name: str,
+) -> None:  # fmt: skip
+    # make e2e: a pool activated by an LVM whose udev never ran had no
+    # /dev/mapper/<vg>-<pool>_tmeta, and thin_dump said "Couldn't stat path".
+    volume = create(csi, name, 8 * MiB, capability=block_capability()).volume_id
+    write(device(vg, volume), 2 * chunk, b"\x02" * 4096)
+    taken = snapshot(csi, f"{name}-snap", volume)
+    node = Path("/dev/mapper") / dm_name(vg.name, f"{vg.pool}_tmeta")
+    aside = node.with_name(node.name + ".aside")
+    assert node.exists()
+    node.rename(aside)
+    try:
+        assert allocated(cbt, taken)[1] == chunks(2, size=chunk)
+    finally:
+        aside.rename(node)
+    delete_snapshot(csi, taken)
+    delete(csi, volume)
+
+
 def test_thick_snapshots_are_refused_as_outside_the_service(
     csi: CsiClient, cbt: csi_pb2_grpc.SnapshotMetadataStub, name: str
 ) -> None:
