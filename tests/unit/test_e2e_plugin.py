@@ -28,6 +28,7 @@ def rendered() -> Rendered:
 
 
 def commands(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The DaemonSet's command lines on node-a, in a cluster without Secrets."""
     manifests = rendered()
     node = NodeProcesses(manifests, "node-a", "csi-lvm-xyz", Path("/bin-dir"), tmp_path,
                          tmp_path / "sa.kubeconfig", Processes(tmp_path / "logs"),
@@ -77,14 +78,7 @@ def test_the_deployment_s_secrets_empty_dir_and_api_access(tmp_path: Path) -> No
 
 
 def test_an_optional_secret_that_is_missing_is_an_empty_directory(tmp_path: Path) -> None:
-    manifests = rendered()
-    node = NodeProcesses(manifests, "node-a", "csi-lvm-xyz", Path("/bin-dir"), tmp_path,
-                         tmp_path / "sa.kubeconfig", Processes(tmp_path / "logs"),
-                         secrets=lambda namespace, name: None)  # fmt: skip
-    for volume in manifests.daemonset["spec"]["template"]["spec"]["volumes"]:
-        if "hostPath" in volume:
-            volume["hostPath"]["path"] = str(tmp_path / "host") + volume["hostPath"]["path"]
-    plugin, _ = node.command(containers(manifests.daemonset)[0])
+    plugin, _ = commands(tmp_path)["csi-lvm"]  # no Secret exists there
     tls = Path(plugin[plugin.index("--tls-dir") + 1])
     assert tls == tmp_path / "volumes" / "csi-lvm-xyz" / "forwarding-tls"
     assert tls.is_dir() and not any(tls.iterdir())
