@@ -189,11 +189,10 @@ def secret_data(cluster: Cluster) -> Callable[[str, str], dict[str, bytes] | Non
     return read
 
 
-def in_cluster(cluster: Cluster, namespace: str, account: str) -> dict[str, str]:
+def in_cluster(cluster: Cluster, namespace: str, token: str) -> dict[str, str]:
     """What the kubelet gives a pod's containers for the API: the address of
     the API (the apiserver's own here: no Service routing) and, at the fixed
     in-pod path, the ServiceAccount's token, the cluster's CA and the namespace."""
-    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=3h").strip()
     IN_POD_ACCOUNT.mkdir(parents=True, exist_ok=True)
     (IN_POD_ACCOUNT / "token").write_text(token)
     (IN_POD_ACCOUNT / "ca.crt").write_bytes(cluster.pki.ca.read_bytes())
@@ -297,7 +296,7 @@ def set_up_plugin(
         started.append(NodeProcesses(
             rendered, NODE_NAME, pod_name(), cluster.bin, scratch, sa_config, cluster.procs,
             workload=workload, secrets=secret_data(cluster),
-            in_cluster=in_cluster(cluster, namespace, account) if workload is deployment else None,
+            in_cluster=in_cluster(cluster, namespace, token) if workload is deployment else None,
         ))  # fmt: skip
     node, snapshot_metadata = started
     for line in node.start():
