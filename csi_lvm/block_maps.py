@@ -274,8 +274,9 @@ class BlockMaps:
         spool = RangeSpool(self.spool_dir)
         try:
             with self.reservations.held(pool.vg_name, pool.name, timeout):
+                metadata = self.tools.metadata_node(pool.vg_name, pool.name, timeout)
                 try:
-                    with self.tools.mapped(pool.vg_name, pool.name, dev_id, timeout) as listing:
+                    with self.tools.mapped(metadata, dev_id, timeout) as listing:
                         chunk = _chunk(pool, listing.chunk_bytes)
                         spool.write(scaled(merged(listing.mappings()), chunk, snapshot.size_bytes))
                         present = listing.devices_seen > 0
@@ -298,7 +299,8 @@ class BlockMaps:
         spool = RangeSpool(self.spool_dir)
         try:
             with self.reservations.held(pool.vg_name, pool.name, timeout):
-                devices = self._devices(pool, {base_id, target_id}, timeout)
+                metadata = self.tools.metadata_node(pool.vg_name, pool.name, timeout)
+                devices = self._devices(metadata, {base_id, target_id}, timeout)
                 for snapshot, dev_id in ((base, base_id), (target, target_id)):
                     if dev_id not in devices:
                         raise NotFound(f"snapshot {snapshot.id} does not exist (just deleted)")
@@ -308,9 +310,7 @@ class BlockMaps:
                         "the target must be the later snapshot: swap them"
                     )
                 try:
-                    with self.tools.delta(
-                        pool.vg_name, pool.name, base_id, target_id, timeout
-                    ) as listing:
+                    with self.tools.delta(metadata, base_id, target_id, timeout) as listing:
                         chunk = _chunk(pool, listing.chunk_bytes)
                         spool.write(scaled(merged(listing.differences()), chunk, target.size_bytes))
                 except ThinDeviceMissing as exc:
@@ -321,9 +321,9 @@ class BlockMaps:
             raise
 
     def _devices(
-        self, pool: LogicalVolume, wanted: set[int], timeout: float | None
+        self, metadata: str, wanted: set[int], timeout: float | None
     ) -> dict[int, ThinDevice]:
-        with self.tools.device_details(pool.vg_name, pool.name, timeout) as listing:
+        with self.tools.device_details(metadata, timeout) as listing:
             return {d.dev_id: d for d in listing.devices() if d.dev_id in wanted}
 
 

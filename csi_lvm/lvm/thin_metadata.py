@@ -67,7 +67,7 @@ def dm_name(volume_group: str, lv_name: str, layer: str = "") -> str:
     return f"{name}-{layer}" if layer else name
 
 
-def metadata_device(volume_group: str, pool: str) -> str:
+def metadata_dm_name(volume_group: str, pool: str) -> str:
     """The device-mapper name of the pool's metadata device (its hidden
     ``_tmeta`` LV)."""
     return dm_name(volume_group, f"{pool}_tmeta")
@@ -245,9 +245,11 @@ class ThinMetadata:
             f"lvchange --activate y {volume_group}/{pool}"
         )
 
-    def metadata_path(self, volume_group: str, pool: str, timeout: float | None) -> str:
-        """Where the tools read the pool's metadata device: its kernel node."""
-        device = metadata_device(volume_group, pool)
+    def metadata_node(self, volume_group: str, pool: str, timeout: float | None = None) -> str:
+        """Where the tools read the pool's metadata device: its kernel node.
+        Looked up once per metadata snapshot held; the listings take it."""
+        check_lv_names(volume_group, pool)
+        device = metadata_dm_name(volume_group, pool)
         code, out, err = self._dmsetup(
             ["info", "-c", "--noheadings", "-o", "blkdevname", "--", device], timeout
         )
@@ -329,43 +331,28 @@ class ThinMetadata:
                 raise _failure(args, process.returncode, errors, expired, limit)
 
     @contextmanager
-    def device_details(
-        self, volume_group: str, pool: str, timeout: float | None = None
-    ) -> Iterator[Listing]:
-        """Every thin device's details, from the metadata snapshot."""
-        check_lv_names(volume_group, pool)
-        args = [
-            "thin_dump",
-            "--metadata-snap",
-            "--skip-mappings",
-            self.metadata_path(volume_group, pool, timeout),
-        ]
+    def device_details(self, metadata: str, timeout: float | None = None) -> Iterator[Listing]:
+        """Every thin device's details, from the metadata snapshot of the
+        pool whose metadata device is ``metadata`` (``metadata_node``)."""
+        args = ["thin_dump", "--metadata-snap", "--skip-mappings", metadata]
         with self._listing(args, timeout) as listing:
             yield listing
 
     @contextmanager
-    def mapped(
-        self, volume_group: str, pool: str, dev_id: int, timeout: float | None = None
-    ) -> Iterator[Listing]:
+    def mapped(self, metadata: str, dev_id: int, timeout: float | None = None) -> Iterator[Listing]:
         """One thin device's mappings, from the metadata snapshot."""
-        check_lv_names(volume_group, pool)
-        args = [
-            "thin_dump", "--metadata-snap", "--dev-id", str(dev_id),
-            self.metadata_path(volume_group, pool, timeout),
-        ]  # fmt: skip
+        args = ["thin_dump", "--metadata-snap", "--dev-id", str(dev_id), metadata]
         with self._listing(args, timeout) as listing:
             yield listing
 
     @contextmanager
     def delta(
-        self, volume_group: str, pool: str, base_id: int, target_id: int,
-        timeout: float | None = None,
-    ) -> Iterator[Listing]:  # fmt: skip
+        self, metadata: str, base_id: int, target_id: int, timeout: float | None = None
+    ) -> Iterator[Listing]:
         """What differs between two thin devices, from the metadata snapshot."""
-        check_lv_names(volume_group, pool)
         args = [
             "thin_delta", "--metadata-snap", "--snap1", str(base_id), "--snap2", str(target_id),
-            self.metadata_path(volume_group, pool, timeout),
+            metadata,
         ]  # fmt: skip
         with self._listing(args, timeout) as listing:
             yield listing

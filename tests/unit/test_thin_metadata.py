@@ -23,7 +23,7 @@ from csi_lvm.lvm.thin_metadata import (
     _tool_failure,
     dm_name,
     kernel_node,
-    metadata_device,
+    metadata_dm_name,
     parse_pool_status,
     xml_elements,
 )
@@ -176,10 +176,10 @@ def test_a_pool_s_status_line() -> None:
 def test_device_mapper_names_double_the_dashes_inside_names() -> None:
     assert dm_name("vg0", "pool0", "tpool") == "vg0-pool0-tpool"
     assert dm_name("my-vg", "thin-pool") == "my--vg-thin--pool"
-    assert metadata_device("my-vg", "pool0") == "my--vg-pool0_tmeta"
+    assert metadata_dm_name("my-vg", "pool0") == "my--vg-pool0_tmeta"
 
 
-def test_the_tools_read_the_kernel_s_own_node_of_the_metadata_device() -> None:
+def test_the_tools_read_the_kernel_s_own_node_of_the_metadata_dm_name() -> None:
     assert kernel_node("dm-12\n") == "/dev/dm-12"
     for odd in ("", "sda", "../dm-1", "dm-1 dm-2"):
         with pytest.raises(ThinMetadataError):
