@@ -284,9 +284,8 @@ def set_up_plugin(
         def pod_name(namespace: str = namespace, selector: str = selector) -> str:
             pods = cluster.get("pods", "-n", namespace, "-l", selector)["items"]
             names: list[str] = [
-                p["metadata"]["name"] for p in pods
-                if p["metadata"].get("ownerReferences", [{}])[0].get("kind") != "ConfigMap"
-            ]  # fmt: skip
+                p["metadata"]["name"] for p in pods if p["metadata"]["name"] != STAND_IN
+            ]
             return names[0] if names else ""
 
         wait_for(f"the {workload['kind']}'s pod object", lambda: bool(pod_name()), 120)

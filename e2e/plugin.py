@@ -61,6 +61,12 @@ def containers(daemonset: dict[str, Any]) -> list[dict[str, Any]]:
     return result
 
 
+def runs_the_plugin_image(container: dict[str, Any]) -> bool:
+    """Whether the container is of csi-lvm's own image (the plugin, the
+    forwarder): its command is csi-lvm's; every other is an upstream sidecar."""
+    return bool(container.get("command", [""])[0] == "csi-lvm")
+
+
 def raw_snapshot_metadata_deployment() -> dict[str, Any]:
     documents = yaml.safe_load_all(
         (SNAPSHOT_METADATA_COMPONENT / "snapshot-metadata.yaml").read_text()
@@ -75,7 +81,7 @@ def sidecar_binaries() -> list[str]:
         image_binary(c["image"])
         for workload in (raw_daemonset(), raw_snapshot_metadata_deployment())
         for c in containers(workload)
-        if c.get("command", [""])[0] != "csi-lvm"
+        if not runs_the_plugin_image(c)
     ]
 
 
@@ -217,7 +223,7 @@ class NodeProcesses:
             m["mountPath"].rstrip("/"): volumes[m["name"]]
             for m in container.get("volumeMounts", [])
         }
-        if container.get("command", [""])[0] == "csi-lvm":  # the plugin's image
+        if runs_the_plugin_image(container):
             mounts.update({k: v for k, v in image_files().items()})
 
         def on_node(word: str) -> str:
