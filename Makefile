@@ -5,10 +5,17 @@ VMRUN  := $(PY) scripts/vmrun.py
 # A subset of the real-LVM suite: make lvm-tests LVM_TESTS=tests/lvm/test_node.py
 LVM_TESTS ?= tests/lvm
 
-.PHONY: setup proto lint unit image-test lvm-tests stress test demo sanity e2e bench clean
+.PHONY: setup tools proto lint unit image-test lvm-tests stress test demo sanity e2e bench clean
 
 setup:
 	scripts/setup.sh
+
+# The upstream programs the sanity and cluster tiers run (csi-sanity, the
+# sidecars, Kubernetes), built from the Go module proxy at the versions
+# tools/versions.toml pins, into ~/.cache/csi-lvm/tools (not the checkout).
+# The tiers run this themselves; a second run finds everything cached.
+tools: setup
+	$(PY) tools/install.py
 
 # csi_pb2_grpc.pyi (mypy-protobuf) types the servicers' requests and answers.
 proto: setup
@@ -17,8 +24,8 @@ proto: setup
 	    --mypy_grpc_out=generate_concrete_servicer_stubs,only_sync,quiet:. csi_lvm/csi/csi.proto
 
 lint: setup
-	$(VENV)/bin/ruff check csi_lvm tests scripts bench e2e
-	$(VENV)/bin/ruff format --check csi_lvm tests scripts bench e2e
+	$(VENV)/bin/ruff check csi_lvm tests scripts bench e2e sanity tools
+	$(VENV)/bin/ruff format --check csi_lvm tests scripts bench e2e sanity tools
 	$(VENV)/bin/mypy
 
 unit: setup
@@ -54,12 +61,13 @@ bench: setup
 	$(VMRUN) --memory 5G -- python bench/run.py --json build/vm/bench.json $(BENCH_ARGS); \
 	status=$$?; cp build/vm/bench.json bench/results.json && exit $$status
 
-# Upstream csi-sanity, once per device class (needs the binary; see sanity/README.md).
+# Upstream csi-sanity, once per device class (installs it on first use).
 sanity: setup
 	$(PY) sanity/run.py
 
-# The Kubernetes end-to-end tier (issue 17): a one-node cluster in one VM,
-# binaries from $$CSI_LVM_E2E_BIN (see e2e/README.md). Not part of `make test`.
+# The Kubernetes end-to-end tier: a one-node cluster in one VM with the
+# sidecars of deploy/kubernetes (installs its binaries on first use; see
+# e2e/README.md). Not part of `make test`.
 E2E_ARGS ?=
 e2e: setup
 	$(PY) e2e/run.py $(E2E_ARGS)

@@ -1,12 +1,13 @@
 """The Kubernetes end-to-end tier (issue 17): a one-node cluster with the real
 kubelet, scheduler, controllers and sidecars driving csi-lvm, in the test VM.
 
-    python e2e/run.py              # on the host: finds the binaries, boots the VM
+    python e2e/run.py              # on the host: installs the binaries, boots the VM
     python e2e/run.py --inside DIR # what runs inside the VM (DIR: the binaries)
 
-The Kubernetes and sidecar binaries come from the directory $CSI_LVM_E2E_BIN
-(e2e/README.md lists them). Exit codes: 0 every check passed, 1 some check
-failed, 4 a binary or a Debian program is missing.
+The Kubernetes and sidecar binaries are built at the versions
+tools/versions.toml pins (tools/install.py, cached). Exit codes: 0 every check
+passed, 1 some check failed, 4 a binary could not be installed or a Debian
+program is missing.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from e2e.cluster import (  # noqa: E402
 )
 from e2e.plugin import sidecar_binaries  # noqa: E402
 from e2e.procs import Failed, Processes  # noqa: E402
+from tools.install import NOT_INSTALLED, ToolError, ensure  # noqa: E402
 
-NO_BINARY = 4
-BIN_VARIABLE = "CSI_LVM_E2E_BIN"
 # Besides the DaemonSet's sidecars (read from deploy/kubernetes/daemonset.yaml).
 CLUSTER_BINARIES = (*KUBE_BINARIES, "snapshot-controller")
 RESULTS = ROOT / "build" / "vm" / "e2e"
@@ -77,22 +77,20 @@ def find_missing(directory: Path) -> list[str]:
 
 
 def host_main(stage: str) -> int:
-    configured = os.environ.get(BIN_VARIABLE)
-    if not configured:
-        print(f"e2e: set {BIN_VARIABLE} to the directory of the Kubernetes and sidecar "
-              "binaries; see e2e/README.md.", file=sys.stderr)  # fmt: skip
-        return NO_BINARY
-    directory = Path(configured).resolve()
-    missing = find_missing(directory)
-    if missing:
-        print(f"e2e: missing in {BIN_VARIABLE}={directory}: {', '.join(missing)}; "
-              "see e2e/README.md.", file=sys.stderr)  # fmt: skip
-        return NO_BINARY
     programs = missing_debian_programs()
     if programs:
         print(f"e2e: missing Debian programs: {', '.join(programs)}; run `make setup`.",
               file=sys.stderr)  # fmt: skip
-        return NO_BINARY
+        return NOT_INSTALLED
+    try:
+        directory = ensure(required_binaries())
+    except ToolError as error:
+        print(f"e2e: {error}", file=sys.stderr)
+        return NOT_INSTALLED
+    missing = find_missing(directory)
+    if missing:
+        print(f"e2e: tools/versions.toml gives no {', '.join(missing)}", file=sys.stderr)
+        return NOT_INSTALLED
     vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--force-vm", "--memory", "4G"]
     command = ["python", "e2e/run.py", "--inside", str(directory), "--stage", stage]
     start = time.monotonic()

@@ -1,16 +1,16 @@
 """Run the upstream csi-sanity suite against csi-lvm, once per device class.
 
-    python sanity/run.py            # on the host: finds the binary, boots the VM
+    python sanity/run.py            # on the host: installs the binary, boots the VM
     python sanity/run.py --inside BINARY   # what runs inside the VM
 
-The binary comes from $CSI_SANITY or PATH. Exit codes: 0 every spec passed,
-1 some spec failed, 4 no csi-sanity binary (see sanity/README.md).
+csi-sanity is built at the version tools/versions.toml pins (tools/install.py,
+cached). Exit codes: 0 every spec passed, 1 some spec failed, 4 csi-sanity
+could not be installed (the message names the module).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -22,28 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.testbed import Driver, LoopVolumeGroup, write_config  # noqa: E402
+from tools.install import NOT_INSTALLED, ToolError, ensure  # noqa: E402
 
-NO_BINARY = 4
 CLASSES = ("thin", "thick")
 SUMMARY = re.compile(r"^(Ran \d+ of \d+ Specs.*|(SUCCESS|FAIL)! -- .*)$")
 
 
-def find_binary() -> str | None:
-    candidate = os.environ.get("CSI_SANITY") or shutil.which("csi-sanity")
-    if candidate and os.access(candidate, os.X_OK):
-        return str(Path(candidate).resolve())
-    return None
-
-
 def host_main() -> int:
-    binary = find_binary()
-    if binary is None:
-        print(
-            "sanity: no csi-sanity binary (kubernetes-csi/csi-test, v5.4.0-36-g2f1e2f2a or "
-            "later) on PATH or in $CSI_SANITY; see sanity/README.md.",
-            file=sys.stderr,
-        )
-        return NO_BINARY
+    try:
+        binary = str(ensure(["csi-sanity"]) / "csi-sanity")
+    except ToolError as error:
+        print(f"sanity: {error}", file=sys.stderr)
+        return NOT_INSTALLED
     vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--memory", "4G"]
     return subprocess.call([*vmrun, "--", "python", "sanity/run.py", "--inside", binary])
 

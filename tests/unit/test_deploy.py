@@ -199,7 +199,7 @@ SIDECARS: dict[str, tuple[str, str, set[str]]] = {
     ),
     "csi-resizer": (
         SIG_STORAGE + "csi-resizer",
-        "v2.2.1",  # cmd/csi-resizer/main.go
+        "v2.3.0",  # cmd/csi-resizer/main.go
         LOGGING
         | COMMON
         | {
@@ -208,6 +208,8 @@ SIDECARS: dict[str, tuple[str, str, set[str]]] = {
             "workers",
             "extra-modify-metadata",
             "timeout",
+            "resize-timeout",
+            "modify-timeout",
             "retry-interval-start",
             "retry-interval-max",
             "handle-volume-inuse-error",
