@@ -491,7 +491,7 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     checks.check("5 clone (dataSource PVC)", clone, needs=(two,))
 
     def lister(account: str, *args: str) -> tuple[int, list[tuple[int, int]]]:
-        """The ranges the upstream example client lists, through the
+        """The ranges a client on the upstream client library lists, through the
         SnapshotMetadataService CR, the sidecar, the forwarder and the
         plugin's TLS port; and the volume's capacity."""
         out = run([str(cluster.bin / LISTER), "-kubeconfig", str(cluster.admin),
@@ -539,10 +539,10 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
         else:
             raise Failed("the ServiceAccount default (no role) was given the ranges")
         return (f"allocated of cbt-base {allocated}, delta to cbt-target {delta} (chunk {chunk}; "
-                "snapshot-metadata-lister through the sidecar, the forwarder and the plugin's "
+                "the lister through the sidecar, the forwarder and the plugin's "
                 "TLS port); an account without the client role: PermissionDenied")  # fmt: skip
 
-    checks.check("11 changed block tracking: the upstream lister gets exact ranges",
+    checks.check("11 changed block tracking: a backup client gets exact ranges",
                  changed_blocks, needs=("3b raw block PVC",))  # fmt: skip
 
     def size_kib() -> int:
