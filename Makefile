@@ -54,7 +54,7 @@ stress: setup
 demo: setup
 	$(VMRUN) -- python scripts/demo.py
 
-# The benchmark of issue 7: the driver against raw LVM in one VM run (~15 min
+# The benchmark: the driver against raw LVM in one VM run (~15 min
 # under TCG); prints the table and keeps the JSON as bench/results.json.
 BENCH_ARGS ?=
 bench: setup
