@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import metadata_room_lvs
+from csi_lvm.backends.admission import metadata_room_lvs
 from csi_lvm.config import Config
 from csi_lvm.errors import DriverError
 from csi_lvm.ids import Kind, Tag

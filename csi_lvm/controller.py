@@ -10,9 +10,8 @@ interceptor turns them into gRPC statuses.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
@@ -21,55 +20,26 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import Backend, ClassSpace, Condition, NewLv, NoRoom
-from csi_lvm.config import DeviceClass
+from csi_lvm.backends.base import Ask, Backend, Condition
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
-from csi_lvm.errors import (
-    Aborted,
-    AlreadyExists,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-)
-from csi_lvm.ids import (
-    Kind,
-    ObjectId,
-    Tag,
-    check_csi_name,
-    csi_name_in,
-    encode_tags,
-    lv_name_for,
-)
+from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
+from csi_lvm.ids import Kind, ObjectId, check_csi_name, lv_name_for
 from csi_lvm.lifecycle import Stage
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.errors import (
-    LvmAlreadyExists,
-    LvmInUse,
-    LvmMetadataFull,
-    LvmNoSpace,
-    LvmNotFound,
-    LvmPoolNeedsRepair,
-)
-from csi_lvm.rpc import budget, node_topology
+from csi_lvm.rpc import budget, check_topology, node_topology, paged
 from csi_lvm.validation import (
     SIDECAR_PARAMETER_PREFIX,
     SizeRange,
     capability_problem,
     check_capabilities,
-    choose_size,
     device_class_for,
     minimum_bytes,
+    requested_source_id,
     size_range,
 )
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.controller")
-
-
-class _NameTaken(Aborted):
-    """LVM refused a new LV's name: one of that name exists already."""
 
 
 Cap = csi_pb2.ControllerServiceCapability.RPC.Type
@@ -153,7 +123,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         timeout: float | None,
     ) -> csi_pb2.Volume:
         with self.locks.hold(lv_name):
-            volume = self._decided(
+            volume = self.inventory.kept.decided(
                 lambda scan, fresh: self._create_volume_in(
                     request, lv_name, backend, wanted, scan, fresh, timeout
                 ),
@@ -178,7 +148,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         timeout: float | None,
     ) -> csi_pb2.Volume:
         """CreateVolume's work under the name's lock, from ``scan``."""
-        existing = self._existing(Kind.VOLUME, lv_name, scan, fresh, timeout)
+        existing = self.inventory.existing(Kind.VOLUME, lv_name, scan, fresh, timeout)
         if existing is not None and lifecycle.stage_of(existing.lv) is Stage.MAKING:
             self.backends.states.discard_unfinished(existing, timeout)
             scan, existing = self.inventory.view(timeout), None
@@ -188,111 +158,48 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             # more: its snapshot may have been deleted since (a sidecar
             # that lost the first answer asks again).
             settled = existing is not None and lifecycle.is_ready(existing)
-            source = self._content_source(
-                request.volume_content_source, scan, must_exist=not settled
+            source = self.inventory.content_source(
+                request.volume_content_source, scan, not settled, self.topology_key
             )
-        self._check_topology(request.accessibility_requirements, source)
+            if source is not None:
+                what = "snapshot" if source.kind is Kind.SNAPSHOT else "source volume"
+                lifecycle.check_ready(source, what)
+        check_topology(request.accessibility_requirements, self.topology_key, self.node_id,
+                       "" if source is None else str(source.id))  # fmt: skip
         if existing is not None:
             return self._existing_volume(request, existing, backend, wanted, source, scan, timeout)
-        if source is None:
-            return self._create_blank(request, lv_name, backend, wanted, scan, timeout)
-        return self._create_from_source(request, lv_name, backend, wanted, source, scan, timeout)
+        return self._create_new(request, lv_name, backend, wanted, source, scan, timeout)
 
-    def _create_blank(
+    def _create_new(
         self,
         request: csi_pb2.CreateVolumeRequest,
         lv_name: str,
         backend: Backend,
         wanted: SizeRange,
+        source: Owned | None,
         scan: Scan,
         timeout: float | None,
     ) -> csi_pb2.Volume:
-        """Make a blank volume. Its size is whole extents already, exactly what
-        lvcreate makes, so no report is read back (a repeated call reads the
-        volume from LVM, in _existing_volume)."""
+        """A new volume, blank or holding ``source``'s data. A blank one's
+        size is whole extents already, exactly what lvcreate makes, so no
+        report is read back (a repeated call reads it, in _existing_volume)."""
         device_class = backend.device_class
-        space = backend.space(scan)
-        self._check_open(device_class, space)
-        size = choose_size(wanted, space.extent_bytes, minimum_bytes(request.volume_capabilities))
-        needed = backend.room_for_volume(size, None, 0)
-        tags = self._tags(Kind.VOLUME, request.name, device_class, None)
-        with self._making(backend, size, needed, space, scan, f"volume {request.name}"):
-            backend.create_blank(NewLv(lv_name, size, tags, timeout))
-        return csi_pb2.Volume(
-            volume_id=str(self.inventory.make_id(device_class, lv_name)),
-            capacity_bytes=size,
-            accessible_topology=[node_topology(self.topology_key, self.node_id)],
-        )
-
-    def _create_from_source(
-        self,
-        request: csi_pb2.CreateVolumeRequest,
-        lv_name: str,
-        backend: Backend,
-        wanted: SizeRange,
-        source: Owned,
-        scan: Scan,
-        timeout: float | None,
-    ) -> csi_pb2.Volume:
-        device_class = backend.device_class
-        if device_class.name != source.device_class.name:
+        if source is not None and source.device_class.name != device_class.name:
             raise InvalidArgument(
                 f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
                 f"a volume made from it must use that class, not {device_class.name}"
             )
-        space = backend.space(scan)
-        self._check_open(device_class, space)
-        extent = space.extent_bytes
-        size = choose_size(wanted, extent, minimum=source.size_bytes)
-        needed = backend.room_for_volume(size, source, extent)
-        tags = self._tags(Kind.VOLUME, request.name, device_class, source)
-        with self._making(backend, size, needed, space, scan, f"volume {request.name}"):
-            owned = backend.create_from(NewLv(lv_name, size, tags, timeout), source, extent)
-        return self._csi_volume(owned, request.volume_content_source)
-
-    @contextmanager
-    def _making(
-        self, backend: Backend, size: int, needed: int, space: ClassSpace, scan: Scan, name: str
-    ) -> Iterator[None]:
-        """Around the making of a new object of ``size`` bytes that takes
-        ``needed`` bytes of its class's room (more than its size while a copy
-        runs, nothing for a thin snapshot): the room, held against concurrent
-        creates, and LVM's refusals as the statuses a create answers. Each is
-        RESOURCE_EXHAUSTED where another node could serve the call, so the
-        provisioner reschedules the PVC."""
-        device_class = backend.device_class
-        try:
-            with backend.reserved(needed, space, scan):
-                yield
-        except NoRoom as exc:
-            during = (
-                f" ({size} for the copy, the rest for the temporary snapshot it reads)"
-                if needed > size
-                else ""
-            )
-            raise ResourceExhausted(
-                f"device class {device_class.name} on node {self.node_id} has "
-                f"{exc.available} bytes available, {needed} requested{during}"
-            ) from None
-        except LvmPoolNeedsRepair as exc:
-            backend.note_needs_repair(str(exc))
-            log.warning("device class needs repair", device_class=device_class.name, error=str(exc))
-            raise ResourceExhausted(
-                f"device class {device_class.name} on node {self.node_id} takes no new "
-                f"volumes until an admin repairs it: {exc}"
-            ) from exc
-        except LvmNoSpace as exc:
-            raise ResourceExhausted(
-                f"device class {device_class.name} on node {self.node_id} has no room for "
-                f"{size} bytes: {exc}"
-            ) from exc
-        except LvmMetadataFull as exc:
-            raise ResourceExhausted(
-                f"device class {device_class.name} on node {self.node_id} cannot record "
-                f"another LV: {exc}"
-            ) from exc
-        except LvmAlreadyExists as exc:
-            raise _NameTaken(f"{name} appeared while being created; retry") from exc
+        tags = self.inventory.tags_for(Kind.VOLUME, request.name, device_class, source)
+        minimum = minimum_bytes(request.volume_capabilities)
+        ask = Ask(f"volume {request.name}", lv_name, tags, timeout, wanted, minimum)
+        if source is not None:
+            owned = backend.make_from(ask, source, scan)
+            return self._csi_volume(owned, request.volume_content_source)
+        return csi_pb2.Volume(
+            volume_id=str(self.inventory.make_id(device_class, lv_name)),
+            capacity_bytes=backend.make_blank(ask, scan),
+            accessible_topology=[node_topology(self.topology_key, self.node_id)],
+        )
 
     def _existing_volume(
         self,
@@ -317,90 +224,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 f"volume {request.name} already exists with a different content source "
                 f"({existing.source_id or 'none'})"
             )
-        extent = backend.space(scan).extent_bytes
-        size = existing.size_bytes
-        if size < wanted.required:
-            size = choose_size(wanted, extent, minimum=size)
-        new = NewLv(existing.lv.name, size, (), timeout)
-        existing = backend.resume(existing, source, new, extent)
+        existing = backend.finish(existing, source, wanted, scan, timeout)
         if not wanted.allows(existing.size_bytes):
             raise AlreadyExists(
                 f"volume {request.name} already exists with {existing.size_bytes} bytes, "
                 f"outside the requested range ({wanted.describe()})"
             )
         return self._csi_volume(existing, request.volume_content_source)
-
-    def _content_source(
-        self, content: csi_pb2.VolumeContentSource, scan: Scan, must_exist: bool
-    ) -> Owned | None:
-        """The snapshot or volume a new volume is made from; NOT_FOUND when it
-        does not exist, unless ``must_exist`` is false (then None)."""
-        reference = source_reference(content)
-        if reference is None:
-            raise InvalidArgument("volume_content_source must name a snapshot or a volume")
-        text, kind, what = reference
-        if not text:
-            raise InvalidArgument(f"volume_content_source: the {what} id is required")
-        object_id = ObjectId.parse(text)
-        if object_id is not None and object_id.node != self.inventory.node_part:
-            raise ResourceExhausted(
-                f"{what} {text} is held by node {object_id.node}; a volume made from it can "
-                f"only live on that node, not on {self.node_id}: schedule the pod that uses "
-                f"the new PVC to node {object_id.node} (a nodeAffinity on "
-                f"{self.topology_key}, or a podAffinity to the source's pod)"
-            )
-        found = self.inventory.lookup(text, kind, what, scan)
-        if found is None:
-            if must_exist:
-                raise NotFound(f"{what} {text} does not exist on node {self.node_id}")
-            return None
-        lifecycle.check_ready(found, what)
-        return found
-
-    def _check_topology(
-        self, requirements: csi_pb2.TopologyRequirement, source: Owned | None
-    ) -> None:
-        wanted = list(requirements.requisite) or list(requirements.preferred)
-        if not wanted:
-            return
-        if any(t.segments.get(self.topology_key) == self.node_id for t in wanted):
-            return
-        asked = "; ".join(
-            ", ".join(f"{k}={v}" for k, v in sorted(t.segments.items())) or "{}" for t in wanted
-        )
-        holder = f" (the source {source.id} is held here)" if source is not None else ""
-        raise ResourceExhausted(
-            f"this driver serves node {self.node_id} ({self.topology_key}={self.node_id}) but "
-            f"the request only accepts: {asked}{holder}"
-        )
-
-    def _check_open(self, device_class: DeviceClass, space: ClassSpace) -> None:
-        """Refuse any new object in a class that takes none here now (its
-        storage is missing or needs repair, its pool is past the threshold)."""
-        refusal = space.refusal
-        if refusal is None:
-            return
-        if space.full is not None:
-            log.warning("device class full", device_class=device_class.name, reason=refusal)
-        raise ResourceExhausted(
-            f"device class {device_class.name} on node {self.node_id} takes no new "
-            f"volumes: {refusal}"
-        )
-
-    def _tags(
-        self, kind: Kind, name: str, device_class: DeviceClass, source: Owned | None
-    ) -> list[str]:
-        """The tags of a new volume or snapshot: only what the driver needs
-        (see ``Tag``); the CSI name only when its LV name is a hash."""
-        lv_name = lv_name_for(kind, name)
-        return encode_tags(
-            {
-                Tag.DRIVER: self.inventory.driver_name,
-                Tag.NAME: "" if csi_name_in(lv_name) == name else name,
-                Tag.CLASS: device_class.name,
-                Tag.SOURCE: "" if source is None else source.lv.name,
-            }
-        )
 
     def _csi_volume(
         self, owned: Owned, content_source: csi_pb2.VolumeContentSource | None = None
@@ -444,29 +274,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 owned = self.inventory.find_anywhere(object_id, timeout)
             if owned is None:
                 return
-            self._remove(owned, timeout)
+            self.backends.of(owned.device_class).delete(owned, timeout)
         log.info(f"{kind.value} deleted", id=text, lv=owned.lv.full_name)
-
-    def _remove(self, owned: Owned, timeout: float | None) -> None:
-        backend = self.backends.of(owned.device_class)
-        if backend.held_open(owned, timeout):
-            if owned.kind is Kind.VOLUME:
-                raise FailedPrecondition(
-                    f"volume {owned.id} is still in use on node {self.node_id} (its device "
-                    "is open); unpublish and unstage it first"
-                )
-            raise FailedPrecondition(
-                f"snapshot {owned.id} is being read (a restore from it is copying); retry "
-                "when the restore has finished"
-            )
-        try:
-            backend.remove(owned, timeout)
-        except LvmInUse as exc:
-            raise FailedPrecondition(
-                f"{owned.kind.value} {owned.id} is in use on node {self.node_id}: it is open, "
-                f"or a copy (a thick snapshot, restore or clone) is reading it; retry when "
-                f"that has finished ({exc})"
-            ) from exc
 
     def _require_volume(self, volume_id: str, scan: Scan) -> Owned:
         if not volume_id:
@@ -502,7 +311,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ListVolumesResponse:
         scan = self.inventory.scan(budget(context))
         volumes = self.inventory.owned(Kind.VOLUME, scan)
-        page, next_token = _page(volumes, request.max_entries, request.starting_token)
+        page, next_token = paged(volumes, _id, request.max_entries, request.starting_token)
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
                 volume=self._csi_volume(owned),
@@ -537,7 +346,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             and request.accessible_topology.segments.get(self.topology_key) != self.node_id
         ):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
-        space = self.backends.of(device_class).space(self.inventory.current(budget(context)))
+        scan = self.inventory.current(budget(context))
+        space = self.backends.of(device_class).space(scan, live=True)
         if space.refusal is not None:
             # The scheduler then looks elsewhere: no CSIStorageCapacity here.
             return csi_pb2.GetCapacityResponse(available_capacity=0)
@@ -591,36 +401,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> Owned:
         lv_name = lv_name_for(Kind.SNAPSHOT, request.name)
         with self.locks.hold(lv_name):
-            return self._decided(
+            return self.inventory.kept.decided(
                 lambda scan, fresh: self._create_snapshot_in(
                     request, lv_name, scan, fresh, timeout
                 ),
                 timeout,
             )
-
-    def _decided(self, decide: Callable[[Scan, bool], T], timeout: float | None) -> T:
-        """A create decided from the kept view: the name, the source and the
-        room need no report of the whole VG (reservations count recent
-        creates). Where LVM shows the view was behind others' changes within
-        the refresh interval (an LV of the name it lacks, made by hand or by
-        another process; an LV it shows, removed since), a report of now
-        decides again. Neither refusal made anything. ``decide`` learns
-        whether its scan is a report of now."""
-        try:
-            return decide(self.inventory.view(timeout), False)
-        except (_NameTaken, LvmNotFound):
-            return decide(self.inventory.scan(timeout), True)
-
-    def _existing(
-        self, kind: Kind, lv_name: str, scan: Scan, fresh: bool, timeout: float | None
-    ) -> Owned | None:
-        """The object of the name in ``scan``; one the kept view shows is read
-        again alone before a create trusts it: removed by hand within the
-        refresh interval, it must be made anew, not answered as made."""
-        existing = self.inventory.find_by_name(kind, lv_name, scan)
-        if existing is None or fresh:
-            return existing
-        return self.inventory.get(existing.id, existing.device_class, timeout)
 
     def _create_snapshot_in(
         self,
@@ -631,7 +417,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         timeout: float | None,
     ) -> Owned:
         """CreateSnapshot's work under the name's lock, from ``scan``."""
-        existing = self._existing(Kind.SNAPSHOT, lv_name, scan, fresh, timeout)
+        existing = self.inventory.existing(Kind.SNAPSHOT, lv_name, scan, fresh, timeout)
         if existing is not None:
             if existing.name != request.name or existing.source_id != request.source_volume_id:
                 raise AlreadyExists(
@@ -643,22 +429,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 source = self._require_volume(request.source_volume_id, scan)
                 lifecycle.check_ready(source, "source volume")
                 backend = self.backends.of(existing.device_class)
-                extent = backend.space(scan).extent_bytes
-                new = NewLv(existing.lv.name, existing.size_bytes, (), timeout)
-                existing = backend.resume(existing, source, new, extent)
+                existing = backend.finish(existing, source, SizeRange(0, 0), scan, timeout)
             return existing
         source = self._require_volume(request.source_volume_id, scan)
         lifecycle.check_ready(source, "source volume")
         device_class = source.device_class
-        backend = self.backends.of(device_class)
-        space = backend.space(scan)
-        self._check_open(device_class, space)
-        extent = space.extent_bytes
-        needed = backend.room_for_snapshot(source, extent)
-        tags = self._tags(Kind.SNAPSHOT, request.name, device_class, source)
-        new = NewLv(lv_name, source.size_bytes, tags, timeout)
-        with self._making(backend, new.size, needed, space, scan, f"snapshot {request.name}"):
-            snapshot = backend.snapshot(new, source, extent)
+        tags = self.inventory.tags_for(Kind.SNAPSHOT, request.name, device_class, source)
+        ask = Ask(f"snapshot {request.name}", lv_name, tags, timeout)
+        snapshot = self.backends.of(device_class).make_snapshot(ask, source, scan)
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
         return snapshot
 
@@ -699,7 +477,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             snapshots = [s for s in snapshots if str(s.id) == request.snapshot_id]
         if request.source_volume_id:
             snapshots = [s for s in snapshots if s.source_id == request.source_volume_id]
-        page, next_token = _page(snapshots, request.max_entries, request.starting_token)
+        page, next_token = paged(snapshots, _id, request.max_entries, request.starting_token)
         return csi_pb2.ListSnapshotsResponse(
             entries=[
                 csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._csi_snapshot(s)) for s in page
@@ -708,40 +486,5 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
 
 
-def _page(items: Sequence[Owned], max_entries: int, token: str) -> tuple[list[Owned], str]:
-    """One page of ``items`` (sorted by id) after ``token``, and the next token.
-
-    A token is the id of the last item of the previous page, so items deleted
-    or added between pages never make a page skip or repeat a survivor."""
-    if max_entries < 0:
-        raise InvalidArgument("max_entries must not be negative")
-    start = 0
-    if token:
-        if ObjectId.parse(token) is None:
-            raise Aborted(f"starting_token {token!r} is not a token this driver issued")
-        start = next((i for i, item in enumerate(items) if str(item.id) > token), len(items))
-    end = len(items) if max_entries == 0 else start + max_entries
-    page = list(items[start:end])
-    next_token = str(page[-1].id) if end < len(items) and page else ""
-    return page, next_token
-
-
-def source_reference(content: csi_pb2.VolumeContentSource) -> tuple[str, Kind, str] | None:
-    """The id a content source names, its kind and what to call it in a
-    message; None when it names neither a snapshot nor a volume."""
-    which = content.WhichOneof("type")
-    if which == "snapshot":
-        return content.snapshot.snapshot_id, Kind.SNAPSHOT, "snapshot"
-    if which == "volume":
-        return content.volume.volume_id, Kind.VOLUME, "source volume"
-    return None
-
-
-def requested_source_id(content: csi_pb2.VolumeContentSource) -> str:
-    """The id a request names as its content source, as csi-lvm writes it in
-    a volume's tags ("" for none)."""
-    reference = source_reference(content)
-    if reference is None:
-        return ""
-    parsed = ObjectId.parse(reference[0])
-    return str(parsed) if parsed is not None else reference[0]
+def _id(owned: Owned) -> str:
+    return str(owned.id)

@@ -3,8 +3,10 @@ status codes.
 
 The driver's layers raise these; the LVM layer raises errors of its own kind
 (``csi_lvm.lvm.errors``). Only the server's interceptor turns either into a
-gRPC status, through ``status_for``, so a servicer never picks a status code
-by hand for a failure that some lower layer already classified.
+gRPC status, through ``status_for``; where an LVM refusal means something
+particular to the call that met it (a create, a growth), ``refused_create``
+and ``refused_growth`` read the same tables here, so no other module picks a
+status for one of LVM's refusals.
 """
 
 from __future__ import annotations
@@ -66,9 +68,25 @@ class ConfigError(Exception):
     """The configuration file is unusable; start-up stops with this message."""
 
 
-# What each of LVM's refusals means to a caller that did not translate it.
-# Subclasses come first: the first match wins.
-_LVM_CODES: tuple[tuple[type[lvm.LvmError], grpc.StatusCode], ...] = (
+class NameTaken(Aborted):
+    """A create met an LV of its name that the view it decided from lacked."""
+
+
+class Vanished(NotFound):
+    """A create met an object gone that the view it decided from showed."""
+
+
+class Refused(DriverError):
+    """LVM's refusal, with the status the table below gives it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# What each of LVM's refusals means to a caller. Subclasses come first: the
+# first match wins. A class here is a DriverError to raise; a code, a status.
+_LVM: tuple[tuple[type[lvm.LvmError], type[DriverError] | grpc.StatusCode], ...] = (
     (lvm.LvmNotFound, grpc.StatusCode.NOT_FOUND),
     (lvm.LvmAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (lvm.LvmNoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -83,6 +101,47 @@ _LVM_CODES: tuple[tuple[type[lvm.LvmError], grpc.StatusCode], ...] = (
     (lvm.LvmBadName, grpc.StatusCode.INVALID_ARGUMENT),
     (lvm.LvmError, grpc.StatusCode.INTERNAL),
 )
+# A create that LVM refused. Where another node could serve the call the
+# answer is RESOURCE_EXHAUSTED, so that the provisioner reschedules the PVC;
+# what the create's view missed is decided again from a report of now.
+_CREATING: tuple[tuple[type[lvm.LvmError], type[DriverError] | grpc.StatusCode], ...] = (
+    (lvm.LvmAlreadyExists, NameTaken),
+    (lvm.LvmNotFound, Vanished),
+    (lvm.LvmPoolNeedsRepair, ResourceExhausted),
+    *_LVM,
+)
+# Growing a volume: no room is the range the caller asked being out of reach.
+_GROWING: tuple[tuple[type[lvm.LvmError], type[DriverError] | grpc.StatusCode], ...] = (
+    (lvm.LvmNoSpace, OutOfRange),
+    *_LVM,
+)
+
+
+def _entry(
+    error: lvm.LvmError,
+    table: tuple[tuple[type[lvm.LvmError], type[DriverError] | grpc.StatusCode], ...],
+) -> type[DriverError] | grpc.StatusCode:
+    return next(answer for kind, answer in table if isinstance(error, kind))
+
+
+def _made(answer: type[DriverError] | grpc.StatusCode, message: str) -> DriverError:
+    return Refused(answer, message) if isinstance(answer, grpc.StatusCode) else answer(message)
+
+
+def refused(error: lvm.LvmError, doing: str) -> DriverError:
+    """LVM's refusal of ``doing`` (what the call could not do, and what to
+    do about it) as the error the table gives it, LVM's words after."""
+    return _made(_entry(error, _LVM), f"{doing}: {error}")
+
+
+def refused_create(error: lvm.LvmError, doing: str) -> DriverError:
+    """As ``refused``, for a create of a new volume or snapshot."""
+    return _made(_entry(error, _CREATING), f"{doing}: {error}")
+
+
+def refused_growth(error: lvm.LvmError, doing: str) -> DriverError:
+    """As ``refused``, for growing a volume."""
+    return _made(_entry(error, _GROWING), f"{doing}: {error}")
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -93,9 +152,9 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """
     if isinstance(error, DriverError):
         return error.code, str(error)
-    for kind, code in _LVM_CODES:
-        if isinstance(error, kind):
-            return code, str(error)
+    if isinstance(error, lvm.LvmError):
+        answer = _entry(error, _LVM)
+        return (answer if isinstance(answer, grpc.StatusCode) else answer.code), str(error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}): {error}"
 
 

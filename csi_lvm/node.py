@@ -23,18 +23,15 @@ from csi_lvm.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
 )
 from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.errors import LvmNoSpace
 from csi_lvm.rpc import budget, node_topology
 from csi_lvm.validation import (
     READ_ONLY_MODES,
     AccessMode,
     check_capability,
     check_path,
-    choose_size,
     filesystem_of,
     size_range,
 )
@@ -420,22 +417,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_path = check_path(request.volume_path, "volume_path")
         backend = self.backends.of(owned.device_class)
         with self.locks.hold(owned.lv.name):
-            space = backend.space(scan)
-            size = choose_size(wanted, space.extent_bytes, minimum=owned.size_bytes)
+            size = backend.grow(owned, wanted, scan, timeout)
             if size > owned.size_bytes:
-                growth = backend.room_for_volume(size - owned.size_bytes, None, 0)
-                if growth > space.available_bytes:
-                    raise OutOfRange(
-                        f"device class {owned.device_class.name} has {space.available_bytes} "
-                        f"bytes of room; growing to {size} needs {growth}"
-                    )
-                try:
-                    backend.grow(owned, size, timeout)
-                except LvmNoSpace as exc:
-                    raise OutOfRange(
-                        f"device class {owned.device_class.name} cannot grow the volume to "
-                        f"{size} bytes: {exc}"
-                    ) from exc
                 log.info("volume extended", volume_id=request.volume_id, bytes=size)
             device = self._device(owned, timeout)
             ours = fs.device_number(device)

@@ -1,12 +1,19 @@
-"""Small helpers every servicer shares: the call's time budget and the
-node's topology segment."""
+"""Small helpers the servicers share: the call's time budget, the node's
+topology segment and the check of a request's topology against it, and the
+paging of list answers."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
 from csi_lvm.csi import csi_pb2
-from csi_lvm.errors import DeadlineExceeded
+from csi_lvm.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from csi_lvm.ids import ObjectId
+
+T = TypeVar("T")
 
 # Calls without a deadline report an effectively infinite time remaining.
 NO_DEADLINE_SECONDS = 24 * 3600
@@ -33,3 +40,44 @@ def budget(context: grpc.ServicerContext | None) -> float | None:
 
 def node_topology(topology_key: str, node_id: str) -> csi_pb2.Topology:
     return csi_pb2.Topology(segments={topology_key: node_id})
+
+
+def check_topology(
+    requirements: csi_pb2.TopologyRequirement, topology_key: str, node_id: str, holder: str
+) -> None:
+    """RESOURCE_EXHAUSTED when the request accepts no segment of this node
+    (``holder``: the source the new volume is made from, held here, or "")."""
+    wanted = list(requirements.requisite) or list(requirements.preferred)
+    if not wanted:
+        return
+    if any(t.segments.get(topology_key) == node_id for t in wanted):
+        return
+    asked = "; ".join(
+        ", ".join(f"{k}={v}" for k, v in sorted(t.segments.items())) or "{}" for t in wanted
+    )
+    held = f" (the source {holder} is held here)" if holder else ""
+    raise ResourceExhausted(
+        f"this driver serves node {node_id} ({topology_key}={node_id}) but the request only "
+        f"accepts: {asked}{held}"
+    )
+
+
+def paged(
+    items: Sequence[T], key: Callable[[T], str], max_entries: int, token: str
+) -> tuple[list[T], str]:
+    """One page of ``items`` (sorted by ``key``, an object's id) after
+    ``token``, and the next token.
+
+    A token is the id of the last item of the previous page, so items deleted
+    or added between pages never make a page skip or repeat a survivor."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    start = 0
+    if token:
+        if ObjectId.parse(token) is None:
+            raise Aborted(f"starting_token {token!r} is not a token this driver issued")
+        start = next((i for i, item in enumerate(items) if key(item) > token), len(items))
+    end = len(items) if max_entries == 0 else start + max_entries
+    chosen = list(items[start:end])
+    next_token = key(chosen[-1]) if end < len(items) and chosen else ""
+    return chosen, next_token

@@ -22,7 +22,6 @@ from csi_lvm.block_ranges import batches, starting_at
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import InvalidArgument, NotFound, OutOfRange
 from csi_lvm.ids import Kind
-from csi_lvm.lvm.errors import LvmNotFound
 from csi_lvm.rpc import budget
 from csi_lvm.volumes import Inventory, Owned
 
@@ -92,24 +91,9 @@ class SnapshotMetadataService(csi_pb2_grpc.SnapshotMetadataServicer):
         )
 
     def _snapshot(self, snapshot_id: str, what: str, timeout: float | None) -> Owned:
-        found = self._find(snapshot_id, what, timeout)
+        found = self.inventory.lookup_now(snapshot_id, Kind.SNAPSHOT, what, timeout)
         if found is None:
             raise NotFound(f"{what} {snapshot_id} does not exist on node {self.inventory.node_id}")
-        return found
-
-    def _find(self, snapshot_id: str, what: str, timeout: float | None) -> Owned | None:
-        """The snapshot from the kept view, and, where the view lacks it, from
-        LVM itself (one LV's report): the view shows others' changes only
-        within the refresh interval, and a backup may follow a snapshot at once."""
-        scan = self.inventory.view(timeout)
-        found = self.inventory.lookup(snapshot_id, Kind.SNAPSHOT, what, scan)
-        if found is None:
-            parsed = self.inventory.parse_local_id(snapshot_id, Kind.SNAPSHOT, what)
-            if parsed is not None:
-                try:
-                    found = self.inventory.get(parsed[0], parsed[1], timeout)
-                except LvmNotFound:  # the class's volume group is not on this node
-                    found = None
         return found
 
     def _stream(
@@ -137,8 +121,11 @@ class SnapshotMetadataService(csi_pb2_grpc.SnapshotMetadataServicer):
             block_map.close()
 
     def _check_still_there(self, snapshots: list[Owned]) -> None:
+        # The kept view: the driver's own DeleteSnapshot shows in it at once,
+        # and reading LVM for every message would slow the stream down.
+        view = self.inventory.view()
         for snapshot in snapshots:
-            if self._find(str(snapshot.id), "snapshot", None) is None:
+            if self.inventory.lookup(str(snapshot.id), Kind.SNAPSHOT, "snapshot", view) is None:
                 raise NotFound(
                     f"snapshot {snapshot.id} was deleted while its block metadata was being "
                     "sent; the ranges received are incomplete"

@@ -12,6 +12,7 @@ from csi_lvm.config import Config, DeviceClass
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import InvalidArgument, OutOfRange
 from csi_lvm.fs import DEFAULT_FILESYSTEM, MINIMUM_BYTES, SUPPORTED_FILESYSTEMS
+from csi_lvm.ids import Kind, ObjectId
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 
@@ -194,3 +195,24 @@ def check_path(path: str, what: str) -> str:
     if ".." in path.split("/") or os.path.normpath(path) != path.rstrip("/") or path == "/":
         raise InvalidArgument(f"{what} {path!r} must be a normalised path with no '..'")
     return path.rstrip("/")
+
+
+def source_reference(content: csi_pb2.VolumeContentSource) -> tuple[str, Kind, str] | None:
+    """The id a content source names, its kind and what to call it in a
+    message; None when it names neither a snapshot nor a volume."""
+    which = content.WhichOneof("type")
+    if which == "snapshot":
+        return content.snapshot.snapshot_id, Kind.SNAPSHOT, "snapshot"
+    if which == "volume":
+        return content.volume.volume_id, Kind.VOLUME, "source volume"
+    return None
+
+
+def requested_source_id(content: csi_pb2.VolumeContentSource) -> str:
+    """The id a request names as its content source, as csi-lvm writes it in
+    a volume's tags ("" for none)."""
+    reference = source_reference(content)
+    if reference is None:
+        return ""
+    parsed = ObjectId.parse(reference[0])
+    return str(parsed) if parsed is not None else reference[0]

@@ -1,19 +1,19 @@
 """What a device class can do, as one interface; ``thin`` and ``thick``
 implement it.
 
-A backend makes the LVs of its class (blank, from a snapshot or volume, a
-snapshot), says how much room each needs and how much the class has, grows
-and removes them, and knows what its LVs hold before anything is written.
-It raises LVM's errors as they come (``csi_lvm.lvm.errors``) and domain
-errors for refusals of its own; the servicers turn LVM's refusals into the
-answers of the call that met them. It never sees a CSI request.
+A backend admits new objects into its class (``admission``: the class open,
+the size in whole extents, the room held while the object is made) and
+makes its LVs (blank, from a snapshot or volume, a snapshot), finishes the
+ones a crash interrupted, grows and deletes them, and knows what its LVs hold
+before anything is written. LVM's refusals leave it as the driver's errors
+(``csi_lvm.errors`` picks their status), so the servicers never see LVM's own
+errors. It never sees a CSI request.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -23,95 +23,72 @@ from dataclasses import dataclass
 import structlog
 
 from csi_lvm import lifecycle
+from csi_lvm.backends.admission import (
+    METADATA_LOW_LVS,
+    ClassSpace,
+    NoRoom,
+    RepairPause,
+    Reservations,
+    metadata_full,
+    metadata_room_lvs,
+)
 from csi_lvm.config import DeviceClass
-from csi_lvm.errors import Aborted, FailedPrecondition
+from csi_lvm.errors import (
+    Aborted,
+    FailedPrecondition,
+    OutOfRange,
+    ResourceExhausted,
+    refused,
+    refused_create,
+    refused_growth,
+)
+from csi_lvm.ids import Kind
 from csi_lvm.lifecycle import Lifecycle
-from csi_lvm.lvm.errors import METADATA_FIX
+from csi_lvm.lvm.errors import (
+    METADATA_FIX,
+    LvmAlreadyExists,
+    LvmError,
+    LvmInUse,
+    LvmMetadataFull,
+    LvmNoSpace,
+    LvmPoolNeedsRepair,
+)
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
+from csi_lvm.validation import SizeRange, choose_size
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.backends")
 
-# How long a finished create's reservation is kept: longer than any report
-# that began before it ended can be in use.
-RESERVATION_SECONDS = 600.0
-# About what one volume's or snapshot's record takes in the VG's metadata area
-# (measured with the driver's tags: README, "How many volumes a node holds").
-METADATA_BYTES_PER_LV = 500
-# The room a class leaves in the metadata area when it takes new volumes: a
-# few records, for creates under way and the temporary views of thick copies.
-METADATA_RESERVE_BYTES = 8 * METADATA_BYTES_PER_LV
-# Below this many LVs of room, start-up and ``doctor`` warn.
-METADATA_LOW_LVS = 100
-
-
-def metadata_room_lvs(group: VolumeGroup) -> int | None:
-    """About how many more LVs the VG's metadata area holds (None when the
-    report did not say)."""
-    if group.metadata_area_bytes <= 0:
-        return None
-    return max(0, group.metadata_free_bytes - METADATA_RESERVE_BYTES) // METADATA_BYTES_PER_LV
-
-
-def metadata_full(group: VolumeGroup) -> str | None:
-    """Why the VG takes no new LVs for want of metadata room, or None."""
-    if group.metadata_area_bytes <= 0 or group.metadata_free_bytes >= METADATA_RESERVE_BYTES:
-        return None
-    return (
-        f"the metadata area of volume group {group.name} is full ({group.metadata_free_bytes} "
-        f"of {group.metadata_area_bytes} bytes left). {METADATA_FIX}"
-    )
-
-
-# How long a class whose thin pool refused a create for want of repair stays
-# closed before a create may try it again (a restart of the plugin retries at
-# once, for an admin who has just repaired it).
-NEEDS_REPAIR_SECONDS = 600.0
+# A create that asks no range (a snapshot: it takes its source's size).
+ANY_SIZE = SizeRange(0, 0)
 
 
 @dataclass(frozen=True)
-class ClassSpace:
-    """Room in a device class, in bytes, and why it takes no new volumes."""
+class Ask:
+    """A new volume or snapshot a create asks of its class: what to call it in
+    a message, its LV's name and the driver's tags for it, the size range
+    asked (a snapshot takes its source's size) and the least a filesystem
+    asked for needs, within the caller's time."""
 
-    available_bytes: int  # 0 whenever ``refusal`` is set
-    extent_bytes: int  # 0 when the volume group is not on this node
-    total_bytes: int
-    used_bytes: int  # provisioned (thin: virtual sizes) or allocated (thick)
-    full: str | None = None  # the thin pool is past the class's threshold
-    missing: str | None = None  # the class's storage is not on this node
-    needs_repair: str | None = None  # LVM refused the pool until an admin repairs it
-    metadata_full: str | None = None  # the VG's metadata area has no room for more LVs
-
-    @property
-    def refusal(self) -> str | None:
-        """Why the class takes no new volumes, or None while it does."""
-        return self.missing or self.needs_repair or self.metadata_full or self.full
-
-
-class NoRoom(Exception):
-    """What a create asks does not fit in the room left (``available`` bytes)."""
-
-    def __init__(self, available: int) -> None:
-        super().__init__(available)
-        self.available = available
-
-
-@dataclass
-class _Reservation:
-    bytes: int
-    done: float | None = None  # when the create that held it ended
+    what: str
+    lv_name: str
+    tags: Sequence[str]
+    timeout: float | None
+    wanted: SizeRange = ANY_SIZE
+    minimum: int = 0
 
 
 @dataclass(frozen=True)
 class NewLv:
-    """An LV a backend is asked to make: its name, size (whole extents) and
-    the driver's tags for it (the lifecycle's tags are the backend's to add),
-    within the caller's time."""
+    """An LV a backend makes: its name, size (whole extents of its volume
+    group's ``extent_bytes``) and the driver's tags for it (the lifecycle's
+    tags are the backend's to add), within the caller's time."""
 
     name: str
     size: int
     tags: Sequence[str]
     timeout: float | None
+    extent_bytes: int
 
 
 @dataclass(frozen=True)
@@ -139,13 +116,16 @@ class Backend(ABC):
         self.inventory = inventory
         self.lvm = inventory.lvm
         self.states = states
-        self._needs_repair: tuple[float, str] | None = None
-        self._ledger_lock = threading.Lock()
-        self._reservations: list[_Reservation] = []
+        self.repair_pause = RepairPause()
+        self.reservations = Reservations()
 
     @property
     def name(self) -> str:
         return self.device_class.name
+
+    @property
+    def node_id(self) -> str:
+        return self.inventory.node_id
 
     @property
     def offered_here(self) -> bool:
@@ -154,15 +134,17 @@ class Backend(ABC):
 
     # ---- room
 
-    def space(self, scan: Scan) -> ClassSpace:
-        """The class's capacity, use and room, from one scan."""
+    def space(self, scan: Scan, *, live: bool = False) -> ClassSpace:
+        """The class's capacity, use and room, from one scan; ``live`` also
+        reads what the kernel knows now and the scan may not (a thin pool's
+        fill, which tenants' writes change without telling anyone)."""
         missing = self.missing(scan)
         group = scan.vgs.get(self.device_class.volume_group)
         if missing is not None:
             extent = group.extent_bytes if group is not None else 0
             return ClassSpace(0, extent, 0, 0, missing=missing)
         assert group is not None  # else it would be missing
-        space = self._space(group, scan)
+        space = self._space(group, scan, live)
         if (full := metadata_full(group)) is not None:
             space = dataclasses.replace(space, available_bytes=0, metadata_full=full)
         needs_repair = self.needs_repair()
@@ -171,7 +153,7 @@ class Backend(ABC):
         return dataclasses.replace(space, available_bytes=0, needs_repair=needs_repair)
 
     @abstractmethod
-    def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:
+    def _space(self, group: VolumeGroup, scan: Scan, live: bool) -> ClassSpace:
         """The space of a class whose storage is present."""
 
     def missing(self, scan: Scan) -> str | None:
@@ -192,23 +174,8 @@ class Backend(ABC):
             )
         return None
 
-    def note_needs_repair(self, message: str) -> None:
-        """LVM refused a create until an admin repairs the storage: take no
-        new volumes for a while, so the scheduler looks elsewhere."""
-        self._needs_repair = (time.monotonic(), message)
-
     def needs_repair(self) -> str | None:
-        if self._needs_repair is None:
-            return None
-        since, message = self._needs_repair
-        if time.monotonic() - since > NEEDS_REPAIR_SECONDS:
-            self._needs_repair = None  # let the next create find out again
-            return None
-        return (
-            f"{message} (csi-lvm takes no new volumes in this class for "
-            f"{NEEDS_REPAIR_SECONDS / 60:.0f} minutes after such a refusal; restart the "
-            "plugin once the pool is repaired)"
-        )
+        return self.repair_pause.reason()
 
     def room_for_volume(self, size: int, source: Owned | None, extent_bytes: int) -> int:
         """Room a new ``size``-byte volume takes, blank or made from ``source``."""
@@ -218,65 +185,187 @@ class Backend(ABC):
     def room_for_snapshot(self, source: Owned, extent_bytes: int) -> int:
         """Room a snapshot of ``source`` takes."""
 
+    # ---- admission
+
     @contextmanager
-    def reserved(self, needed: int, space: ClassSpace, scan: Scan) -> Iterator[None]:
-        """Hold ``needed`` bytes of the class's room while an object is made,
-        or raise NoRoom. Creates that run at once each read the room from a
-        report that need not show the others' LVs yet (LVM itself does not
-        enforce a thin class's overprovisionRatio): a reservation counts for
-        every report that began before its create ended."""
-        with self._ledger_lock:
-            now = time.monotonic()
-            self._reservations = [
-                r
-                for r in self._reservations
-                if r.done is None or now - r.done < RESERVATION_SECONDS
-            ]
-            unseen = sum(
-                r.bytes for r in self._reservations if r.done is None or r.done > scan.started
-            )
-            available = max(0, space.available_bytes - unseen)
-            if needed > available:
-                raise NoRoom(available)
-            reservation = _Reservation(needed)
-            self._reservations.append(reservation)
-        made = False
+    def _admitted(
+        self, ask: Ask, source: Owned | None, scan: Scan, *, snapshot: bool = False
+    ) -> Iterator[NewLv]:
+        """Admit ``ask`` (a snapshot of ``source`` when ``snapshot``) into the
+        class, or refuse it: RESOURCE_EXHAUSTED wherever another node could
+        serve the call, so that the provisioner reschedules the PVC. Inside,
+        the LV to make; its room is held against concurrent creates until it
+        is made, and LVM's refusals leave as driver errors."""
+        space = self.space(scan, live=True)
+        self._check_open(space)
+        extent = space.extent_bytes
+        if snapshot and source is not None:
+            size, needed = source.size_bytes, self.room_for_snapshot(source, extent)
+        else:
+            least = max(ask.minimum, source.size_bytes if source is not None else 0)
+            size = choose_size(ask.wanted, extent, least)
+            needed = self.room_for_volume(size, source, extent)
+        new = NewLv(ask.lv_name, size, ask.tags, ask.timeout, extent)
         try:
-            yield
-            made = True
-        finally:
-            with self._ledger_lock:
-                if made:
-                    reservation.done = time.monotonic()
-                else:  # nothing was made: nothing to count
-                    self._reservations.remove(reservation)
+            with self.reservations.holding(needed, space.available_bytes, scan.started):
+                yield new
+        except NoRoom as exc:
+            during = (
+                f" ({size} for the copy, the rest for the temporary snapshot it reads)"
+                if needed > size
+                else ""
+            )
+            raise ResourceExhausted(
+                f"device class {self.name} on node {self.node_id} has {exc.available} bytes "
+                f"available, {needed} requested{during}"
+            ) from None
+        except LvmError as exc:
+            raise refused_create(exc, self._create_refusal(exc, ask, size)) from exc
+
+    def _check_open(self, space: ClassSpace) -> None:
+        """Refuse any new object in a class that takes none here now (its
+        storage is missing or needs repair, its pool is past the threshold)."""
+        refusal = space.refusal
+        if refusal is None:
+            return
+        if space.full is not None:
+            log.warning("device class full", device_class=self.name, reason=refusal)
+        raise ResourceExhausted(
+            f"device class {self.name} on node {self.node_id} takes no new volumes: {refusal}"
+        )
+
+    def _create_refusal(self, error: LvmError, ask: Ask, size: int) -> str:
+        """What a create refused by LVM could not do (the status is the table's)."""
+        where = f"device class {self.name} on node {self.node_id}"
+        if isinstance(error, LvmPoolNeedsRepair):
+            self.repair_pause.note(str(error))
+            log.warning("device class needs repair", device_class=self.name, error=str(error))
+            return f"{where} takes no new volumes until an admin repairs it"
+        if isinstance(error, LvmNoSpace):
+            return f"{where} has no room for {size} bytes"
+        if isinstance(error, LvmMetadataFull):
+            return f"{where} cannot record another LV"
+        if isinstance(error, LvmAlreadyExists):
+            return f"{ask.what} appeared while being created; retry"
+        return f"{where} could not make {ask.what}"
 
     # ---- making
 
+    def make_blank(self, ask: Ask, scan: Scan) -> int:
+        """A new blank volume; its size, in whole extents (exactly what
+        lvcreate made, so no report is read back)."""
+        with self._admitted(ask, None, scan) as new:
+            self._create_blank(new)
+        return new.size
+
+    def make_from(self, ask: Ask, source: Owned, scan: Scan) -> Owned:
+        """A new volume holding the data of the snapshot or volume ``source``."""
+        with self._admitted(ask, source, scan) as new:
+            return self._create_from(new, source)
+
+    def make_snapshot(self, ask: Ask, source: Owned, scan: Scan) -> Owned:
+        """A snapshot of the volume ``source`` as it is now."""
+        with self._admitted(ask, source, scan, snapshot=True) as new:
+            return self._snapshot(new, source)
+
+    def finish(
+        self,
+        existing: Owned,
+        source: Owned | None,
+        wanted: SizeRange,
+        scan: Scan,
+        timeout: float | None,
+    ) -> Owned:
+        """An object a create of the same name made before: as it is when it
+        is done, else finished (see ``csi_lvm.lifecycle``), grown to
+        ``wanted`` where a restore stopped before its extend."""
+        extent = self._extent_bytes(scan)
+        size = existing.size_bytes
+        if size < wanted.required:
+            size = choose_size(wanted, extent, minimum=size)
+        new = NewLv(existing.lv.name, size, (), timeout, extent)
+        try:
+            return self._resume(existing, source, new)
+        except LvmError as exc:
+            where = f"device class {self.name} on node {self.node_id}"
+            raise refused_create(exc, f"{where} could not finish {existing.kind.value} "
+                                      f"{existing.name}") from exc  # fmt: skip
+
+    def _extent_bytes(self, scan: Scan) -> int:
+        group = scan.vgs.get(self.device_class.volume_group)
+        return group.extent_bytes if group is not None else 0
+
     @abstractmethod
-    def create_blank(self, new: NewLv) -> None:
+    def _create_blank(self, new: NewLv) -> None:
         """A new LV of exactly ``new.size`` bytes that reads no earlier
         tenant's data where a filesystem would look."""
 
     @abstractmethod
-    def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+    def _create_from(self, new: NewLv, source: Owned) -> Owned:
         """A new volume of at least ``new.size`` bytes holding ``source``'s data."""
 
     @abstractmethod
-    def snapshot(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+    def _snapshot(self, new: NewLv, source: Owned) -> Owned:
         """A snapshot of the volume ``source`` as it is now (``new.size`` is
         the source's)."""
 
     @abstractmethod
-    def resume(self, existing: Owned, source: Owned | None, new: NewLv, extent_bytes: int) -> Owned:
+    def _resume(self, existing: Owned, source: Owned | None, new: NewLv) -> Owned:
         """Finish making ``new`` from ``source`` where an interrupted
-        ``create_from`` or ``snapshot`` left ``existing`` (see
-        ``csi_lvm.lifecycle``). An object that is done comes back as it is."""
+        ``_create_from`` or ``_snapshot`` left ``existing``. An object that
+        is done comes back as it is."""
 
-    def grow(self, owned: Owned, size: int, timeout: float | None) -> None:
-        self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
+    # ---- growing
+
+    def grow(self, owned: Owned, wanted: SizeRange, scan: Scan, timeout: float | None) -> int:
+        """Grow the volume to the size ``wanted`` gives (whole extents, never
+        smaller than it is); that size. OUT_OF_RANGE when the class has no
+        room for it."""
+        space = self.space(scan, live=True)
+        size = choose_size(wanted, space.extent_bytes, minimum=owned.size_bytes)
+        if size <= owned.size_bytes:
+            return size
+        growth = self.room_for_volume(size - owned.size_bytes, None, 0)
+        try:
+            with self.reservations.holding(growth, space.available_bytes, scan.started):
+                self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
+        except NoRoom as exc:
+            raise OutOfRange(
+                f"device class {self.name} has {exc.available} bytes of room; growing to "
+                f"{size} needs {growth}"
+            ) from None
+        except LvmError as exc:
+            raise refused_growth(
+                exc, f"device class {self.name} cannot grow the volume to {size} bytes"
+            ) from exc
+        return size
 
     # ---- removing
+
+    def delete(self, owned: Owned, timeout: float | None) -> None:
+        """Remove the object, unless something still uses it: FAILED_PRECONDITION
+        saying what."""
+        if self.held_open(owned, timeout):
+            if owned.kind is Kind.VOLUME:
+                raise FailedPrecondition(
+                    f"volume {owned.id} is still in use on node {self.node_id} (its device "
+                    "is open); unpublish and unstage it first"
+                )
+            raise FailedPrecondition(
+                f"snapshot {owned.id} is being read (a restore from it is copying); retry "
+                "when the restore has finished"
+            )
+        try:
+            self.remove(owned, timeout)
+        except LvmError as exc:
+            doing = f"{owned.kind.value} {owned.id} could not be removed from node {self.node_id}"
+            if isinstance(exc, LvmInUse):
+                doing = (
+                    f"{owned.kind.value} {owned.id} is in use on node {self.node_id}: it is "
+                    "open, or a copy (a thick snapshot, restore or clone) is reading it; retry "
+                    "when that has finished"
+                )
+            raise refused(exc, doing) from exc
 
     def held_open(self, owned: Owned, timeout: float | None) -> bool:
         """Whether the LV's device stays open. udev opens a device for a moment

@@ -28,12 +28,13 @@ from collections.abc import Sequence
 import structlog
 
 from csi_lvm import blockcopy, lifecycle
-from csi_lvm.backends.base import Backend, ClassSpace, NewLv
+from csi_lvm.backends.admission import ClassSpace
+from csi_lvm.backends.base import Backend, NewLv
 from csi_lvm.config import DeviceClass
-from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, ResourceExhausted
+from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, refused_create
 from csi_lvm.ids import Kind, Tag, encode_tags, view_name_for
 from csi_lvm.lifecycle import MAKING_TAG, Lifecycle
-from csi_lvm.lvm.errors import LvmNoSpace
+from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
@@ -62,7 +63,7 @@ class ThickBackend(Backend):
         super().__init__(device_class, inventory, states)
         self.copier = ThickCopier(inventory, states)
 
-    def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:
+    def _space(self, group: VolumeGroup, scan: Scan, live: bool) -> ClassSpace:
         return ClassSpace(
             available_bytes=group.free_bytes,
             extent_bytes=group.extent_bytes,
@@ -78,7 +79,7 @@ class ThickBackend(Backend):
     def room_for_snapshot(self, source: Owned, extent_bytes: int) -> int:
         return self.copier.room_needed(source, source.size_bytes, extent_bytes)
 
-    def create_blank(self, new: NewLv) -> None:
+    def _create_blank(self, new: NewLv) -> None:
         """A linear LV zeroed all through before anyone gets it: its extents
         may hold an earlier tenant's data (lvcreate zeroes only the first
         4 KiB). It stays MAKING until the zeroing is flushed, so a crash
@@ -99,32 +100,32 @@ class ThickBackend(Backend):
         )
         self.states.made(self.device_class.volume_group, new.name, None)
 
-    def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
-        return self._copy_into(new, Kind.VOLUME, source, extent_bytes)
+    def _create_from(self, new: NewLv, source: Owned) -> Owned:
+        return self._copy_into(new, Kind.VOLUME, source)
 
-    def snapshot(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+    def _snapshot(self, new: NewLv, source: Owned) -> Owned:
         """A new LV of the source's size holding a copy of a point-in-time
         view of it."""
-        return self._copy_into(new, Kind.SNAPSHOT, source, extent_bytes)
+        return self._copy_into(new, Kind.SNAPSHOT, source)
 
     def _create(self, new: NewLv, lifecycle_tags: Sequence[str]) -> None:
         group = self.device_class.volume_group
         tags = [*new.tags, *lifecycle_tags]
         self.lvm.create_linear_volume(group, new.name, new.size, tags, new.timeout)
 
-    def _copy_into(self, new: NewLv, kind: Kind, source: Owned, extent_bytes: int) -> Owned:
+    def _copy_into(self, new: NewLv, kind: Kind, source: Owned) -> Owned:
         self._create(new, lifecycle.copy_tags(kind, by_copy=True))
         with self._removed_on_failure(new.name):
-            self.copier.fill(self._made(new.name, new.timeout), source, extent_bytes)
+            self.copier.fill(self._made(new.name, new.timeout), source, new.extent_bytes)
             return self._made(new.name, None)
 
-    def resume(self, existing: Owned, source: Owned | None, new: NewLv, extent_bytes: int) -> Owned:
+    def _resume(self, existing: Owned, source: Owned | None, new: NewLv) -> Owned:
         if lifecycle.is_ready(existing):
             return existing
         if source is None:  # the caller found no source to copy again
             lifecycle.check_ready(existing, existing.kind.value)
             return existing
-        self.copier.fill(existing, source, extent_bytes)
+        self.copier.fill(existing, source, new.extent_bytes)
         return self._made(existing.lv.name, None)
 
     def remove(self, owned: Owned, timeout: float | None) -> None:
@@ -200,10 +201,11 @@ class ThickCopier:
             self.lvm.create_cow_snapshot(
                 source.lv.vg_name, source.lv.name, name, size, VIEW_CHUNK_BYTES, tags
             )
-        except LvmNoSpace as exc:
-            raise ResourceExhausted(
+        except LvmError as exc:
+            raise refused_create(
+                exc,
                 f"volume group {source.lv.vg_name} has no room for the {size}-byte temporary "
-                f"snapshot that copies {source.id} consistently: {exc}"
+                f"snapshot that copies {source.id} consistently",
             ) from exc
         view = self.lvm.find_lv(source.lv.vg_name, name)
         if view is None:

@@ -9,11 +9,13 @@ snapshots do not (they share their origin's blocks and are never written).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 from csi_lvm import lifecycle
-from csi_lvm.backends.base import Backend, ClassSpace, Contents, NewLv
+from csi_lvm.backends.admission import ClassSpace
+from csi_lvm.backends.base import Backend, Contents, NewLv
 from csi_lvm.config import DeviceClass
 from csi_lvm.ids import Kind
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
@@ -43,11 +45,13 @@ class ThinBackend(Backend):
             )
         return None
 
-    def _space(self, group: VolumeGroup, scan: Scan) -> ClassSpace:
+    def _space(self, group: VolumeGroup, scan: Scan, live: bool) -> ClassSpace:
         pool = scan.lv(group.name, self.pool)
         assert pool is not None  # else it would be missing
         provisioned = self._provisioned(group.name, scan.lvs)
         limit = math.floor(pool.size_bytes * self.device_class.overprovision_ratio)
+        if live:
+            pool = self._with_live_fill(pool)
         full = pool_fullness(self.device_class, pool)
         return ClassSpace(
             available_bytes=0 if full else max(0, limit - provisioned),
@@ -82,17 +86,28 @@ class ThinBackend(Backend):
         # the origin needs new ones, so a full pool refuses it (space.full).
         return 0
 
-    def create_blank(self, new: NewLv) -> None:
+    def _with_live_fill(self, pool: LogicalVolume) -> LogicalVolume:
+        """The pool with the fill the kernel counts now: tenants' writes fill
+        it without telling the driver, so the scan's figures may be behind
+        (the kernel's thin-pool status takes no LVM lock)."""
+        fill = self.lvm.pool_fill(pool.vg_name, pool.name)
+        if fill is None:  # not active: nothing can have been written since
+            return pool
+        return dataclasses.replace(
+            pool, data_percent=fill.data_percent, metadata_percent=fill.metadata_percent
+        )
+
+    def _create_blank(self, new: NewLv) -> None:
         group = self.device_class.volume_group
         self.lvm.create_thin_volume(group, self.pool, new.name, new.size, new.tags, new.timeout)
 
-    def create_from(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+    def _create_from(self, new: NewLv, source: Owned) -> Owned:
         tags = [*new.tags, *lifecycle.copy_tags(Kind.VOLUME, by_copy=False)]
         self._thin_snapshot(new, source, tags, active=True)
         with self._removed_on_failure(new.name):
             return self._extended(self._made(new.name, new.timeout), new.size, new.timeout)
 
-    def snapshot(self, new: NewLv, source: Owned, extent_bytes: int) -> Owned:
+    def _snapshot(self, new: NewLv, source: Owned) -> Owned:
         self._thin_snapshot(new, source, new.tags, active=False)
         return self._made(new.name, new.timeout)
 
@@ -106,7 +121,7 @@ class ThinBackend(Backend):
             group, source.lv.name, new.name, tags, active=active, timeout=new.timeout
         )
 
-    def resume(self, existing: Owned, source: Owned | None, new: NewLv, extent_bytes: int) -> Owned:
+    def _resume(self, existing: Owned, source: Owned | None, new: NewLv) -> Owned:
         # A restore or clone interrupted between snapshot and extend: the
         # snapshot is as large as its source was; extend it now.
         if existing.kind is Kind.VOLUME and existing.source_id:

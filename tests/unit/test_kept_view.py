@@ -7,17 +7,17 @@ import dataclasses
 
 import pytest
 
-from csi_lvm.backends.base import (
+from csi_lvm.backends.admission import (
     METADATA_BYTES_PER_LV,
     METADATA_RESERVE_BYTES,
     metadata_full,
     metadata_room_lvs,
 )
+from csi_lvm.kept_view import ChangedScan, Scan
 from csi_lvm.lvm import commands
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.records import LogicalVolume, LvAttr, VolumeGroup
-from csi_lvm.volumes import ChangedScan, Scan
 
 
 def lv(name: str, group: str = "vg0", size: int = 4096) -> LogicalVolume:

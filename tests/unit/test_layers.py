@@ -30,9 +30,11 @@ LAYERS = (
     "csi_lvm.tls",
     "csi_lvm.rpc",
     "csi_lvm.validation",
+    "csi_lvm.kept_view",
     "csi_lvm.volumes",
     "csi_lvm.block_maps",
     "csi_lvm.lifecycle",
+    "csi_lvm.backends.admission",
     "csi_lvm.backends.base",
     "csi_lvm.backends.thin",
     "csi_lvm.backends.thick",
@@ -109,3 +111,28 @@ def test_the_lvm_layer_knows_nothing_of_the_driver_above_it() -> None:
         if not dependency.startswith("csi_lvm.lvm")
     ]
     assert not reaching_out, reaching_out
+
+
+# The servicers: they validate, delegate and translate. LVM's refusals reach
+# them as the driver's own errors (errors.py's tables), never as LVM's.
+SERVICERS = ("csi_lvm.controller", "csi_lvm.node", "csi_lvm.snapshot_metadata")
+
+
+def test_the_servicers_never_touch_the_lvm_layer() -> None:
+    found = modules()
+    touching = [
+        f"{name} imports {dependency}"
+        for name in SERVICERS
+        for dependency in imported(found[name])
+        if dependency.startswith("csi_lvm.lvm")
+    ]
+    assert not touching, touching
+
+
+def test_no_module_is_over_500_lines() -> None:
+    long = {
+        name: n
+        for name, path in modules().items()
+        if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, long

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from csi_lvm.errors import DeadlineExceeded, Internal
-from csi_lvm.volumes import Scan, ScanBatcher
+from csi_lvm.kept_view import Scan, ScanBatcher
 
 
 class SlowScans:
