@@ -5,12 +5,23 @@ that hit the full pool as abnormal; deleting data makes room again."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import pytest
 
+from csi_lvm.backends import Backends
+from csi_lvm.config import load_config
+from csi_lvm.controller import ControllerService
 from csi_lvm.csi import csi_pb2
+from csi_lvm.errors import DriverError, status_for
+from csi_lvm.ids import Kind, lv_name_for
+from csi_lvm.locks import KeyedLocks
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.volumes import Inventory
 from tests.lvm.conftest import SMALL_CLASS, SMALL_POOL, SMALL_POOL_MIB
 from tests.lvm.helpers import (
     MiB,
@@ -26,7 +37,14 @@ from tests.lvm.helpers import (
     unstage,
 )
 from tests.lvm.test_admin import sample, scrape
-from tests.testbed import CsiClient, LoopVolumeGroup
+from tests.testbed import (
+    DRIVER_NAME,
+    NODE_ID,
+    TOPOLOGY_KEY,
+    CsiClient,
+    Driver,
+    LoopVolumeGroup,
+)
 
 
 def write(device: str, offset_mib: int, mib: int) -> subprocess.CompletedProcess[str]:
@@ -52,22 +70,33 @@ def condition(csi: CsiClient, volume_id: str, target: str) -> tuple[bool, str, b
     return controller.abnormal, controller.message, node.abnormal, node.message
 
 
-def test_a_filling_pool_refuses_new_volumes_and_flags_its_volumes(
-    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path, name: str
-) -> None:
+@contextmanager
+def over_provisioned(csi: CsiClient, workdir: Path, name: str) -> Iterator[tuple[str, str]]:
+    """A raw block volume of 96 MiB on the 32 MiB pool (4x over-provisioned),
+    published: its id and the device to write; deleted afterwards."""
     capability = block_capability()
-    # 4x over-provisioned: 96 MiB of volume on a 32 MiB pool.
     volume = create(csi, name, 3 * SMALL_POOL_MIB * MiB, SMALL_CLASS, capability=capability)
     staging, target = str(workdir / f"{name}-staging"), str(workdir / f"{name}-block")
     stage(csi, volume.volume_id, staging, capability)
     publish(csi, volume.volume_id, staging, target, capability)
     try:
+        yield volume.volume_id, target
+    finally:
+        unpublish(csi, volume.volume_id, target)
+        unstage(csi, volume.volume_id, staging)
+        delete(csi, volume.volume_id)
+
+
+def test_a_filling_pool_refuses_new_volumes_and_flags_its_volumes(
+    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path, name: str
+) -> None:
+    with over_provisioned(csi, workdir, name) as (volume_id, target):
         assert capacity(csi) > 0
-        assert condition(csi, volume.volume_id, target)[::2] == (False, False)
+        assert condition(csi, volume_id, target)[::2] == (False, False)
 
         # 30 of 32 MiB: past the class's 90 % threshold, not yet full.
         assert write(target, 0, 30).returncode == 0
-        eventually(lambda: capacity(csi) == 0)  # a tenant's writes: within the interval
+        assert capacity(csi) == 0  # a tenant's writes: the kernel's fill, read at once
         expect_error(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             csi.controller.CreateVolume,
@@ -81,11 +110,11 @@ def test_a_filling_pool_refuses_new_volumes_and_flags_its_volumes(
         expect_error(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             csi.controller.CreateSnapshot,
-            csi_pb2.CreateSnapshotRequest(name=f"{name}-snap", source_volume_id=volume.volume_id),
+            csi_pb2.CreateSnapshotRequest(name=f"{name}-snap", source_volume_id=volume_id),
             "full of data",
         )
         abnormal, message, node_abnormal, node_message = eventually(
-            lambda: (c := condition(csi, volume.volume_id, target))[0] and c[2] and c
+            lambda: (c := condition(csi, volume_id, target))[0] and c[2] and c
         )
         assert message == node_message
         assert "full of data" in message and "stops at 90%" in message
@@ -97,15 +126,11 @@ def test_a_filling_pool_refuses_new_volumes_and_flags_its_volumes(
         # and the volume is reported abnormal, not silently short of data.
         assert write(target, 30, 8).returncode != 0
         abnormal, message, node_abnormal, node_message = eventually(
-            lambda: "out of data space" in (c := condition(csi, volume.volume_id, target))[3] and c
+            lambda: "out of data space" in (c := condition(csi, volume_id, target))[3] and c
         )
         assert abnormal and node_abnormal
         assert "the thin pool is out of data space" in message
         assert "the thin pool is out of data space" in node_message
-    finally:
-        unpublish(csi, volume.volume_id, target)
-        unstage(csi, volume.volume_id, staging)
-        delete(csi, volume.volume_id)
     # Deleting the volume gave the blocks back: the class takes volumes again.
     assert capacity(csi) > 0
     delete(csi, create(csi, f"{name}-after", 4 * MiB, SMALL_CLASS).volume_id)
@@ -141,3 +166,31 @@ def test_concurrent_creates_never_exceed_the_overprovision_ratio(
     for _, volume_id in answers:
         if volume_id:
             delete(csi, volume_id)
+
+
+def test_a_create_right_after_tenants_fill_the_pool_sees_the_fill(
+    csi: CsiClient, driver: Driver, vg: LoopVolumeGroup, workdir: Path, name: str
+) -> None:
+    # Pods write without telling the driver, and its kept view learns of it
+    # only at a refresh: admission reads the pool's fill from the kernel. This
+    # controller's view is never refreshed, so only that read can refuse.
+    lvm = Lvm()
+    inventory = Inventory(load_config(driver.config), lvm, NODE_ID, DRIVER_NAME, 3600.0)
+    controller = ControllerService(inventory, Backends(inventory), KeyedLocks(), TOPOLOGY_KEY)
+    capacity_request = csi_pb2.GetCapacityRequest(parameters={"deviceClass": SMALL_CLASS})
+    try:
+        with over_provisioned(csi, workdir, name) as (_, target):
+            inventory.view()  # the kept report, from before the writes
+            assert write(target, 0, 30).returncode == 0  # of 32 MiB; the class stops at 90 %
+            with pytest.raises(DriverError) as refused:
+                controller.CreateVolume(create_request(f"{name}-more", 4 * MiB, SMALL_CLASS), None)  # type: ignore[arg-type]
+            code, message = status_for(refused.value)
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, message
+            assert "full of data" in message and "stops at 90%" in message
+            kept = inventory.view().lv(vg.name, SMALL_POOL)
+            assert kept is not None and (kept.data_percent or 0) < 90  # the view is behind
+            assert lv_name_for(Kind.VOLUME, f"{name}-more") not in vg.lv_names()
+            answer = controller.GetCapacity(capacity_request, None)  # type: ignore[arg-type]
+            assert answer.available_capacity == 0
+    finally:
+        lvm.close()
