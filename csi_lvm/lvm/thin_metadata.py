@@ -87,21 +87,44 @@ def kernel_node(blkdevname: str) -> str:
 
 @dataclass(frozen=True)
 class PoolStatus:
-    """A thin pool's status line, the parts that matter here."""
+    """A thin pool's status line, the parts that matter here: what the kernel
+    counts now, whoever wrote (LVM's reports say the same, rounded, as of
+    when they ran)."""
 
     device: str  # the device-mapper name messages go to
     transaction_id: int
     held_root: int | None  # the metadata snapshot's block, None when none is held
     mode: str  # rw, ro, out_of_data_space
+    metadata_blocks: tuple[int, int]  # used, total
+    data_blocks: tuple[int, int]  # used, total
+    needs_check: bool
+
+    @property
+    def data_percent(self) -> float:
+        used, total = self.data_blocks
+        return 100.0 * used / total if total else 0.0
+
+    @property
+    def metadata_percent(self) -> float:
+        used, total = self.metadata_blocks
+        return 100.0 * used / total if total else 0.0
+
+
+def _used_of(field: str) -> tuple[int, int] | None:
+    used, _, total = field.partition("/")
+    return (int(used), int(total)) if used.isdigit() and total.isdigit() else None
 
 
 def parse_pool_status(device: str, line: str) -> PoolStatus | None:
     """``dmsetup status`` of a thin-pool target: ``<start> <length> thin-pool
     <transaction> <used>/<total meta> <used>/<total data> <held root>|-
-    rw|ro|out_of_data_space ...`` (dm-thin's documentation); None when the
-    line is not a thin pool's."""
+    rw|ro|out_of_data_space ... needs_check|- ...`` (dm-thin's documentation);
+    None when the line is not a thin pool's."""
     fields = line.split()
     if len(fields) < 8 or fields[2] != "thin-pool" or not fields[3].isdigit():
+        return None
+    metadata, data = _used_of(fields[4]), _used_of(fields[5])
+    if metadata is None or data is None:
         return None
     held = fields[6]
     return PoolStatus(
@@ -109,6 +132,9 @@ def parse_pool_status(device: str, line: str) -> PoolStatus | None:
         transaction_id=int(fields[3]),
         held_root=int(held) if held.isdigit() else None,
         mode=fields[7],
+        metadata_blocks=metadata,
+        data_blocks=data,
+        needs_check="needs_check" in fields[8:],
     )
 
 

@@ -167,8 +167,19 @@ def test_a_pool_s_status_line() -> None:
     )
     assert free is not None and free.held_root is None and free.transaction_id == 3
     assert free.mode == "rw" and free.device == "vg-pool0-tpool"
+    assert free.metadata_blocks == (113, 1024) and free.data_blocks == (6, 4096)
+    assert free.data_percent == 100 * 6 / 4096 and free.metadata_percent == 100 * 113 / 1024
+    assert not free.needs_check
     held = parse_pool_status("d", "0 524288 thin-pool 3 114/1024 6/4096 812 rw discard_passdown")
     assert held is not None and held.held_root == 812
+    # A pool whose metadata the kernel wants checked says so after its options.
+    checked = parse_pool_status(
+        "d",
+        "0 524288 thin-pool 3 114/1024 4096/4096 - out_of_data_space discard_passdown "
+        "error_if_no_space needs_check 256",
+    )
+    assert checked is not None and checked.needs_check and checked.data_percent == 100.0
+    assert checked.mode == "out_of_data_space"
     assert parse_pool_status("d", "0 524288 linear ") is None
     assert parse_pool_status("d", "") is None
 
