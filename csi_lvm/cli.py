@@ -308,7 +308,7 @@ def serve(args: argparse.Namespace) -> int:
     locks = KeyedLocks()
     backends.states.remove_unfinished(inventory, locks)
     state_dir = args.state_dir or os.path.dirname(socket_path(args.endpoint))
-    reservations = PoolReservations(ThinMetadata(prefix=args.lvm_prefix.split()), state_dir)
+    reservations = PoolReservations(ThinMetadata(runner=lvm.runner), state_dir)
     reservations.release_stale(BlockMaps.thin_pools(config))
     tls_listener = None
     if args.snapshot_metadata_listen:

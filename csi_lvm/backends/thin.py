@@ -92,7 +92,7 @@ class ThinBackend(Backend):
         it without telling the driver, so the scan's figures may be behind
         (the kernel's thin-pool status takes no LVM lock)."""
         try:
-            status = ThinMetadata(self.lvm.prefix).pool_status(pool.vg_name, pool.name, 10.0)
+            status = ThinMetadata(runner=self.lvm.runner).pool_status(pool.vg_name, pool.name, 10.0)
         except PoolNotActive:  # then nothing has been written to it since the scan
             return pool
         return dataclasses.replace(

@@ -1,27 +1,21 @@
-"""The LVM verbs: every command line csi-lvm sends to LVM is built here.
+"""The LVM verbs: every ``lvm`` command line csi-lvm sends is built here.
 
-``Lvm`` runs each command through the long-lived shell where it can and as a
-process otherwise, with the same results and errors either way: an argument
-list (never a shell), ``LC_ALL=C`` so messages can be classified, and a
-timeout taken from the caller's deadline. Reads always ask for JSON reports
-in bytes and return typed records; failures are the errors of ``errors``.
+``Lvm`` has the runner (``runner``) run each one; reads always ask for JSON
+reports in bytes and return typed records; failures are the errors of
+``errors``.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
-import subprocess
 import threading
-import time
 from collections.abc import Iterable, Sequence
 
 import structlog
 
-from csi_lvm.lvm.errors import LvmBadName, LvmError, LvmTimeout, LvmToolMissing, classify_failure
-from csi_lvm.lvm.process import run_to_completion, wait_for_unfinished
+from csi_lvm.lvm.errors import LvmBadName
 from csi_lvm.lvm.records import (
     LV_FIELDS,
     THIN_FIELDS,
@@ -32,6 +26,7 @@ from csi_lvm.lvm.records import (
     parse_lv_report,
     parse_vg_report,
 )
+from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.shell import LvmShell
 
 log = structlog.get_logger("csi_lvm.lvm")
@@ -64,14 +59,15 @@ def check_lv_names(volume_group: str, *lv_names: str) -> None:
 
 
 class Lvm:
-    """Runs LVM commands and decodes their reports.
+    """The LVM verbs: each builds its command line, has the runner run it,
+    and reads what comes back (reports as typed records).
 
     ``prefix`` runs every command through another program (``nsenter`` into
-    the host's namespaces, for example); ``binary`` is the ``lvm`` tool. With
-    ``shell``, reports and changes go to one long-lived ``lvm`` shell process
-    (see ``LvmShell``), which saves a process start and LVM's initialisation
-    per command; whatever the shell cannot take falls back to a process per
-    command, with the same results and errors.
+    the host's namespaces, for example); ``binary`` is the ``lvm`` tool;
+    ``shell`` sends reports and changes to one long-lived ``lvm`` shell
+    process (see ``runner``). Every change is written in a journal first
+    (``changes``, ``touched_since``): what a report taken before it may
+    show wrong.
     """
 
     def __init__(
@@ -83,18 +79,7 @@ class Lvm:
         shell_idle_exit: float = 0.0,
         config_overrides: str = "",
     ):
-        self.binary = binary
-        self.prefix = list(prefix)
-        self.timeout = timeout
-        # LVM settings every command gets on top of the node's own config
-        # (``--config``): what a container must change, and nothing else.
-        self.config_overrides = config_overrides
-        self._env = {
-            **os.environ,
-            "LC_ALL": "C",
-            "LVM_SUPPRESS_FD_WARNINGS": "1",
-        }
-        self.shell = LvmShell([*self.prefix, binary], self._env, shell_idle_exit) if shell else None
+        self.runner = Runner(binary, prefix, timeout, shell, shell_idle_exit, config_overrides)
         self._changes = 0
         self._changes_lock = threading.Lock()
         # The LVs each recent change named, with the count at its start and
@@ -103,73 +88,20 @@ class Lvm:
         self._touched: collections.deque[tuple[int, str, str, bool]] = collections.deque()
         self._forgotten = 0  # the highest count whose entries were dropped
 
+    @property
+    def prefix(self) -> list[str]:
+        return self.runner.prefix
+
+    @property
+    def shell(self) -> LvmShell | None:
+        return self.runner.shell
+
     def close(self, wait_seconds: float | None = None) -> None:
-        """End the shell, and wait (up to ``wait_seconds``, by default the
-        command timeout) for every LVM command still running: one a caller
-        gave up on finishes first, so an exit never cuts LVM short."""
-        if self.shell is not None:
-            self.shell.close()
-        left = wait_for_unfinished(self.timeout if wait_seconds is None else wait_seconds)
-        if left:
-            log.warning("lvm commands still running at exit", count=left)
-
-    def _limit(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))
-
-    def _with_overrides(self, args: Sequence[str]) -> list[str]:
-        if not self.config_overrides or not args:
-            return list(args)
-        return [args[0], "--config", self.config_overrides, *args[1:]]
+        self.runner.close(wait_seconds)
 
     def run(self, args: Sequence[str], timeout: float | None = None) -> str:
         """One ``lvm`` process for ``args``; its standard output."""
-        args = self._with_overrides(args)
-        command = [*self.prefix, self.binary, *args]
-        started = time.monotonic()
-        done = self._process(command, f"lvm {args[0]}", f"the LVM tool {self.binary!r}", timeout)
-        elapsed = time.monotonic() - started
-        log.debug("lvm", args=list(args), rc=done.returncode, seconds=round(elapsed, 3))
-        if done.returncode != 0:
-            raise classify_failure(command[len(self.prefix) :], done.returncode, done.stderr)
-        return done.stdout
-
-    def _process(
-        self, command: list[str], what: str, tool: str, timeout: float | None
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``command`` as a process of its own (never killed: see
-        ``process``), its failures to run as LVM-domain errors."""
-        limit = self._limit(timeout)
-        try:
-            return run_to_completion(command, self._env, limit)
-        except subprocess.TimeoutExpired as exc:
-            raise LvmTimeout(
-                f"{what} did not finish within {limit:.1f}s; the call may be retried"
-            ) from exc
-        except FileNotFoundError as exc:
-            raise LvmToolMissing(f"{tool} is not installed on this node") from exc
-
-    def _execute(self, args: Sequence[str], timeout: float | None) -> dict[str, object] | None:
-        """Run a report or a change through the shell; None when the shell
-        cannot take it (the caller then runs a process)."""
-        if self.shell is None:
-            return None
-        args = self._with_overrides(args)
-        limit = self._limit(timeout)
-        started = time.monotonic()
-        outcome = self.shell.execute(args, limit)
-        if outcome is None:
-            return None
-        report, returncode, messages = outcome
-        log.debug(
-            "lvm",
-            args=list(args),
-            rc=returncode,
-            seconds=round(time.monotonic() - started, 3),
-            via="shell",
-        )
-        if returncode != 0:
-            raise classify_failure([self.binary, *args], returncode, messages)
-        return report
+        return self.runner.lvm(args, timeout)
 
     def change(
         self,
@@ -183,8 +115,7 @@ class Lvm:
         self._changed(touches, removed=False)
         done = False
         try:
-            if self._execute(args, timeout) is None:
-                self.run(args, timeout)
+            self.runner.change(args, timeout)
             done = True
         finally:
             self._changed(touches, removed=done and args[0] == "lvremove")
@@ -220,22 +151,6 @@ class Lvm:
             while len(self._touched) > _TOUCHED_KEPT:
                 self._forgotten = self._touched.popleft()[0]
 
-    def _report(self, args: Sequence[str], timeout: float | None) -> dict[str, object]:
-        full = [*args, "--reportformat", "json", "--units", "b", "--nosuffix"]
-        report = self._execute(full, timeout)
-        if report is not None:
-            return report
-        out = self.run(full, timeout)
-        try:
-            report = json.loads(out)
-        except json.JSONDecodeError as exc:
-            raise LvmError(
-                f"lvm {args[0]} printed a report that is not JSON: {out[:200]!r}"
-            ) from exc
-        if not isinstance(report, dict):
-            raise LvmError(f"lvm {args[0]} printed an unexpected report: {out[:200]!r}")
-        return report
-
     # ---- reads
 
     def list_lvs(
@@ -247,7 +162,7 @@ class Lvm:
             check_name(group, "volume group")
         if not groups:
             return []
-        return parse_lv_report(self._report(["lvs", "-o", LV_FIELDS, *groups], timeout))
+        return parse_lv_report(self.runner.report(["lvs", "-o", LV_FIELDS, *groups], timeout))
 
     def scan(
         self, volume_groups: Iterable[str], timeout: float | None = None
@@ -259,7 +174,7 @@ class Lvm:
             check_name(group, "volume group")
         if not groups:
             return [], []
-        report = self._report(["lvs", "-o", f"{LV_FIELDS},{VG_COLUMNS}", *groups], timeout)
+        report = self.runner.report(["lvs", "-o", f"{LV_FIELDS},{VG_COLUMNS}", *groups], timeout)
         lvs = parse_lv_report(report)
         vgs = parse_vg_report(report, "lv")
         without_lvs = set(groups) - {vg.name for vg in vgs}
@@ -283,14 +198,14 @@ class Lvm:
         # these VGs alone, never a VG of someone else's that a long command
         # of theirs holds. A VG that is gone is LvmNotFound.
         select = "segtype=thin-pool"
-        report = self._report(
+        report = self.runner.report(
             ["lvs", "-o", f"{LV_FIELDS},{VG_COLUMNS}", "-S", select, *groups], timeout
         )
         pools, vgs = parse_lv_report(report), parse_vg_report(report, "lv")
         without_pools = set(groups) - {vg.name for vg in vgs}
         if without_pools:
             vgs += parse_vg_report(
-                self._report(["vgs", "-o", VG_FIELDS, *sorted(without_pools)], timeout)
+                self.runner.report(["vgs", "-o", VG_FIELDS, *sorted(without_pools)], timeout)
             )
         return pools, vgs
 
@@ -300,7 +215,7 @@ class Lvm:
         check_lv_names(volume_group, name)
         select = f"lv_name={name}"
         lvs = parse_lv_report(
-            self._report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
+            self.runner.report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
         )
         return lvs[0] if lvs else None
 
@@ -314,7 +229,7 @@ class Lvm:
         if not wanted:
             return {}
         select = "||".join(f"lv_name={name}" for name in wanted)
-        report = self._report(["lvs", "-o", THIN_FIELDS, "-S", select, volume_group], timeout)
+        report = self.runner.report(["lvs", "-o", THIN_FIELDS, "-S", select, volume_group], timeout)
         return {lv.name: lv for lv in parse_lv_report(report)}
 
     def snapshots_of(
@@ -323,14 +238,14 @@ class Lvm:
         """The snapshots (classic or thin) whose origin is ``origin``."""
         check_lv_names(volume_group, origin)
         select = f"origin={origin}"
-        report = self._report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
+        report = self.runner.report(["lvs", "-o", LV_FIELDS, "-S", select, volume_group], timeout)
         return parse_lv_report(report)
 
     def find_lvs_named(self, name: str, timeout: float | None = None) -> list[LogicalVolume]:
         """The LVs of this name in every volume group of the node."""
         check_name(name, "logical volume")
         return parse_lv_report(
-            self._report(["lvs", "-o", LV_FIELDS, "-S", f"lv_name={name}"], timeout)
+            self.runner.report(["lvs", "-o", LV_FIELDS, "-S", f"lv_name={name}"], timeout)
         )
 
     def list_vgs(
@@ -342,7 +257,7 @@ class Lvm:
             check_name(group, "volume group")
         select = ["-S", "vg_name=" + "||vg_name=".join(groups)] if groups else []
         # A select keeps a missing VG from failing the whole report.
-        return parse_vg_report(self._report(["vgs", "-o", VG_FIELDS, *select], timeout))
+        return parse_vg_report(self.runner.report(["vgs", "-o", VG_FIELDS, *select], timeout))
 
     # ---- writes
 
@@ -480,8 +395,7 @@ class Lvm:
         name = os.path.basename(lv.dm_path)
         if not lv.dm_path.startswith("/dev/mapper/") or not NAME_RE.fullmatch(name):
             return None
-        command = [*self.prefix, "dmsetup", "status", "--target", "thin", "--", name]
-        done = self._process(command, f"dmsetup status {name}", "dmsetup", timeout)
+        done = self.runner.dmsetup(["status", "--target", "thin", "--", name], timeout)
         # "<start> <length> thin <mapped sectors> <highest mapped sector>|-"
         fields = done.stdout.split()
         if done.returncode != 0 or len(fields) < 4 or fields[2] != "thin":

@@ -21,7 +21,6 @@ doubled.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile
@@ -34,7 +33,7 @@ from typing import IO, cast
 
 from csi_lvm.lvm.commands import check_lv_names
 from csi_lvm.lvm.errors import LvmError, LvmNotFound, LvmTimeout, LvmToolMissing
-from csi_lvm.lvm.process import run_to_completion
+from csi_lvm.lvm.runner import Runner
 
 SECTOR_BYTES = 512
 _READ_BYTES = 1 << 16
@@ -235,26 +234,18 @@ class Listing:
 
 
 class ThinMetadata:
-    """Runs ``dmsetup`` and the thin-provisioning tools, through ``prefix``
-    (``nsenter`` into the host, as LVM is) and with ``LC_ALL=C``."""
+    """The verbs of a thin pool's own metadata: ``dmsetup`` messages and
+    status, and the thin-provisioning tools' listings, run by the same runner
+    as LVM (``runner``; one of its own, through ``prefix``, when none is
+    given)."""
 
-    def __init__(self, prefix: Sequence[str] = (), timeout: float = 120.0) -> None:
-        self.prefix = list(prefix)
-        self.timeout = timeout
-        self._env = {**os.environ, "LC_ALL": "C"}
-
-    def _limit(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else max(0.1, min(timeout, self.timeout))
+    def __init__(
+        self, prefix: Sequence[str] = (), timeout: float = 120.0, runner: Runner | None = None
+    ) -> None:
+        self.runner = runner or Runner(prefix=prefix, timeout=timeout)
 
     def _dmsetup(self, args: Sequence[str], timeout: float | None) -> tuple[int, str, str]:
-        command = [*self.prefix, "dmsetup", *args]
-        limit = self._limit(timeout)
-        try:
-            done = run_to_completion(command, self._env, limit)
-        except subprocess.TimeoutExpired as exc:
-            raise LvmTimeout(f"dmsetup {args[0]} did not finish within {limit:.1f}s") from exc
-        except FileNotFoundError as exc:
-            raise LvmToolMissing("dmsetup is not installed on this node") from exc
+        done = self.runner.dmsetup(args, timeout)
         return done.returncode, done.stdout, " ".join(done.stderr.split())
 
     def pool_status(self, volume_group: str, pool: str, timeout: float | None = None) -> PoolStatus:
@@ -311,8 +302,8 @@ class ThinMetadata:
     def _listing(self, args: Sequence[str], timeout: float | None) -> Iterator[Listing]:
         """A tool's output as a ``Listing``, read as the caller iterates; the
         tool is stopped if the caller leaves early, and its failure raised."""
-        command = [*self.prefix, *args]
-        limit = self._limit(timeout)
+        command = self.runner.command(args)
+        limit = self.runner.limit(timeout)
         with tempfile.TemporaryFile() as errors:
             try:
                 process = subprocess.Popen(
@@ -320,7 +311,7 @@ class ThinMetadata:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=errors,
-                    env=self._env,
+                    env=self.runner.env,
                     start_new_session=True,
                 )
             except FileNotFoundError as exc:

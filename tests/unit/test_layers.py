@@ -19,6 +19,7 @@ LAYERS = (
     "csi_lvm.lvm.process",
     "csi_lvm.lvm.records",
     "csi_lvm.lvm.shell",
+    "csi_lvm.lvm.runner",
     "csi_lvm.lvm.commands",
     "csi_lvm.lvm.thin_metadata",
     "csi_lvm.errors",

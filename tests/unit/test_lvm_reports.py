@@ -181,7 +181,7 @@ def test_container_settings_reach_every_command_as_one_config_argument() -> None
     assert "#" not in overrides and "\n" not in overrides
     assert "udev_sync = 0" in overrides and overrides.startswith("activation {")
     lvm = Lvm(binary="/nonexistent/lvm", config_overrides=overrides)
-    assert lvm._with_overrides(["lvs", "-o", "lv_name", "vg0"]) == [
+    assert lvm.runner._with_overrides(["lvs", "-o", "lv_name", "vg0"]) == [
         "lvs", "--config", overrides, "-o", "lv_name", "vg0",
     ]  # fmt: skip
-    assert Lvm()._with_overrides(["lvs", "vg0"]) == ["lvs", "vg0"]
+    assert Lvm().runner._with_overrides(["lvs", "vg0"]) == ["lvs", "vg0"]
