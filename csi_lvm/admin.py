@@ -14,7 +14,7 @@ from csi_lvm.errors import DriverError
 from csi_lvm.ids import Kind, Tag
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
-from csi_lvm.volumes import Inventory
+from csi_lvm.wiring import Options, build
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Check:
 def _class_checks(config: Config, lvm: Lvm, node_id: str) -> list[Check]:
     """One check per device class: its storage is here, or the config puts
     it on other nodes only."""
-    backends = Backends(Inventory(config, lvm, node_id, "doctor"))
+    backends = build(config, Options(node_id, "doctor"), lvm).backends
     try:
         scan = backends.inventory.scan()
     except (DriverError, LvmError) as error:

@@ -20,37 +20,21 @@ import structlog
 from csi_lvm import __version__
 from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.admin import node_status, status_json, status_text
-from csi_lvm.backends import Backends
-from csi_lvm.block_maps import BlockMaps, PoolReservations
+from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
-from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
 from csi_lvm.forwarding import ForwardingService, KubernetesPeers, Peers, StaticPeers
 from csi_lvm.identity import IdentityService
-from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm, config_overrides_from
-from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.metrics import serve_metrics
-from csi_lvm.node import NodeService
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
-from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.tls import TlsFiles, server_credentials
-from csi_lvm.volumes import REFRESH_SECONDS, Inventory
+from csi_lvm.volumes import REFRESH_SECONDS
+from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build
 
-DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"
-# A CSI driver name: a domain-style name of at most 63 characters.
-DRIVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
-# Node labels the kubelet owns: a plugin that published one with another value
-# would conflict with it.
-KUBELET_OWNED_LABELS = frozenset(
-    {"kubernetes.io/hostname", "kubernetes.io/os", "kubernetes.io/arch"}
-)
-TOPOLOGY_KEY_RE = re.compile(
-    r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
-)
 
 
 def configure_logging(level: str) -> None:
@@ -219,9 +203,8 @@ def lvm_overrides(args: argparse.Namespace) -> str:
 
 def status(args: argparse.Namespace) -> int:
     configure_logging("warning")
-    lvm = Lvm(config_overrides=lvm_overrides(args))
-    inventory = Inventory(load_config(args.config), lvm, default_node_id(), args.driver_name)
-    classes = node_status(Backends(inventory))
+    options = Options(default_node_id(), args.driver_name, lvm_config_overrides=lvm_overrides(args))
+    classes = node_status(build(load_config(args.config), options).backends)
     if args.json:
         print(json.dumps(status_json(classes), indent=2))
     else:
@@ -264,36 +247,23 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     log = structlog.get_logger("csi_lvm")
     node_id = args.node_id or default_node_id()
-    if not DRIVER_NAME_RE.fullmatch(args.driver_name):
-        raise ConfigError(f"--driver-name {args.driver_name!r} is not a domain-style name")
-    topology_key = args.topology_key or f"topology.{args.driver_name}/node"
-    if not TOPOLOGY_KEY_RE.fullmatch(topology_key):
-        raise ConfigError(f"--topology-key {topology_key!r} is not a valid label key")
-    if topology_key in KUBELET_OWNED_LABELS:
-        raise ConfigError(
-            f"--topology-key {topology_key} is a label the kubelet sets itself, to a value "
-            "the plugin cannot read (the hostname label often differs from the node name the "
-            "plugin publishes, and the kubelet then refuses to register the driver): use the "
-            "default, or a key of the driver's own"
-        )
-    socket_path(args.endpoint)  # a bad endpoint is refused before any LVM work
+    options = Options(
+        node_id=node_id,
+        driver_name=args.driver_name,
+        topology_key=args.topology_key,
+        lvm_prefix=args.lvm_prefix.split(),
+        lvm_shell=not args.no_lvm_shell,
+        lvm_shell_idle_exit=args.lvm_shell_idle_exit,
+        lvm_config_overrides=lvm_overrides(args),
+        refresh_seconds=args.refresh_interval,
+        max_volumes_per_node=args.max_volumes_per_node,
+        state_dir=args.state_dir or os.path.dirname(socket_path(args.endpoint)),
+    )
     if args.metrics_address and not re.fullmatch(r".*:\d{1,5}", args.metrics_address):
         raise ConfigError(f"--metrics-address {args.metrics_address!r} must be host:port")
-    if args.max_volumes_per_node < 0:
-        raise ConfigError("--max-volumes-per-node must not be negative")
     config = load_config(args.config)
-    if args.lvm_shell_idle_exit < 0:
-        raise ConfigError("--lvm-shell-idle-exit must not be negative")
-    if not 0.5 <= args.refresh_interval <= 3600:
-        raise ConfigError("--refresh-interval must be between 0.5 and 3600 seconds")
-    lvm = Lvm(
-        prefix=args.lvm_prefix.split(),
-        shell=not args.no_lvm_shell,
-        shell_idle_exit=args.lvm_shell_idle_exit,
-        config_overrides=lvm_overrides(args),
-    )
-    inventory = Inventory(config, lvm, node_id, args.driver_name, args.refresh_interval)
-    backends = Backends(inventory)
+    graph = build(config, options)
+    inventory, backends = graph.inventory, graph.backends
     scan = inventory.scan()
     for backend in backends:
         missing = backend.missing(scan)
@@ -305,11 +275,9 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("device class at risk", device_class=backend.name, reason=warning)
     if args.metrics_address:
         serve_metrics(args.metrics_address, backends)
-    locks = KeyedLocks()
-    backends.states.remove_unfinished(inventory, locks)
-    state_dir = args.state_dir or os.path.dirname(socket_path(args.endpoint))
-    reservations = PoolReservations(ThinMetadata(runner=lvm.runner), state_dir)
-    reservations.release_stale(BlockMaps.thin_pools(config))
+    backends.states.remove_unfinished(inventory, graph.locks)
+    assert graph.reservations is not None and graph.snapshot_metadata is not None  # state_dir
+    graph.reservations.release_stale(BlockMaps.thin_pools(config))
     tls_listener = None
     if args.snapshot_metadata_listen:
         try:
@@ -321,10 +289,10 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("no snapshot metadata port for the forwarder", reason=str(error))
     server = Server(
         args.endpoint,
-        IdentityService(args.driver_name),
-        ControllerService(inventory, backends, locks, topology_key),
-        NodeService(inventory, backends, locks, topology_key, args.max_volumes_per_node),
-        SnapshotMetadataService(inventory, BlockMaps(lvm, reservations)),
+        graph.identity,
+        graph.controller,
+        graph.node,
+        graph.snapshot_metadata,
         tls_listener=tls_listener,
     )
     log.info(
@@ -332,7 +300,7 @@ def serve(args: argparse.Namespace) -> int:
         version=__version__,
         driver=args.driver_name,
         node_id=node_id,
-        topology_key=topology_key,
+        topology_key=options.node_topology_key,
         classes=[c.describe() for c in config.device_classes],
     )
     stop_refreshing = threading.Event()
@@ -343,7 +311,7 @@ def serve(args: argparse.Namespace) -> int:
         server.run_until_signalled(args.grace_period)
     finally:
         stop_refreshing.set()
-        lvm.close()
+        graph.close()
     return 0
 
 

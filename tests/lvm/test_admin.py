@@ -10,11 +10,10 @@ import grpc
 
 from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.admin import node_status, status_text
-from csi_lvm.backends import Backends
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
 from csi_lvm.lvm.commands import Lvm
-from csi_lvm.volumes import Inventory
+from csi_lvm.wiring import Options, build
 from tests.lvm.conftest import SMALL_CLASS, metrics_port
 from tests.lvm.helpers import MiB, create, create_request, delete
 from tests.testbed import DRIVER_NAME, NODE_ID, CsiClient, Driver
@@ -80,8 +79,8 @@ def test_status_lists_classes_and_owned_objects(csi: CsiClient, driver: Driver, 
     volume = create(csi, name, 8 * MiB)
     snap = csi.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
         name=f"{name}-s", source_volume_id=volume.volume_id)).snapshot  # fmt: skip
-    inventory = Inventory(load_config(driver.config), Lvm(), NODE_ID, DRIVER_NAME)
-    classes = {c.name: c for c in node_status(Backends(inventory))}
+    graph = build(load_config(driver.config), Options(NODE_ID, DRIVER_NAME))
+    classes = {c.name: c for c in node_status(graph.backends)}
     assert set(classes) == {"thin", "thick", SMALL_CLASS}
     objects = {o.name: o for o in classes["thin"].objects}
     assert objects[name].size_bytes == 8 * MiB and not objects[name].abnormal

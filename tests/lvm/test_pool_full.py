@@ -13,15 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_lvm.backends import Backends
 from csi_lvm.config import load_config
-from csi_lvm.controller import ControllerService
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import DriverError, status_for
 from csi_lvm.ids import Kind, lv_name_for
-from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.commands import Lvm
-from csi_lvm.volumes import Inventory
+from csi_lvm.wiring import Options, build
 from tests.lvm.conftest import SMALL_CLASS, SMALL_POOL, SMALL_POOL_MIB
 from tests.lvm.helpers import (
     MiB,
@@ -174,9 +170,9 @@ def test_a_create_right_after_tenants_fill_the_pool_sees_the_fill(
     # Pods write without telling the driver, and its kept view learns of it
     # only at a refresh: admission reads the pool's fill from the kernel. This
     # controller's view is never refreshed, so only that read can refuse.
-    lvm = Lvm()
-    inventory = Inventory(load_config(driver.config), lvm, NODE_ID, DRIVER_NAME, 3600.0)
-    controller = ControllerService(inventory, Backends(inventory), KeyedLocks(), TOPOLOGY_KEY)
+    options = Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY, refresh_seconds=3600.0)
+    graph = build(load_config(driver.config), options)
+    inventory, controller = graph.inventory, graph.controller
     capacity_request = csi_pb2.GetCapacityRequest(parameters={"deviceClass": SMALL_CLASS})
     try:
         with over_provisioned(csi, workdir, name) as (_, target):
@@ -193,4 +189,4 @@ def test_a_create_right_after_tenants_fill_the_pool_sees_the_fill(
             answer = controller.GetCapacity(capacity_request, None)  # type: ignore[arg-type]
             assert answer.available_capacity == 0
     finally:
-        lvm.close()
+        graph.close()

@@ -18,17 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_lvm.backends import Backends
-from csi_lvm.block_maps import BlockMaps, PoolReservations
+from csi_lvm.block_maps import PoolReservations
 from csi_lvm.config import load_config
-from csi_lvm.controller import ControllerService
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import NotFound
-from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.thin_metadata import ThinMetadata, dm_name
-from csi_lvm.snapshot_metadata import SnapshotMetadataService
-from csi_lvm.volumes import Inventory
+from csi_lvm.wiring import Options, build
 from tests.lvm.helpers import MiB, block_capability, create, delete
 from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient, Driver, LoopVolumeGroup
 
@@ -348,13 +343,10 @@ def test_a_snapshot_deleted_while_its_ranges_stream_ends_the_stream(
 ) -> None:
     """The service and a controller in this process, on the session's VG: the
     stream is held between two messages while the snapshot goes."""
-    lvm = Lvm()
-    inventory = Inventory(load_config(str(driver.config)), lvm, NODE_ID, DRIVER_NAME)
-    backends = Backends(inventory)
-    controller = ControllerService(inventory, backends, KeyedLocks(), TOPOLOGY_KEY)
-    service = SnapshotMetadataService(
-        inventory, BlockMaps(lvm, PoolReservations(ThinMetadata(), str(workdir)))
-    )
+    options = Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY, state_dir=str(workdir))
+    graph = build(load_config(str(driver.config)), options)
+    lvm, controller, service = graph.lvm, graph.controller, graph.snapshot_metadata
+    assert service is not None
     made = controller.CreateVolume(
         csi_pb2.CreateVolumeRequest(
             name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=4 * MiB),

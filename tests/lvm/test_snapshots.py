@@ -10,16 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_lvm.backends import Backends
 from csi_lvm.config import load_config
-from csi_lvm.controller import ControllerService
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import status_for
 from csi_lvm.ids import Kind, lv_name_for
-from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmMetadataFull
-from csi_lvm.volumes import Inventory
+from csi_lvm.wiring import Options, build
 from tests.lvm.helpers import (
     GiB,
     MiB,
@@ -366,8 +363,8 @@ def test_a_thin_restore_or_clone_whose_extend_fails_leaves_no_lv(
         source_id = snapshot(csi, f"{name}-s", volume.volume_id).snapshot_id
     content = from_snapshot(source_id) if source_kind == "snapshot" else from_volume(source_id)
     lvm = _ExtendFails()
-    inventory = Inventory(load_config(driver.config), lvm, NODE_ID, DRIVER_NAME)
-    controller = ControllerService(inventory, Backends(inventory), KeyedLocks(), TOPOLOGY_KEY)
+    graph = build(load_config(driver.config), Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY), lvm)
+    controller = graph.controller
     request = create_request(f"{name}-r", 16 * MiB)  # larger than the source: extended
     request.volume_content_source.CopyFrom(content)
     try:

@@ -8,18 +8,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from csi_lvm.backends import Backends
-from csi_lvm.block_maps import BlockMaps, PoolReservations
+from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import parse_config
-from csi_lvm.controller import ControllerService
-from csi_lvm.identity import IdentityService
-from csi_lvm.locks import KeyedLocks
-from csi_lvm.lvm.commands import Lvm
-from csi_lvm.lvm.thin_metadata import ThinMetadata
-from csi_lvm.node import NodeService
 from csi_lvm.server import Server
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.volumes import Inventory
+from csi_lvm.wiring import Options, build
 from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient
 
 
@@ -37,17 +31,16 @@ def serve_absent_vg(
         "    thinPool: pool0\n    default: true\n"
         f"  - name: thick\n    volumeGroup: absentvg{os.getpid()}\n"
     )
-    lvm = Lvm()
-    inventory = Inventory(config, lvm, NODE_ID, DRIVER_NAME)
-    backends = Backends(inventory)
-    locks = KeyedLocks()
-    maps = BlockMaps(lvm, PoolReservations(ThinMetadata(), str(state_dir)))
+    options = Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY, state_dir=str(state_dir))
+    graph = build(config, options)
+    assert graph.reservations is not None
+    maps = BlockMaps(graph.lvm, graph.reservations)
     server = Server(
         f"unix://{root}/csi.sock",
-        IdentityService(DRIVER_NAME),
-        ControllerService(inventory, backends, locks, TOPOLOGY_KEY),
-        NodeService(inventory, backends, locks, TOPOLOGY_KEY),
-        snapshot_metadata(inventory, maps),
+        graph.identity,
+        graph.controller,
+        graph.node,
+        snapshot_metadata(graph.inventory, maps),
     )
     server.start()
     return server, CsiClient(f"{root}/csi.sock")

@@ -46,6 +46,7 @@ LAYERS = (
     "csi_lvm.node",
     "csi_lvm.snapshot_metadata",
     "csi_lvm.forwarding",
+    "csi_lvm.wiring",
     "csi_lvm.admin",
     "csi_lvm.release",
     "csi_lvm.server",

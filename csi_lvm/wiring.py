@@ -1,0 +1,136 @@
+"""The driver's object graph, built in one place: the LVM runner and verbs,
+the inventory and its kept view, the backends, the locks and the servicers,
+from the config and the options (checked here, once, with messages that name
+the flag). ``serve``, ``status``, ``doctor``, the tests and the benchmarks all
+build it with ``build``; none assembles it by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from csi_lvm.backends import Backends
+from csi_lvm.block_maps import BlockMaps, PoolReservations
+from csi_lvm.config import Config
+from csi_lvm.controller import ControllerService
+from csi_lvm.errors import ConfigError
+from csi_lvm.identity import IdentityService
+from csi_lvm.kept_view import REFRESH_SECONDS
+from csi_lvm.locks import KeyedLocks
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.thin_metadata import ThinMetadata
+from csi_lvm.node import NodeService
+from csi_lvm.snapshot_metadata import SnapshotMetadataService
+from csi_lvm.volumes import Inventory
+
+DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
+# A CSI driver name: a domain-style name of at most 63 characters.
+DRIVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+# Node labels the kubelet owns: a plugin that published one with another value
+# would conflict with it.
+KUBELET_OWNED_LABELS = frozenset(
+    {"kubernetes.io/hostname", "kubernetes.io/os", "kubernetes.io/arch"}
+)
+TOPOLOGY_KEY_RE = re.compile(
+    r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything beside the config that the graph is built from; a value
+    that cannot work is refused when the options are made, naming its flag."""
+
+    node_id: str
+    driver_name: str = DEFAULT_DRIVER_NAME
+    topology_key: str = ""  # "": topology.<driver name>/node
+    lvm_prefix: Sequence[str] = ()
+    lvm_shell: bool = False
+    lvm_shell_idle_exit: float = 0.0
+    lvm_config_overrides: str = ""
+    refresh_seconds: float = REFRESH_SECONDS
+    max_volumes_per_node: int = 0
+    # Where held metadata snapshots are recorded; "" builds no SnapshotMetadata service.
+    state_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if not DRIVER_NAME_RE.fullmatch(self.driver_name):
+            raise ConfigError(f"--driver-name {self.driver_name!r} is not a domain-style name")
+        key = self.node_topology_key
+        if not TOPOLOGY_KEY_RE.fullmatch(key):
+            raise ConfigError(f"--topology-key {key!r} is not a valid label key")
+        if key in KUBELET_OWNED_LABELS:
+            raise ConfigError(
+                f"--topology-key {key} is a label the kubelet sets itself, to a value the "
+                "plugin cannot read (the hostname label often differs from the node name the "
+                "plugin publishes, and the kubelet then refuses to register the driver): use "
+                "the default, or a key of the driver's own"
+            )
+        if self.max_volumes_per_node < 0:
+            raise ConfigError("--max-volumes-per-node must not be negative")
+        if self.lvm_shell_idle_exit < 0:
+            raise ConfigError("--lvm-shell-idle-exit must not be negative")
+        if not 0.5 <= self.refresh_seconds <= 3600:
+            raise ConfigError("--refresh-interval must be between 0.5 and 3600 seconds")
+
+    @property
+    def node_topology_key(self) -> str:
+        return self.topology_key or f"topology.{self.driver_name}/node"
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The driver's parts, wired."""
+
+    config: Config
+    options: Options
+    lvm: Lvm
+    inventory: Inventory
+    backends: Backends
+    locks: KeyedLocks
+    identity: IdentityService
+    controller: ControllerService
+    node: NodeService
+    snapshot_metadata: SnapshotMetadataService | None
+    reservations: PoolReservations | None
+
+    def close(self) -> None:
+        """Wait for LVM commands still running, and end the lvm shell."""
+        self.lvm.close()
+
+
+def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
+    """The graph for ``config`` and ``options``; ``lvm`` (a test's, say)
+    instead of one made from the options."""
+    lvm = lvm or Lvm(
+        prefix=options.lvm_prefix,
+        shell=options.lvm_shell,
+        shell_idle_exit=options.lvm_shell_idle_exit,
+        config_overrides=options.lvm_config_overrides,
+    )
+    inventory = Inventory(
+        config, lvm, options.node_id, options.driver_name, options.refresh_seconds
+    )
+    backends = Backends(inventory)
+    locks = KeyedLocks()
+    key = options.node_topology_key
+    reservations = None
+    snapshot_metadata = None
+    if options.state_dir:
+        reservations = PoolReservations(ThinMetadata(runner=lvm.runner), options.state_dir)
+        snapshot_metadata = SnapshotMetadataService(inventory, BlockMaps(lvm, reservations))
+    return Graph(
+        config=config,
+        options=options,
+        lvm=lvm,
+        inventory=inventory,
+        backends=backends,
+        locks=locks,
+        identity=IdentityService(options.driver_name),
+        controller=ControllerService(inventory, backends, locks, key),
+        node=NodeService(inventory, backends, locks, key, options.max_volumes_per_node),
+        snapshot_metadata=snapshot_metadata,
+        reservations=reservations,
+    )
