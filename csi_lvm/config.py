@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from csi_lvm.errors import ConfigError
-from csi_lvm.fs import SUPPORTED_FILESYSTEMS
+from csi_lvm.filesystems import SUPPORTED_FILESYSTEMS
 from csi_lvm.ids import CLASS_NAME_RE, MAX_CLASS_NAME
 
 # LVM's own rule for VG and LV names, minus names it reserves.

@@ -8,6 +8,7 @@ CSI: callers hand in device nodes and paths they have already checked.
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import stat
 import subprocess
@@ -16,13 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi_lvm.errors import DeadlineExceeded, FailedPrecondition, Internal
+from csi_lvm.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal
+from csi_lvm.filesystems import DEFAULT_FILESYSTEM as DEFAULT_FILESYSTEM
+from csi_lvm.filesystems import MINIMUM_BYTES as MINIMUM_BYTES
+from csi_lvm.filesystems import MS_BIND, MS_RDONLY, MS_REMOUNT, Mount, kernel_mount_options
+from csi_lvm.filesystems import MS_NOATIME as MS_NOATIME
+from csi_lvm.filesystems import MS_NODEV as MS_NODEV
+from csi_lvm.filesystems import SUPPORTED_FILESYSTEMS as SUPPORTED_FILESYSTEMS
+from csi_lvm.filesystems import parse_mountinfo as parse_mountinfo
 from csi_lvm.zero_range import call_with_zero_range_skipped
-
-SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
-# mkfs.xfs refuses smaller devices (xfsprogs 5.19 and later).
-MINIMUM_BYTES = {"ext4": 0, "xfs": 300 << 20}
-DEFAULT_FILESYSTEM = "ext4"
 
 _ENV = {**os.environ, "LC_ALL": "C"}
 
@@ -179,63 +182,6 @@ def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
 # --------------------------------------------------------------------- mounts
 
 
-@dataclass(frozen=True)
-class Mount:
-    mount_point: str
-    root: str  # the subtree of the source that is mounted (for bind mounts)
-    device_number: str  # major:minor
-    fs_type: str
-    source: str
-    options: tuple[str, ...]  # the mount's own (ro, noatime, ...)
-    super_options: tuple[str, ...] = ()  # the filesystem's (discard, nouuid, ...)
-
-    @property
-    def read_only(self) -> bool:
-        return "ro" in self.options
-
-    def has_options(self, flags: Sequence[str]) -> bool:
-        """Whether every mount option in ``flags`` is in effect here."""
-        present = {*self.options, *self.super_options, "defaults"}
-        wanted = {w.strip() for flag in flags for w in flag.split(",") if w.strip()}
-        return wanted <= present
-
-
-def _unescape_mountinfo(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and len(text[i + 1 : i + 4]) == 3 and text[i + 1 : i + 4].isdigit():
-            out.append(chr(int(text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 6 or len(tail) < 2:
-            continue
-        mounts.append(
-            Mount(
-                mount_point=_unescape_mountinfo(fields[4]),
-                root=_unescape_mountinfo(fields[3]),
-                device_number=fields[2],
-                fs_type=tail[0],
-                source=_unescape_mountinfo(tail[1]),
-                options=tuple(fields[5].split(",")),
-                super_options=tuple(tail[2].split(",")) if len(tail) > 2 else (),
-            )
-        )
-    return mounts
-
-
 def mounts() -> list[Mount]:
     return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
 
@@ -300,52 +246,10 @@ def device_number(device: str) -> str:
     return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
 
 
-# mount(2) flags (linux/mount.h). Mounting through the system call saves a
-# mount(8) process per mount; mount(8) still runs whenever the call fails, so
-# an error always carries its usual message, and for any option the kernel
-# does not take itself.
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS, MS_REMOUNT = 1, 2, 4, 8, 16, 32
-MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME, MS_BIND = 128, 1024, 2048, 4096
-MS_RELATIME, MS_STRICTATIME, MS_LAZYTIME = 1 << 21, 1 << 24, 1 << 25
-_SETS = {
-    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
-    "sync": MS_SYNCHRONOUS, "dirsync": MS_DIRSYNC, "noatime": MS_NOATIME,
-    "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME,
-    "lazytime": MS_LAZYTIME,
-}  # fmt: skip
-_CLEARS = {
-    "rw": MS_RDONLY, "suid": MS_NOSUID, "dev": MS_NODEV, "exec": MS_NOEXEC,
-    "async": MS_SYNCHRONOUS, "atime": MS_NOATIME, "diratime": MS_NODIRATIME,
-    "norelatime": MS_RELATIME, "nostrictatime": MS_STRICTATIME, "nolazytime": MS_LAZYTIME,
-    "defaults": 0,
-}  # fmt: skip
-# Options mount(8) itself acts on; the kernel never sees them.
-_USERSPACE = ("x-", "_", "user", "nouser", "users", "owner", "group", "auto", "noauto",
-              "nofail", "comment=", "loop", "offset=", "sizelimit=", "encryption=",
-              "helper=", "remount", "bind", "rbind", "move")  # fmt: skip
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]  # fmt: skip
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def kernel_mount_options(options: Sequence[str]) -> tuple[int, str] | None:
-    """mount(8)'s ``-o`` words as mount(2)'s flags and filesystem data, or
-    None when a word is one mount(8) handles itself (then it runs)."""
-    flags, data = 0, []
-    for word in (w.strip() for option in options for w in option.split(",")):
-        if not word:
-            continue
-        if word in _SETS:
-            flags |= _SETS[word]
-        elif word in _CLEARS:
-            flags &= ~_CLEARS[word]
-        elif word.startswith(_USERSPACE):
-            return None
-        else:
-            data.append(word)
-    return flags, ",".join(data)
 
 
 def _mount_call(source: str, target: str, fs_type: str | None, flags: int, data: str) -> bool:
@@ -422,3 +326,84 @@ def block_device_size(device: str) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ staging
+
+
+class Staged(enum.Enum):
+    ALREADY = "already"  # the same filesystem was mounted there with the same flags
+    FORMATTED = "formatted"  # the device held nothing: made and mounted
+    MOUNTED = "mounted"  # the device's filesystem, mounted
+
+
+@dataclass(frozen=True)
+class Staging:
+    """What a stage asks of a device's filesystem."""
+
+    what: str  # "volume <id>", for messages
+    device: str
+    path: str
+    fs_type: str
+    flags: Sequence[str]
+    size_bytes: int
+    mkfs_options: Sequence[str]
+    blank: bool  # certainly holds nothing: not probed
+    reads_zeros: bool  # zeroing it again (mkfs's) is wasted
+    new_uuid: bool  # a copy of another filesystem: it gets a UUID of its own first
+
+
+def stage(staging: Staging, timeout: float) -> Staged:
+    """Mount the device's filesystem at the staging path, making one only on
+    a device that holds nothing: a device that holds anything else is
+    refused, never reformatted. A repeat finds the same mount and answers
+    ALREADY; another mount there is ALREADY_EXISTS."""
+    if mounted_device(staging.path) is not None:
+        _check_staged(staging)
+        return Staged.ALREADY
+    path = staging.path
+    if not os.path.isdir(path) or os.path.islink(path):
+        # A symlink would take the mount wherever it points.
+        raise FailedPrecondition(
+            f"staging path {path} is not an existing directory (a symlink is refused)"
+        )
+    wanted = staging.fs_type
+    content = None if staging.blank else detect_content(staging.device, timeout)
+    if content is None:
+        minimum = MINIMUM_BYTES[wanted]
+        if staging.size_bytes < minimum:
+            raise FailedPrecondition(
+                f"{staging.what} has {staging.size_bytes} bytes; {wanted} needs at least "
+                f"{minimum}: create a larger volume"
+            )
+        # Never cut short, whatever the deadline: a half-made filesystem is
+        # worse than a late answer.
+        make_filesystem(
+            staging.device, wanted, staging.mkfs_options, reads_zeros=staging.reads_zeros
+        )
+    elif content != wanted:
+        raise FailedPrecondition(
+            f"{staging.what} already holds {content}, not {wanted}; csi-lvm never reformats "
+            f"a volume that holds data: ask for fsType {content} or use a new volume"
+        )
+    elif staging.new_uuid:
+        new_filesystem_uuid(staging.device, wanted)
+    mount(staging.device, path, wanted, staging.flags, timeout)
+    return Staged.FORMATTED if content is None else Staged.MOUNTED
+
+
+def _check_staged(staging: Staging) -> None:
+    """A repeated stage answers OK only when what is mounted is this device
+    with the filesystem and flags asked for (ALREADY_EXISTS else)."""
+    current = mounted_device(staging.path)
+    entry = mount_at(staging.path)
+    if current != device_number(staging.device) or entry is None:
+        raise AlreadyExists(
+            f"staging path {staging.path} already has another device ({current}) mounted"
+        )
+    if entry.fs_type != staging.fs_type or not entry.has_options(staging.flags):
+        raise AlreadyExists(
+            f"{staging.what} is staged at {staging.path} as {entry.fs_type} with options "
+            f"{','.join(entry.options)}, not as {staging.fs_type} with "
+            f"{','.join(staging.flags) or 'none'}: unstage it first"
+        )

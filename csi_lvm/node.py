@@ -113,76 +113,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if request.volume_capability.WhichOneof("access_type") == "block":
                 return csi_pb2.NodeStageVolumeResponse()  # block volumes are used raw
             wanted_fs = filesystem_of(request.volume_capability)
-            flags = list(request.volume_capability.mount.mount_flags)
-            if fs.mounted_device(staging) is not None:
-                self._check_staged(owned, device, staging, wanted_fs, flags)
-                if lifecycle.needs_new_filesystem_uuid(owned.lv):
-                    # A first stage of a copy cut short after its mount.
-                    self._prepare_copy(owned, device, staging, wanted_fs, timeout)
-                return csi_pb2.NodeStageVolumeResponse()
-            if not os.path.isdir(staging) or os.path.islink(staging):
-                # A symlink would take the mount wherever it points.
-                raise FailedPrecondition(
-                    f"staging path {staging} is not an existing directory (a symlink is refused)"
-                )
-            # A thin LV that never had a block written holds nothing to probe.
             known = backend.contents(owned.lv)
-            content = None if known.blank else fs.detect_content(device, timeout)
-            if content is None:
-                minimum = fs.MINIMUM_BYTES[wanted_fs]
-                if owned.size_bytes < minimum:
-                    raise FailedPrecondition(
-                        f"volume {request.volume_id} has {owned.size_bytes} bytes; {wanted_fs} "
-                        f"needs at least {minimum}: create a larger volume"
-                    )
-                # Never cut short, whatever the deadline: a half-made
-                # filesystem is worse than a late answer.
-                zeroing_skipped = fs.make_filesystem(
-                    device,
-                    wanted_fs,
-                    owned.device_class.mkfs_options_for(wanted_fs),
-                    reads_zeros=known.reads_zeros,
-                )
-                log.info(
-                    "formatted",
-                    volume_id=request.volume_id,
+            staged = fs.stage(
+                fs.Staging(
+                    what=f"volume {request.volume_id}",
+                    device=device,
+                    path=staging,
                     fs_type=wanted_fs,
-                    zeroing_skipped=zeroing_skipped,
-                )
-            elif content != wanted_fs:
-                raise FailedPrecondition(
-                    f"volume {request.volume_id} already holds {content}, not {wanted_fs}; "
-                    "csi-lvm never reformats a volume that holds data: ask for "
-                    f"fsType {content} or use a new volume"
-                )
-            first_stage_of_copy = content is not None and lifecycle.needs_new_filesystem_uuid(
-                owned.lv
+                    flags=list(request.volume_capability.mount.mount_flags),
+                    size_bytes=owned.size_bytes,
+                    mkfs_options=owned.device_class.mkfs_options_for(wanted_fs),
+                    blank=known.blank,
+                    reads_zeros=known.reads_zeros,
+                    new_uuid=lifecycle.needs_new_filesystem_uuid(owned.lv),
+                ),
+                timeout,
             )
-            if first_stage_of_copy:
-                fs.new_filesystem_uuid(device, wanted_fs)
-            fs.mount(device, staging, wanted_fs, flags, timeout)
-            if first_stage_of_copy:
+            if staged is fs.Staged.FORMATTED:
+                log.info("formatted", volume_id=request.volume_id, fs_type=wanted_fs)
+            elif lifecycle.needs_new_filesystem_uuid(owned.lv):
+                # A copy's first stage (or one cut short after its mount).
                 self._prepare_copy(owned, device, staging, wanted_fs, timeout)
         return csi_pb2.NodeStageVolumeResponse()
-
-    @staticmethod
-    def _check_staged(
-        owned: Owned, device: str, staging: str, fs_type: str, flags: list[str]
-    ) -> None:
-        """A repeated stage answers OK only when what is mounted is this
-        volume with the filesystem and flags asked for (ALREADY_EXISTS else)."""
-        current = fs.mounted_device(staging)
-        entry = fs.mount_at(staging)
-        if current != fs.device_number(device) or entry is None:
-            raise AlreadyExists(
-                f"staging path {staging} already has another device ({current}) mounted"
-            )
-        if entry.fs_type != fs_type or not entry.has_options(flags):
-            raise AlreadyExists(
-                f"volume {owned.id} is staged at {staging} as {entry.fs_type} with options "
-                f"{','.join(entry.options)}, not as {fs_type} with {','.join(flags) or 'none'}: "
-                "unstage it first"
-            )
 
     def _prepare_copy(
         self, owned: Owned, device: str, staging: str, fs_type: str, timeout: float
@@ -250,12 +202,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             else ""
         )
         timeout = budget(context) or DEFAULT_TIMEOUT
-        owned = self._find_volume(request.volume_id, timeout)
         read_only = (
             request.readonly or request.volume_capability.access_mode.mode in READ_ONLY_MODES
         )
-        lifecycle.check_ready(owned, "volume")
-        with self.locks.hold(owned.lv.name):
+        # The lock first, then the lookup, as every node call does.
+        with self.locks.hold(self._lock_name(request.volume_id)):
+            owned = self._find_volume(request.volume_id, timeout)
+            lifecycle.check_ready(owned, "volume")
             device = self._device(owned, timeout)
             ours = fs.device_number(device)
             current = fs.mounted_device(target)
@@ -412,11 +365,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
         timeout = budget(context) or DEFAULT_TIMEOUT
-        scan = self.inventory.view(timeout)
-        owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
         volume_path = check_path(request.volume_path, "volume_path")
-        backend = self.backends.of(owned.device_class)
-        with self.locks.hold(owned.lv.name):
+        with self.locks.hold(self._lock_name(request.volume_id)):
+            scan = self.inventory.view(timeout)
+            owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
+            backend = self.backends.of(owned.device_class)
             size = backend.grow(owned, wanted, scan, timeout)
             if size > owned.size_bytes:
                 log.info("volume extended", volume_id=request.volume_id, bytes=size)

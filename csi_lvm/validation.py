@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from csi_lvm.config import Config, DeviceClass
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import InvalidArgument, OutOfRange
-from csi_lvm.fs import DEFAULT_FILESYSTEM, MINIMUM_BYTES, SUPPORTED_FILESYSTEMS
+from csi_lvm.filesystems import DEFAULT_FILESYSTEM, MINIMUM_BYTES, SUPPORTED_FILESYSTEMS
 from csi_lvm.ids import Kind, ObjectId
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode

@@ -26,6 +26,7 @@ LAYERS = (
     "csi_lvm.ids",
     "csi_lvm.locks",
     "csi_lvm.blockcopy",
+    "csi_lvm.filesystems",
     "csi_lvm.fs",
     "csi_lvm.config",
     "csi_lvm.tls",
