@@ -190,7 +190,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 f"a volume made from it must use that class, not {device_class.name}"
             )
         tags = self.inventory.tags_for(Kind.VOLUME, request.name, device_class, source)
-        minimum = minimum_bytes(request.volume_capabilities)
+        # A copy is at least its source's size; a blank volume at least what
+        # its filesystem needs.
+        minimum = 0 if source is not None else minimum_bytes(request.volume_capabilities)
         ask = Ask(f"volume {request.name}", lv_name, tags, timeout, wanted, minimum)
         if source is not None:
             owned = backend.make_from(ask, source, scan)
