@@ -61,14 +61,18 @@ class LoopVolumeGroup:
         self.workdir.mkdir(parents=True, exist_ok=True)
         sh("truncate", "-s", self.size, str(self.image))
         self.device = sh("losetup", "--find", "--show", str(self.image)).strip()
-        sizing = ["--metadatasize", self.metadata_size] if self.metadata_size else []
-        sh("pvcreate", "-q", "-y", *sizing, self.device)
-        sh("vgcreate", "-q", "-y", self.name, self.device)
-        pool_sizing = (
-            ["--poolmetadatasize", self.pool_metadata_size] if self.pool_metadata_size else []
-        )
-        sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size, *pool_sizing,
-           "-n", self.pool, self.name)  # fmt: skip
+        try:
+            sizing = ["--metadatasize", self.metadata_size] if self.metadata_size else []
+            sh("pvcreate", "-q", "-y", *sizing, self.device)
+            sh("vgcreate", "-q", "-y", self.name, self.device)
+            pool_sizing = (
+                ["--poolmetadatasize", self.pool_metadata_size] if self.pool_metadata_size else []
+            )
+            sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size,
+               *pool_sizing, "-n", self.pool, self.name)  # fmt: skip
+        except BaseException:  # a host without device-mapper, say: leave no loop device
+            self.destroy()
+            raise
         return self
 
     def lvcreate(self, *args: str) -> None:
