@@ -370,3 +370,16 @@ class KeptView:
             return self.lvm.find_lv(volume_group, name, timeout)
         except LvmNotFound:  # the volume group is not on this node
             return None
+
+    def still_there(self, volume_group: str, name: str, timeout: float | None) -> bool:
+        """Whether an LV a call found a moment ago is still there, for a call
+        that asks again and again (a stream, between messages): the driver's
+        own removals show in the kept view at once, so an LV it shows is
+        there; one it lacks (made by another process since its report) is
+        read from LVM."""
+        if self.view(timeout).lv(volume_group, name) is not None:
+            return True
+        try:
+            return self.lvm.find_lv(volume_group, name, timeout) is not None
+        except LvmNotFound:  # the volume group is not on this node
+            return False

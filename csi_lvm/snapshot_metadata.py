@@ -121,11 +121,8 @@ class SnapshotMetadataService(csi_pb2_grpc.SnapshotMetadataServicer):
             block_map.close()
 
     def _check_still_there(self, snapshots: list[Owned]) -> None:
-        # The kept view: the driver's own DeleteSnapshot shows in it at once,
-        # and reading LVM for every message would slow the stream down.
-        view = self.inventory.view()
         for snapshot in snapshots:
-            if self.inventory.lookup(str(snapshot.id), Kind.SNAPSHOT, "snapshot", view) is None:
+            if not self.inventory.kept.still_there(snapshot.lv.vg_name, snapshot.lv.name, None):
                 raise NotFound(
                     f"snapshot {snapshot.id} was deleted while its block metadata was being "
                     "sent; the ranges received are incomplete"
