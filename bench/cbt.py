@@ -92,7 +92,7 @@ def activated(bench: Bench, snapshot_id: str) -> str:
 
 def compare_whole(first: str, second: str) -> list[tuple[int, int]]:
     """The 64 KiB pieces where two devices differ, read whole."""
-    found = []
+    found: list[tuple[int, int]] = []
     with open(first, "rb", buffering=0) as a, open(second, "rb", buffering=0) as b:
         offset = 0
         while True:
