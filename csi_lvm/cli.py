@@ -24,15 +24,14 @@ from csi_lvm.admin import node_status, status_json, status_text
 from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
 from csi_lvm.errors import ConfigError
-from csi_lvm.forwarding import ForwardingService, KubernetesPeers, Peers, StaticPeers
-from csi_lvm.identity import IdentityService
+from csi_lvm.forwarding import KubernetesPeers, Peers, StaticPeers
 from csi_lvm.lvm.commands import Lvm, config_overrides_from
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
 from csi_lvm.tls import TlsFiles, server_credentials
 from csi_lvm.volumes import REFRESH_SECONDS
-from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build
+from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build, build_forwarder
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"
@@ -175,18 +174,12 @@ def forward_snapshot_metadata(args: argparse.Namespace) -> int:
         if args.peers_file
         else KubernetesPeers(args.namespace, args.plugin_selector, args.plugin_port)
     )
-    forwarding = ForwardingService(peers, tls)
-    server = Server(
-        args.endpoint,
-        IdentityService(args.driver_name, snapshot_metadata_only=True),
-        None,
-        None,
-        forwarding,
-    )
+    forwarder = build_forwarder(args.driver_name, peers, tls)
+    server = Server(args.endpoint, forwarder.identity, None, None, forwarder.forwarding)
     try:
         server.run_until_signalled()
     finally:
-        forwarding.close()
+        forwarder.close()
     return 0
 
 

@@ -143,6 +143,8 @@ GRAPH_PARTS = frozenset(
         "ControllerService",
         "NodeService",
         "SnapshotMetadataService",
+        "IdentityService",
+        "ForwardingService",
     }
 )
 RUNNERS = ("bench", "scripts", "sanity", "e2e")
