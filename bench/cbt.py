@@ -14,13 +14,12 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
+from bench.measure import BLOCK, GiB, MiB, Row, run
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.figures import Bench
 
-MiB = 1 << 20
-GiB = 1 << 30
 VOLUME = 4 * GiB
 WRITTEN = 1 * GiB
 CHANGE = 64 * 1024
@@ -28,8 +27,6 @@ COMPARE = 4 * MiB  # read and compared at a time
 
 
 def changed_blocks(bench: Bench, samples: int) -> None:
-    from bench.run import BLOCK, Row, run
-
     stub = csi_pb2_grpc.SnapshotMetadataStub(bench.csi.channel)
     volume = bench.create(bench.name("cbt"), VOLUME, BLOCK)
     lv = volume.volume_id.rsplit(":", 1)[-1]
@@ -88,8 +85,6 @@ def snapshot(bench: Bench, volume_id: str) -> str:
 
 
 def activated(bench: Bench, snapshot_id: str) -> str:
-    from bench.run import run
-
     lv = f"{bench.vg.name}/{snapshot_id.rsplit(':', 1)[-1]}"
     run("lvm", "lvchange", "-ay", "-K", lv)
     return bench.dm_path(lv.split("/", 1)[1])
@@ -97,7 +92,7 @@ def activated(bench: Bench, snapshot_id: str) -> str:
 
 def compare_whole(first: str, second: str) -> list[tuple[int, int]]:
     """The 64 KiB pieces where two devices differ, read whole."""
-    found = []
+    found: list[tuple[int, int]] = []
     with open(first, "rb", buffering=0) as a, open(second, "rb", buffering=0) as b:
         offset = 0
         while True:

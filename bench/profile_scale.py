@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,13 +28,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.measure import mount_cap, percentile
+from bench.scale import METRICS_PORT, ScaleBench
+from csi_lvm.csi import csi_pb2
+from tests.testbed import Driver, write_config
 
-from bench.run import mount_cap, percentile  # noqa: E402
-from bench.scale import METRICS_PORT, ScaleBench  # noqa: E402
-from csi_lvm.csi import csi_pb2  # noqa: E402
-from tests.testbed import Driver, write_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 OUT = ROOT / "build" / "vm" / "profile"
 

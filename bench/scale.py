@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from bench.run import MiB, Row, mount_cap, percentile, rss_mib, timed
+from bench.measure import MiB, Row, mount_cap, percentile, rss_mib, timed
 from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for
 from csi_lvm.lvm.commands import Lvm, config_overrides_from

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -23,15 +24,14 @@ from csi_lvm.admin import node_status, status_json, status_text
 from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
 from csi_lvm.errors import ConfigError
-from csi_lvm.forwarding import ForwardingService, KubernetesPeers, Peers, StaticPeers
-from csi_lvm.identity import IdentityService
+from csi_lvm.forwarding import KubernetesPeers, Peers, StaticPeers
 from csi_lvm.lvm.commands import Lvm, config_overrides_from
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
 from csi_lvm.tls import TlsFiles, server_credentials
 from csi_lvm.volumes import REFRESH_SECONDS
-from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build
+from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build, build_forwarder
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"
@@ -174,18 +174,12 @@ def forward_snapshot_metadata(args: argparse.Namespace) -> int:
         if args.peers_file
         else KubernetesPeers(args.namespace, args.plugin_selector, args.plugin_port)
     )
-    forwarding = ForwardingService(peers, tls)
-    server = Server(
-        args.endpoint,
-        IdentityService(args.driver_name, snapshot_metadata_only=True),
-        None,
-        None,
-        forwarding,
-    )
+    forwarder = build_forwarder(args.driver_name, peers, tls)
+    server = Server(args.endpoint, forwarder.identity, None, None, forwarder.forwarding)
     try:
         server.run_until_signalled()
     finally:
-        forwarding.close()
+        forwarder.close()
     return 0
 
 
@@ -242,26 +236,56 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ServeOptions:
+    """The serve command's flags, checked once when made (each refusal names
+    its flag): the graph's options and what the server itself takes."""
+
+    graph: Options
+    endpoint: str
+    config_path: str
+    grace_period: float
+    metrics_address: str = ""  # "": no /metrics
+    snapshot_metadata_listen: str = ""  # "": no port for the forwarder
+    tls_dir: str = ""
+
+    def __post_init__(self) -> None:
+        socket_path(self.endpoint)  # refuses an endpoint that is no unix socket
+        if self.metrics_address and not re.fullmatch(r".*:\d{1,5}", self.metrics_address):
+            raise ConfigError(f"--metrics-address {self.metrics_address!r} must be host:port")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        graph = Options(
+            node_id=args.node_id or default_node_id(),
+            driver_name=args.driver_name,
+            topology_key=args.topology_key or "",
+            lvm_prefix=args.lvm_prefix.split(),
+            lvm_shell=not args.no_lvm_shell,
+            lvm_shell_idle_exit=args.lvm_shell_idle_exit,
+            lvm_config_overrides=lvm_overrides(args),
+            refresh_seconds=args.refresh_interval,
+            max_volumes_per_node=args.max_volumes_per_node,
+            state_dir=args.state_dir or os.path.dirname(socket_path(args.endpoint)),
+        )
+        return cls(
+            graph=graph,
+            endpoint=args.endpoint,
+            config_path=args.config,
+            grace_period=args.grace_period,
+            metrics_address=args.metrics_address,
+            snapshot_metadata_listen=args.snapshot_metadata_listen,
+            tls_dir=args.tls_dir,
+        )
+
+
 def serve(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
     configure_logging(args.log_level)
     log = structlog.get_logger("csi_lvm")
-    node_id = args.node_id or default_node_id()
-    options = Options(
-        node_id=node_id,
-        driver_name=args.driver_name,
-        topology_key=args.topology_key,
-        lvm_prefix=args.lvm_prefix.split(),
-        lvm_shell=not args.no_lvm_shell,
-        lvm_shell_idle_exit=args.lvm_shell_idle_exit,
-        lvm_config_overrides=lvm_overrides(args),
-        refresh_seconds=args.refresh_interval,
-        max_volumes_per_node=args.max_volumes_per_node,
-        state_dir=args.state_dir or os.path.dirname(socket_path(args.endpoint)),
-    )
-    if args.metrics_address and not re.fullmatch(r".*:\d{1,5}", args.metrics_address):
-        raise ConfigError(f"--metrics-address {args.metrics_address!r} must be host:port")
-    config = load_config(args.config)
+    flags = ServeOptions.from_args(args)
+    options = flags.graph
+    config = load_config(flags.config_path)
     graph = build(config, options)
     inventory, backends = graph.inventory, graph.backends
     scan = inventory.scan()
@@ -273,22 +297,22 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("device class unavailable", device_class=backend.name, reason=missing)
         elif missing is None and (warning := backend.warning(scan)) is not None:
             log.warning("device class at risk", device_class=backend.name, reason=warning)
-    if args.metrics_address:
-        serve_metrics(args.metrics_address, backends)
+    if flags.metrics_address:
+        serve_metrics(flags.metrics_address, backends)
     backends.states.remove_unfinished(inventory, graph.locks)
     assert graph.reservations is not None and graph.snapshot_metadata is not None  # state_dir
     graph.reservations.release_stale(BlockMaps.thin_pools(config))
     tls_listener = None
-    if args.snapshot_metadata_listen:
+    if flags.snapshot_metadata_listen:
         try:
-            listen_tls = server_credentials(TlsFiles(Path(args.tls_dir)))
-            tls_listener = (args.snapshot_metadata_listen, listen_tls)
+            listen_tls = server_credentials(TlsFiles(Path(flags.tls_dir)))
+            tls_listener = (flags.snapshot_metadata_listen, listen_tls)
         except ConfigError as error:
             # The Secret is optional in the DaemonSet: a cluster without the
             # forwarder runs the plugin without the port (restart it to add).
             log.warning("no snapshot metadata port for the forwarder", reason=str(error))
     server = Server(
-        args.endpoint,
+        flags.endpoint,
         graph.identity,
         graph.controller,
         graph.node,
@@ -298,8 +322,8 @@ def serve(args: argparse.Namespace) -> int:
     log.info(
         "starting",
         version=__version__,
-        driver=args.driver_name,
-        node_id=node_id,
+        driver=options.driver_name,
+        node_id=options.node_id,
         topology_key=options.node_topology_key,
         classes=[c.describe() for c in config.device_classes],
     )
@@ -308,7 +332,7 @@ def serve(args: argparse.Namespace) -> int:
         target=inventory.keep_fresh, args=(stop_refreshing,), name="refresh", daemon=True
     ).start()
     try:
-        server.run_until_signalled(args.grace_period)
+        server.run_until_signalled(flags.grace_period)
     finally:
         stop_refreshing.set()
         graph.close()

@@ -2,7 +2,8 @@
 the inventory and its kept view, the backends, the locks and the servicers,
 from the config and the options (checked here, once, with messages that name
 the flag). ``serve``, ``status``, ``doctor``, the tests and the benchmarks all
-build it with ``build``; none assembles it by hand.
+build it with ``build``; none assembles it by hand. The cluster's forwarder of
+SnapshotMetadata calls, a graph of its own, comes from ``build_forwarder``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from csi_lvm.block_maps import BlockMaps, PoolReservations
 from csi_lvm.config import Config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
+from csi_lvm.forwarding import ForwardingService, Peers
 from csi_lvm.identity import IdentityService
 from csi_lvm.kept_view import REFRESH_SECONDS
 from csi_lvm.locks import KeyedLocks
@@ -23,6 +25,7 @@ from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.node import NodeService
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
+from csi_lvm.tls import TlsFiles
 from csi_lvm.volumes import Inventory
 
 DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
@@ -133,4 +136,24 @@ def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
         node=NodeService(inventory, backends, locks, key, options.max_volumes_per_node),
         snapshot_metadata=snapshot_metadata,
         reservations=reservations,
+    )
+
+
+@dataclass(frozen=True)
+class Forwarder:
+    """The forwarder's parts: an Identity that offers SnapshotMetadata alone,
+    and the service that forwards each call to the plugin of the snapshot's node."""
+
+    identity: IdentityService
+    forwarding: ForwardingService
+
+    def close(self) -> None:
+        """Close the channels to the plugins."""
+        self.forwarding.close()
+
+
+def build_forwarder(driver_name: str, peers: Peers, tls: TlsFiles) -> Forwarder:
+    return Forwarder(
+        identity=IdentityService(driver_name, snapshot_metadata_only=True),
+        forwarding=ForwardingService(peers, tls),
     )

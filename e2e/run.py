@@ -21,11 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from e2e.checks import CBT_CRD, LISTER, run_checks  # noqa: E402
-from e2e.cluster import (  # noqa: E402
+from e2e.checks import CBT_CRD, LISTER, run_checks
+from e2e.cluster import (
     KUBE_BINARIES,
     Cluster,
     cgroup_controllers,
@@ -33,9 +30,11 @@ from e2e.cluster import (  # noqa: E402
     missing_debian_programs,
     writable_var_lib,
 )
-from e2e.plugin import sidecar_binaries  # noqa: E402
-from e2e.procs import Failed, Processes  # noqa: E402
-from tools.install import NOT_INSTALLED, ToolError, ensure  # noqa: E402
+from e2e.plugin import sidecar_binaries
+from e2e.procs import Failed, Processes
+from tools.install import NOT_INSTALLED, ToolError, ensure
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Besides the DaemonSet's sidecars (read from deploy/kubernetes/daemonset.yaml).
 CLUSTER_BINARIES = (*KUBE_BINARIES, "snapshot-controller")

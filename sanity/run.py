@@ -18,11 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.testbed import Driver, LoopVolumeGroup, write_config
+from tools.install import NOT_INSTALLED, ToolError, ensure
 
-from tests.testbed import Driver, LoopVolumeGroup, write_config  # noqa: E402
-from tools.install import NOT_INSTALLED, ToolError, ensure  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CLASSES = ("thin", "thick")
 SUMMARY = re.compile(r"^(Ran \d+ of \d+ Specs.*|(SUCCESS|FAIL)! -- .*)$")

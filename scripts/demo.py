@@ -13,11 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from csi_lvm.csi import csi_pb2  # noqa: E402
-from tests.testbed import (  # noqa: E402
+from csi_lvm.csi import csi_pb2
+from tests.testbed import (
     NODE_ID,
     TOPOLOGY_KEY,
     CsiClient,

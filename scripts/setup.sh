@@ -29,4 +29,9 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$root/.venv/bin/pip" install -q -e "$root[test]"
     touch "$stamp"
 fi
+# The checkout's own top-level packages (tests, bench, sanity, e2e, tools) are
+# importable by the venv's python from anywhere, as csi_lvm is: the runners
+# and the benchmark import tests.testbed without editing sys.path.
+site=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+echo "$root" > "$site/csi_lvm_checkout.pth"
 echo "setup: ready"

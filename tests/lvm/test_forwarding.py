@@ -19,10 +19,10 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
-from csi_lvm.forwarding import ForwardingService, StaticPeers
-from csi_lvm.identity import IdentityService
+from csi_lvm.forwarding import StaticPeers
 from csi_lvm.server import Server
 from csi_lvm.tls import PLUGIN_SERVER_NAME, TlsFiles
+from csi_lvm.wiring import build_forwarder
 from tests.lvm.helpers import MiB, block_capability, create, delete
 from tests.lvm.test_snapshot_metadata import (
     chunks,
@@ -114,19 +114,15 @@ def cluster(workdir: Path, driver: Driver) -> Iterator[Cluster]:
     node.start()
     peers = root / "peers"
     peers.write_text(f"# node address\n{NODE_ID} 127.0.0.1:{port}\n")
-    forwarding = ForwardingService(StaticPeers(str(peers)), TlsFiles(forwarder_tls))
+    parts = build_forwarder(DRIVER_NAME, StaticPeers(str(peers)), TlsFiles(forwarder_tls))
     forwarder = Server(
-        f"unix://{root}/forwarder.sock",
-        IdentityService(DRIVER_NAME, snapshot_metadata_only=True),
-        None,
-        None,
-        forwarding,
+        f"unix://{root}/forwarder.sock", parts.identity, None, None, parts.forwarding
     )
     forwarder.start()
     try:
         yield Cluster(root, node, port, forwarder)
     finally:
-        forwarding.close()
+        parts.close()
         forwarder.stop(5)
         assert node.stop() == 0
 

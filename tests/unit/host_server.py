@@ -33,14 +33,14 @@ def serve_absent_vg(
     )
     options = Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY, state_dir=str(state_dir))
     graph = build(config, options)
-    assert graph.reservations is not None
-    maps = BlockMaps(graph.lvm, graph.reservations)
+    assert graph.snapshot_metadata is not None  # a state directory is given
     server = Server(
         f"unix://{root}/csi.sock",
         graph.identity,
         graph.controller,
         graph.node,
-        snapshot_metadata(graph.inventory, maps),
+        # The graph's own service, or a test's subclass of it on the same block maps.
+        snapshot_metadata(graph.inventory, graph.snapshot_metadata.maps),
     )
     server.start()
     return server, CsiClient(f"{root}/csi.sock")

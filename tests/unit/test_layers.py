@@ -132,6 +132,44 @@ def test_the_servicers_never_touch_the_lvm_layer() -> None:
     assert not touching, touching
 
 
+# The driver's object graph has one home: wiring.build. Elsewhere in the
+# driver and its runners, these parts come from a built graph, never by hand.
+GRAPH_PARTS = frozenset(
+    {
+        "Inventory",
+        "Backends",
+        "KeyedLocks",
+        "PoolReservations",
+        "ControllerService",
+        "NodeService",
+        "SnapshotMetadataService",
+        "IdentityService",
+        "ForwardingService",
+    }
+)
+RUNNERS = ("bench", "scripts", "sanity", "e2e")
+
+
+def constructed(path: Path) -> set[str]:
+    """The graph's parts a file calls by name."""
+    return {
+        node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute)
+    } & GRAPH_PARTS
+
+
+def test_only_the_wiring_builds_the_graph() -> None:
+    runners = [path for folder in RUNNERS for path in (PACKAGE.parent / folder).rglob("*.py")]
+    by_hand = {
+        str(path.relative_to(PACKAGE.parent)): sorted(parts)
+        for path in [*modules().values(), *runners]
+        if path != PACKAGE / "wiring.py" and (parts := constructed(path))
+    }
+    assert not by_hand, by_hand
+    assert constructed(PACKAGE / "wiring.py") == GRAPH_PARTS  # the check sees the calls
+
+
 def test_no_module_is_over_500_lines() -> None:
     long = {
         name: n
