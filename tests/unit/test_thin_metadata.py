@@ -15,16 +15,15 @@ from collections.abc import Iterator
 import pytest
 
 from csi_lvm.lvm.errors import LvmNotFound, LvmTimeout
+from csi_lvm.lvm.names import dm_name, metadata_dm_name
+from csi_lvm.lvm.records import parse_pool_status
 from csi_lvm.lvm.thin_metadata import (
     Listing,
     ThinDeviceMissing,
     ThinMetadata,
     ThinMetadataError,
     _tool_failure,
-    dm_name,
     kernel_node,
-    metadata_dm_name,
-    parse_pool_status,
     xml_elements,
 )
 
