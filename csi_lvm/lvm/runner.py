@@ -22,21 +22,23 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO
 
 import structlog
 
-from csi_lvm.lvm.errors import LvmError, LvmTimeout, LvmToolMissing, classify_failure
+from csi_lvm.lvm.errors import (
+    LvmError,
+    LvmTimeout,
+    LvmToolMissing,
+    classify_failure,
+    classify_tool_failure,
+)
 from csi_lvm.lvm.process import run_to_completion, wait_for_unfinished
 from csi_lvm.lvm.shell import LvmShell
 
 log = structlog.get_logger("csi_lvm.lvm")
-
-# How a streamed tool's failure becomes an error: from its command line,
-# exit code and messages.
-Failure = Callable[[Sequence[str], int, str], LvmError]
 
 
 def config_overrides_from(text: str) -> str:
@@ -171,14 +173,12 @@ class Runner:
         return self.tool(self.command(["dmsetup", *args]), f"dmsetup {args[0]}", "dmsetup", timeout)
 
     @contextmanager
-    def stream(
-        self, args: Sequence[str], tool: str, failure: Failure, timeout: float | None = None
-    ) -> Iterator[IO[bytes]]:
-        """The output of a tool that only reads (``tool`` names it), read as
+    def stream(self, args: Sequence[str], timeout: float | None = None) -> Iterator[IO[bytes]]:
+        """The output of a thin-provisioning tool, which only reads, read as
         the caller goes. Such a tool may be stopped, unlike LVM: when the
         caller leaves before its end, and past the time limit (then the
-        read ends early and LvmTimeout is raised). A tool that failed is
-        ``failure``'s error, also when the caller stopped reading at an
+        read ends early and LvmTimeout is raised). A tool that failed raises
+        its classified error, also when the caller stopped reading at an
         LvmError of its own (output cut short says less than the tool)."""
         limit = self.limit(timeout)
         with tempfile.TemporaryFile() as errors:
@@ -192,7 +192,9 @@ class Runner:
                     start_new_session=True,
                 )
             except FileNotFoundError as exc:
-                raise LvmToolMissing(f"{tool} is not installed on this node") from exc
+                raise LvmToolMissing(
+                    f"{args[0]} (thin-provisioning-tools) is not installed on this node"
+                ) from exc
             assert process.stdout is not None
             expired = threading.Event()
 
@@ -211,7 +213,7 @@ class Runner:
                     )
                 errors.seek(0)
                 message = " ".join(errors.read().decode(errors="replace").split())
-                return failure(args, process.returncode, message)
+                return classify_tool_failure(args, process.returncode, message)
 
             left_early = True
             try:

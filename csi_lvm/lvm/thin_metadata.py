@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import IO, cast
 
 from csi_lvm.lvm.commands import read_pool_status
-from csi_lvm.lvm.errors import LvmError, LvmNotFound
+from csi_lvm.lvm.errors import MetadataSnapshotHeld, PoolNotActive, ThinMetadataError
 from csi_lvm.lvm.names import check_lv_names, dm_name, metadata_dm_name
 from csi_lvm.lvm.records import PoolStatus
 from csi_lvm.lvm.runner import Runner
@@ -39,23 +39,6 @@ _READ_BYTES = 1 << 16
 # one that has none to release.
 _BUSY = re.compile(r"resource busy", re.I)
 _NOTHING_HELD = re.compile(r"invalid argument", re.I)
-
-
-class ThinMetadataError(LvmError):
-    """A thin-provisioning tool or a message to the pool failed."""
-
-
-class ThinDeviceMissing(LvmNotFound):
-    """The metadata snapshot has no thin device of that id (it was deleted
-    before the snapshot of the metadata was taken)."""
-
-
-class MetadataSnapshotHeld(ThinMetadataError):
-    """The pool has a metadata snapshot reserved already; the kernel keeps one."""
-
-
-class PoolNotActive(ThinMetadataError):
-    """The pool has no device-mapper device: its metadata is not live."""
 
 
 def kernel_node(blkdevname: str) -> str:
@@ -233,8 +216,7 @@ class ThinMetadata:
         """A tool's output as a ``Listing``, read as the caller iterates; the
         tool is stopped if the caller leaves early (these tools only read),
         and its failure raised."""
-        tool = f"{args[0]} (thin-provisioning-tools)"
-        with self.runner.stream(args, tool, _tool_failure, timeout) as output:
+        with self.runner.stream(args, timeout) as output:
             try:
                 yield Listing(xml_elements(output))
             except ElementTree.ParseError as exc:
@@ -266,13 +248,3 @@ class ThinMetadata:
         ]  # fmt: skip
         with self._listing(args, timeout) as listing:
             yield listing
-
-
-def _tool_failure(args: Sequence[str], returncode: int, message: str) -> LvmError:
-    if "unable to find mapping tree" in message.lower():
-        return ThinDeviceMissing(f"{args[0]}: {message.split(' Usage:')[0]}")
-    if "no current metadata snap" in message.lower():
-        return ThinMetadataError(f"{args[0]}: the pool's metadata snapshot is gone: {message}")
-    return ThinMetadataError(
-        f"{args[0]} failed (exit code {returncode}): {message[:500] or 'no message'}"
-    )

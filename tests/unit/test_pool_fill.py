@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from csi_lvm.lvm.commands import Lvm
-from csi_lvm.lvm.errors import LvmBadName, LvmToolMissing
+from csi_lvm.lvm.errors import LvmBadName, LvmToolMissing, PoolNotActive
 from csi_lvm.lvm.names import pool_dm_names
 from csi_lvm.lvm.records import PoolFill, parse_pool_status
-from csi_lvm.lvm.thin_metadata import PoolNotActive, ThinMetadata
+from csi_lvm.lvm.thin_metadata import ThinMetadata
 
 # What ``dmsetup status -- NAME`` prints for each device the stand-in knows;
 # any other name fails as dmsetup does ("Device does not exist").
