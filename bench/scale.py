@@ -33,8 +33,9 @@ import structlog
 from bench.measure import MiB, Row, mount_cap, percentile, rss_mib, timed
 from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for
-from csi_lvm.lvm.commands import Lvm, config_overrides_from
+from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmMetadataFull
+from csi_lvm.lvm.runner import config_overrides_from
 from tests.testbed import DRIVER_NAME, CsiClient, Driver, LoopVolumeGroup, write_config
 
 METRICS_PORT = 9899

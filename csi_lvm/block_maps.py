@@ -37,16 +37,10 @@ from csi_lvm.block_ranges import RangeSpool, merged, scaled
 from csi_lvm.config import Config
 from csi_lvm.errors import Aborted, FailedPrecondition, Internal, InvalidArgument, NotFound
 from csi_lvm.lvm.commands import Lvm
-from csi_lvm.lvm.records import LogicalVolume
-from csi_lvm.lvm.thin_metadata import (
-    MetadataSnapshotHeld,
-    PoolNotActive,
-    PoolStatus,
-    ThinDevice,
-    ThinDeviceMissing,
-    ThinMetadata,
-    dm_name,
-)
+from csi_lvm.lvm.errors import MetadataSnapshotHeld, PoolNotActive, ThinDeviceMissing
+from csi_lvm.lvm.names import dm_name
+from csi_lvm.lvm.records import LogicalVolume, PoolStatus
+from csi_lvm.lvm.thin_metadata import ThinDevice, ThinMetadata
 from csi_lvm.volumes import Owned
 
 log = structlog.get_logger("csi_lvm.block_maps")

@@ -25,7 +25,8 @@ from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
 from csi_lvm.errors import ConfigError
 from csi_lvm.forwarding import KubernetesPeers, Peers, StaticPeers
-from csi_lvm.lvm.commands import Lvm, config_overrides_from
+from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.runner import config_overrides_from
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path

@@ -19,7 +19,6 @@ from csi_lvm.backends.base import Backend, Contents, NewLv
 from csi_lvm.config import DeviceClass
 from csi_lvm.ids import Kind
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
-from csi_lvm.lvm.thin_metadata import PoolNotActive, ThinMetadata
 from csi_lvm.volumes import Owned, Scan
 
 
@@ -91,12 +90,11 @@ class ThinBackend(Backend):
         """The pool with the fill the kernel counts now: tenants' writes fill
         it without telling the driver, so the scan's figures may be behind
         (the kernel's thin-pool status takes no LVM lock)."""
-        try:
-            status = ThinMetadata(runner=self.lvm.runner).pool_status(pool.vg_name, pool.name, 10.0)
-        except PoolNotActive:  # then nothing has been written to it since the scan
+        fill = self.lvm.pool_fill(pool.vg_name, pool.name, 10.0)
+        if fill is None:  # not active: nothing can have been written since
             return pool
         return dataclasses.replace(
-            pool, data_percent=status.data_percent, metadata_percent=status.metadata_percent
+            pool, data_percent=fill.data_percent, metadata_percent=fill.metadata_percent
         )
 
     def _create_blank(self, new: NewLv) -> None:

@@ -1,61 +1,51 @@
-"""The LVM verbs: every ``lvm`` command line csi-lvm sends is built here.
+"""The LVM verbs: every ``lvm`` command line csi-lvm sends is built here,
+and the kernel's own status of LVM's devices (``dmsetup status``) is read
+here.
 
 ``Lvm`` has the runner (``runner``) run each one; reads always ask for JSON
 reports in bytes and return typed records; failures are the errors of
-``errors``.
+``errors``. Names are checked (``names``) before any reaches a command line;
+each change is written in the journal (``journal``). Nothing here starts a
+program or knows how one is run.
 """
 
 from __future__ import annotations
 
-import collections
 import os
-import re
-import threading
 from collections.abc import Iterable, Sequence
 
-import structlog
-
-from csi_lvm.lvm.errors import LvmBadName
+from csi_lvm.lvm.journal import ChangeJournal
+from csi_lvm.lvm.names import NAME_RE, check_lv_names, check_name, pool_dm_names, tag_args
 from csi_lvm.lvm.records import (
     LV_FIELDS,
     THIN_FIELDS,
     VG_COLUMNS,
     VG_FIELDS,
     LogicalVolume,
+    PoolFill,
+    PoolStatus,
     VolumeGroup,
     parse_lv_report,
+    parse_pool_status,
     parse_vg_report,
 )
 from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.shell import LvmShell
 
-log = structlog.get_logger("csi_lvm.lvm")
 
-# LVM's grammar for VG and LV names (lvm(8), "Valid names"), and for tags.
-NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
-TAG_RE = re.compile(r"[A-Za-z0-9_+.:/=!&#][A-Za-z0-9_+.:/=!&#-]{0,1023}")
-# How many touched LVs the change log keeps (a reader of an older report
-# rereads everything).
-_TOUCHED_KEPT = 4096
-
-
-def config_overrides_from(text: str) -> str:
-    """LVM configuration text (a file's, comments and all) as the one
-    argument ``--config`` takes."""
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
-    return " ".join(line for line in lines if line)
-
-
-def check_name(name: str, what: str) -> None:
-    """Names reach LVM only once they match LVM's own grammar."""
-    if not NAME_RE.fullmatch(name) or name in {".", ".."}:
-        raise LvmBadName(f"{what} {name!r} is not a valid LVM name")
-
-
-def check_lv_names(volume_group: str, *lv_names: str) -> None:
-    check_name(volume_group, "volume group")
-    for name in lv_names:
-        check_name(name, "logical volume")
+def read_pool_status(
+    runner: Runner, volume_group: str, pool: str, timeout: float | None = None
+) -> PoolStatus | None:
+    """The kernel's status of the pool's thin-pool target, wherever LVM put
+    it (``names.pool_dm_names``); None when the pool has no active one. It
+    takes no LVM lock: the kernel answers at once, whatever LVM is doing."""
+    check_lv_names(volume_group, pool)
+    for device in pool_dm_names(volume_group, pool):
+        done = runner.dmsetup(["status", "--", device], timeout)
+        status = parse_pool_status(device, done.stdout) if done.returncode == 0 else None
+        if status is not None:
+            return status
+    return None
 
 
 class Lvm:
@@ -65,9 +55,9 @@ class Lvm:
     ``prefix`` runs every command through another program (``nsenter`` into
     the host's namespaces, for example); ``binary`` is the ``lvm`` tool;
     ``shell`` sends reports and changes to one long-lived ``lvm`` shell
-    process (see ``runner``). Every change is written in a journal first
-    (``changes``, ``touched_since``): what a report taken before it may
-    show wrong.
+    process (see ``runner``). Every change is written in the journal
+    (``journal``) as it starts and as it ends: what a report taken before
+    it may show wrong.
     """
 
     def __init__(
@@ -80,13 +70,7 @@ class Lvm:
         config_overrides: str = "",
     ):
         self.runner = Runner(binary, prefix, timeout, shell, shell_idle_exit, config_overrides)
-        self._changes = 0
-        self._changes_lock = threading.Lock()
-        # The LVs each recent change named, with the count at its start and
-        # at its end (and whether it ended by removing them): what a report
-        # older than those counts may show wrong.
-        self._touched: collections.deque[tuple[int, str, str, bool]] = collections.deque()
-        self._forgotten = 0  # the highest count whose entries were dropped
+        self.journal = ChangeJournal()
 
     @property
     def prefix(self) -> list[str]:
@@ -112,44 +96,24 @@ class Lvm:
         """A command that changes LVM state (its output is not needed);
         ``touches`` names the LVs (volume group, name) it makes, alters or
         removes."""
-        self._changed(touches, removed=False)
+        self.journal.changed(touches)
         done = False
         try:
             self.runner.change(args, timeout)
             done = True
         finally:
-            self._changed(touches, removed=done and args[0] == "lvremove")
+            self.journal.changed(touches, removed=done and args[0] == "lvremove")
 
     @property
     def changes(self) -> int:
-        """Counts the starts and ends of changes this object sent: a report
-        taken while the count stood still shows all of them."""
-        return self._changes
+        """The journal's count of the starts and ends of changes this object
+        sent: a report taken while it stood still shows all of them."""
+        return self.journal.changes
 
     def touched_since(self, count: int) -> dict[tuple[str, str], tuple[int, bool]] | None:
-        """The LVs (volume group, name) that changes named since ``changes``
-        stood at ``count`` (a change under way then is included), each with
-        the count of the latest of them and whether it removed the LV; None
-        when the log no longer reaches back that far."""
-        with self._changes_lock:
-            if count < self._forgotten:
-                return None
-            # Newest first, and only back to ``count``: every stats call asks,
-            # and the log holds thousands of the driver's older changes.
-            touched: dict[tuple[str, str], tuple[int, bool]] = {}
-            for seen, volume_group, name, removed in reversed(self._touched):
-                if seen <= count:
-                    break
-                touched.setdefault((volume_group, name), (seen, removed))
-            return touched
-
-    def _changed(self, touches: Sequence[tuple[str, str]], removed: bool) -> None:
-        with self._changes_lock:
-            self._changes += 1
-            for volume_group, name in touches:
-                self._touched.append((self._changes, volume_group, name, removed))
-            while len(self._touched) > _TOUCHED_KEPT:
-                self._forgotten = self._touched.popleft()[0]
+        """The LVs changes named since ``changes`` stood at ``count`` (see
+        ``ChangeJournal.touched_since``)."""
+        return self.journal.touched_since(count)
 
     # ---- reads
 
@@ -276,7 +240,7 @@ class Lvm:
             [
                 "lvcreate", "--yes", "--name", name,
                 "--virtualsize", f"{size_bytes}b", "--thinpool", pool,
-                *_tag_args(tags), volume_group,
+                *tag_args(tags), volume_group,
             ],
             timeout,
             [(volume_group, name)],
@@ -297,7 +261,7 @@ class Lvm:
             [
                 "lvcreate", "--yes", "--name", name, "--size", f"{size_bytes}b",
                 "--wipesignatures", "y", "--zero", "y",
-                *_tag_args(tags), volume_group,
+                *tag_args(tags), volume_group,
             ],
             timeout,
             [(volume_group, name)],
@@ -324,7 +288,7 @@ class Lvm:
         self.change(
             [
                 "lvcreate", "--yes", "--snapshot", "--name", name, *activation,
-                *_tag_args(tags), f"{volume_group}/{origin}",
+                *tag_args(tags), f"{volume_group}/{origin}",
             ],
             timeout,
             [(volume_group, name), (volume_group, origin)],
@@ -348,7 +312,7 @@ class Lvm:
                 "lvcreate", "--yes", "--snapshot", "--name", name,
                 "--size", f"{size_bytes}b", "--chunksize", f"{chunk_bytes // 1024}k",
                 "--setactivationskip", "n", "--activate", "y",
-                *_tag_args(tags), f"{volume_group}/{origin}",
+                *tag_args(tags), f"{volume_group}/{origin}",
             ],
             timeout,
             [(volume_group, name), (volume_group, origin)],
@@ -383,7 +347,7 @@ class Lvm:
     ) -> None:
         check_lv_names(volume_group, name)
         self.change(
-            ["lvchange", *_tag_args([tag], "--deltag"), f"{volume_group}/{name}"],
+            ["lvchange", *tag_args([tag], "--deltag"), f"{volume_group}/{name}"],
             timeout,
             [(volume_group, name)],
         )
@@ -402,14 +366,15 @@ class Lvm:
             return None
         return int(fields[3]) if fields[3].isdigit() else None
 
+    def pool_fill(
+        self, volume_group: str, pool: str, timeout: float | None = None
+    ) -> PoolFill | None:
+        """How full the thin pool is now, from the kernel (``dmsetup status``),
+        without any LVM lock: tenants' writes fill a pool without telling the
+        driver, and a report may be behind them. None when the pool has no
+        active device (then nothing can have been written to it)."""
+        status = read_pool_status(self.runner, volume_group, pool, timeout)
+        return status.fill if status is not None else None
+
     def version(self, timeout: float | None = None) -> str:
         return self.run(["version"], timeout).strip()
-
-
-def _tag_args(tags: Sequence[str], flag: str = "--addtag") -> list[str]:
-    args: list[str] = []
-    for tag in tags:
-        if not TAG_RE.fullmatch(tag):
-            raise LvmBadName(f"LVM tag {tag!r} has characters LVM does not accept")
-        args += [flag, tag]
-    return args

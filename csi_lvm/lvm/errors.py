@@ -1,6 +1,7 @@
-"""LVM's failures as errors of LVM's own kind.
+"""LVM's failures as errors of LVM's own kind, and the thin-provisioning
+tools' and thin pool's.
 
-A failed command is classified once, here, from LVM's messages (always read
+A failed command is classified once, here, from its messages (always read
 with ``LC_ALL=C``). These errors say what LVM refused; they carry no gRPC
 status. ``csi_lvm.errors`` maps each kind to a status, and the servicers
 translate the ones whose meaning depends on the call (no space for a create,
@@ -88,6 +89,23 @@ class LvmMetadataFull(LvmError):
         super().__init__(f"{message} -- the volume group's metadata area is full. {METADATA_FIX}")
 
 
+class ThinMetadataError(LvmError):
+    """A thin-provisioning tool or a message to the pool failed."""
+
+
+class ThinDeviceMissing(LvmNotFound):
+    """The metadata snapshot has no thin device of that id (it was deleted
+    before the snapshot of the metadata was taken)."""
+
+
+class MetadataSnapshotHeld(ThinMetadataError):
+    """The pool has a metadata snapshot reserved already; the kernel keeps one."""
+
+
+class PoolNotActive(ThinMetadataError):
+    """The pool has no device-mapper device: its metadata is not live."""
+
+
 _CLASSIFIERS: tuple[tuple[re.Pattern[str], type[LvmError]], ...] = (
     (
         re.compile(
@@ -132,3 +150,14 @@ def classify_failure(command: Sequence[str], returncode: int, stderr: str) -> Lv
             return error(message)
     verb = command[1] if len(command) > 1 else "lvm"
     return LvmError(f"lvm {verb} failed: {message}")
+
+
+def classify_tool_failure(args: Sequence[str], returncode: int, message: str) -> LvmError:
+    """The error for a failed thin-provisioning tool, from its messages."""
+    if "unable to find mapping tree" in message.lower():
+        return ThinDeviceMissing(f"{args[0]}: {message.split(' Usage:')[0]}")
+    if "no current metadata snap" in message.lower():
+        return ThinMetadataError(f"{args[0]}: the pool's metadata snapshot is gone: {message}")
+    return ThinMetadataError(
+        f"{args[0]} failed (exit code {returncode}): {message[:500] or 'no message'}"
+    )

@@ -1,5 +1,6 @@
 """Typed records of LVM's JSON reports: logical volumes, volume groups and
-the ``lv_attr`` string decoded into named states (see lvs(8)).
+the ``lv_attr`` string decoded into named states (see lvs(8)); and of the
+kernel's status line of a thin pool (``dmsetup status``): its live fill.
 
 Pure decoding, no I/O; what the records mean for volumes and filesystems is
 decided above this package.
@@ -158,6 +159,77 @@ class VolumeGroup:
     @property
     def partial(self) -> bool:
         return self.missing_pvs > 0 or (len(self.attr) > 3 and self.attr[3] == "p")
+
+
+@dataclass(frozen=True)
+class PoolFill:
+    """How full a thin pool is now, as the kernel counts it: tenants' writes
+    fill a pool without telling anyone, and LVM's reports say the same only
+    rounded, and as of when they ran."""
+
+    data_percent: float
+    metadata_percent: float
+    mode: str  # rw, ro (metadata trouble), out_of_data_space
+    needs_check: bool  # the kernel wants the metadata checked (thin_check)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """A thin pool's status line, the parts that matter here."""
+
+    device: str  # the device-mapper name messages go to
+    transaction_id: int
+    held_root: int | None  # the metadata snapshot's block, None when none is held
+    mode: str  # rw, ro, out_of_data_space
+    metadata_blocks: tuple[int, int]  # used, total
+    data_blocks: tuple[int, int]  # used, total
+    needs_check: bool
+
+    @property
+    def data_percent(self) -> float:
+        return _share(self.data_blocks)
+
+    @property
+    def metadata_percent(self) -> float:
+        return _share(self.metadata_blocks)
+
+    @property
+    def fill(self) -> PoolFill:
+        return PoolFill(self.data_percent, self.metadata_percent, self.mode, self.needs_check)
+
+
+def _share(used_of: tuple[int, int]) -> float:
+    used, total = used_of
+    return 100.0 * used / total if total else 0.0
+
+
+def _used_of(field: str) -> tuple[int, int] | None:
+    used, _, total = field.partition("/")
+    return (int(used), int(total)) if used.isdigit() and total.isdigit() else None
+
+
+def parse_pool_status(device: str, line: str) -> PoolStatus | None:
+    """``dmsetup status`` of a thin-pool target: ``<start> <length> thin-pool
+    <transaction> <used>/<total meta> <used>/<total data> <held root>|-
+    rw|ro|out_of_data_space ... needs_check|- ...`` (dm-thin's documentation);
+    None when the line is not a thin pool's (a linear device, or a pool the
+    kernel reports as ``Fail``)."""
+    fields = line.split()
+    if len(fields) < 8 or fields[2] != "thin-pool" or not fields[3].isdigit():
+        return None
+    metadata, data = _used_of(fields[4]), _used_of(fields[5])
+    if metadata is None or data is None:
+        return None
+    held = fields[6]
+    return PoolStatus(
+        device=device,
+        transaction_id=int(fields[3]),
+        held_root=int(held) if held.isdigit() else None,
+        mode=fields[7],
+        metadata_blocks=metadata,
+        data_blocks=data,
+        needs_check="needs_check" in fields[8:],
+    )
 
 
 def _int(value: object) -> int:

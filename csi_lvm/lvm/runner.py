@@ -7,9 +7,11 @@ classified, within a timeout taken from the caller's deadline and capped by
 the driver's own, and is never killed once it may change anything (see
 ``process``). ``lvm`` commands go to the long-lived shell where it can take
 them (``shell``) and run as processes otherwise, with the same results and
-errors either way; their failures are classified once (``errors``). The
-verbs (``commands``, ``thin_metadata``) build command lines and read what
-comes back; they never start a program themselves.
+errors either way; their failures are classified once (``errors``). A tool
+that only reads and prints without end (the thin tools' listings) is
+streamed instead, and may be stopped. The verbs (``commands``,
+``thin_metadata``) build command lines and read what comes back; they never
+start a program themselves.
 """
 
 from __future__ import annotations
@@ -17,16 +19,33 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO
 
 import structlog
 
-from csi_lvm.lvm.errors import LvmError, LvmTimeout, LvmToolMissing, classify_failure
+from csi_lvm.lvm.errors import (
+    LvmError,
+    LvmTimeout,
+    LvmToolMissing,
+    classify_failure,
+    classify_tool_failure,
+)
 from csi_lvm.lvm.process import run_to_completion, wait_for_unfinished
 from csi_lvm.lvm.shell import LvmShell
 
 log = structlog.get_logger("csi_lvm.lvm")
+
+
+def config_overrides_from(text: str) -> str:
+    """LVM configuration text (a file's, comments and all) as the one
+    argument ``--config`` takes."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return " ".join(line for line in lines if line)
 
 
 class Runner:
@@ -152,3 +171,64 @@ class Runner:
         self, args: Sequence[str], timeout: float | None = None
     ) -> subprocess.CompletedProcess[str]:
         return self.tool(self.command(["dmsetup", *args]), f"dmsetup {args[0]}", "dmsetup", timeout)
+
+    @contextmanager
+    def stream(self, args: Sequence[str], timeout: float | None = None) -> Iterator[IO[bytes]]:
+        """The output of a thin-provisioning tool, which only reads, read as
+        the caller goes. Such a tool may be stopped, unlike LVM: when the
+        caller leaves before its end, and past the time limit (then the
+        read ends early and LvmTimeout is raised). A tool that failed raises
+        its classified error, also when the caller stopped reading at an
+        LvmError of its own (output cut short says less than the tool)."""
+        limit = self.limit(timeout)
+        with tempfile.TemporaryFile() as errors:
+            try:
+                process = subprocess.Popen(
+                    self.command(args),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    env=self.env,
+                    start_new_session=True,
+                )
+            except FileNotFoundError as exc:
+                raise LvmToolMissing(
+                    f"{args[0]} (thin-provisioning-tools) is not installed on this node"
+                ) from exc
+            assert process.stdout is not None
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                process.kill()
+
+            watchdog = threading.Timer(limit, expire)
+            watchdog.daemon = True
+            watchdog.start()
+
+            def failed() -> LvmError:
+                if expired.is_set():
+                    return LvmTimeout(
+                        f"{args[0]} did not finish within {limit:.1f}s; it was stopped"
+                    )
+                errors.seek(0)
+                message = " ".join(errors.read().decode(errors="replace").split())
+                return classify_tool_failure(args, process.returncode, message)
+
+            left_early = True
+            try:
+                try:
+                    yield process.stdout
+                except LvmError as exc:
+                    if process.wait() != 0:
+                        raise failed() from exc
+                    raise
+                left_early = bool(process.stdout.read(1))
+            finally:
+                watchdog.cancel()
+                if left_early and process.poll() is None:
+                    process.kill()
+                process.wait()
+                process.stdout.close()
+            if not left_early and process.returncode != 0:
+                raise failed()

@@ -13,26 +13,24 @@ the pool's status; nothing else here writes anything.
 parsed as it arrives, so a map of any size passes in constant memory. These
 tools only read, so unlike LVM they may be stopped mid-run.
 
-Device-mapper names: LVM names a pool's devices ``<vg>-<pool>-tpool`` (the
-pool itself, once thin volumes use it; ``<vg>-<pool>`` before) and
-``<vg>-<pool>_tmeta`` (its metadata), each dash inside a VG or LV name
-doubled.
+The pool's device-mapper names are ``names``'; the status line is read by
+``commands.read_pool_status``, which the verbs' live fill shares; every tool
+runs through the runner that runs LVM.
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-import tempfile
-import threading
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, cast
 
-from csi_lvm.lvm.commands import check_lv_names
-from csi_lvm.lvm.errors import LvmError, LvmNotFound, LvmTimeout, LvmToolMissing
+from csi_lvm.lvm.commands import read_pool_status
+from csi_lvm.lvm.errors import MetadataSnapshotHeld, PoolNotActive, ThinMetadataError
+from csi_lvm.lvm.names import check_lv_names, dm_name, metadata_dm_name
+from csi_lvm.lvm.records import PoolStatus
 from csi_lvm.lvm.runner import Runner
 
 SECTOR_BYTES = 512
@@ -41,35 +39,6 @@ _READ_BYTES = 1 << 16
 # one that has none to release.
 _BUSY = re.compile(r"resource busy", re.I)
 _NOTHING_HELD = re.compile(r"invalid argument", re.I)
-
-
-class ThinMetadataError(LvmError):
-    """A thin-provisioning tool or a message to the pool failed."""
-
-
-class ThinDeviceMissing(LvmNotFound):
-    """The metadata snapshot has no thin device of that id (it was deleted
-    before the snapshot of the metadata was taken)."""
-
-
-class MetadataSnapshotHeld(ThinMetadataError):
-    """The pool has a metadata snapshot reserved already; the kernel keeps one."""
-
-
-class PoolNotActive(ThinMetadataError):
-    """The pool has no device-mapper device: its metadata is not live."""
-
-
-def dm_name(volume_group: str, lv_name: str, layer: str = "") -> str:
-    """The device-mapper name LVM gives an LV (or a layer of it, ``tpool``)."""
-    name = f"{volume_group.replace('-', '--')}-{lv_name.replace('-', '--')}"
-    return f"{name}-{layer}" if layer else name
-
-
-def metadata_dm_name(volume_group: str, pool: str) -> str:
-    """The device-mapper name of the pool's metadata device (its hidden
-    ``_tmeta`` LV)."""
-    return dm_name(volume_group, f"{pool}_tmeta")
 
 
 def kernel_node(blkdevname: str) -> str:
@@ -82,59 +51,6 @@ def kernel_node(blkdevname: str) -> str:
     if not re.fullmatch(r"dm-\d+", name):
         raise ThinMetadataError(f"dmsetup named the device {name!r}, not dm-<minor>")
     return f"/dev/{name}"
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    """A thin pool's status line, the parts that matter here: what the kernel
-    counts now, whoever wrote (LVM's reports say the same, rounded, as of
-    when they ran)."""
-
-    device: str  # the device-mapper name messages go to
-    transaction_id: int
-    held_root: int | None  # the metadata snapshot's block, None when none is held
-    mode: str  # rw, ro, out_of_data_space
-    metadata_blocks: tuple[int, int]  # used, total
-    data_blocks: tuple[int, int]  # used, total
-    needs_check: bool
-
-    @property
-    def data_percent(self) -> float:
-        used, total = self.data_blocks
-        return 100.0 * used / total if total else 0.0
-
-    @property
-    def metadata_percent(self) -> float:
-        used, total = self.metadata_blocks
-        return 100.0 * used / total if total else 0.0
-
-
-def _used_of(field: str) -> tuple[int, int] | None:
-    used, _, total = field.partition("/")
-    return (int(used), int(total)) if used.isdigit() and total.isdigit() else None
-
-
-def parse_pool_status(device: str, line: str) -> PoolStatus | None:
-    """``dmsetup status`` of a thin-pool target: ``<start> <length> thin-pool
-    <transaction> <used>/<total meta> <used>/<total data> <held root>|-
-    rw|ro|out_of_data_space ... needs_check|- ...`` (dm-thin's documentation);
-    None when the line is not a thin pool's."""
-    fields = line.split()
-    if len(fields) < 8 or fields[2] != "thin-pool" or not fields[3].isdigit():
-        return None
-    metadata, data = _used_of(fields[4]), _used_of(fields[5])
-    if metadata is None or data is None:
-        return None
-    held = fields[6]
-    return PoolStatus(
-        device=device,
-        transaction_id=int(fields[3]),
-        held_root=int(held) if held.isdigit() else None,
-        mode=fields[7],
-        metadata_blocks=metadata,
-        data_blocks=data,
-        needs_check="needs_check" in fields[8:],
-    )
 
 
 @dataclass(frozen=True)
@@ -250,17 +166,14 @@ class ThinMetadata:
 
     def pool_status(self, volume_group: str, pool: str, timeout: float | None = None) -> PoolStatus:
         """The status of the pool's thin-pool device."""
-        check_lv_names(volume_group, pool)
-        for device in (dm_name(volume_group, pool, "tpool"), dm_name(volume_group, pool)):
-            code, out, _ = self._dmsetup(["status", "--", device], timeout)
-            status = parse_pool_status(device, out) if code == 0 else None
-            if status is not None:
-                return status
-        raise PoolNotActive(
-            f"thin pool {volume_group}/{pool} is not active (no thin-pool device "
-            f"{dm_name(volume_group, pool, 'tpool')}); activate it with "
-            f"lvchange --activate y {volume_group}/{pool}"
-        )
+        status = read_pool_status(self.runner, volume_group, pool, timeout)
+        if status is None:
+            raise PoolNotActive(
+                f"thin pool {volume_group}/{pool} is not active (no thin-pool device "
+                f"{dm_name(volume_group, pool, 'tpool')}); activate it with "
+                f"lvchange --activate y {volume_group}/{pool}"
+            )
+        return status
 
     def metadata_node(self, volume_group: str, pool: str, timeout: float | None = None) -> str:
         """Where the tools read the pool's metadata device: its kernel node.
@@ -301,51 +214,13 @@ class ThinMetadata:
     @contextmanager
     def _listing(self, args: Sequence[str], timeout: float | None) -> Iterator[Listing]:
         """A tool's output as a ``Listing``, read as the caller iterates; the
-        tool is stopped if the caller leaves early, and its failure raised."""
-        command = self.runner.command(args)
-        limit = self.runner.limit(timeout)
-        with tempfile.TemporaryFile() as errors:
+        tool is stopped if the caller leaves early (these tools only read),
+        and its failure raised."""
+        with self.runner.stream(args, timeout) as output:
             try:
-                process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=errors,
-                    env=self.runner.env,
-                    start_new_session=True,
-                )
-            except FileNotFoundError as exc:
-                raise LvmToolMissing(
-                    f"{args[0]} (thin-provisioning-tools) is not installed on this node"
-                ) from exc
-            assert process.stdout is not None
-            expired = threading.Event()
-
-            def expire() -> None:  # past the call's time: a read-only tool, safe to stop
-                expired.set()
-                process.kill()
-
-            watchdog = threading.Timer(limit, expire)
-            watchdog.daemon = True
-            watchdog.start()
-            left_early = True
-            try:
-                try:
-                    yield Listing(xml_elements(process.stdout))
-                except (ThinMetadataError, ElementTree.ParseError) as exc:
-                    # Output cut short or absent: the tool's own failure says why.
-                    if process.wait() != 0:
-                        raise _failure(args, process.returncode, errors, expired, limit) from exc
-                    raise ThinMetadataError(f"{args[0]} printed unreadable output: {exc}") from exc
-                left_early = bool(process.stdout.read(1))
-            finally:
-                watchdog.cancel()
-                if left_early and process.poll() is None:
-                    process.kill()  # a read-only tool: safe to stop
-                process.wait()
-                process.stdout.close()
-            if not left_early and process.returncode != 0:
-                raise _failure(args, process.returncode, errors, expired, limit)
+                yield Listing(xml_elements(output))
+            except ElementTree.ParseError as exc:
+                raise ThinMetadataError(f"{args[0]} printed unreadable output: {exc}") from exc
 
     @contextmanager
     def device_details(self, metadata: str, timeout: float | None = None) -> Iterator[Listing]:
@@ -373,26 +248,3 @@ class ThinMetadata:
         ]  # fmt: skip
         with self._listing(args, timeout) as listing:
             yield listing
-
-
-def _failure(
-    args: Sequence[str], returncode: int, errors: IO[bytes], expired: threading.Event, limit: float
-) -> LvmError:
-    if expired.is_set():
-        return LvmTimeout(f"{args[0]} did not finish within {limit:.1f}s; it was stopped")
-    return _tool_failure(args, returncode, _text(errors))
-
-
-def _text(errors: IO[bytes]) -> str:
-    errors.seek(0)
-    return " ".join(errors.read().decode(errors="replace").split())
-
-
-def _tool_failure(args: Sequence[str], returncode: int, message: str) -> LvmError:
-    if "unable to find mapping tree" in message.lower():
-        return ThinDeviceMissing(f"{args[0]}: {message.split(' Usage:')[0]}")
-    if "no current metadata snap" in message.lower():
-        return ThinMetadataError(f"{args[0]}: the pool's metadata snapshot is gone: {message}")
-    return ThinMetadataError(
-        f"{args[0]} failed (exit code {returncode}): {message[:500] or 'no message'}"
-    )

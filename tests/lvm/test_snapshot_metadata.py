@@ -22,7 +22,8 @@ from csi_lvm.block_maps import PoolReservations
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import NotFound
-from csi_lvm.lvm.thin_metadata import ThinMetadata, dm_name
+from csi_lvm.lvm.names import dm_name
+from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.wiring import Options, build
 from tests.lvm.helpers import MiB, block_capability, create, delete
 from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient, Driver, LoopVolumeGroup

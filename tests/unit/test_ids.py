@@ -19,7 +19,7 @@ from csi_lvm.ids import (
     node_component,
     unescape_tag_value,
 )
-from csi_lvm.lvm.commands import NAME_RE, TAG_RE
+from csi_lvm.lvm.names import NAME_RE, TAG_RE
 
 
 def test_readable_names_keep_their_shape() -> None:

@@ -14,7 +14,7 @@ from csi_lvm.backends.admission import (
     metadata_room_lvs,
 )
 from csi_lvm.kept_view import ChangedScan, Scan
-from csi_lvm.lvm import commands
+from csi_lvm.lvm import journal
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.records import LogicalVolume, LvAttr, VolumeGroup
@@ -77,7 +77,7 @@ def test_the_change_log_names_what_changed_since_a_count(monkeypatch: pytest.Mon
     with pytest.raises(LvmError):
         failing.remove("vg0", "csi-c")
     assert failing.touched_since(0) == {("vg0", "csi-c"): (2, False)}  # still there
-    monkeypatch.setattr(commands, "_TOUCHED_KEPT", 2)
+    monkeypatch.setattr(journal, "_TOUCHED_KEPT", 2)
     for name in ("csi-c", "csi-d", "csi-e"):
         lvm.extend("vg0", name, 8 << 20)
     assert lvm.touched_since(before) is None  # forgotten: read everything again

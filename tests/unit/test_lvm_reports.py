@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from csi_lvm.errors import status_for
-from csi_lvm.lvm.commands import Lvm, config_overrides_from
+from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import (
     LvmAlreadyExists,
     LvmBadName,
@@ -22,6 +22,7 @@ from csi_lvm.lvm.errors import (
     classify_failure,
 )
 from csi_lvm.lvm.records import LvAttr, parse_lv_report, parse_vg_report
+from csi_lvm.lvm.runner import config_overrides_from
 
 ROOT = Path(__file__).resolve().parents[2]
 

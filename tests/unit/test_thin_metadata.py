@@ -14,17 +14,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_lvm.lvm.errors import LvmNotFound, LvmTimeout
+from csi_lvm.lvm.errors import (
+    LvmNotFound,
+    LvmTimeout,
+    ThinDeviceMissing,
+    ThinMetadataError,
+    classify_tool_failure,
+)
+from csi_lvm.lvm.names import dm_name, metadata_dm_name
+from csi_lvm.lvm.records import parse_pool_status
 from csi_lvm.lvm.thin_metadata import (
     Listing,
-    ThinDeviceMissing,
     ThinMetadata,
-    ThinMetadataError,
-    _tool_failure,
-    dm_name,
     kernel_node,
-    metadata_dm_name,
-    parse_pool_status,
     xml_elements,
 )
 
@@ -198,14 +200,14 @@ def test_the_tools_read_the_kernel_s_own_node_of_the_metadata_dm_name() -> None:
 
 
 def test_tool_failures_are_classified() -> None:
-    missing = _tool_failure(
+    missing = classify_tool_failure(
         ["thin_delta"], 1, "Unable to find mapping tree for snap2 (99) Usage: thin_delta [options]"
     )
     assert isinstance(missing, ThinDeviceMissing) and isinstance(missing, LvmNotFound)
     assert "Usage" not in str(missing)
-    gone = _tool_failure(["thin_dump"], 1, "no current metadata snap")
+    gone = classify_tool_failure(["thin_dump"], 1, "no current metadata snap")
     assert isinstance(gone, ThinMetadataError) and "metadata snapshot is gone" in str(gone)
-    other = _tool_failure(["thin_dump"], 2, "")
+    other = classify_tool_failure(["thin_dump"], 2, "")
     assert "exit code 2" in str(other) and "no message" in str(other)
 
 
