@@ -365,10 +365,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
         timeout = budget(context) or DEFAULT_TIMEOUT
-        volume_path = check_path(request.volume_path, "volume_path")
         with self.locks.hold(self._lock_name(request.volume_id)):
             scan = self.inventory.view(timeout)
             owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
+            # NOT_FOUND comes first: csi-sanity asks for it with a relative path.
+            volume_path = check_path(request.volume_path, "volume_path")
             backend = self.backends.of(owned.device_class)
             size = backend.grow(owned, wanted, scan, timeout)
             if size > owned.size_bytes:
