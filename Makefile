@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 VMRUN  := $(PY) scripts/vmrun.py
 # A subset of the real-LVM suite: make lvm-tests LVM_TESTS=tests/lvm/test_node.py
-LVM_TESTS ?= tests/lvm
+LVM_TESTS ?= tests/lvm tests/contract
 
 .PHONY: setup tools proto lint unit image-test lvm-tests stress test demo sanity e2e bench clean
 
@@ -29,7 +29,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 unit: setup
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/unit tests/contract
 
 # The plugin image: built and run in Docker on this host, not in the VM
 # (starts dockerd if none runs; makes the base image offline if missing).
@@ -39,8 +39,8 @@ image-test: setup
 # The real-LVM suite: inside one VM where this kernel lacks device-mapper. Two
 # workers keep both virtual CPUs busy; each has its own volume group and driver.
 lvm-tests: setup
-	$(VMRUN) -- python -m pytest -q -p no:cacheprovider -p no:hypothesispytest -n 2 \
-	    --junitxml=build/vm/lvm-junit.xml $(LVM_TESTS)
+	$(VMRUN) -- env CSI_LVM_REQUIRE_REAL_LVM=1 python -m pytest -q -p no:cacheprovider \
+	    -p no:hypothesispytest -n 2 --junitxml=build/vm/lvm-junit.xml $(LVM_TESTS)
 
 test: lint unit image-test lvm-tests
 

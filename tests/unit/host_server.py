@@ -1,11 +1,13 @@
-"""The real gRPC server and servicers on the host, with the real LVM tools,
-for a volume group this machine does not have: for tests of what the driver
-answers without any LVM state (hostile input, the SnapshotMetadata refusals)."""
+"""The real gRPC server and servicers on the host: with the real LVM tools
+for a volume group this machine does not have (tests of what the driver
+answers without any LVM state: hostile input, the SnapshotMetadata
+refusals), or on the in-memory LVM (the servicers' logic)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from csi_lvm.block_maps import BlockMaps
@@ -13,7 +15,8 @@ from csi_lvm.config import parse_config
 from csi_lvm.server import Server
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.volumes import Inventory
-from csi_lvm.wiring import Options, build
+from csi_lvm.wiring import Graph, Options, build
+from tests.memory_lvm import MemoryLvm
 from tests.testbed import DRIVER_NAME, NODE_ID, TOPOLOGY_KEY, CsiClient
 
 
@@ -44,3 +47,46 @@ def serve_absent_vg(
     )
     server.start()
     return server, CsiClient(f"{root}/csi.sock")
+
+
+# The in-memory node: a VG of 4 GiB with a thin pool of 1 GiB (class thin,
+# overcommitted 10x), a small pool of 64 MiB that no create may overcommit
+# (class small, full at 90 %), the rest for thick LVs, and an LV made by hand.
+MEMORY_VG, MEMORY_POOL, SMALL_POOL, HAND_MADE = "vg0", "pool0", "small0", "root"
+MiB = 1 << 20
+
+
+@dataclass
+class MemoryNode:
+    """The driver's graph on the in-memory LVM, served on a socket: the
+    servicers' logic at host speed. Nothing here has a device; staging,
+    copies and the zeroing of thick volumes are the real-LVM suite's."""
+
+    lvm: MemoryLvm
+    graph: Graph
+    server: Server
+    csi: CsiClient
+
+    def close(self) -> None:
+        self.csi.close()
+        self.server.stop(0)
+        self.graph.close()
+
+
+def serve_memory(root: Path) -> MemoryNode:
+    lvm = MemoryLvm()
+    lvm.add_volume_group(MEMORY_VG, 4096 * MiB)
+    lvm.add_thin_pool(MEMORY_VG, MEMORY_POOL, 1024 * MiB)
+    lvm.add_thin_pool(MEMORY_VG, SMALL_POOL, 64 * MiB)
+    lvm.create_linear_volume(MEMORY_VG, HAND_MADE, 64 * MiB, [])
+    config = parse_config(
+        f"deviceClasses:\n  - name: thin\n    volumeGroup: {MEMORY_VG}\n"
+        f"    thinPool: {MEMORY_POOL}\n    overprovisionRatio: 10\n    default: true\n"
+        f"  - name: small\n    volumeGroup: {MEMORY_VG}\n    thinPool: {SMALL_POOL}\n"
+        "    fullThresholdPercent: 90\n"
+        f"  - name: thick\n    volumeGroup: {MEMORY_VG}\n"
+    )
+    graph = build(config, Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY), lvm=lvm)
+    server = Server(f"unix://{root}/csi.sock", graph.identity, graph.controller, graph.node)
+    server.start()
+    return MemoryNode(lvm, graph, server, CsiClient(f"{root}/csi.sock"))
