@@ -24,7 +24,6 @@ from csi_lvm.backends.base import Ask, Backend, Condition
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
 from csi_lvm.ids import Kind, ObjectId, check_csi_name, lv_name_for
-from csi_lvm.lifecycle import Stage
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.rpc import budget, check_topology, node_topology, paged
 from csi_lvm.validation import (
@@ -149,9 +148,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.Volume:
         """CreateVolume's work under the name's lock, from ``scan``."""
         existing = self.inventory.existing(Kind.VOLUME, lv_name, scan, fresh, timeout)
-        if existing is not None and lifecycle.stage_of(existing.lv) is Stage.MAKING:
-            self.backends.states.discard_unfinished(existing, timeout)
-            scan, existing = self.inventory.view(timeout), None
+        if existing is not None:
+            existing = self.backends.states.retried(existing, timeout)
+            if existing is None:  # removed to be made again
+                scan = self.inventory.view(timeout)
         source = None
         if request.HasField("volume_content_source"):
             # A repeat of a finished restore or clone needs no source any

@@ -14,8 +14,7 @@ MAKING                    a blank thick volume:    The LV is not zeroed all thro
                           of all of it, then       Nobody has its id yet:
                           ``made()``               ``remove_unfinished`` removes it at
                                                    start-up, and the retry of the create
-                                                   (``discard_unfinished``) before it makes
-                                                   it again.
+                                                   (``retried``) before it makes it again.
 COPYING                   a thick snapshot,        The copy is not done; the object is not
 (``copying``)             restore or clone:        ready (``check_ready`` refuses its data,
                           lvcreate, the copy,      its condition is abnormal). The retry of
@@ -50,6 +49,7 @@ import enum
 
 import structlog
 
+from csi_lvm import fs
 from csi_lvm.errors import FailedPrecondition
 from csi_lvm.ids import Kind
 from csi_lvm.locks import KeyedLocks
@@ -131,9 +131,24 @@ class Lifecycle:
         timeout, not the caller's: the copy's result outlives its deadline."""
         self.lvm.delete_tag(lv.vg_name, lv.name, COPYING_TAG)
 
-    def filesystem_prepared(self, lv: LogicalVolume, timeout: float | None) -> None:
-        """The copied filesystem has its own UUID and fills its LV."""
+    def prepare_copied_filesystem(
+        self, lv: LogicalVolume, device: str, mount_path: str, fs_type: str, timeout: float
+    ) -> None:
+        """NEW_FS_UUID -> READY, once the stage gave the copy's filesystem a
+        UUID of its own and mounted it at ``mount_path``: a restore or clone
+        may be larger than its source, so the filesystem is grown to fill it
+        (never cut short), and only then is the copy marked prepared."""
+        fs.grow_filesystem(device, mount_path, fs_type)
         self.lvm.delete_tag(lv.vg_name, lv.name, NEW_FS_UUID_TAG, timeout)
+
+    def retried(self, existing: Owned, timeout: float | None) -> Owned | None:
+        """What a retried create finds of its earlier attempt, after the
+        repair its state needs: an LV left MAKING is removed (None: make it
+        again); any other is the backend's to finish."""
+        if stage_of(existing.lv) is Stage.MAKING:
+            self.discard_unfinished(existing, timeout)
+            return None
+        return existing
 
     def discard_unfinished(self, owned: Owned, timeout: float | None) -> None:
         """Remove an LV left MAKING: its content cannot be trusted."""

@@ -133,17 +133,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 log.info("formatted", volume_id=request.volume_id, fs_type=wanted_fs)
             elif lifecycle.needs_new_filesystem_uuid(owned.lv):
                 # A copy's first stage (or one cut short after its mount).
-                self._prepare_copy(owned, device, staging, wanted_fs, timeout)
+                self.backends.states.prepare_copied_filesystem(
+                    owned.lv, device, staging, wanted_fs, timeout
+                )
+                log.info("copy prepared", volume_id=request.volume_id, fs_type=wanted_fs)
         return csi_pb2.NodeStageVolumeResponse()
-
-    def _prepare_copy(
-        self, owned: Owned, device: str, staging: str, fs_type: str, timeout: float
-    ) -> None:
-        """A restore or clone may be larger than its source: grow its
-        filesystem (never cut short), then mark the copy prepared."""
-        fs.grow_filesystem(device, staging, fs_type)
-        self.backends.states.filesystem_prepared(owned.lv, timeout)
-        log.info("copy prepared", volume_id=str(owned.id), fs_type=fs_type)
 
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: Context
