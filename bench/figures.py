@@ -31,6 +31,7 @@ from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.records import LV_FIELDS, VG_COLUMNS
+from csi_lvm.lvm.runner import Runner
 from csi_lvm.wiring import Options, build
 from tests.testbed import (
     DRIVER_NAME,
@@ -421,7 +422,7 @@ class Bench:
         zeroed = self.name(f"parts-zeroed-{fs_type}")
         self.raw_create(zeroed, 4 * GiB)
         zeroed_device = self.dm_path(lv_name_for(Kind.VOLUME, zeroed))
-        shell = Lvm(shell=True)  # noqa: S604 - the lvm shell, as the driver runs LVM; no sh
+        shell = Lvm(Runner(shell=True))  # noqa: S604 - the lvm shell, as the driver runs LVM; no sh
         try:
             found = shell.find_lv(self.vg.name, lv)  # starts the shell
             # The driver's own judgement, from its thin backend.

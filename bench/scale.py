@@ -35,7 +35,7 @@ from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, Tag, encode_tags, lv_name_for
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmMetadataFull
-from csi_lvm.lvm.runner import config_overrides_from
+from csi_lvm.lvm.runner import Runner, config_overrides_from
 from tests.testbed import DRIVER_NAME, CsiClient, Driver, LoopVolumeGroup, write_config
 
 METRICS_PORT = 9899
@@ -60,8 +60,8 @@ class ScaleBench:
         self.overrides = self.work / "lvm-overrides.conf"
         self.overrides.write_text("backup {\n    backup = 0\n    archive = 0\n}\n")
         overrides = config_overrides_from(self.overrides.read_text())
-        self.lvm = Lvm(shell=True, config_overrides=overrides)  # noqa: S604 - the floor
-        self.process_lvm = Lvm(config_overrides=overrides)
+        self.lvm = Lvm(Runner(shell=True, config_overrides=overrides))  # noqa: S604 - the floor
+        self.process_lvm = Lvm(Runner(config_overrides=overrides))
         self.csi: CsiClient | None = None
         self.driver: Driver | None = None
         self.published: list[csi_pb2.NodeGetVolumeStatsRequest] = []
@@ -269,7 +269,7 @@ class ScaleBench:
         with ``fill``, counted by filling one until LVM refuses."""
         group = LoopVolumeGroup(self.work, "defaults", "4G", pool_size="1G").create()
         overrides = config_overrides_from(self.overrides.read_text())
-        lvm = Lvm(shell=True, config_overrides=overrides)  # noqa: S604 - LVM's own shell
+        lvm = Lvm(Runner(shell=True, config_overrides=overrides))  # noqa: S604 - LVM's own shell
         try:
             room = lvm.list_vgs([group.name])[0].metadata_free_bytes
             per_volume = self.metadata_per_volume

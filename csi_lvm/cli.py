@@ -26,7 +26,7 @@ from csi_lvm.config import load_config
 from csi_lvm.errors import ConfigError
 from csi_lvm.forwarding import KubernetesPeers, Peers, StaticPeers
 from csi_lvm.lvm.commands import Lvm
-from csi_lvm.lvm.runner import config_overrides_from
+from csi_lvm.lvm.runner import Runner, config_overrides_from
 from csi_lvm.metrics import serve_metrics
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
@@ -215,7 +215,7 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"FAIL config: {error}")
         config = None
     node_id = args.node_id or default_node_id()
-    lvm = Lvm(config_overrides=lvm_overrides(args))
+    lvm = Lvm(Runner(config_overrides=lvm_overrides(args)))
     checks = run_doctor(config, lvm, os.path.dirname(socket_path(args.endpoint)), node_id)
     for check in checks:
         print(f"ok   {check.what}" if check.ok else f"FAIL {check.what}: {check.fix}")

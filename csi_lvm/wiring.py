@@ -22,6 +22,7 @@ from csi_lvm.identity import IdentityService
 from csi_lvm.kept_view import REFRESH_SECONDS
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm
+from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.node import NodeService
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
@@ -108,10 +109,12 @@ def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
     """The graph for ``config`` and ``options``; ``lvm`` (a test's, say)
     instead of one made from the options."""
     lvm = lvm or Lvm(
-        prefix=options.lvm_prefix,
-        shell=options.lvm_shell,
-        shell_idle_exit=options.lvm_shell_idle_exit,
-        config_overrides=options.lvm_config_overrides,
+        Runner(
+            prefix=options.lvm_prefix,
+            shell=options.lvm_shell,
+            shell_idle_exit=options.lvm_shell_idle_exit,
+            config_overrides=options.lvm_config_overrides,
+        )
     )
     inventory = Inventory(
         config, lvm, options.node_id, options.driver_name, options.refresh_seconds

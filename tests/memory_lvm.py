@@ -30,6 +30,7 @@ from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmAlreadyExists, LvmError, LvmInUse, LvmNoSpace, LvmNotFound
 from csi_lvm.lvm.names import check_lv_names, check_name, dm_name, tag_args
 from csi_lvm.lvm.records import LogicalVolume, LvAttr, PoolFill, VolumeGroup
+from csi_lvm.lvm.runner import Runner
 
 MiB = 1 << 20
 SECTOR = 512
@@ -96,7 +97,7 @@ class MemoryLvm(Lvm):
     LVM would, for the error table's tests."""
 
     def __init__(self) -> None:
-        super().__init__(binary="lvm-in-memory")
+        super().__init__(Runner(binary="lvm-in-memory"))
         self._vgs: dict[str, _Vg] = {}
         self._lock = threading.RLock()
         self._open: dict[tuple[str, str], int] = {}

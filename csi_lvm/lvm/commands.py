@@ -52,24 +52,15 @@ class Lvm:
     """The LVM verbs: each builds its command line, has the runner run it,
     and reads what comes back (reports as typed records).
 
-    ``prefix`` runs every command through another program (``nsenter`` into
-    the host's namespaces, for example); ``binary`` is the ``lvm`` tool;
-    ``shell`` sends reports and changes to one long-lived ``lvm`` shell
-    process (see ``runner``). Every change is written in the journal
-    (``journal``) as it starts and as it ends: what a report taken before
-    it may show wrong.
+    ``runner`` runs them (``lvm`` through a prefix such as ``nsenter`` into
+    the host's namespaces, one process per command or a long-lived ``lvm``
+    shell: see ``runner``); by default, ``lvm`` on this host. Every change
+    is written in the journal (``journal``) as it starts and as it ends:
+    what a report taken before it may show wrong.
     """
 
-    def __init__(
-        self,
-        binary: str = "lvm",
-        prefix: Sequence[str] = (),
-        timeout: float = 120.0,
-        shell: bool = False,
-        shell_idle_exit: float = 0.0,
-        config_overrides: str = "",
-    ):
-        self.runner = Runner(binary, prefix, timeout, shell, shell_idle_exit, config_overrides)
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.runner = runner or Runner()
         self.journal = ChangeJournal()
 
     @property

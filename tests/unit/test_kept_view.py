@@ -18,6 +18,7 @@ from csi_lvm.lvm import journal
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.records import LogicalVolume, LvAttr, VolumeGroup
+from csi_lvm.lvm.runner import Runner
 
 
 def lv(name: str, group: str = "vg0", size: int = 4096) -> LogicalVolume:
@@ -62,7 +63,7 @@ def test_only_touched_lvs_are_read_again_and_each_once() -> None:
 
 
 def test_the_change_log_names_what_changed_since_a_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    lvm = Lvm(binary="true")  # a process that accepts any change and succeeds
+    lvm = Lvm(Runner(binary="true"))  # a process that accepts any change and succeeds
     before = lvm.changes
     lvm.create_thin_volume("vg0", "pool0", "csi-a", 4 << 20, [])
     middle = lvm.changes
@@ -73,7 +74,7 @@ def test_the_change_log_names_what_changed_since_a_count(monkeypatch: pytest.Mon
                                          ("vg0", "csi-b"): (after, True)}  # fmt: skip
     assert lvm.touched_since(middle) == {("vg0", "csi-b"): (after, True)}
     assert lvm.touched_since(lvm.changes) == {}
-    failing = Lvm(binary="false")
+    failing = Lvm(Runner(binary="false"))
     with pytest.raises(LvmError):
         failing.remove("vg0", "csi-c")
     assert failing.touched_since(0) == {("vg0", "csi-c"): (2, False)}  # still there

@@ -22,7 +22,7 @@ from csi_lvm.lvm.errors import (
     classify_failure,
 )
 from csi_lvm.lvm.records import LvAttr, parse_lv_report, parse_vg_report
-from csi_lvm.lvm.runner import config_overrides_from
+from csi_lvm.lvm.runner import Runner, config_overrides_from
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,7 +157,7 @@ def test_lvm_errors_that_no_servicer_translated_get_their_status(
 
 
 def test_names_are_checked_before_reaching_lvm() -> None:
-    lvm = Lvm(binary="/nonexistent/lvm")
+    lvm = Lvm(Runner(binary="/nonexistent/lvm"))
     for bad in ("../x", "a b", "-rf", "", ".."):
         with pytest.raises(LvmBadName):
             lvm.find_lv("vg0", bad)
@@ -181,7 +181,7 @@ def test_container_settings_reach_every_command_as_one_config_argument() -> None
     overrides = config_overrides_from(text)
     assert "#" not in overrides and "\n" not in overrides
     assert "udev_sync = 0" in overrides and overrides.startswith("activation {")
-    lvm = Lvm(binary="/nonexistent/lvm", config_overrides=overrides)
+    lvm = Lvm(Runner(binary="/nonexistent/lvm", config_overrides=overrides))
     assert lvm.runner._with_overrides(["lvs", "-o", "lv_name", "vg0"]) == [
         "lvs", "--config", overrides, "-o", "lv_name", "vg0",
     ]  # fmt: skip

@@ -14,6 +14,7 @@ import pytest
 
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmAlreadyExists, LvmError, LvmTimeout
+from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.shell import _Turns, shell_line
 
 FAKE = """#!{python}
@@ -85,7 +86,7 @@ def shells(fake: Path) -> list[int]:
 
 
 def test_reports_and_changes_go_through_one_shell(fake: Path) -> None:
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
     try:
         lv = lvm.find_lv("vg0", "csi-a")
         assert lv is not None and lv.size_bytes == 1 << 20
@@ -98,7 +99,7 @@ def test_reports_and_changes_go_through_one_shell(fake: Path) -> None:
 
 
 def test_a_failure_is_classified_from_the_command_log(fake: Path) -> None:
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
     try:
         with pytest.raises(LvmAlreadyExists, match="already exists"):
             lvm.create_thin_volume("vg0", "pool0", "exists", 1 << 20, [])
@@ -112,7 +113,7 @@ def test_a_command_past_its_timeout_stops_the_shell_and_the_next_gets_a_new_one(
     fake: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_HANG_SECONDS", "3")
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
     try:
         with pytest.raises(LvmTimeout):
             lvm.remove("vg0", "hang", timeout=1.0)
@@ -130,7 +131,7 @@ def test_a_waiting_report_runs_before_waiting_changes(
     order_file = fake.parent / "order"
     monkeypatch.setenv("FAKE_ORDER_FILE", str(order_file))
     monkeypatch.setenv("FAKE_HANG_SECONDS", "2")
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
 
     def ran() -> list[str]:
         return order_file.read_text().splitlines() if order_file.exists() else []
@@ -158,7 +159,7 @@ def test_a_waiting_report_runs_before_waiting_changes(
 
 
 def test_an_idle_shell_ends_and_the_next_command_starts_another(fake: Path) -> None:
-    lvm = Lvm(binary=str(fake), shell=True, shell_idle_exit=0.2)
+    lvm = Lvm(Runner(binary=str(fake), shell=True, shell_idle_exit=0.2))
     try:
         lvm.list_vgs()
         (first,) = shells(fake)
@@ -173,7 +174,7 @@ def test_an_idle_shell_ends_and_the_next_command_starts_another(fake: Path) -> N
 
 
 def test_a_busy_shell_is_not_ended_for_idling(fake: Path) -> None:
-    lvm = Lvm(binary=str(fake), shell=True, shell_idle_exit=1.0)
+    lvm = Lvm(Runner(binary=str(fake), shell=True, shell_idle_exit=1.0))
     try:
         for _ in range(8):  # 2 s of commands, never 1 s apart
             lvm.list_vgs()
@@ -193,7 +194,7 @@ def process_exists(pid: int) -> bool:
 
 
 def test_a_dead_shell_is_replaced_and_a_report_asked_again(fake: Path) -> None:
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
     try:
         lvm.list_vgs()
         os.kill(shells(fake)[0], signal.SIGKILL)
@@ -204,7 +205,7 @@ def test_a_dead_shell_is_replaced_and_a_report_asked_again(fake: Path) -> None:
 
 
 def test_a_change_whose_shell_died_under_it_is_an_error_not_repeated(fake: Path) -> None:
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
     try:
         with pytest.raises(LvmError, match="died"):
             lvm.remove("vg0", "crash")
@@ -217,7 +218,7 @@ def test_a_shell_without_command_log_falls_back_to_processes(
     fake: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_MODE", "no-log")
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
     try:
         assert lvm.list_lvs(["vg0"])[0].name == "csi-a"
         assert lvm.shell is not None and lvm.shell.disabled
@@ -242,7 +243,7 @@ def test_closing_waits_for_a_command_its_caller_gave_up_on(
     # In a container, whatever still runs when the driver exits is killed
     # with it: LVM must never be cut short that way.
     monkeypatch.setenv("FAKE_HANG_SECONDS", "3")
-    lvm = Lvm(binary=str(fake), shell=True)
+    lvm = Lvm(Runner(binary=str(fake), shell=True))
     with pytest.raises(LvmTimeout):
         lvm.remove("vg0", "hang", timeout=0.5)
     (abandoned,) = shells(fake)

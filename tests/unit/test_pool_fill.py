@@ -14,6 +14,7 @@ from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmBadName, LvmToolMissing, PoolNotActive
 from csi_lvm.lvm.names import pool_dm_names
 from csi_lvm.lvm.records import PoolFill, parse_pool_status
+from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.thin_metadata import ThinMetadata
 
 # What ``dmsetup status -- NAME`` prints for each device the stand-in knows;
@@ -39,7 +40,7 @@ def standin(tmp_path: Path, devices: dict[str, str]) -> tuple[Lvm, Path]:
     table.write_text(json.dumps(devices))
     script = tmp_path / "dmsetup_standin.py"
     script.write_text(STANDIN)
-    return Lvm(prefix=[sys.executable, str(script), str(table)]), Path(f"{table}.calls")
+    return Lvm(Runner(prefix=[sys.executable, str(script), str(table)])), Path(f"{table}.calls")
 
 
 def test_the_status_line_gives_the_fill_as_the_kernel_counts_it() -> None:
@@ -102,4 +103,4 @@ def test_names_are_checked_before_dmsetup_runs_and_a_missing_dmsetup_is_said(
         lvm.pool_fill("vg0", "--help")
     assert not calls.exists()
     with pytest.raises(LvmToolMissing, match="dmsetup"):
-        Lvm(prefix=[str(tmp_path / "no-such-program")]).pool_fill("vg0", "p")
+        Lvm(Runner(prefix=[str(tmp_path / "no-such-program")])).pool_fill("vg0", "p")

@@ -12,6 +12,7 @@ from csi_lvm.config import Config, DeviceClass
 from csi_lvm.lifecycle import Lifecycle
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.records import LogicalVolume, LvAttr, parse_lv_report
+from csi_lvm.lvm.runner import Runner
 from csi_lvm.volumes import Inventory
 
 THIN = DeviceClass("thin", "vg0", "pool0", overprovision_ratio=4, full_threshold_percent=90)
@@ -64,7 +65,7 @@ LVS = json.loads("""
 ]}]}
 """)
 # Nothing runs LVM here: the backend only reads the records it is given.
-_LVM = Lvm(binary="/nonexistent/lvm")
+_LVM = Lvm(Runner(binary="/nonexistent/lvm"))
 BACKEND = ThinBackend(THIN, Inventory(Config((THIN,)), _LVM, "node-1", "d"), Lifecycle(_LVM))
 
 
