@@ -4,6 +4,7 @@ snapshots) and ``csi-lvm doctor`` (is this node fit to run csi-lvm?)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -189,10 +190,13 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> li
     checks: list[Check] = []
     misc = Path("/proc/misc").read_text() if Path("/proc/misc").exists() else ""
     checks.append(
-        Check("device-mapper" in misc, "kernel device-mapper",
-              "this kernel has no device-mapper: LVM cannot activate volumes here; "
-              "load dm_mod or use a kernel built with CONFIG_BLK_DEV_DM")
-    )  # fmt: skip
+        Check(
+            "device-mapper" in misc,
+            "kernel device-mapper",
+            "this kernel has no device-mapper: LVM cannot activate volumes here; "
+            "load dm_mod or use a kernel built with CONFIG_BLK_DEV_DM",
+        )
+    )
     thin = Path("/sys/module/dm_thin_pool").exists()
     checks.append(
         Check(
@@ -220,4 +224,45 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> li
     checks.append(
         Check(usable, f"socket directory {socket_dir}", "create it and make it writable by root")
     )
+    return checks
+
+
+def topology_checks(
+    reported: Mapping[str, str] | None,
+    node_key: str,
+    listed: Sequence[str],
+    labels_now: Mapping[str, str] | None,
+    api_problem: str = "",
+) -> list[Check]:
+    """The topology the running plugin reported (its NodeGetInfo; None when
+    no plugin answers here) against the node's labels now. The kubelet reads
+    NodeGetInfo once, at registration: a label changed since needs a restart."""
+    keys = sorted(set(listed) | (set(reported or {}) - {node_key}))
+    if not keys:
+        return []
+    if labels_now is None:
+        return [Check(False, "Kubernetes API (topology labels)", api_problem)]
+    checks = []
+    for key in keys:
+        now = labels_now.get(key)
+        if reported is None:
+            checks.append(
+                Check(
+                    now is not None,
+                    f"topology label {key}",
+                    f"the node has no label {key}: label it (kubectl label node NODE "
+                    f"{key}=VALUE) before the plugin starts",
+                )
+            )
+            continue
+        then = reported.get(key)
+        checks.append(
+            Check(
+                then == now,
+                f"topology label {key}" + (f" = {now}" if now else ""),
+                f"the plugin reports {key}={then or '(none)'} but the node's label is now "
+                f"{now or '(none)'}: restart the plugin's pod (the kubelet reads the node's "
+                "topology when the plugin registers)",
+            )
+        )
     return checks

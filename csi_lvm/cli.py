@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -16,13 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import structlog
 
-from csi_lvm import __version__
+from csi_lvm import __version__, kube
+from csi_lvm.admin import Check, node_status, status_json, status_text, topology_checks
 from csi_lvm.admin import doctor as run_doctor
-from csi_lvm.admin import node_status, status_json, status_text
 from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
+from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import ConfigError
 from csi_lvm.forwarding import KubernetesPeers, Peers, StaticPeers
 from csi_lvm.lvm.commands import Lvm
@@ -31,6 +34,7 @@ from csi_lvm.metrics import serve_metrics
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
 from csi_lvm.tls import TlsFiles, server_credentials
+from csi_lvm.topology import missing_labels
 from csi_lvm.volumes import REFRESH_SECONDS
 from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build, build_forwarder
 
@@ -72,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="topology segment key (default topology.<driver-name>/node)",
     )
+    _add_topology_labels(serve)
     serve.add_argument("--max-volumes-per-node", type=int, default=0)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds for calls to end")
@@ -142,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-id", default=None, help="this node's id ($NODE_NAME, else hostname)"
     )
     doctor.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    doctor.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    _add_topology_labels(doctor)
     _add_lvm_config_overrides(doctor)
     add_release_node_parser(commands, DEFAULT_DRIVER_NAME)
     return parser
@@ -155,6 +162,21 @@ def _add_lvm_config_overrides(command: argparse.ArgumentParser) -> None:
         help="LVM settings (lvm.conf syntax) given to every LVM command with --config, on top "
         "of the node's own LVM configuration",
     )
+
+
+def _add_topology_labels(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--topology-labels",
+        default="",
+        metavar="KEY,...",
+        help="node-label keys (topology.kubernetes.io/zone, a rack's key) the plugin reads from "
+        "its Node object at start and reports beside its node key, so StorageClasses' "
+        "allowedTopologies may name them; a change of the labels needs a plugin restart",
+    )
+
+
+def topology_labels(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(key.strip() for key in args.topology_labels.split(",") if key.strip())
 
 
 def _add_tls_dir(command: argparse.ArgumentParser) -> None:
@@ -217,9 +239,36 @@ def doctor(args: argparse.Namespace) -> int:
     node_id = args.node_id or default_node_id()
     lvm = Lvm(Runner(config_overrides=lvm_overrides(args)))
     checks = run_doctor(config, lvm, os.path.dirname(socket_path(args.endpoint)), node_id)
+    checks += doctor_topology(args, node_id)
     for check in checks:
         print(f"ok   {check.what}" if check.ok else f"FAIL {check.what}: {check.fix}")
     return 0 if config is not None and all(c.ok for c in checks) else 1
+
+
+def doctor_topology(args: argparse.Namespace, node_id: str) -> list[Check]:
+    """The running plugin's reported topology (NodeGetInfo on its socket)
+    against the node's labels now, read from the API server."""
+    reported = None
+    path = socket_path(args.endpoint)
+    if os.path.exists(path):
+        with grpc.insecure_channel(f"unix://{path}") as channel:
+            try:
+                info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(
+                    csi_pb2.NodeGetInfoRequest(), timeout=5
+                )
+                reported = dict(info.accessible_topology.segments)
+            except grpc.RpcError:
+                reported = None  # no plugin answers there
+    listed = topology_labels(args)
+    node_key = f"topology.{args.driver_name}/node"
+    keys = sorted(set(listed) | (set(reported or {}) - {node_key}))
+    labels_now, problem = None, ""
+    if keys:
+        try:
+            labels_now = kube.node_labels(node_id, keys, attempts=1)
+        except ConfigError as error:
+            problem = str(error)
+    return topology_checks(reported, node_key, listed, labels_now, problem)
 
 
 # glibc's mallopt parameter for the number of malloc arenas.
@@ -261,6 +310,7 @@ class ServeOptions:
             node_id=args.node_id or default_node_id(),
             driver_name=args.driver_name,
             topology_key=args.topology_key or "",
+            topology_labels=topology_labels(args),
             lvm_prefix=args.lvm_prefix.split(),
             lvm_shell=not args.no_lvm_shell,
             lvm_shell_idle_exit=args.lvm_shell_idle_exit,
@@ -285,7 +335,7 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     log = structlog.get_logger("csi_lvm")
     flags = ServeOptions.from_args(args)
-    options = flags.graph
+    options = with_node_labels(flags.graph, log)
     config = load_config(flags.config_path)
     graph = build(config, options)
     inventory, backends = graph.inventory, graph.backends
@@ -325,7 +375,7 @@ def serve(args: argparse.Namespace) -> int:
         version=__version__,
         driver=options.driver_name,
         node_id=options.node_id,
-        topology_key=options.node_topology_key,
+        topology=options.topology.segments,
         classes=[c.describe() for c in config.device_classes],
     )
     stop_refreshing = threading.Event()
@@ -338,6 +388,27 @@ def serve(args: argparse.Namespace) -> int:
         stop_refreshing.set()
         graph.close()
     return 0
+
+
+def with_node_labels(options: Options, log: structlog.typing.FilteringBoundLogger) -> Options:
+    """The options with this node's values of the listed topology labels, read
+    from its Node object. A listed label the node lacks is left out: the node
+    is in no domain of that key, so classes whose allowedTopologies name it
+    never place a volume here. Said loudly, as the admin must label the node
+    and restart the plugin (the kubelet reads NodeGetInfo at registration)."""
+    if not options.topology_labels:
+        return options
+    labels = kube.node_labels(options.node_id, options.topology_labels)
+    for key in missing_labels(options.topology_labels, labels):
+        log.warning(
+            "node lacks a topology label",
+            label=key,
+            node=options.node_id,
+            fix=f"kubectl label node {options.node_id} {key}=<value>, then restart this "
+            "plugin's pod; until then classes whose allowedTopologies name "
+            f"{key} place no volume on this node",
+        )
+    return dataclasses.replace(options, node_labels=labels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

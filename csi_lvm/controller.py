@@ -25,7 +25,8 @@ from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
 from csi_lvm.ids import Kind, ObjectId, check_csi_name, lv_name_for
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.rpc import budget, check_topology, node_topology, paged
+from csi_lvm.rpc import budget, paged
+from csi_lvm.topology import NodeTopology
 from csi_lvm.validation import (
     SIDECAR_PARAMETER_PREFIX,
     SizeRange,
@@ -63,12 +64,12 @@ COPY_WORKERS = 2
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
     def __init__(
-        self, inventory: Inventory, backends: Backends, locks: KeyedLocks, topology_key: str
+        self, inventory: Inventory, backends: Backends, locks: KeyedLocks, topology: NodeTopology
     ) -> None:
         self.inventory = inventory
         self.backends = backends
         self.locks = locks
-        self.topology_key = topology_key
+        self.topology = topology
         self._copies = ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix="copy")
 
     @property
@@ -159,13 +160,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             # that lost the first answer asks again).
             settled = existing is not None and lifecycle.is_ready(existing)
             source = self.inventory.content_source(
-                request.volume_content_source, scan, not settled, self.topology_key
+                request.volume_content_source, scan, not settled, self.topology.node_key
             )
             if source is not None:
                 what = "snapshot" if source.kind is Kind.SNAPSHOT else "source volume"
                 lifecycle.check_ready(source, what)
-        check_topology(request.accessibility_requirements, self.topology_key, self.node_id,
-                       "" if source is None else str(source.id))  # fmt: skip
+        self.topology.check(
+            request.accessibility_requirements, "" if source is None else str(source.id)
+        )
         if existing is not None:
             return self._existing_volume(request, existing, backend, wanted, source, scan, timeout)
         return self._create_new(request, lv_name, backend, wanted, source, scan, timeout)
@@ -200,7 +202,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.Volume(
             volume_id=str(self.inventory.make_id(device_class, lv_name)),
             capacity_bytes=backend.make_blank(ask, scan),
-            accessible_topology=[node_topology(self.topology_key, self.node_id)],
+            accessible_topology=[self.topology.volume()],
         )
 
     def _existing_volume(
@@ -241,7 +243,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         volume = csi_pb2.Volume(
             volume_id=str(owned.id),
             capacity_bytes=owned.size_bytes,
-            accessible_topology=[node_topology(self.topology_key, self.node_id)],
+            accessible_topology=[self.topology.volume()],
         )
         if content_source is not None and content_source.WhichOneof("type"):
             volume.content_source.CopyFrom(content_source)
@@ -343,9 +345,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         device_class = device_class_for(self.inventory.config, dict(request.parameters))
         if any(capability_problem(c, any_mode=True) for c in request.volume_capabilities):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
-        if (
-            request.HasField("accessible_topology")
-            and request.accessible_topology.segments.get(self.topology_key) != self.node_id
+        if request.HasField("accessible_topology") and not self.topology.accepts(
+            request.accessible_topology.segments
         ):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         scan = self.inventory.current(budget(context))

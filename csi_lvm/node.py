@@ -26,7 +26,8 @@ from csi_lvm.errors import (
 )
 from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.rpc import budget, node_topology
+from csi_lvm.rpc import budget
+from csi_lvm.topology import NodeTopology
 from csi_lvm.validation import (
     READ_ONLY_MODES,
     AccessMode,
@@ -57,13 +58,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         inventory: Inventory,
         backends: Backends,
         locks: KeyedLocks,
-        topology_key: str,
+        topology: NodeTopology,
         max_volumes_per_node: int = 0,
     ) -> None:
         self.inventory = inventory
         self.backends = backends
         self.locks = locks
-        self.topology_key = topology_key
+        self.topology = topology
         self.max_volumes_per_node = max_volumes_per_node
 
     @property
@@ -394,5 +395,5 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.node_id,
             max_volumes_per_node=self.max_volumes_per_node,
-            accessible_topology=node_topology(self.topology_key, self.node_id),
+            accessible_topology=self.topology.node_info(),
         )

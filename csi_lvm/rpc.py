@@ -1,6 +1,5 @@
-"""Small helpers the servicers share: the call's time budget, the node's
-topology segment and the check of a request's topology against it, and the
-paging of list answers."""
+"""Small helpers the servicers share: the call's time budget and the paging
+of list answers."""
 
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ from typing import TypeVar
 
 import grpc
 
-from csi_lvm.csi import csi_pb2
-from csi_lvm.errors import Aborted, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from csi_lvm.errors import Aborted, DeadlineExceeded, InvalidArgument
 from csi_lvm.ids import ObjectId
 
 T = TypeVar("T")
@@ -36,30 +34,6 @@ def budget(context: grpc.ServicerContext | None) -> float | None:
             "with a longer deadline"
         )
     return float(remaining)
-
-
-def node_topology(topology_key: str, node_id: str) -> csi_pb2.Topology:
-    return csi_pb2.Topology(segments={topology_key: node_id})
-
-
-def check_topology(
-    requirements: csi_pb2.TopologyRequirement, topology_key: str, node_id: str, holder: str
-) -> None:
-    """RESOURCE_EXHAUSTED when the request accepts no segment of this node
-    (``holder``: the source the new volume is made from, held here, or "")."""
-    wanted = list(requirements.requisite) or list(requirements.preferred)
-    if not wanted:
-        return
-    if any(t.segments.get(topology_key) == node_id for t in wanted):
-        return
-    asked = "; ".join(
-        ", ".join(f"{k}={v}" for k, v in sorted(t.segments.items())) or "{}" for t in wanted
-    )
-    held = f" (the source {holder} is held here)" if holder else ""
-    raise ResourceExhausted(
-        f"this driver serves node {node_id} ({topology_key}={node_id}) but the request only "
-        f"accepts: {asked}{held}"
-    )
 
 
 def paged(

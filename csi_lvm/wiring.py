@@ -9,8 +9,8 @@ SnapshotMetadata calls, a graph of its own, comes from ``build_forwarder``.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from csi_lvm.backends import Backends
 from csi_lvm.block_maps import BlockMaps, PoolReservations
@@ -27,6 +27,7 @@ from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.node import NodeService
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.tls import TlsFiles
+from csi_lvm.topology import NodeTopology
 from csi_lvm.volumes import Inventory
 
 DEFAULT_DRIVER_NAME = "lvm.csi-lvm.io"
@@ -50,6 +51,10 @@ class Options:
     node_id: str
     driver_name: str = DEFAULT_DRIVER_NAME
     topology_key: str = ""  # "": topology.<driver name>/node
+    # Node-label keys reported beside the node key (a zone, a rack), and the
+    # values this node's labels have (read from its Node object at start).
+    topology_labels: Sequence[str] = ()
+    node_labels: Mapping[str, str] = field(default_factory=dict)
     lvm_prefix: Sequence[str] = ()
     lvm_shell: bool = False
     lvm_shell_idle_exit: float = 0.0
@@ -72,6 +77,19 @@ class Options:
                 "plugin publishes, and the kubelet then refuses to register the driver): use "
                 "the default, or a key of the driver's own"
             )
+        for label in self.topology_labels:
+            if not TOPOLOGY_KEY_RE.fullmatch(label):
+                raise ConfigError(f"--topology-labels: {label!r} is not a valid label key")
+        if key in self.topology_labels:
+            raise ConfigError(
+                f"--topology-labels: {key} is the driver's node key already; list only "
+                "labels of wider domains (a zone, a region, a rack)"
+            )
+        if len(set(self.topology_labels)) != len(self.topology_labels):
+            raise ConfigError("--topology-labels names a label more than once")
+        unlisted = sorted(set(self.node_labels) - set(self.topology_labels))
+        if unlisted:
+            raise ConfigError(f"node labels {', '.join(unlisted)} are not in --topology-labels")
         if self.max_volumes_per_node < 0:
             raise ConfigError("--max-volumes-per-node must not be negative")
         if self.lvm_shell_idle_exit < 0:
@@ -82,6 +100,10 @@ class Options:
     @property
     def node_topology_key(self) -> str:
         return self.topology_key or f"topology.{self.driver_name}/node"
+
+    @property
+    def topology(self) -> NodeTopology:
+        return NodeTopology(self.node_topology_key, self.node_id, dict(self.node_labels))
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,7 @@ def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
     )
     backends = Backends(inventory)
     locks = KeyedLocks()
-    key = options.node_topology_key
+    topology = options.topology
     reservations = None
     snapshot_metadata = None
     if options.state_dir:
@@ -135,8 +157,8 @@ def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
         backends=backends,
         locks=locks,
         identity=IdentityService(options.driver_name),
-        controller=ControllerService(inventory, backends, locks, key),
-        node=NodeService(inventory, backends, locks, key, options.max_volumes_per_node),
+        controller=ControllerService(inventory, backends, locks, topology),
+        node=NodeService(inventory, backends, locks, topology, options.max_volumes_per_node),
         snapshot_metadata=snapshot_metadata,
         reservations=reservations,
     )

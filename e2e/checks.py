@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,12 +18,16 @@ from typing import Any
 
 import yaml
 
+from csi_lvm.cli import build_parser
 from e2e.cluster import (
     APISERVER,
     BUSYBOX_IMAGE,
     KUBELET_DIR,
     NODE_IP,
+    NODE_LABELS,
     NODE_NAME,
+    RACK_KEY,
+    ZONE_KEY,
     Cluster,
     kubeconfig,
 )
@@ -367,9 +372,10 @@ def check_registered(checks: Checks, rendered: Rendered) -> bool:
 
         took = wait_for(f"CSINode {NODE_NAME} lists {driver}", lambda: entry() is not None, 300)
         found = entry() or {}
-        if found.get("topologyKeys") != [key]:
-            raise Failed(f"CSINode topology keys {found.get('topologyKeys')}, expected [{key}]")
-        return f"topology key {key}, after {took:.0f} s"
+        expected = sorted([key, *NODE_LABELS])
+        if sorted(found.get("topologyKeys") or []) != expected:
+            raise Failed(f"CSINode topology keys {found.get('topologyKeys')}, expected {expected}")
+        return f"topology keys {', '.join(expected)}, after {took:.0f} s"
 
     def capacity() -> str:
         def objects() -> dict[str, str]:
@@ -640,6 +646,7 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
                 f"then annotated for {PHANTOM_NODE}: still none)")  # fmt: skip
 
     checks.check("10 a PVC for a node without the plugin is not provisioned here", other_node)
+    zone_checks(checks, rendered, node)
 
     def cleanup() -> str:
         kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")
@@ -659,3 +666,91 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
         return f"LVs as before ({', '.join(sorted(initial_lvs))}), no mount under {KUBELET_DIR}"
 
     checks.check("9 everything deleted: LVs as before, no mounts left", cleanup)
+
+
+def zoned_class(name: str, driver: str, key: str, value: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": name}, "provisioner": driver,
+        "parameters": {"deviceClass": "thin"}, "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "allowedTopologies": [{"matchLabelExpressions": [{"key": key, "values": [value]}]}],
+    }  # fmt: skip
+
+
+def zone_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None:
+    """The lecture's topology story on the node's zone and rack labels."""
+    cluster, kubectl, driver = checks.cluster, checks.kubectl, rendered.driver_name
+    node_key = f"topology.{driver}/node"
+
+    def scheduling_event(name: str) -> str:
+        events = cluster.get("events", "-n", NAMESPACE,
+                             f"--field-selector=involvedObject.name={name}")["items"]  # fmt: skip
+        messages = [e["message"] for e in events if e["reason"] == "FailedScheduling"]
+        return messages[-1] if messages else ""
+
+    def affinity_keys(claim: str) -> set[str]:
+        terms = checks.pv_of(claim)["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+        return {e["key"] for t in terms for e in t["matchExpressions"]}
+
+    def lecture() -> str:
+        before = set(checks.lvs())
+        cluster.apply([
+            zoned_class("csi-lvm-zone", driver, ZONE_KEY, "cn-hangzhou-d"),
+            pvc("zoned", "64Mi", "csi-lvm-zone"),
+            pod("zoned", "zoned", "echo zoned > /data/file && sync"),
+        ])  # fmt: skip
+        wanted = "didn't find available persistent volumes to bind"
+        wait_for("the scheduler's event for pod zoned",
+                 lambda: wanted in scheduling_event("zoned"), 120, interval=2)  # fmt: skip
+        time.sleep(5)
+        if checks.phase("zoned") != "Pending":
+            raise Failed(f"pod zoned is {checks.phase('zoned')} in a zone without nodes")
+        if set(checks.lvs()) - before:
+            raise Failed(f"LVs made: {sorted(set(checks.lvs()) - before)}")
+        # allowedTopologies cannot be edited: the class is made again, as the lecture does.
+        kubectl("delete", "storageclass", "csi-lvm-zone")
+        cluster.apply([zoned_class("csi-lvm-zone", driver, ZONE_KEY, NODE_LABELS[ZONE_KEY])])
+        checks.wait_running("zoned")
+        if checks.pv_node("zoned") != NODE_NAME or affinity_keys("zoned") != {node_key}:
+            raise Failed(f"PV affinity {checks.pv_of('zoned')['spec']['nodeAffinity']}")
+        return (f"cn-hangzhou-d: Pending, no LV, '{wanted}'; class changed to "
+                f"{NODE_LABELS[ZONE_KEY]}: Running, PV on {node_key}={NODE_NAME}")  # fmt: skip
+
+    def doctor_line(label: str) -> str:
+        argv, env = node.command(
+            next(c for c in containers(rendered.daemonset) if c["name"] == "csi-lvm")
+        )
+        serve = build_parser().parse_args(argv[1:])
+        labels = f"--topology-labels={serve.topology_labels}"
+        command = [argv[0], "doctor", "--endpoint", serve.endpoint, "--config", serve.config,
+                   "--node-id", NODE_NAME, labels]  # fmt: skip
+        out = run(command, env={**os.environ, **env}, check=False)
+        lines = [line for line in out.splitlines() if f"topology label {label}" in line]
+        if len(lines) != 1:
+            raise Failed(f"doctor said no single line of {label}: {out}")
+        return lines[0]
+
+    def rack() -> str:
+        cluster.apply([
+            zoned_class("csi-lvm-rack", driver, RACK_KEY, NODE_LABELS[RACK_KEY]),
+            pvc("racked", "64Mi", "csi-lvm-rack"), pod("racked", "racked", "true"),
+        ])  # fmt: skip
+        checks.wait_running("racked")
+        same = doctor_line(RACK_KEY)
+        kubectl("label", "node", NODE_NAME, f"{RACK_KEY}=rack2", "--overwrite")
+        try:
+            moved = doctor_line(RACK_KEY)
+        finally:
+            kubectl("label", "node", NODE_NAME, f"{RACK_KEY}={NODE_LABELS[RACK_KEY]}",
+                    "--overwrite")  # fmt: skip
+        if not same.startswith("ok") or not moved.startswith("FAIL") or "restart" not in moved:
+            raise Failed(f"doctor: {same!r}, then {moved!r}")
+        return f"Running on {checks.pv_node('racked')}; doctor: {same!r}, relabelled: {moved!r}"
+
+    checks.check("12 the lecture's zones: cn-hangzhou-d Pending, cn-hangzhou-b Running", lecture)
+    checks.check("13 a rack class puts its volume on the rack's node; doctor sees a relabel", rack)
+    for name in ("zoned", "racked"):
+        kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false", check=False)
+    for name in ("csi-lvm-zone", "csi-lvm-rack"):
+        kubectl("delete", "storageclass", name, "--wait=false", check=False)

@@ -29,6 +29,10 @@ from e2e.procs import Failed, Processes, run, wait_for
 
 NODE_NAME = "e2e-node"
 NODE_IP = "10.200.0.1"
+# The lecture's topology domains, wider than the node: the kubelet labels its
+# node with them when it registers, and the plugin reports them (--topology-labels).
+ZONE_KEY, RACK_KEY = "topology.kubernetes.io/zone", "example.com/rack"
+NODE_LABELS = {ZONE_KEY: "cn-hangzhou-b", RACK_KEY: "rack1"}
 SERVICE_CIDR = "10.96.0.0/24"
 SERVICE_IP = "10.96.0.1"
 POD_CIDR = "10.244.0.0/24"
@@ -389,6 +393,7 @@ class Cluster:
             f"--kubeconfig={self.kubeconfigs['kubelet']}",
             f"--hostname-override={NODE_NAME}",
             f"--node-ip={NODE_IP}",
+            "--node-labels=" + ",".join(f"{k}={v}" for k, v in NODE_LABELS.items()),
             "--v=2",
         ])  # fmt: skip
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from e2e.cluster import RACK_KEY, ZONE_KEY
 from e2e.procs import Failed, Processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,8 @@ SNAPSHOT_METADATA_COMPONENT = DEPLOY / "components" / "snapshot-metadata"
 # snapshot-metadata component grant these).
 API_CLIENTS = {"csi-provisioner", "csi-snapshotter", "csi-resizer", "csi-snapshot-metadata"}
 REGISTRAR = "csi-node-driver-registrar"
+TOPOLOGY_LABELS_FLAG = "--topology-labels"
+TOPOLOGY_LABELS = (ZONE_KEY, RACK_KEY)
 VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
@@ -122,7 +125,9 @@ OVERLAY = ROOT / "build" / "vm" / "e2e-deploy"  # build/vm: writable in the VM
 
 
 def render(kubectl: Any) -> Rendered:
-    """deploy/kubernetes with the snapshot-metadata component."""
+    """deploy/kubernetes with the snapshot-metadata component, and the
+    plugin told to report the node's zone and rack labels, as an admin would
+    patch it (deploy/README.md)."""
     OVERLAY.mkdir(parents=True, exist_ok=True)
     (OVERLAY / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -131,7 +136,16 @@ def render(kubectl: Any) -> Rendered:
         "components": [os.path.relpath(SNAPSHOT_METADATA_COMPONENT, OVERLAY)],
     }))  # fmt: skip
     text: str = kubectl("kustomize", str(OVERLAY))
-    return Rendered([o for o in yaml.safe_load_all(text) if o])
+    rendered = Rendered([o for o in yaml.safe_load_all(text) if o])
+    for container in containers(rendered.daemonset):
+        if runs_the_plugin_image(container):
+            container["args"] = [
+                f"{TOPOLOGY_LABELS_FLAG}={','.join(TOPOLOGY_LABELS)}"
+                if arg == f"{TOPOLOGY_LABELS_FLAG}="
+                else arg
+                for arg in container["args"]
+            ]
+    return rendered
 
 
 @dataclass
@@ -225,6 +239,10 @@ class NodeProcesses:
         }
         if runs_the_plugin_image(container):
             mounts.update({k: v for k, v in image_files().items()})
+            if self.in_cluster is None:
+                # The API as the DaemonSet's pod reaches it: its service
+                # account's token, so RBAC is what the cluster grants it.
+                env["KUBECONFIG"] = str(self.kubeconfig)
 
         def on_node(word: str) -> str:
             word = VARIABLE.sub(lambda m: env.get(m[1], m[0]), word)

@@ -25,8 +25,16 @@ class Died(Failed):
     """A process the tier started has exited."""
 
 
-def run(args: Sequence[str], *, check: bool = True, timeout: float = 120) -> str:
-    done = subprocess.run(list(args), capture_output=True, text=True, check=False, timeout=timeout)
+def run(
+    args: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    done = subprocess.run(
+        list(args), capture_output=True, text=True, check=False, timeout=timeout, env=env
+    )
     if check and done.returncode != 0:
         raise Failed(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout

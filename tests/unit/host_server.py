@@ -73,7 +73,7 @@ class MemoryNode:
         self.graph.close()
 
 
-def serve_memory(root: Path) -> MemoryNode:
+def serve_memory(root: Path, options: Options | None = None) -> MemoryNode:
     lvm = MemoryLvm()
     lvm.add_volume_group(MEMORY_VG, 4096 * MiB)
     lvm.add_thin_pool(MEMORY_VG, MEMORY_POOL, 1024 * MiB)
@@ -86,7 +86,7 @@ def serve_memory(root: Path) -> MemoryNode:
         "    fullThresholdPercent: 90\n"
         f"  - name: thick\n    volumeGroup: {MEMORY_VG}\n"
     )
-    graph = build(config, Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY), lvm=lvm)
+    graph = build(config, options or Options(NODE_ID, DRIVER_NAME, TOPOLOGY_KEY), lvm=lvm)
     server = Server(f"unix://{root}/csi.sock", graph.identity, graph.controller, graph.node)
     server.start()
     return MemoryNode(lvm, graph, server, CsiClient(f"{root}/csi.sock"))

@@ -81,6 +81,7 @@ PLUGIN_COMMAND = [
     "$(NODE_NAME)",
     "--log-level",
     "info",
+    "--topology-labels=",
     "--metrics-address",
     "0.0.0.0:9810",
     "--lvm-config-overrides",
@@ -577,6 +578,7 @@ def test_plugin_command_line_is_the_contract() -> None:
     assert args.command == "serve"
     assert args.node_id == "node-a"
     assert args.topology_key is None  # so the default topology.<driver>/node applies
+    assert args.topology_labels == ""  # the node key alone until the admin lists labels
     config_mount = mount(plugin, str(PurePosixPath(args.config).parent))
     assert volumes()[config_mount["name"]]["configMap"]["name"] == "csi-lvm-config"
     assert "config.yaml" in the("ConfigMap", "csi-lvm-config")["data"]
@@ -1142,6 +1144,18 @@ def test_rbac_grants_nothing_broad_and_no_secrets() -> None:
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
 
 
+def test_the_plugin_may_get_nodes_and_nothing_more() -> None:
+    # It reads its own Node's topology labels; RBAC cannot name a DaemonSet
+    # pod's own node, so get on nodes, never list or watch.
+    assert the("ClusterRole", "csi-lvm-node")["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
+    ]
+    binding = the("ClusterRoleBinding", "csi-lvm-node")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "csi-lvm", "namespace": "csi-lvm"}
+    ]
+
+
 def test_resizer_lease_rule_names_the_lease_the_resizer_uses() -> None:
     role = the("Role", "csi-lvm-resizer-leader-election")
     named = [r for r in role["rules"] if "resourceNames" in r]
@@ -1205,7 +1219,8 @@ def test_topology_key_in_examples_is_the_driver_default() -> None:
         for expression in term["matchLabelExpressions"]
     ]
     assert keys, "the examples must show allowedTopologies"
-    assert set(keys) == {TOPOLOGY_KEY}
+    # The driver's node key, and node labels the plugin can report beside it.
+    assert set(keys) == {TOPOLOGY_KEY, "topology.kubernetes.io/zone", "example.com/rack"}
 
 
 # ---------------------------------------------------------------- examples

@@ -101,6 +101,8 @@ def test_paths_env_and_the_additions(tmp_path: Path) -> None:
         "NODE_NAME": "node-a",
         "LVM_CONFIG_OVERRIDES": "/usr/share/csi-lvm/lvm-container.conf",
         "LVM_PREFIX": "",
+        # Its own Node's topology labels, as the DaemonSet's service account.
+        "KUBECONFIG": f"{tmp_path}/sa.kubeconfig",
     }
     assert (
         "deviceClasses"

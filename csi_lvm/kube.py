@@ -1,0 +1,70 @@
+"""The Kubernetes API, through lightkube (a maintained, typed client): the
+labels of this plugin's Node object. In a pod the client uses the service
+account's token and CA; elsewhere ``$KUBECONFIG`` or ``~/.kube/config``.
+
+Failures become ConfigError with what to do: the plugin needs these labels
+before it may answer NodeGetInfo (the kubelet reads it once, at registration).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import httpx2
+from lightkube import Client, KubeConfig
+from lightkube.core.exceptions import ApiError
+from lightkube.core.exceptions import ConfigError as KubeConfigError
+from lightkube.resources.core_v1 import Node
+
+from csi_lvm.errors import ConfigError
+
+# The API server may be coming up with the node (a whole cluster restarting):
+# a minute of retries before the plugin gives up and its pod restarts.
+ATTEMPTS = 12
+PAUSE_SECONDS = 5.0
+
+
+def node_labels(
+    node_name: str,
+    keys: Sequence[str],
+    attempts: int = ATTEMPTS,
+    pause_seconds: float = PAUSE_SECONDS,
+) -> dict[str, str]:
+    """The labels ``keys`` of Node ``node_name`` that it has, with their values."""
+    try:
+        client = Client(config=KubeConfig.from_env(), timeout=httpx2.Timeout(10.0))
+    except KubeConfigError as error:
+        raise ConfigError(
+            f"topology labels need the Kubernetes API and none is configured here ({error}): "
+            "run the plugin in its pod (its service account), or set KUBECONFIG"
+        ) from None
+    for attempt in range(1, attempts + 1):
+        try:
+            metadata = client.get(Node, name=node_name).metadata
+            labels = (metadata.labels if metadata is not None else None) or {}
+            return {key: labels[key] for key in keys if key in labels}
+        except ApiError as error:
+            raise ConfigError(_api_refusal(node_name, error.status.code or 0, str(error))) from None
+        except httpx2.HTTPError as error:
+            if attempt == attempts:
+                raise ConfigError(
+                    f"cannot reach the Kubernetes API to read node {node_name}'s topology "
+                    f"labels ({error}) after {attempts} attempts"
+                ) from None
+            time.sleep(pause_seconds)
+    raise AssertionError("unreachable")
+
+
+def _api_refusal(node_name: str, code: int, message: str) -> str:
+    if code == 404:
+        return (
+            f"the Kubernetes API has no node {node_name}: --node-id must be the node's name "
+            "(the DaemonSet passes spec.nodeName)"
+        )
+    if code in (401, 403):
+        return (
+            f"the plugin may not read node {node_name} ({message}): its service account "
+            "needs get on nodes (deploy/kubernetes/rbac.yaml, ClusterRole csi-lvm-node)"
+        )
+    return f"the Kubernetes API refused to show node {node_name}: {message}"
