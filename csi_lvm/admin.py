@@ -62,7 +62,9 @@ _KUBERNETES_TAGS = {
 }
 
 
-def node_status(backends: Backends) -> list[ClassStatus]:
+def node_status(backends: Backends, owners: Mapping[str, str] | None = None) -> list[ClassStatus]:
+    """Each class and its objects; ``owners`` (from the Kubernetes API) names
+    the PVC or VolumeSnapshot of each id, which the LVs' tags no longer keep."""
     inventory = backends.inventory
     scan = inventory.scan()
     owned = [*inventory.owned(Kind.VOLUME, scan), *inventory.owned(Kind.SNAPSHOT, scan)]
@@ -104,14 +106,22 @@ def node_status(backends: Backends) -> list[ClassStatus]:
                     used_percent=item.lv.data_percent,
                     condition=condition.message,
                     abnormal=condition.abnormal,
-                    kubernetes={
-                        v: item.tags[k] for k, v in _KUBERNETES_TAGS.items() if k in item.tags
-                    },
+                    kubernetes=_kubernetes_names(item.kind, item.tags, owners, str(item.id)),
                     source=item.source_id,
                 )
             )
         classes.append(status)
     return classes
+
+
+def _kubernetes_names(
+    kind: Kind, tags: Mapping[Tag, str], owners: Mapping[str, str] | None, object_id: str
+) -> dict[str, str]:
+    names = {v: tags[k] for k, v in _KUBERNETES_TAGS.items() if k in tags}
+    owner = (owners or {}).get(object_id)
+    if owner is not None:
+        names["pvc" if kind is Kind.VOLUME else "volumeSnapshot"] = owner
+    return names
 
 
 def status_json(classes: list[ClassStatus]) -> list[dict[str, object]]:
@@ -127,8 +137,10 @@ def _size(size: int) -> str:
     return str(value)
 
 
-def status_text(classes: list[ClassStatus]) -> str:
-    lines = []
+def status_text(classes: list[ClassStatus], no_api: str = "") -> str:
+    """The classes as text; ``no_api`` says why PVC and VolumeSnapshot names
+    are missing (no access to the Kubernetes API)."""
+    lines = [f"(PVC and VolumeSnapshot names not shown: {no_api})"] if no_api else []
     for c in classes:
         pool = ""
         if c.data_percent is not None:

@@ -221,11 +221,16 @@ def lvm_overrides(args: argparse.Namespace) -> str:
 def status(args: argparse.Namespace) -> int:
     configure_logging("warning")
     options = Options(default_node_id(), args.driver_name, lvm_config_overrides=lvm_overrides(args))
-    classes = node_status(build(load_config(args.config), options).backends)
+    owners, no_api = None, ""
+    try:
+        owners = kube.owners(args.driver_name)
+    except ConfigError as error:
+        no_api = str(error)
+    classes = node_status(build(load_config(args.config), options).backends, owners)
     if args.json:
         print(json.dumps(status_json(classes), indent=2))
     else:
-        print(status_text(classes))
+        print(status_text(classes, no_api))
     return 0
 
 

@@ -1,6 +1,8 @@
 """The Kubernetes API, through lightkube (a maintained, typed client): the
-labels of this plugin's Node object. In a pod the client uses the service
-account's token and CA; elsewhere ``$KUBECONFIG`` or ``~/.kube/config``.
+labels of this plugin's Node object, and whose volumes and snapshots the
+node's LVs are (a PV's claim, a VolumeSnapshotContent's VolumeSnapshot). In a
+pod the client uses the service account's token and CA; elsewhere
+``$KUBECONFIG`` or ``~/.kube/config``.
 
 Failures become ConfigError with what to do: the plugin needs these labels
 before it may answer NodeGetInfo (the kubelet reads it once, at registration).
@@ -15,14 +17,56 @@ import httpx2
 from lightkube import Client, KubeConfig
 from lightkube.core.exceptions import ApiError
 from lightkube.core.exceptions import ConfigError as KubeConfigError
-from lightkube.resources.core_v1 import Node
+from lightkube.generic_resource import create_global_resource
+from lightkube.resources.core_v1 import Node, PersistentVolume
 
 from csi_lvm.errors import ConfigError
+
+VolumeSnapshotContent = create_global_resource(
+    "snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent", "volumesnapshotcontents"
+)
 
 # The API server may be coming up with the node (a whole cluster restarting):
 # a minute of retries before the plugin gives up and its pod restarts.
 ATTEMPTS = 12
 PAUSE_SECONDS = 5.0
+
+
+def _client() -> Client:
+    try:
+        return Client(config=KubeConfig.from_env(), timeout=httpx2.Timeout(10.0))
+    except KubeConfigError as error:
+        raise ConfigError(
+            f"no Kubernetes API is configured here ({error}): run csi-lvm in its pod (its "
+            "service account), or set KUBECONFIG"
+        ) from None
+
+
+def owners(driver_name: str) -> dict[str, str]:
+    """``namespace/name`` of the PVC bound to each of the driver's PVs and of
+    the VolumeSnapshot of each of its VolumeSnapshotContents, by volume or
+    snapshot id (what the node's LVs are called in the cluster)."""
+    client = _client()
+    found: dict[str, str] = {}
+    try:
+        for volume in client.list(PersistentVolume):
+            csi = volume.spec.csi if volume.spec is not None else None
+            claim = volume.spec.claimRef if volume.spec is not None else None
+            if csi is not None and csi.driver == driver_name and claim is not None:
+                found[csi.volumeHandle] = f"{claim.namespace}/{claim.name}"
+        for content in client.list(VolumeSnapshotContent):
+            spec, status = content.get("spec") or {}, content.get("status") or {}
+            handle = status.get("snapshotHandle") or spec.get("source", {}).get("snapshotHandle")
+            ref = spec.get("volumeSnapshotRef") or {}
+            if spec.get("driver") == driver_name and handle and ref.get("name"):
+                found[handle] = f"{ref.get('namespace')}/{ref['name']}"
+    except ApiError as error:
+        raise ConfigError(
+            f"the Kubernetes API refused to list PVs and VolumeSnapshotContents: {error}"
+        ) from None
+    except httpx2.HTTPError as error:
+        raise ConfigError(f"cannot reach the Kubernetes API: {error}") from None
+    return found
 
 
 def node_labels(
@@ -32,13 +76,7 @@ def node_labels(
     pause_seconds: float = PAUSE_SECONDS,
 ) -> dict[str, str]:
     """The labels ``keys`` of Node ``node_name`` that it has, with their values."""
-    try:
-        client = Client(config=KubeConfig.from_env(), timeout=httpx2.Timeout(10.0))
-    except KubeConfigError as error:
-        raise ConfigError(
-            f"topology labels need the Kubernetes API and none is configured here ({error}): "
-            "run the plugin in its pod (its service account), or set KUBECONFIG"
-        ) from None
+    client = _client()
     for attempt in range(1, attempts + 1):
         try:
             metadata = client.get(Node, name=node_name).metadata

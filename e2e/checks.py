@@ -496,6 +496,22 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     checks.check("4 VolumeSnapshot ready; restore to a second pod", snapshot, needs=(two,))
     checks.check("5 clone (dataSource PVC)", clone, needs=(two,))
 
+    def status() -> str:
+        command, env = admin_command(rendered, node, "status")
+        out = run(command, env=env)
+        wanted = [f"pvc={NAMESPACE}/thin", f"volumeSnapshot={NAMESPACE}/snap"]
+        missing = [w for w in wanted if w not in out]
+        if missing:
+            raise Failed(f"csi-lvm status lacks {missing}: {out}")
+        bare = {k: v for k, v in env.items() if k != "KUBECONFIG"} | {"HOME": str(cluster.scratch)}
+        without = run(command, env=bare)
+        if "PVC and VolumeSnapshot names not shown" not in without:
+            raise Failed(f"without API access csi-lvm status did not say so: {without}")
+        return f"names {', '.join(wanted)}; without API access it says so"
+
+    checks.check("14 csi-lvm status names the PVC and the VolumeSnapshot", status,
+                 needs=("4 VolumeSnapshot ready; restore to a second pod",))  # fmt: skip
+
     def lister(account: str, *args: str) -> tuple[int, list[tuple[int, int]]]:
         """The ranges a client on the upstream client library lists, through the
         SnapshotMetadataService CR, the sidecar, the forwarder and the
@@ -668,6 +684,22 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     checks.check("9 everything deleted: LVs as before, no mounts left", cleanup)
 
 
+def admin_command(
+    rendered: Rendered, node: NodeProcesses, command: str, *extra: str
+) -> tuple[list[str], dict[str, str]]:
+    """``csi-lvm <command>`` as an admin runs it in the plugin's container:
+    the plugin's socket, config and topology labels, its environment (the
+    service account's API access)."""
+    plugin = next(c for c in containers(rendered.daemonset) if c["name"] == "csi-lvm")
+    argv, env = node.command(plugin)
+    serve = build_parser().parse_args(argv[1:])
+    given = {
+        "doctor": ["--endpoint", serve.endpoint, f"--topology-labels={serve.topology_labels}"],
+        "status": [],
+    }[command]
+    return [argv[0], command, "--config", serve.config, *given, *extra], {**os.environ, **env}
+
+
 def zoned_class(name: str, driver: str, key: str, value: str) -> dict[str, Any]:
     return {
         "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
@@ -718,14 +750,8 @@ def zone_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None
                 f"{NODE_LABELS[ZONE_KEY]}: Running, PV on {node_key}={NODE_NAME}")  # fmt: skip
 
     def doctor_line(label: str) -> str:
-        argv, env = node.command(
-            next(c for c in containers(rendered.daemonset) if c["name"] == "csi-lvm")
-        )
-        serve = build_parser().parse_args(argv[1:])
-        labels = f"--topology-labels={serve.topology_labels}"
-        command = [argv[0], "doctor", "--endpoint", serve.endpoint, "--config", serve.config,
-                   "--node-id", NODE_NAME, labels]  # fmt: skip
-        out = run(command, env={**os.environ, **env}, check=False)
+        command, env = admin_command(rendered, node, "doctor", "--node-id", NODE_NAME)
+        out = run(command, env=env, check=False)
         lines = [line for line in out.splitlines() if f"topology label {label}" in line]
         if len(lines) != 1:
             raise Failed(f"doctor said no single line of {label}: {out}")

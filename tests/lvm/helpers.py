@@ -203,9 +203,19 @@ def lvm_lock_held(volume_group: str) -> Iterator[Path]:
     hold it, until the block ends: every LVM command on the VG waits meanwhile.
     Yields the lock file."""
     lock = lock_file(volume_group)
-    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    while True:
+        held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(held, fcntl.LOCK_EX)
+        # LVM unlinks a lock file it releases when nobody waits for it: one
+        # opened just before that is a lock nobody else will ever ask for.
+        # Held only while the path still names the file locked, as LVM does.
+        try:
+            if os.stat(lock).st_ino == os.fstat(held).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(held)
+    try:
         yield lock
     finally:
         os.close(held)  # the lock is free: the commands that waited go on
