@@ -10,6 +10,7 @@ before it may answer NodeGetInfo (the kubelet reads it once, at registration).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -32,10 +33,23 @@ ATTEMPTS = 12
 PAUSE_SECONDS = 5.0
 
 
+def _config() -> KubeConfig:
+    """``$KUBECONFIG`` when it is set (as kubectl), else the pod's service
+    account when the kubelet gave the container the API's address, else
+    ``~/.kube/config``. (lightkube's ``from_env`` would try the account's
+    files first, and fail without the address where only they exist.)"""
+    explicit = os.environ.get("KUBECONFIG")
+    if explicit:
+        return KubeConfig.from_file(explicit)
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return KubeConfig.from_service_account()
+    return KubeConfig.from_file(os.path.expanduser("~/.kube/config"))
+
+
 def _client() -> Client:
     try:
-        return Client(config=KubeConfig.from_env(), timeout=httpx2.Timeout(10.0))
-    except KubeConfigError as error:
+        return Client(config=_config(), timeout=httpx2.Timeout(10.0))
+    except (KubeConfigError, OSError) as error:
         raise ConfigError(
             f"no Kubernetes API is configured here ({error}): run csi-lvm in its pod (its "
             "service account), or set KUBECONFIG"
