@@ -76,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="topology segment key (default topology.<driver-name>/node)",
     )
-    _add_topology_labels(serve)
+    _add_shared(serve, "--topology-labels")
     serve.add_argument("--max-volumes-per-node", type=int, default=0)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds for calls to end")
     serve.add_argument("--lvm-prefix", default="", help="command to run LVM through, e.g. nsenter")
-    _add_lvm_config_overrides(serve)
+    _add_shared(serve, "--lvm-config-overrides")
     serve.add_argument(
         "--no-lvm-shell",
         action="store_true",
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", default=DEFAULT_CONFIG)
     status.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_lvm_config_overrides(status)
+    _add_shared(status, "--lvm-config-overrides")
     doctor = commands.add_parser("doctor", help="check what this node needs to run csi-lvm")
     doctor.add_argument("--config", default=DEFAULT_CONFIG)
     doctor.add_argument(
@@ -148,31 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     doctor.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
-    _add_topology_labels(doctor)
-    _add_lvm_config_overrides(doctor)
+    _add_shared(doctor, "--topology-labels", "--lvm-config-overrides")
     add_release_node_parser(commands, DEFAULT_DRIVER_NAME)
     return parser
 
 
-def _add_lvm_config_overrides(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
-        "--lvm-config-overrides",
-        default="",
-        metavar="FILE",
-        help="LVM settings (lvm.conf syntax) given to every LVM command with --config, on top "
-        "of the node's own LVM configuration",
-    )
-
-
-def _add_topology_labels(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
-        "--topology-labels",
-        default="",
-        metavar="KEY,...",
-        help="node-label keys (topology.kubernetes.io/zone, a rack's key) the plugin reads from "
-        "its Node object at start and reports beside its node key, so StorageClasses' "
+# Flags more than one command takes, with what they mean.
+SHARED_FLAGS: dict[str, dict[str, str]] = {
+    "--lvm-config-overrides": {
+        "metavar": "FILE",
+        "help": "LVM settings (lvm.conf syntax) given to every LVM command with --config, on "
+        "top of the node's own LVM configuration",
+    },
+    "--topology-labels": {
+        "metavar": "KEY,...",
+        "help": "node-label keys (topology.kubernetes.io/zone, a rack's key) the plugin reads "
+        "from its Node object at start and reports beside its node key, so StorageClasses' "
         "allowedTopologies may name them; a change of the labels needs a plugin restart",
-    )
+    },
+}
+
+
+def _add_shared(command: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        command.add_argument(flag, default="", **SHARED_FLAGS[flag])  # type: ignore[arg-type]
 
 
 def topology_labels(args: argparse.Namespace) -> tuple[str, ...]:
