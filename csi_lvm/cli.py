@@ -44,6 +44,10 @@ DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    # The Kubernetes client's HTTP library logs each request at INFO, as plain
+    # text among the JSON lines: only its warnings are worth a line.
+    for library in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(library).setLevel(max(logging.WARNING, logging.getLogger().level))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
