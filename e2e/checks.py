@@ -663,6 +663,7 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
 
     checks.check("10 a PVC for a node without the plugin is not provisioned here", other_node)
     zone_checks(checks, rendered, node)
+    lecture_checks(checks)
 
     def cleanup() -> str:
         kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")
@@ -780,3 +781,87 @@ def zone_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None
         kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false", check=False)
     for name in ("csi-lvm-zone", "csi-lvm-rack"):
         kubectl("delete", "storageclass", name, "--wait=false", check=False)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
+
+
+def example(name: str) -> list[dict[str, Any]]:
+    return [o for o in yaml.safe_load_all((EXAMPLES / name).read_text()) if o]
+
+
+def lecture_checks(checks: Checks) -> None:
+    """The lecture's static local PV beside csi-lvm, and a deleted snapshot."""
+    cluster, kubectl = checks.cluster, checks.kubectl
+
+    def static_beside_csi_lvm() -> str:
+        # deploy/examples 05 and 06 as they are, but for this node, a scratch
+        # directory as the disk, and small sizes (a thick volume is zeroed).
+        disk = checks.cluster.scratch / "disks" / "disk1"
+        disk.mkdir(parents=True, exist_ok=True)
+        objects = [
+            *example("05-static-local-pv.yaml"),
+            *example("06-csi-lvm-replaces-local-pv.yaml"),
+        ]
+        for item in objects:
+            if item["kind"] == "PersistentVolumeClaim":
+                item["metadata"]["namespace"] = NAMESPACE
+            if item["kind"] == "PersistentVolume":
+                item["spec"]["local"]["path"] = str(disk)
+                term = item["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]
+                term["matchExpressions"][0]["values"] = [NODE_NAME]
+            if item["kind"] == "PersistentVolumeClaim":
+                item["spec"]["resources"]["requests"]["storage"] = "64Mi"
+        claims = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+        cluster.apply([o for o in objects if o["kind"] != "Pod"])
+        time.sleep(10)
+        early = {c["metadata"]["name"]: cluster.get("pvc", c["metadata"]["name"], "-n",
+                                                    NAMESPACE)["status"].get("phase")
+                 for c in claims}  # fmt: skip
+        if set(early.values()) != {"Pending"}:
+            raise Failed(f"before any pod: {early}")
+        user = pod("both-ways", "old-way", "echo old > /data/file && echo new > /new/file")
+        user["spec"]["volumes"].append(
+            {"name": "new", "persistentVolumeClaim": {"claimName": "new-way"}}
+        )
+        user["spec"]["containers"][0]["volumeMounts"].append({"name": "new", "mountPath": "/new"})
+        cluster.apply([user])
+        checks.wait_running("both-ways")
+        if (disk / "file").read_text().strip() != "old":
+            raise Failed("the static PV's directory does not hold the pod's file")
+        bound = checks.pv_of("old-way")["metadata"]["name"]
+        new_node = checks.pv_node("new-way")
+        return (f"both claims Pending until the pod; then old-way bound to {bound} "
+                f"({NODE_NAME}'s directory), new-way to an LV on {new_node}")  # fmt: skip
+
+    def snapshot_deleted() -> str:
+        before = set(checks.lvs())
+        cluster.apply([{
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": "short-lived", "namespace": NAMESPACE},
+            "spec": {"volumeSnapshotClassName": "csi-lvm-snapshot",
+                     "source": {"persistentVolumeClaimName": "thin"}},
+        }])  # fmt: skip
+
+        def content() -> str:
+            status = cluster.get("volumesnapshot", "short-lived", "-n", NAMESPACE).get("status", {})
+            return str(status.get("boundVolumeSnapshotContentName") or "") if status.get(
+                "readyToUse") else ""  # fmt: skip
+
+        wait_for("VolumeSnapshot short-lived readyToUse", lambda: bool(content()), 180, interval=2)
+        name, made = content(), set(checks.lvs()) - before
+        if len(made) != 1:
+            raise Failed(f"LVs made for the snapshot: {sorted(made)}")
+        kubectl("delete", "volumesnapshot", "short-lived", "-n", NAMESPACE, "--timeout=120s")
+        wait_for(f"VolumeSnapshotContent {name} gone",
+                 lambda: not cluster.kubectl("get", "volumesnapshotcontent", name, "-o", "name",
+                                             check=False), 120, interval=2)  # fmt: skip
+        wait_for("the snapshot's LV gone", lambda: not set(checks.lvs()) & made, 60, interval=2)
+        return f"{name} and LV {made.pop()} removed with the VolumeSnapshot"
+
+    checks.check(
+        "15 the lecture's static local PV binds beside a csi-lvm class", static_beside_csi_lvm
+    )
+    checks.check("16 deleting a VolumeSnapshot removes its content and its LV", snapshot_deleted)
+    for name in ("both-ways", "stray"):
+        kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false", check=False)
