@@ -863,5 +863,47 @@ def lecture_checks(checks: Checks) -> None:
         "15 the lecture's static local PV binds beside a csi-lvm class", static_beside_csi_lvm
     )
     checks.check("16 deleting a VolumeSnapshot removes its content and its LV", snapshot_deleted)
+
+    def stateful_set() -> str:
+        # The pods' spec (host network, busybox), its volume from the template.
+        spec = pod("web", "unused", 'test -f /data/id || echo "$POD_NAME" > /data/id')["spec"]
+        del spec["volumes"]
+        spec["containers"][0]["env"] = [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+        ]
+        cluster.apply([{
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "web", "namespace": NAMESPACE},
+            "spec": {
+                "serviceName": "web", "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}, "spec": spec},
+                "volumeClaimTemplates": [{
+                    "metadata": {"name": "data"},
+                    "spec": {"accessModes": ["ReadWriteOnce"],
+                             "resources": {"requests": {"storage": "64Mi"}}},
+                }],
+            },
+        }])  # fmt: skip
+        checks.wait_running("web-0", "web-1")
+        first = {name: checks.exec(name, "cat /data/id").strip() for name in ("web-0", "web-1")}
+        volume = checks.pv_of("data-web-0")["metadata"]["name"]
+        uid = cluster.get("pod", "web-0", "-n", NAMESPACE)["metadata"]["uid"]
+        kubectl("delete", "pod", "web-0", "-n", NAMESPACE, "--timeout=120s")
+        wait_for("web-0 made again",
+                 lambda: cluster.get("pod", "web-0", "-n", NAMESPACE)["metadata"]["uid"] != uid,
+                 120, interval=2)  # fmt: skip
+        checks.wait_running("web-0")
+        again = checks.exec("web-0", "cat /data/id").strip()
+        if first != {"web-0": "web-0", "web-1": "web-1"} or again != "web-0":
+            raise Failed(f"ids {first}, after the restart {again!r}")
+        if checks.pv_of("data-web-0")["metadata"]["name"] != volume:
+            raise Failed("web-0 came back to another volume")
+        return (f"each replica on its own LV on {checks.pv_node('data-web-1')}; web-0 deleted, "
+                f"made again on {checks.pv_node('data-web-0')} with its volume {volume} "
+                "and its data")  # fmt: skip
+
+    checks.check("17 a StatefulSet's replicas keep their volumes and data", stateful_set)
+    kubectl("delete", "statefulset", "web", "-n", NAMESPACE, "--timeout=120s", check=False)
     for name in ("both-ways", "stray"):
         kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false", check=False)
