@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,7 +343,10 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     log = structlog.get_logger("csi_lvm")
     flags = ServeOptions.from_args(args)
-    options = with_node_labels(flags.graph, log)
+    options = flags.graph
+    if options.topology_labels:
+        read = kube.node_labels(options.node_id, options.topology_labels)
+        options = with_node_labels(options, read, log)
     config = load_config(flags.config_path)
     graph = build(config, options)
     inventory, backends = graph.inventory, graph.backends
@@ -398,15 +401,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_node_labels(options: Options, log: structlog.typing.FilteringBoundLogger) -> Options:
-    """The options with this node's values of the listed topology labels, read
-    from its Node object. A listed label the node lacks is left out: the node
-    is in no domain of that key, so classes whose allowedTopologies name it
-    never place a volume here. Said loudly, as the admin must label the node
-    and restart the plugin (the kubelet reads NodeGetInfo at registration)."""
-    if not options.topology_labels:
-        return options
-    labels = kube.node_labels(options.node_id, options.topology_labels)
+def with_node_labels(
+    options: Options, node_labels: Mapping[str, str], log: structlog.typing.FilteringBoundLogger
+) -> Options:
+    """The options with this node's values of the listed topology labels
+    (``node_labels``: its Node object's labels). A listed label the node lacks
+    is left out: the node is in no domain of that key, so classes whose
+    allowedTopologies name it never place a volume here. Said loudly, as the
+    admin must label the node and restart the plugin (the kubelet reads
+    NodeGetInfo when the plugin registers)."""
+    labels = {key: node_labels[key] for key in options.topology_labels if key in node_labels}
     for key in missing_labels(options.topology_labels, labels):
         log.warning(
             "node lacks a topology label",

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from csi_lvm.admin import topology_checks
+from csi_lvm.cli import with_node_labels
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import ConfigError, ResourceExhausted
 from csi_lvm.topology import NodeTopology, missing_labels
@@ -22,6 +25,7 @@ from tests.unit.host_server import MemoryNode, serve_memory
 ZONE, RACK = "topology.kubernetes.io/zone", "example.com/rack"
 LABELS = {ZONE: "cn-hangzhou-b", RACK: "rack1"}
 HERE = NodeTopology(TOPOLOGY_KEY, NODE_ID, LABELS)
+LOG = structlog.get_logger("test")
 
 
 def requirement(*terms: dict[str, str], preferred: bool = False) -> csi_pb2.TopologyRequirement:
@@ -151,3 +155,14 @@ def test_doctor_tells_a_label_changed_since_the_plugin_registered() -> None:
     no_api = topology_checks(reported, TOPOLOGY_KEY, [ZONE], None, "no API here")
     assert [(c.ok, c.fix) for c in no_api] == [(False, "no API here")]
     assert topology_checks({TOPOLOGY_KEY: NODE_ID}, TOPOLOGY_KEY, [], None) == []
+
+
+def test_a_node_lacking_a_listed_label_starts_without_it_and_says_how_to_fix_it() -> None:
+    options = Options(NODE_ID, topology_key=TOPOLOGY_KEY, topology_labels=(ZONE, RACK))
+    with capture_logs() as logged:
+        labelled = with_node_labels(options, {ZONE: "cn-hangzhou-b", "other": "x"}, LOG)
+    assert dict(labelled.node_labels) == {ZONE: "cn-hangzhou-b"}
+    assert labelled.topology.segments == {TOPOLOGY_KEY: NODE_ID, ZONE: "cn-hangzhou-b"}
+    (warning,) = logged
+    assert warning["log_level"] == "warning" and warning["label"] == RACK
+    assert f"kubectl label node {NODE_ID} {RACK}=<value>" in warning["fix"]
