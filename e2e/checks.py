@@ -669,7 +669,15 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
         kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")
         kubectl("delete", "volumesnapshot", "--all", "-n", NAMESPACE, "--timeout=120s")
         kubectl("delete", "pvc", "--all", "-n", NAMESPACE, "--timeout=120s")
-        wait_for("every PV gone", lambda: not cluster.get("pv")["items"], 180, interval=3)
+        try:
+            wait_for("every PV gone", lambda: not cluster.get("pv")["items"], 180, interval=3)
+        except Failed as error:
+            left = [
+                f"{v['metadata']['name']} ({v.get('status', {}).get('phase')}, class "
+                f"{v['spec'].get('storageClassName')})"
+                for v in cluster.get("pv")["items"]
+            ]
+            raise Failed(f"{error}; left: {', '.join(left)}") from None
         wait_for(
             "every VolumeSnapshotContent gone",
             lambda: not cluster.get("volumesnapshotcontents")["items"],
@@ -905,5 +913,8 @@ def lecture_checks(checks: Checks) -> None:
 
     checks.check("17 a StatefulSet's replicas keep their volumes and data", stateful_set)
     kubectl("delete", "statefulset", "web", "-n", NAMESPACE, "--timeout=120s", check=False)
-    for name in ("both-ways", "stray"):
-        kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false", check=False)
+    # The static PV is Retain: nothing but its admin deletes it, after its claim.
+    kubectl("delete", "pod", "both-ways", "-n", NAMESPACE, "--timeout=120s", check=False)
+    kubectl("delete", "pvc", "old-way", "-n", NAMESPACE, "--timeout=120s", check=False)
+    kubectl("delete", "pv", "local-pv-node-a-disk1", "--timeout=120s", check=False)
+    kubectl("delete", "storageclass", "local-storage", "--wait=false", check=False)
