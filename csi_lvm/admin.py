@@ -239,6 +239,14 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> li
     return checks
 
 
+def compared_label_keys(
+    reported: Mapping[str, str] | None, node_key: str, listed: Sequence[str]
+) -> list[str]:
+    """The label keys doctor compares: those listed, and those the running
+    plugin reported beside its node key."""
+    return sorted(set(listed) | (set(reported or {}) - {node_key}))
+
+
 def topology_checks(
     reported: Mapping[str, str] | None,
     node_key: str,
@@ -249,7 +257,7 @@ def topology_checks(
     """The topology the running plugin reported (its NodeGetInfo; None when
     no plugin answers here) against the node's labels now. The kubelet reads
     NodeGetInfo once, at registration: a label changed since needs a restart."""
-    keys = sorted(set(listed) | (set(reported or {}) - {node_key}))
+    keys = compared_label_keys(reported, node_key, listed)
     if not keys:
         return []
     if labels_now is None:

@@ -21,7 +21,14 @@ import grpc
 import structlog
 
 from csi_lvm import __version__, kube
-from csi_lvm.admin import Check, node_status, status_json, status_text, topology_checks
+from csi_lvm.admin import (
+    Check,
+    compared_label_keys,
+    node_status,
+    status_json,
+    status_text,
+    topology_checks,
+)
 from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
@@ -268,12 +275,11 @@ def doctor_topology(args: argparse.Namespace, node_id: str) -> list[Check]:
             except grpc.RpcError:
                 reported = None  # no plugin answers there
     listed = topology_labels(args)
-    node_key = f"topology.{args.driver_name}/node"
-    keys = sorted(set(listed) | (set(reported or {}) - {node_key}))
+    node_key = Options(node_id, args.driver_name).node_topology_key
     labels_now, problem = None, ""
-    if keys:
+    if compared_label_keys(reported, node_key, listed):
         try:
-            labels_now = kube.node_labels(node_id, keys, attempts=1)
+            labels_now = kube.node_labels(node_id, attempts=1)
         except ConfigError as error:
             problem = str(error)
     return topology_checks(reported, node_key, listed, labels_now, problem)
@@ -345,8 +351,7 @@ def serve(args: argparse.Namespace) -> int:
     flags = ServeOptions.from_args(args)
     options = flags.graph
     if options.topology_labels:
-        read = kube.node_labels(options.node_id, options.topology_labels)
-        options = with_node_labels(options, read, log)
+        options = with_node_labels(options, kube.node_labels(options.node_id), log)
     config = load_config(flags.config_path)
     graph = build(config, options)
     inventory, backends = graph.inventory, graph.backends

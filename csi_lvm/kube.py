@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 
 import httpx2
 from lightkube import Client, KubeConfig
@@ -84,18 +83,14 @@ def owners(driver_name: str) -> dict[str, str]:
 
 
 def node_labels(
-    node_name: str,
-    keys: Sequence[str],
-    attempts: int = ATTEMPTS,
-    pause_seconds: float = PAUSE_SECONDS,
+    node_name: str, attempts: int = ATTEMPTS, pause_seconds: float = PAUSE_SECONDS
 ) -> dict[str, str]:
-    """The labels ``keys`` of Node ``node_name`` that it has, with their values."""
+    """The labels of Node ``node_name``."""
     client = _client()
     for attempt in range(1, attempts + 1):
         try:
             metadata = client.get(Node, name=node_name).metadata
-            labels = (metadata.labels if metadata is not None else None) or {}
-            return {key: labels[key] for key in keys if key in labels}
+            return dict((metadata.labels if metadata is not None else None) or {})
         except ApiError as error:
             raise ConfigError(_api_refusal(node_name, error.status.code or 0, str(error))) from None
         except httpx2.HTTPError as error:

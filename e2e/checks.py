@@ -167,6 +167,13 @@ class Checks:
     def exec(self, name: str, script: str) -> str:
         return self.kubectl("exec", "-n", NAMESPACE, name, "--", "/bin/sh", "-c", script)
 
+    def scheduling_event(self, name: str) -> str:
+        """The scheduler's latest FailedScheduling message for pod ``name``."""
+        selector = f"--field-selector=involvedObject.name={name}"
+        events = self.cluster.get("events", "-n", NAMESPACE, selector)["items"]
+        messages = [e["message"] for e in events if e["reason"] == "FailedScheduling"]
+        return messages[-1] if messages else ""
+
     def pv_of(self, claim: str) -> dict[str, Any]:
         volume = self.cluster.get("pvc", claim, "-n", NAMESPACE)["spec"].get("volumeName")
         if not volume:
@@ -590,10 +597,7 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
         cluster.apply([pvc("huge", "1Ti"), pod("huge", "huge", "true")])
 
         def reason() -> str:
-            events = cluster.get("events", "-n", NAMESPACE,
-                                 "--field-selector=involvedObject.name=huge")["items"]  # fmt: skip
-            messages = [e["message"] for e in events if e["reason"] == "FailedScheduling"]
-            return messages[-1] if messages else ""
+            return checks.scheduling_event("huge")
 
         wait_for("a FailedScheduling event for pod huge", lambda: bool(reason()), 120, interval=2)
         time.sleep(5)
@@ -724,12 +728,6 @@ def zone_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None
     cluster, kubectl, driver = checks.cluster, checks.kubectl, rendered.driver_name
     node_key = f"topology.{driver}/node"
 
-    def scheduling_event(name: str) -> str:
-        events = cluster.get("events", "-n", NAMESPACE,
-                             f"--field-selector=involvedObject.name={name}")["items"]  # fmt: skip
-        messages = [e["message"] for e in events if e["reason"] == "FailedScheduling"]
-        return messages[-1] if messages else ""
-
     def affinity_keys(claim: str) -> set[str]:
         terms = checks.pv_of(claim)["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
         return {e["key"] for t in terms for e in t["matchExpressions"]}
@@ -743,7 +741,7 @@ def zone_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None
         ])  # fmt: skip
         wanted = "didn't find available persistent volumes to bind"
         wait_for("the scheduler's event for pod zoned",
-                 lambda: wanted in scheduling_event("zoned"), 120, interval=2)  # fmt: skip
+                 lambda: wanted in checks.scheduling_event("zoned"), 120, interval=2)  # fmt: skip
         time.sleep(5)
         if checks.phase("zoned") != "Pending":
             raise Failed(f"pod zoned is {checks.phase('zoned')} in a zone without nodes")
