@@ -11,7 +11,7 @@ from pathlib import Path
 from csi_lvm.backends import Backends
 from csi_lvm.backends.admission import metadata_room_lvs
 from csi_lvm.config import Config
-from csi_lvm.errors import DriverError
+from csi_lvm.errors import ConfigError, DriverError
 from csi_lvm.ids import Kind, Tag
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
@@ -231,7 +231,12 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> li
     if config is None:
         checks.append(Check(False, "config", "give --config with the node's device classes"))
     else:
-        checks += _class_checks(config, lvm, node_id)
+        try:
+            resolved = config.for_node(node_id)
+        except ConfigError as error:  # two entries of a class match this node
+            checks.append(Check(False, "config", str(error)))
+        else:
+            checks += _class_checks(resolved, lvm, node_id)
     usable = os.path.isdir(socket_dir) and os.access(socket_dir, os.W_OK)
     checks.append(
         Check(usable, f"socket directory {socket_dir}", "create it and make it writable by root")

@@ -246,12 +246,12 @@ def status(args: argparse.Namespace) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     configure_logging("warning")
+    node_id = args.node_id or default_node_id()
     try:
-        config = load_config(args.config)
+        config = load_config(args.config).for_node(node_id)
     except ConfigError as error:
         print(f"FAIL config: {error}")
         config = None
-    node_id = args.node_id or default_node_id()
     lvm = Lvm(Runner(config_overrides=lvm_overrides(args)))
     checks = run_doctor(config, lvm, os.path.dirname(socket_path(args.endpoint)), node_id)
     checks += doctor_topology(args, node_id)
@@ -352,8 +352,8 @@ def serve(args: argparse.Namespace) -> int:
     options = flags.graph
     if options.topology_labels:
         options = with_node_labels(options, kube.node_labels(options.node_id), log)
-    config = load_config(flags.config_path)
-    graph = build(config, options)
+    graph = build(load_config(flags.config_path), options)
+    config = graph.config  # as this node sees it
     inventory, backends = graph.inventory, graph.backends
     scan = inventory.scan()
     for backend in backends:

@@ -4,12 +4,20 @@ Errors name the file and line, so an admin can fix a config map without
 reading code. Whether the named volume groups and pools exist is checked by
 the caller against LVM (see ``cli.serve``); this module does no I/O beyond
 reading the file.
+
+One config serves every node, and a class name may be listed more than once:
+at most one entry without ``nodes:`` (the general one) and any number with
+it, so that one StorageClass is backed by different volume groups on nodes
+that differ. ``Config.for_node`` picks the entry each node uses; the driver
+only ever sees that resolved config, one entry per name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +68,11 @@ class DeviceClass:
 
     def on_node(self, node_id: str) -> bool:
         """Whether the config says this node has the class."""
-        return not self.nodes or any(fnmatch.fnmatchcase(node_id, p) for p in self.nodes)
+        return not self.nodes or self.pattern_for(node_id) is not None
+
+    def pattern_for(self, node_id: str) -> str | None:
+        """The first of the class's ``nodes:`` patterns that the node matches."""
+        return next((p for p in self.nodes if fnmatch.fnmatchcase(node_id, p)), None)
 
     def mkfs_options_for(self, fs_type: str) -> tuple[str, ...]:
         return dict(self.mkfs_options).get(fs_type, ())
@@ -88,6 +100,55 @@ class Config:
     @property
     def volume_groups(self) -> list[str]:
         return sorted({c.volume_group for c in self.device_classes})
+
+    def for_node(self, node_id: str) -> Config:
+        """The config as node ``node_id`` sees it: one entry per class name,
+        in the order the names first appear. A name's entry is the one whose
+        ``nodes:`` match the node, else the one without ``nodes:``; a name
+        whose entries all name other nodes keeps its first entry, with the
+        patterns of them all, so that the class is reported as not on this
+        node. The class is the default when any of its entries says so.
+        Resolving a resolved config changes nothing.
+
+        Two entries of a name whose patterns both match the node are a
+        ConfigError: which volume group the node's volumes of that class live
+        in must not depend on the order of the file."""
+        resolved = [
+            _entry_for(name, entries, node_id, self.source)
+            for name, entries in _by_name(self.device_classes).items()
+        ]
+        return Config(tuple(resolved), self.source)
+
+
+def _entry_for(name: str, entries: list[DeviceClass], node_id: str, source: str) -> DeviceClass:
+    """The entry of class ``name`` that node ``node_id`` uses."""
+    matching = [c for c in entries if c.nodes and c.on_node(node_id)]
+    if len(matching) > 1:
+        first, second = matching[:2]
+        raise ConfigError(
+            f"{source} lines {first.line} and {second.line}: node {node_id} matches two "
+            f"entries of device class {name!r} (patterns {first.pattern_for(node_id)!r} and "
+            f"{second.pattern_for(node_id)!r}); make the nodes: patterns of a class's entries "
+            "disjoint, so that each node matches one of them at most"
+        )
+    general = next((c for c in entries if not c.nodes), None)
+    if matching:
+        entry = matching[0]
+    elif general is not None:
+        entry = general
+    else:  # on other nodes only: reported missing here, naming all its nodes
+        patterns = tuple(dict.fromkeys(p for c in entries for p in c.nodes))
+        entry = dataclasses.replace(entries[0], nodes=patterns)
+    default = any(c.default for c in entries)
+    return entry if entry.default == default else dataclasses.replace(entry, default=default)
+
+
+def _by_name(classes: Iterable[DeviceClass]) -> dict[str, list[DeviceClass]]:
+    """The entries of each class name, names in the order they first appear."""
+    by_name: dict[str, list[DeviceClass]] = {}
+    for device_class in classes:
+        by_name.setdefault(device_class.name, []).append(device_class)
+    return by_name
 
 
 def load_config(path: str | Path) -> Config:
@@ -180,19 +241,42 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
 
 
 def _check_classes(classes: list[DeviceClass], source: str) -> None:
-    seen: set[str] = set()
-    for device_class in classes:
-        if device_class.name in seen:
+    by_name = _by_name(classes)
+    for name, entries in by_name.items():
+        general = [c for c in entries if not c.nodes]
+        if len(general) > 1:
             raise ConfigError(
-                f"{source} line {device_class.line}: device class {device_class.name!r} "
-                "is listed twice"
+                f"{source} line {general[1].line}: device class {name!r} is listed again "
+                f"without nodes: (as at line {general[0].line}); a class has one entry for "
+                "every node at most: give this entry the nodes: it is for, or remove one"
             )
-        seen.add(device_class.name)
-    defaults = [c for c in classes if c.default]
+        first = entries[0]
+        for other in entries[1:]:
+            if other.is_thin != first.is_thin:
+                kinds = ("thin (it has thinPool)", "thick (no thinPool)")
+                this, that = kinds if other.is_thin else kinds[::-1]
+                raise ConfigError(
+                    f"{source} line {other.line}: this entry of device class {name!r} is {this} "
+                    f"but the one at line {first.line} is {that}; a class's volumes are all "
+                    "of one kind, so its entries must all have thinPool or none: fix the "
+                    "entry, or give it a class name of its own"
+                )
+        seen: dict[str, DeviceClass] = {}
+        for entry in entries:
+            for pattern in entry.nodes:
+                earlier = seen.setdefault(pattern, entry)
+                if earlier is not entry:
+                    raise ConfigError(
+                        f"{source} line {entry.line}: node pattern {pattern!r} is also in the "
+                        f"entry of device class {name!r} at line {earlier.line}; a node may "
+                        "match one entry of a class only: keep the pattern in one of them"
+                    )
+    defaults = list(_by_name(c for c in classes if c.default).values())
     if len(defaults) > 1:
         raise ConfigError(
-            f"{source} line {defaults[1].line}: only one device class may be the default "
-            f"({', '.join(c.name for c in defaults)} all say default: true)"
+            f"{source} line {defaults[1][0].line}: only one device class may be the default "
+            f"({', '.join(entries[0].name for entries in defaults)} all say default: true; "
+            "entries of one class may each say it)"
         )
 
 

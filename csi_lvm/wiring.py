@@ -110,7 +110,7 @@ class Options:
 class Graph:
     """The driver's parts, wired."""
 
-    config: Config
+    config: Config  # as this node sees it: one entry per class name
     options: Options
     lvm: Lvm
     inventory: Inventory
@@ -128,8 +128,12 @@ class Graph:
 
 
 def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
-    """The graph for ``config`` and ``options``; ``lvm`` (a test's, say)
-    instead of one made from the options."""
+    """The graph for ``config`` as this node sees it (``Config.for_node``:
+    one entry per class name; a ConfigError when two entries of a name match
+    the node) and ``options``; ``lvm`` (a test's, say) instead of one made
+    from the options. Everything in the graph, ``Graph.config`` included,
+    sees only the resolved config."""
+    config = config.for_node(options.node_id)
     lvm = lvm or Lvm(
         Runner(
             prefix=options.lvm_prefix,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_lvm.block_maps import BlockMaps
-from csi_lvm.config import parse_config
+from csi_lvm.config import Config, parse_config
 from csi_lvm.server import Server
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.volumes import Inventory
@@ -73,13 +73,17 @@ class MemoryNode:
         self.graph.close()
 
 
-def serve_memory(root: Path, options: Options | None = None) -> MemoryNode:
+def serve_memory(
+    root: Path, options: Options | None = None, config: Config | None = None
+) -> MemoryNode:
+    """The in-memory node, served; ``config`` instead of its own classes
+    (thin, small and thick, above)."""
     lvm = MemoryLvm()
     lvm.add_volume_group(MEMORY_VG, 4096 * MiB)
     lvm.add_thin_pool(MEMORY_VG, MEMORY_POOL, 1024 * MiB)
     lvm.add_thin_pool(MEMORY_VG, SMALL_POOL, 64 * MiB)
     lvm.create_linear_volume(MEMORY_VG, HAND_MADE, 64 * MiB, [])
-    config = parse_config(
+    config = config or parse_config(
         f"deviceClasses:\n  - name: thin\n    volumeGroup: {MEMORY_VG}\n"
         f"    thinPool: {MEMORY_POOL}\n    overprovisionRatio: 10\n    default: true\n"
         f"  - name: small\n    volumeGroup: {MEMORY_VG}\n    thinPool: {SMALL_POOL}\n"

@@ -73,6 +73,12 @@ def test_a_node_without_a_class_s_volume_group_keeps_serving(tmp_path: Path) -> 
     [
         ("deviceClasses:\n  - name: a\n   volumeGroup: vg0\n", "line 3"),
         ("deviceClasses: 7\n", "line 1"),
+        # Two entries of a class for node n1 (serve's --node-id here).
+        (
+            "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    nodes: [n*]\n"
+            "  - name: a\n    volumeGroup: vg1\n    nodes: [n1]\n",
+            "lines 2 and 5: node n1 matches two entries of device class 'a'",
+        ),
     ],
 )
 def test_malformed_config_stops_start_up(tmp_path: Path, text: str, line: str) -> None:
@@ -110,3 +116,21 @@ def test_doctor_reports_device_mapper_as_this_kernel_has_it(tmp_path: Path) -> N
     assert f"({config} line 3): create it, or fix the config" in done.stdout
     assert f"ok   socket directory {tmp_path}" in done.stdout
     assert "ok   LVM tools" in done.stdout
+
+
+def test_doctor_fails_the_config_when_two_entries_of_a_class_match_the_node(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "deviceClasses:\n  - name: a\n    volumeGroup: vg0\n    nodes: [n*]\n"
+        "  - name: a\n    volumeGroup: vg1\n    nodes: [n1]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "csi_lvm.cli", "doctor", "--config", str(config),
+         "--node-id", "n1", "--endpoint", f"unix://{tmp_path}/csi.sock"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"FAIL config: {config} lines 2 and 5: node n1 matches two entries" in done.stdout
+    assert "device class a" not in done.stdout
