@@ -7,9 +7,9 @@ fails is reported and the next one runs, unless it needs what failed.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
+import shlex
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,23 +20,25 @@ import yaml
 
 from csi_lvm.cli import build_parser
 from e2e.cluster import (
-    APISERVER,
     BUSYBOX_IMAGE,
     KUBELET_DIR,
-    NODE_IP,
-    NODE_LABELS,
-    NODE_NAME,
+    NODES,
     RACK_KEY,
     ZONE_KEY,
     Cluster,
-    kubeconfig,
+    Node,
 )
-from e2e.plugin import SNAPSHOT_METADATA_COMPONENT, NodeProcesses, Rendered, containers, render
+from e2e.plugin import SNAPSHOT_METADATA_COMPONENT, Rendered, containers, render
 from e2e.procs import Failed, run, wait_for
 from tests.testbed import LoopVolumeGroup
 
 NAMESPACE = "default"
-PHANTOM_NODE = "e2e-node-2"
+# A node object without a kubelet (check 10).
+PHANTOM_NODE = "e2e-node-phantom"
+NODE_A, NODE_B = NODES
+# Each node's volume group (the config's classes, an entry per node): sizes
+# that differ, so that capacity decides where a large volume goes.
+VOLUME_GROUPS = {NODE_A.name: ("vg0", "8G", "2G"), NODE_B.name: ("vg1", "4G", "1G")}
 SNAPSHOT_CONTROLLER_ARGS = ("--enable-distributed-snapshotting", "--leader-election=false")
 POD_TIMEOUT = 300
 GiB = 1024**3
@@ -45,35 +47,39 @@ DEFAULT_CLASS = "storageclass.kubernetes.io/is-default-class"
 BLOCK_WRITE = "echo block-data | dd of=/dev/e2e-block conv=fsync 2>/dev/null"
 CBT_CRD = "crds/cbt/cbt.storage.k8s.io_snapshotmetadataservices.yaml"
 LISTER = "snapshot-metadata-lister"
-# The path where the kubelet mounts a pod's ServiceAccount token.
-IN_POD_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-STAND_IN = "e2e-plugin-stand-in"
 BACKUP_ACCOUNT = "e2e-backup"
 MiB = 1024**2
 
 
 class Lvm:
-    """The node's volume group as LVM reports it (not the driver)."""
+    """The nodes' volume groups as LVM reports them (not the driver): every
+    node's, as the nodes share one kernel."""
 
-    def __init__(self, vg: str) -> None:
-        self.vg = vg
+    def __init__(self, vgs: list[str]) -> None:
+        self.vgs = vgs
 
     def lvs(self) -> dict[str, str]:
+        """Every LV of the volume groups, as vg/lv, with its size."""
         out = run(["lvs", "--noheadings", "--units", "b", "--nosuffix",
-                   "-o", "lv_name,lv_size", self.vg])  # fmt: skip
-        return dict(line.split() for line in out.splitlines() if line.strip())
+                   "-o", "vg_name,lv_name,lv_size", *self.vgs])  # fmt: skip
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        return {f"{vg}/{lv}": size for vg, lv, size in rows}
 
     def chunk_size(self) -> int:
-        """The chunk size of the VG's thin pool, in bytes."""
+        """The chunk size of the thin pools (made alike), in bytes."""
         out = run(["lvs", "--noheadings", "--units", "b", "--nosuffix", "-S", "lv_layout=pool",
-                   "-o", "chunk_size", self.vg])  # fmt: skip
+                   "-o", "chunk_size", self.vgs[0]])  # fmt: skip
         return int(out.split()[0])
 
-
-def kubelet_mounts() -> list[str]:
-    """Mount points under the kubelet's directory, from this namespace's mountinfo."""
-    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    return [p for p in points if p.startswith(f"{KUBELET_DIR}/")]
+    def by_device(self, major_minor: str) -> str:
+        """The vg/lv whose kernel device is ``major_minor`` ("" if none)."""
+        out = run(["lvs", "--noheadings", "-o", "vg_name,lv_name,lv_kernel_major,"
+                   "lv_kernel_minor", *self.vgs])  # fmt: skip
+        for line in out.splitlines():
+            vg, lv, major, minor = line.split()
+            if f"{major}:{minor}" == major_minor:
+                return f"{vg}/{lv}"
+        return ""
 
 
 def pvc(name: str, size: str, storage_class: str | None = None, *, block: bool = False,
@@ -104,7 +110,6 @@ def pod(name: str, claim: str, script: str, *, block: bool = False, fs_group: in
     else:
         container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
     spec: dict[str, Any] = {
-        "hostNetwork": True,
         "terminationGracePeriodSeconds": 2,
         "containers": [container],
         "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
@@ -119,10 +124,11 @@ def pod(name: str, claim: str, script: str, *, block: bool = False, fs_group: in
 
 
 class Checks:
-    def __init__(self, cluster: Cluster, report: Any, lvm: Lvm | None) -> None:
+    def __init__(self, cluster: Cluster, report: Any, lvm: Lvm | None, rendered: Rendered) -> None:
         self.cluster = cluster
         self.report = report
         self.lvm = lvm
+        self.rendered = rendered
         self.kubectl = cluster.kubectl
         self.broken: set[str] = set()
 
@@ -186,170 +192,139 @@ class Checks:
         values = {v for t in terms for e in t["matchExpressions"] for v in e["values"]}
         return ",".join(sorted(values))
 
+    def node_of(self, claim: str) -> Node:
+        """The node the claim's volume lives on."""
+        return self.cluster.node(self.pv_node(claim))
+
+    def pod_node(self, name: str) -> str:
+        node: str = self.cluster.get("pod", name, "-n", NAMESPACE)["spec"].get("nodeName", "")
+        return node
+
     def lvs(self) -> dict[str, str]:
         return self.lvm.lvs() if self.lvm else {}
 
+    # ---- the plugin's pods ---------------------------------------------------
+    @property
+    def plugin_namespace(self) -> str:
+        namespace: str = self.rendered.daemonset["metadata"]["namespace"]
+        return namespace
 
-def secret_data(cluster: Cluster) -> Callable[[str, str], dict[str, bytes] | None]:
-    def read(namespace: str, name: str) -> dict[str, bytes] | None:
-        text = cluster.kubectl("get", "secret", name, "-n", namespace, "-o", "json", check=False)
-        if not text:
-            return None
-        data = json.loads(text).get("data") or {}
-        return {key: base64.b64decode(value) for key, value in data.items()}
+    def plugin_pods(self) -> dict[str, dict[str, Any]]:
+        """The DaemonSet's pods by node."""
+        labels = self.rendered.daemonset["spec"]["selector"]["matchLabels"]
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        pods = self.cluster.get("pods", "-n", self.plugin_namespace, "-l", selector)["items"]
+        return {p["spec"].get("nodeName", ""): p for p in pods
+                if not p["metadata"].get("deletionTimestamp")}  # fmt: skip
 
-    return read
+    def plugin_ready(self, node: str) -> str:
+        """The name of the plugin's pod on ``node`` once all its containers are
+        ready; "" before."""
+        found = self.plugin_pods().get(node)
+        if not found:
+            return ""
+        statuses = found.get("status", {}).get("containerStatuses") or []
+        expected = len(found["spec"]["containers"])
+        ready = len(statuses) == expected and all(c.get("ready") for c in statuses)
+        return str(found["metadata"]["name"]) if ready else ""
 
+    def wait_plugin_ready(self, node: str, timeout: float = POD_TIMEOUT) -> float:
+        return wait_for(f"the plugin's pod on {node} ready",
+                        lambda: bool(self.plugin_ready(node)), timeout, interval=3)  # fmt: skip
 
-def in_cluster(cluster: Cluster, namespace: str, token: str) -> dict[str, str]:
-    """What the kubelet gives a pod's containers for the API: the address of
-    the API (the apiserver's own here: no Service routing) and, at the fixed
-    in-pod path, the ServiceAccount's token, the cluster's CA and the namespace."""
-    IN_POD_ACCOUNT.mkdir(parents=True, exist_ok=True)
-    (IN_POD_ACCOUNT / "token").write_text(token)
-    (IN_POD_ACCOUNT / "ca.crt").write_bytes(cluster.pki.ca.read_bytes())
-    (IN_POD_ACCOUNT / "namespace").write_text(namespace)
-    host, _, port = APISERVER.removeprefix("https://").rpartition(":")
-    return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
-
-
-def plugin_pod_stand_in(cluster: Cluster, daemonset: dict[str, Any]) -> None:
-    """A running pod with the plugin's labels on this node, at the node's
-    address (host network), where the plugin processes listen: what the
-    forwarder looks up (running pods of the plugin's selector, by node). The
-    DaemonSet leaves it alone: another object is its controller."""
-    namespace = daemonset["metadata"]["namespace"]
-    cluster.apply([{"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": STAND_IN, "namespace": namespace}}])  # fmt: skip
-    owner = cluster.get("configmap", STAND_IN, "-n", namespace)["metadata"]
-    cluster.apply([{
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {
-            "name": STAND_IN, "namespace": namespace,
-            "labels": daemonset["spec"]["template"]["metadata"]["labels"],
-            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": STAND_IN,
-                                 "uid": owner["uid"], "controller": True}],
-        },
-        "spec": {
-            "nodeName": NODE_NAME, "hostNetwork": True, "automountServiceAccountToken": False,
-            "terminationGracePeriodSeconds": 1, "tolerations": [{"operator": "Exists"}],
-            "containers": [{"name": "stand-in", "image": BUSYBOX_IMAGE,
-                            "imagePullPolicy": "Never", "command": ["sleep", "1000000"]}],
-        },
-    }])  # fmt: skip
-
-    def running() -> bool:
-        status = cluster.get("pod", STAND_IN, "-n", namespace).get("status", {})
-        return bool(status.get("phase") == "Running" and status.get("podIP") == NODE_IP)
-
-    wait_for(f"pod {STAND_IN} Running at {NODE_IP}", running, POD_TIMEOUT, interval=2)
+    def admin(self, node: str, command: str, *extra: str, api: bool = True) -> str:
+        """``csi-lvm <command>`` as an admin runs it in the plugin's container
+        on ``node``: the plugin's socket, config, LVM settings and topology
+        labels; its service account's API access unless ``api`` is False."""
+        plugin = next(c for c in containers(self.rendered.daemonset) if c["name"] == "csi-lvm")
+        serve = build_parser().parse_args(plugin["args"])
+        given = {
+            "doctor": ["--endpoint", serve.endpoint,
+                       f"--topology-labels={serve.topology_labels}"],
+            "status": [],
+        }[command]  # fmt: skip
+        words = ["csi-lvm", command, "--config", serve.config, *given, *extra]
+        script = f'exec {shlex.join(words)} --lvm-config-overrides "$LVM_CONFIG_OVERRIDES"'
+        if not api:
+            script = f"unset KUBERNETES_SERVICE_HOST KUBECONFIG; HOME=/tmp {script}"
+        pod = self.plugin_ready(node)
+        if not pod:
+            raise Failed(f"no ready plugin pod on {node}")
+        done = subprocess.run(
+            [str(self.cluster.bin / "kubectl"), f"--kubeconfig={self.cluster.admin}", "exec",
+             "-n", self.plugin_namespace, pod, "-c", "csi-lvm", "--", "sh", "-c", script],
+            capture_output=True, text=True, check=False, timeout=180,
+        )  # fmt: skip
+        return done.stdout + done.stderr
 
 
-def service_hosts(rendered: Rendered) -> None:
+def service_hosts(cluster: Cluster, rendered: Rendered) -> None:
     """The snapshot-metadata Service's name resolves here, as cluster DNS
-    would resolve it in a pod: to the address its sidecar process listens on."""
+    would resolve it in a pod: to the Service's cluster IP (kube-proxy takes
+    it from there)."""
     service = rendered.the("Service", "csi-lvm-snapshot-metadata")["metadata"]
+    address = cluster.get("service", service["name"], "-n", service["namespace"])["spec"][
+        "clusterIP"
+    ]
     name = f"{service['name']}.{service['namespace']}"
     hosts = Path("/etc/hosts")
     ours = Path(tempfile.mkdtemp()) / "hosts"
-    ours.write_text(f"{hosts.read_text() if hosts.exists() else ''}\n127.0.0.1 {name}\n")
+    ours.write_text(f"{hosts.read_text() if hosts.exists() else ''}\n{address} {name}\n")
     run(["mount", "--bind", str(ours), str(hosts)])
 
 
-def set_up_plugin(
-    cluster: Cluster, scratch: Path, report: Any
-) -> tuple[Rendered, NodeProcesses, NodeProcesses]:
-    """The CRDs, the snapshot-controller, deploy/kubernetes (with the
-    snapshot-metadata component and tls.sh's Secrets and CR) applied, and the
-    containers of the DaemonSet and of the snapshot-metadata Deployment
-    started on the node (see plugin.py)."""
+def set_up_plugin(cluster: Cluster, scratch: Path) -> Rendered:
+    """The CRDs, the snapshot-controller, and deploy/kubernetes (with the
+    snapshot-metadata component, tls.sh's Secrets and CR, and a volume group
+    per node) applied: its DaemonSet and Deployment run as pods."""
     kubectl = cluster.kubectl
     kubectl("apply", "--server-side", "-k", str(cluster.bin / "crds"))
     kubectl("apply", "--server-side", "-f", str(cluster.bin / CBT_CRD))
     kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd", "--all")
-    cluster.apply([{
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": PHANTOM_NODE, "labels": {"kubernetes.io/hostname": PHANTOM_NODE}},
-    }])  # fmt: skip
-    rendered = render(kubectl)
-    daemonset = rendered.daemonset
-    deployment = rendered.the("Deployment", "csi-lvm-snapshot-metadata")
-    # The plugin image is not built in the VM: the pods go to the node without
-    # a kubelet, and the containers run on the real node as processes.
-    for workload in (daemonset, deployment):
-        workload["spec"]["template"]["spec"]["nodeSelector"] = {
-            "kubernetes.io/hostname": PHANTOM_NODE
-        }
+    rendered = render(kubectl, {node: vg for node, (vg, _, _) in VOLUME_GROUPS.items()})
     made = run([str(SNAPSHOT_METADATA_COMPONENT / "tls.sh"), str(scratch / "csi-lvm-tls")])
     cluster.apply(rendered.objects + [o for o in yaml.safe_load_all(made) if o])
     cluster.procs.start("snapshot-controller", [
         str(cluster.bin / "snapshot-controller"), f"--kubeconfig={cluster.admin}",
         *SNAPSHOT_CONTROLLER_ARGS,
     ])  # fmt: skip
-    started = []
-    for workload in (daemonset, deployment):
-        namespace = workload["metadata"]["namespace"]
-        selector = ",".join(
-            f"{k}={v}" for k, v in workload["spec"]["selector"]["matchLabels"].items()
-        )
-
-        def pod_name(namespace: str = namespace, selector: str = selector) -> str:
-            pods = cluster.get("pods", "-n", namespace, "-l", selector)["items"]
-            names: list[str] = [
-                p["metadata"]["name"] for p in pods if p["metadata"]["name"] != STAND_IN
-            ]
-            return names[0] if names else ""
-
-        wait_for(f"the {workload['kind']}'s pod object", lambda: bool(pod_name()), 120)
-        account = workload["spec"]["template"]["spec"]["serviceAccountName"]
-        token = kubectl("create", "token", account, "-n", namespace, "--duration=3h").strip()
-        sa_config = kubeconfig(scratch / f"{account}-sa.kubeconfig", cluster.pki.ca, token=token)
-        started.append(NodeProcesses(
-            rendered, NODE_NAME, pod_name(), cluster.bin, scratch, sa_config, cluster.procs,
-            workload=workload, secrets=secret_data(cluster),
-            in_cluster=in_cluster(cluster, namespace, token) if workload is deployment else None,
-        ))  # fmt: skip
-    node, snapshot_metadata = started
-    for line in node.start():
-        print(f"         {line}", flush=True)
-    plugin_pod_stand_in(cluster, daemonset)
-    service_hosts(rendered)
-    for line in snapshot_metadata.start():
-        print(f"         {line}", flush=True)
-    return rendered, node, snapshot_metadata
+    service_hosts(cluster, rendered)
+    return rendered
 
 
 def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
     scratch = cluster.scratch
     lvm: Lvm | None = None
-    vg = None
+    vgs: list[LoopVolumeGroup] = []
     have_dm = Path("/sys/module/dm_thin_pool").exists()
-    config = yaml.safe_load(
-        render(cluster.kubectl).the("ConfigMap", "csi-lvm-config")["data"]["config.yaml"]
-    )
-    thin = next(c for c in config["deviceClasses"] if c.get("thinPool"))
+    pool = next(c for c in render(cluster.kubectl).device_classes if c.get("thinPool"))["thinPool"]
     if have_dm:
-        vg = LoopVolumeGroup(scratch, name=thin["volumeGroup"], size="8G",
-                             pool=thin["thinPool"], pool_size="2G").create()  # fmt: skip
-        lvm = Lvm(vg.name)
+        for name, size, pool_size in VOLUME_GROUPS.values():
+            vgs.append(LoopVolumeGroup(scratch / "disks", name=name, size=size, pool=pool,
+                                       pool_size=pool_size).create())  # fmt: skip
+        lvm = Lvm([vg.name for vg in vgs])
     else:
         print(
             "         no device-mapper here: the plugin runs with its classes missing", flush=True
         )
     try:
-        # While the kubelet comes up (minutes under TCG).
-        rendered, node, _ = set_up_plugin(cluster, scratch, report)
+        # While the kubelets come up (minutes under TCG).
+        rendered = set_up_plugin(cluster, scratch)
         cluster.wait_ready(report)
-        checks = Checks(cluster, report, lvm)
-        registered = check_registered(checks, rendered)
+        checks = Checks(cluster, report, lvm, rendered)
+        registered = check_registered(checks)
         if stage == "all" and have_dm and registered:
-            workload_checks(checks, rendered, node)
+            workload_checks(checks)
     finally:
-        if vg is not None:
+        if vgs:
             # The tier's own clean-up, after the checks have judged the driver's.
             for name in list(checks_pods(cluster)):
                 cluster.kubectl("delete", "pod", "-n", NAMESPACE, name, "--wait=false", check=False)
-            vg_cleanup(vg)
+            for node in cluster.nodes:
+                for point in reversed(node.mountpoints()):
+                    node.run(["umount", "-l", point], check=False)
+            for vg in vgs:
+                vg.destroy()
 
 
 def checks_pods(cluster: Cluster) -> list[str]:
@@ -359,53 +334,60 @@ def checks_pods(cluster: Cluster) -> list[str]:
         return []
 
 
-def vg_cleanup(vg: Any) -> None:
-    for point in reversed(kubelet_mounts()):
-        run(["umount", "-l", point], check=False)
-    vg.destroy()
-
-
-def check_registered(checks: Checks, rendered: Rendered) -> bool:
-    cluster = checks.cluster
+def check_registered(checks: Checks) -> bool:
+    cluster, rendered = checks.cluster, checks.rendered
     driver = rendered.driver_name
     key = f"topology.{driver}/node"
     classes = [sc["metadata"]["name"] for sc in rendered.all("StorageClass")
                if sc["provisioner"] == driver]  # fmt: skip
 
     def registered() -> str:
-        def entry() -> dict[str, Any] | None:
-            drivers = cluster.get("csinode", NODE_NAME)["spec"].get("drivers") or []
+        took = {node.name: checks.wait_plugin_ready(node.name) for node in NODES}
+
+        def entry(node: str) -> dict[str, Any] | None:
+            drivers = cluster.get("csinode", node)["spec"].get("drivers") or []
             return next((d for d in drivers if d["name"] == driver), None)
 
-        took = wait_for(f"CSINode {NODE_NAME} lists {driver}", lambda: entry() is not None, 300)
-        found = entry() or {}
-        expected = sorted([key, *NODE_LABELS])
-        if sorted(found.get("topologyKeys") or []) != expected:
-            raise Failed(f"CSINode topology keys {found.get('topologyKeys')}, expected {expected}")
-        return f"topology keys {', '.join(expected)}, after {took:.0f} s"
+        expected = sorted([key, ZONE_KEY, RACK_KEY])
+        for node in NODES:
+
+            def listed(name: str = node.name) -> bool:
+                return entry(name) is not None
+
+            wait_for(f"CSINode {node.name} lists {driver}", listed, 300)
+            found = entry(node.name) or {}
+            if sorted(found.get("topologyKeys") or []) != expected:
+                raise Failed(f"CSINode {node.name} topology keys {found.get('topologyKeys')}, "
+                             f"expected {expected}")  # fmt: skip
+        ready = ", ".join(f"{node} after {seconds:.0f} s" for node, seconds in took.items())
+        return f"topology keys {', '.join(expected)}; plugin pods ready: {ready}"
 
     def capacity() -> str:
-        def objects() -> dict[str, str]:
+        def objects() -> dict[tuple[str, str], str]:
             items = cluster.get("csistoragecapacities", "-A")["items"]
             found = {}
             for item in items:
-                labels = item.get("nodeTopology", {}).get("matchLabels", {})
-                if labels.get(key) == NODE_NAME:
-                    found[item["storageClassName"]] = item.get("capacity", "0")
+                node = item.get("nodeTopology", {}).get("matchLabels", {}).get(key, "")
+                found[(item["storageClassName"], node)] = item.get("capacity", "0")
             return found
 
-        wait_for("CSIStorageCapacity for every class", lambda: set(classes) <= set(objects()), 180)
+        wanted = {(sc, node.name) for sc in classes for node in NODES}
+        wait_for("CSIStorageCapacity for every class and node",
+                 lambda: wanted <= set(objects()), 180)  # fmt: skip
         found = objects()
-        return ", ".join(f"{sc} {found[sc]}" for sc in classes)
+        return "; ".join(
+            f"{node.name}: " + ", ".join(f"{sc} {found[(sc, node.name)]}" for sc in classes)
+            for node in NODES
+        )
 
-    first = "1a node Ready, plugin registered: CSINode"
+    first = "1a nodes Ready, the plugin's pods running from its image, registered: CSINode"
     return checks.check(first, registered) & checks.check(
-        "1b CSIStorageCapacity per StorageClass", capacity, needs=(first,)
+        "1b CSIStorageCapacity per StorageClass and node", capacity, needs=(first,)
     )
 
 
-def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None:
-    cluster = checks.cluster
+def workload_checks(checks: Checks) -> None:
+    cluster, rendered = checks.cluster, checks.rendered
     kubectl = checks.kubectl
     initial_lvs = checks.lvs()
     default_class = next(
@@ -424,8 +406,8 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     def first() -> str:
         checks.wait_running("thin")
         node_of = checks.pv_node("thin")
-        if node_of != NODE_NAME:
-            raise Failed(f"PV pinned to {node_of}")
+        if node_of != checks.pod_node("thin"):
+            raise Failed(f"PV pinned to {node_of}, the pod runs on {checks.pod_node('thin')}")
         text = checks.exec("thin", "cat /data/file").strip()
         if text != "snapshot-time":
             raise Failed(f"the pod's file holds {text!r}")
@@ -504,17 +486,17 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     checks.check("5 clone (dataSource PVC)", clone, needs=(two,))
 
     def status() -> str:
-        command, env = admin_command(rendered, node, "status")
-        out = run(command, env=env)
+        node = checks.pv_node("thin")
+        out = checks.admin(node, "status")
         wanted = [f"pvc={NAMESPACE}/thin", f"volumeSnapshot={NAMESPACE}/snap"]
         missing = [w for w in wanted if w not in out]
         if missing:
             raise Failed(f"csi-lvm status lacks {missing}: {out}")
-        bare = {k: v for k, v in env.items() if k != "KUBECONFIG"} | {"HOME": str(cluster.scratch)}
-        without = run(command, env=bare)
+        without = checks.admin(node, "status", api=False)
         if "PVC and VolumeSnapshot names not shown" not in without:
             raise Failed(f"without API access csi-lvm status did not say so: {without}")
-        return f"names {', '.join(wanted)}; without API access it says so"
+        return (f"names {', '.join(wanted)} (in the plugin's pod on {node}); without API "
+                "access it says so")  # fmt: skip
 
     checks.check("14 csi-lvm status names the PVC and the VolumeSnapshot", status,
                  needs=("4 VolumeSnapshot ready; restore to a second pod",))  # fmt: skip
@@ -613,32 +595,34 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
     kubectl("delete", "pvc", "huge", "-n", NAMESPACE, "--wait=false", check=False)
 
     def plugin_restart() -> str:
-        mounts = kubelet_mounts()
-        for container in reversed(containers(rendered.daemonset)):
-            node.procs.get(container["name"]).stop()
-        node.start()
+        node = checks.node_of("thin")
+        mounts = node.mountpoints()
+        old = checks.plugin_ready(node.name)
+        kubectl("delete", "pod", old, "-n", checks.plugin_namespace, "--timeout=120s")
+        took = checks.wait_plugin_ready(node.name)
         text = checks.exec("thin", "cat /data/file")
-        lost = set(mounts) - set(kubelet_mounts())
+        lost = set(mounts) - set(node.mountpoints())
         if lost:
             raise Failed(f"mounts gone: {sorted(lost)}")
-        cluster.apply([pvc("after-restart", "64Mi"), pod("after-restart", "after-restart", "true")])
+        cluster.apply([pvc("after-restart", "64Mi"),
+                       pod("after-restart", "after-restart", "true", node=node.name)])  # fmt: skip
         checks.wait_running("after-restart")
-        return (
-            f"{len(mounts)} mounts kept, the pod reads {text.split()[0]!r}, a new PVC provisioned"
-        )
+        return (f"pod {old} on {node.name} deleted, its successor ready in {took:.0f} s; "
+                f"{len(mounts)} mounts kept, the pod reads {text.split()[0]!r}, "
+                "a new PVC provisioned")  # fmt: skip
 
     def kubelet_restart() -> str:
-        kubelet = cluster.procs.get("kubelet")
-        kubelet.stop()
-        cluster.start_kubelet(again=True)
-        cluster.wait_node_ready(180)
+        node = checks.node_of("thin")
+        cluster.restart_kubelet(node)
         text = checks.exec("thin", "cat /data/file")
         volume = checks.pv_of("fsgroup")["metadata"]["name"]
+        fsgroup_node = checks.node_of("fsgroup")
         kubectl("delete", "pod", "fsgroup", "-n", NAMESPACE, "--timeout=180s")
-        left = [m for m in kubelet_mounts() if volume in m]
+        left = [m for m in fsgroup_node.mountpoints() if volume in m]
         if left:
             raise Failed(f"mounts of {volume} left after the pod went: {left}")
-        return f"the pod still reads {text.split()[0]!r}; a deleted pod unstaged cleanly"
+        return (f"{node.name}'s kubelet: the pod still reads {text.split()[0]!r}; a deleted pod "
+                f"unstaged cleanly on {fsgroup_node.name}")  # fmt: skip
 
     checks.check(
         "8a plugin restarted: mounts stay, new PVCs provision", plugin_restart, needs=(two,)
@@ -647,6 +631,11 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
 
     def other_node() -> str:
         before = set(checks.lvs())
+        cluster.apply([{
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": PHANTOM_NODE,
+                         "labels": {"kubernetes.io/hostname": PHANTOM_NODE}},
+        }])  # fmt: skip
         cluster.apply([pvc("elsewhere", "64Mi"),
                        pod("elsewhere", "elsewhere", "true", node=PHANTOM_NODE)])  # fmt: skip
         time.sleep(20)
@@ -666,8 +655,12 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
                 f"then annotated for {PHANTOM_NODE}: still none)")  # fmt: skip
 
     checks.check("10 a PVC for a node without the plugin is not provisioned here", other_node)
-    zone_checks(checks, rendered, node)
+    kubectl("delete", "pod", "elsewhere", "-n", NAMESPACE, "--wait=false", check=False)
+    kubectl("delete", "pvc", "elsewhere", "-n", NAMESPACE, "--wait=false", check=False)
+    kubectl("delete", "node", PHANTOM_NODE, "--wait=false", check=False)
+    zone_checks(checks)
     lecture_checks(checks)
+    several_nodes_checks(checks)
 
     def cleanup() -> str:
         kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")
@@ -689,28 +682,13 @@ def workload_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> 
             interval=3,
         )
         wait_for("LVs back to the start", lambda: checks.lvs() == initial_lvs, 60, interval=2)
-        left = kubelet_mounts()
-        if left:
-            raise Failed(f"mounts left under {KUBELET_DIR}: {left}")
-        return f"LVs as before ({', '.join(sorted(initial_lvs))}), no mount under {KUBELET_DIR}"
+        mounted = {n.name: n.mountpoints() for n in cluster.nodes if n.mountpoints()}
+        if mounted:
+            raise Failed(f"mounts left under {KUBELET_DIR}: {mounted}")
+        return (f"LVs as before ({', '.join(sorted(initial_lvs))}), no mount under "
+                f"{KUBELET_DIR} on any node")  # fmt: skip
 
     checks.check("9 everything deleted: LVs as before, no mounts left", cleanup)
-
-
-def admin_command(
-    rendered: Rendered, node: NodeProcesses, command: str, *extra: str
-) -> tuple[list[str], dict[str, str]]:
-    """``csi-lvm <command>`` as an admin runs it in the plugin's container:
-    the plugin's socket, config and topology labels, its environment (the
-    service account's API access)."""
-    plugin = next(c for c in containers(rendered.daemonset) if c["name"] == "csi-lvm")
-    argv, env = node.command(plugin)
-    serve = build_parser().parse_args(argv[1:])
-    given = {
-        "doctor": ["--endpoint", serve.endpoint, f"--topology-labels={serve.topology_labels}"],
-        "status": [],
-    }[command]
-    return [argv[0], command, "--config", serve.config, *given, *extra], {**os.environ, **env}
 
 
 def zoned_class(name: str, driver: str, key: str, value: str) -> dict[str, Any]:
@@ -723,9 +701,10 @@ def zoned_class(name: str, driver: str, key: str, value: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def zone_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None:
-    """The lecture's topology story on the node's zone and rack labels."""
-    cluster, kubectl, driver = checks.cluster, checks.kubectl, rendered.driver_name
+def zone_checks(checks: Checks) -> None:
+    """The lecture's topology story on the nodes' zone and rack labels: zone b
+    is the first node's, c the second's; rack1 the first's, rack2 the second's."""
+    cluster, kubectl, driver = checks.cluster, checks.kubectl, checks.rendered.driver_name
     node_key = f"topology.{driver}/node"
 
     def affinity_keys(claim: str) -> set[str]:
@@ -745,44 +724,54 @@ def zone_checks(checks: Checks, rendered: Rendered, node: NodeProcesses) -> None
         time.sleep(5)
         if checks.phase("zoned") != "Pending":
             raise Failed(f"pod zoned is {checks.phase('zoned')} in a zone without nodes")
+        zones = sorted({n.labels[ZONE_KEY] for n in NODES})
         if set(checks.lvs()) - before:
             raise Failed(f"LVs made: {sorted(set(checks.lvs()) - before)}")
         # allowedTopologies cannot be edited: the class is made again, as the lecture does.
         kubectl("delete", "storageclass", "csi-lvm-zone")
-        cluster.apply([zoned_class("csi-lvm-zone", driver, ZONE_KEY, NODE_LABELS[ZONE_KEY])])
+        cluster.apply([zoned_class("csi-lvm-zone", driver, ZONE_KEY, NODE_A.labels[ZONE_KEY])])
         checks.wait_running("zoned")
-        if checks.pv_node("zoned") != NODE_NAME or affinity_keys("zoned") != {node_key}:
+        where = checks.pod_node("zoned")
+        if where != NODE_A.name or checks.pv_node("zoned") != NODE_A.name:
+            raise Failed(f"pod on {where}, PV on {checks.pv_node('zoned')}: not {NODE_A.name}")
+        if affinity_keys("zoned") != {node_key}:
             raise Failed(f"PV affinity {checks.pv_of('zoned')['spec']['nodeAffinity']}")
-        return (f"cn-hangzhou-d: Pending, no LV, '{wanted}'; class changed to "
-                f"{NODE_LABELS[ZONE_KEY]}: Running, PV on {node_key}={NODE_NAME}")  # fmt: skip
+        return (f"nodes in zones {', '.join(zones)}; cn-hangzhou-d: Pending, no LV, "
+                f"'{wanted}'; class changed to {NODE_A.labels[ZONE_KEY]}: Running on "
+                f"{where}, PV on {node_key}={NODE_A.name}")  # fmt: skip
 
-    def doctor_line(label: str) -> str:
-        command, env = admin_command(rendered, node, "doctor", "--node-id", NODE_NAME)
-        out = run(command, env=env, check=False)
+    def doctor_line(node: str, label: str) -> str:
+        out = checks.admin(node, "doctor", "--node-id", node)
         lines = [line for line in out.splitlines() if f"topology label {label}" in line]
         if len(lines) != 1:
             raise Failed(f"doctor said no single line of {label}: {out}")
         return lines[0]
 
     def rack() -> str:
+        rack2 = NODE_B.labels[RACK_KEY]
         cluster.apply([
-            zoned_class("csi-lvm-rack", driver, RACK_KEY, NODE_LABELS[RACK_KEY]),
+            zoned_class("csi-lvm-rack", driver, RACK_KEY, rack2),
             pvc("racked", "64Mi", "csi-lvm-rack"), pod("racked", "racked", "true"),
         ])  # fmt: skip
         checks.wait_running("racked")
-        same = doctor_line(RACK_KEY)
-        kubectl("label", "node", NODE_NAME, f"{RACK_KEY}=rack2", "--overwrite")
+        if checks.pv_node("racked") != NODE_B.name or checks.pod_node("racked") != NODE_B.name:
+            raise Failed(f"PV on {checks.pv_node('racked')}, pod on "
+                         f"{checks.pod_node('racked')}: not {NODE_B.name}")  # fmt: skip
+        same = doctor_line(NODE_B.name, RACK_KEY)
+        kubectl("label", "node", NODE_B.name, f"{RACK_KEY}=rack3", "--overwrite")
         try:
-            moved = doctor_line(RACK_KEY)
+            moved = doctor_line(NODE_B.name, RACK_KEY)
         finally:
-            kubectl("label", "node", NODE_NAME, f"{RACK_KEY}={NODE_LABELS[RACK_KEY]}",
-                    "--overwrite")  # fmt: skip
+            kubectl("label", "node", NODE_B.name, f"{RACK_KEY}={rack2}", "--overwrite")
         if not same.startswith("ok") or not moved.startswith("FAIL") or "restart" not in moved:
             raise Failed(f"doctor: {same!r}, then {moved!r}")
-        return f"Running on {checks.pv_node('racked')}; doctor: {same!r}, relabelled: {moved!r}"
+        return (f"{rack2}: Running on {NODE_B.name}, PV there; doctor in its plugin pod: "
+                f"{same!r}, relabelled: {moved!r}")  # fmt: skip
 
-    checks.check("12 the lecture's zones: cn-hangzhou-d Pending, cn-hangzhou-b Running", lecture)
-    checks.check("13 a rack class puts its volume on the rack's node; doctor sees a relabel", rack)
+    checks.check("12 the lecture's zones: cn-hangzhou-d Pending, cn-hangzhou-b Running on the "
+                 "zone-b node", lecture)  # fmt: skip
+    checks.check("13 a rack2 class puts its volume on the rack-2 node; doctor sees a relabel",
+                 rack)  # fmt: skip
     for name in ("zoned", "racked"):
         kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false", check=False)
     for name in ("csi-lvm-zone", "csi-lvm-rack"):
@@ -815,7 +804,7 @@ def lecture_checks(checks: Checks) -> None:
             if item["kind"] == "PersistentVolume":
                 item["spec"]["local"]["path"] = str(disk)
                 term = item["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]
-                term["matchExpressions"][0]["values"] = [NODE_NAME]
+                term["matchExpressions"][0]["values"] = [NODE_A.name]
             if item["kind"] == "PersistentVolumeClaim":
                 item["spec"]["resources"]["requests"]["storage"] = "64Mi"
         claims = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
@@ -837,8 +826,11 @@ def lecture_checks(checks: Checks) -> None:
             raise Failed("the static PV's directory does not hold the pod's file")
         bound = checks.pv_of("old-way")["metadata"]["name"]
         new_node = checks.pv_node("new-way")
-        return (f"both claims Pending until the pod; then old-way bound to {bound} "
-                f"({NODE_NAME}'s directory), new-way to an LV on {new_node}")  # fmt: skip
+        if checks.pod_node("both-ways") != NODE_A.name or new_node != NODE_A.name:
+            raise Failed(f"pod on {checks.pod_node('both-ways')}, new-way's LV on {new_node}")
+        return (f"both claims Pending until the pod; the pod scheduled to {NODE_A.name} (the "
+                f"static PV's node), old-way bound to {bound} ({NODE_A.name}'s directory), "
+                f"new-way to an LV on {new_node}")  # fmt: skip
 
     def snapshot_deleted() -> str:
         before = set(checks.lvs())
@@ -871,9 +863,12 @@ def lecture_checks(checks: Checks) -> None:
     checks.check("16 deleting a VolumeSnapshot removes its content and its LV", snapshot_deleted)
 
     def stateful_set() -> str:
-        # The pods' spec (host network, busybox), its volume from the template.
+        # The pods' spec (busybox), its volume from the template, one replica per node.
         spec = pod("web", "unused", 'test -f /data/id || echo "$POD_NAME" > /data/id')["spec"]
         del spec["volumes"]
+        spec["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app": "web"}},
+             "topologyKey": "kubernetes.io/hostname"}]}}  # fmt: skip
         spec["containers"][0]["env"] = [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
         ]
@@ -892,6 +887,12 @@ def lecture_checks(checks: Checks) -> None:
             },
         }])  # fmt: skip
         checks.wait_running("web-0", "web-1")
+        placed = {name: (checks.pod_node(name), checks.pv_node(f"data-{name}"))
+                  for name in ("web-0", "web-1")}  # fmt: skip
+        if any(pod_on != pv_on for pod_on, pv_on in placed.values()) or len(
+            {pod_on for pod_on, _ in placed.values()}
+        ) != len(NODES):
+            raise Failed(f"(pod node, PV node) per replica: {placed}")
         first = {name: checks.exec(name, "cat /data/id").strip() for name in ("web-0", "web-1")}
         volume = checks.pv_of("data-web-0")["metadata"]["name"]
         uid = cluster.get("pod", "web-0", "-n", NAMESPACE)["metadata"]["uid"]
@@ -905,9 +906,11 @@ def lecture_checks(checks: Checks) -> None:
             raise Failed(f"ids {first}, after the restart {again!r}")
         if checks.pv_of("data-web-0")["metadata"]["name"] != volume:
             raise Failed("web-0 came back to another volume")
-        return (f"each replica on its own LV on {checks.pv_node('data-web-1')}; web-0 deleted, "
-                f"made again on {checks.pv_node('data-web-0')} with its volume {volume} "
-                "and its data")  # fmt: skip
+        if checks.pod_node("web-0") != placed["web-0"][0]:
+            raise Failed(f"web-0 came back on {checks.pod_node('web-0')}, not {placed['web-0'][0]}")
+        where = ", ".join(f"{name} on {on}" for name, (on, _) in placed.items())
+        return (f"{where}, each with its LV on its node; web-0 deleted, made again on "
+                f"{checks.pod_node('web-0')} with its volume {volume} and its data")  # fmt: skip
 
     checks.check("17 a StatefulSet's replicas keep their volumes and data", stateful_set)
     kubectl("delete", "statefulset", "web", "-n", NAMESPACE, "--timeout=120s", check=False)
@@ -916,3 +919,70 @@ def lecture_checks(checks: Checks) -> None:
     kubectl("delete", "pvc", "old-way", "-n", NAMESPACE, "--timeout=120s", check=False)
     kubectl("delete", "pv", "local-pv-node-a-disk1", "--timeout=120s", check=False)
     kubectl("delete", "storageclass", "local-storage", "--wait=false", check=False)
+
+
+def several_nodes_checks(checks: Checks) -> None:
+    """What only a cluster of several nodes shows: capacity choosing the node,
+    and the view of a volume through the plugin pod's mount propagation."""
+    cluster, kubectl = checks.cluster, checks.kubectl
+    default_class = next(
+        sc["metadata"]["name"] for sc in checks.rendered.all("StorageClass")
+        if sc["metadata"].get("annotations", {}).get(DEFAULT_CLASS) == "true"
+    )  # fmt: skip
+    node_key = f"topology.{checks.rendered.driver_name}/node"
+
+    def capacities() -> dict[str, int]:
+        found = {}
+        for item in cluster.get("csistoragecapacities", "-A")["items"]:
+            node = item.get("nodeTopology", {}).get("matchLabels", {}).get(node_key, "")
+            if item["storageClassName"] == default_class:
+                found[node] = quantity(item.get("capacity", "0"))
+        return found
+
+    def capacity_decides() -> str:
+        seen = capacities()
+        small, large = sorted(seen, key=seen.__getitem__)
+        if seen[large] - seen[small] < 256 * MiB:
+            raise Failed(f"the nodes' capacities are too close to tell apart: {seen}")
+        size = (seen[small] + seen[large]) // 2 // MiB
+        cluster.apply([pvc("roomy", f"{size}Mi"), pod("roomy", "roomy", "true")])
+        checks.wait_running("roomy")
+        if checks.pv_node("roomy") != large or checks.pod_node("roomy") != large:
+            raise Failed(f"a {size} MiB volume went to {checks.pv_node('roomy')}; "
+                         f"capacities {seen}")  # fmt: skip
+        return (f"{default_class}: {small} has {seen[small] // MiB} MiB, {large} "
+                f"{seen[large] // MiB} MiB; a {size} MiB PVC landed on {large}")  # fmt: skip
+
+    def seen_from_the_node() -> str:
+        checks.wait_running("thin")
+        text = f"written-in-the-pod-{time.monotonic_ns()}"
+        checks.exec("thin", f"echo {text} > /data/view && sync")
+        node = checks.node_of("thin")
+        uid = cluster.get("pod", "thin", "-n", NAMESPACE)["metadata"]["uid"]
+        volume = checks.pv_of("thin")["metadata"]["name"]
+        path = f"{KUBELET_DIR}/pods/{uid}/volumes/kubernetes.io~csi/{volume}/mount"
+        read = node.run(["cat", f"{path}/view"]).strip()
+        device = node.run(["findmnt", "-n", "-o", "MAJ:MIN", "--mountpoint", path]).strip()
+        lv = checks.lvm.by_device(device) if checks.lvm else ""
+        vg = VOLUME_GROUPS[node.name][0]
+        if read != text or not lv.startswith(f"{vg}/"):
+            raise Failed(f"on {node.name}: {path} reads {read!r}, mounted from {device} "
+                         f"({lv or 'no LV'}); the pod wrote {text!r}")  # fmt: skip
+        return (f"on {node.name}, the publish path the plugin's pod mounted holds the pod's "
+                f"file; its device {device} is LV {lv}")  # fmt: skip
+
+    checks.check("18 capacity decides: a PVC too large for one node lands on the other",
+                 capacity_decides)  # fmt: skip
+    kubectl("delete", "pod", "roomy", "-n", NAMESPACE, "--wait=false", check=False)
+    checks.check("19 a pod's volume seen on its node through the plugin pod's mount propagation",
+                 seen_from_the_node)  # fmt: skip
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes quantity in bytes (the binary and decimal suffixes)."""
+    units = {"Ki": 1024, "Mi": MiB, "Gi": GiB, "Ti": 1024 * GiB,
+             "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}  # fmt: skip
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)

@@ -1,12 +1,19 @@
-"""A one-node Kubernetes cluster on loopback: its PKI, etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler, containerd and a kubelet.
+"""A Kubernetes cluster of two nodes in one VM: its PKI, etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, and per node a containerd, a kubelet
+and a kube-proxy.
 
-Every file lives in one scratch directory; the kubelet keeps its usual root
-(/var/lib/kubelet), which ``writable_var_lib`` makes writable first (the VM's
-root filesystem is the host's, read-only). The apiserver listens on 127.0.0.1
-and advertises NODE_IP, an address on ``lo``: an address of the node that is
-not loopback, which the kubelet (node IP) and the endpoints of the
-``kubernetes`` Service both need. No network device is involved.
+Every file lives in one scratch directory. The first node is the VM itself:
+its kubelet keeps the usual root (/var/lib/kubelet), which ``writable_var_lib``
+makes writable first (the VM's root filesystem is the host's, read-only), and
+its node IP, NODE_IP, is an address on ``lo``. The second node has a network
+namespace and a mount namespace of its own: a veth pair joins it to the
+first (both ends inside the VM; no device leaves it), its /var/lib/kubelet
+and /run/containerd are its own, and its processes run through nsenter. Both
+nodes share the kernel, hence /dev, device-mapper and LVM's view of every
+volume group: each node's device classes name a volume group of its own.
+Pods get addresses on a CNI bridge per node, routed between the nodes; each
+node's kube-proxy makes the ``kubernetes`` Service (and the others) reach
+their endpoints, as in any cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import shutil
 import subprocess
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +34,38 @@ import yaml
 from e2e.images import busybox_image
 from e2e.procs import Failed, Processes, run, wait_for
 
-NODE_NAME = "e2e-node"
-NODE_IP = "10.200.0.1"
-# The lecture's topology domains, wider than the node: the kubelet labels its
+# The lecture's topology domains, wider than the node: each kubelet labels its
 # node with them when it registers, and the plugin reports them (--topology-labels).
 ZONE_KEY, RACK_KEY = "topology.kubernetes.io/zone", "example.com/rack"
-NODE_LABELS = {ZONE_KEY: "cn-hangzhou-b", RACK_KEY: "rack1"}
 SERVICE_CIDR = "10.96.0.0/24"
 SERVICE_IP = "10.96.0.1"
-POD_CIDR = "10.244.0.0/24"
+CLUSTER_CIDR = "10.244.0.0/16"
 APISERVER = "https://127.0.0.1:6443"
 KUBELET_DIR = Path("/var/lib/kubelet")
 CNI_BIN = Path("/usr/lib/cni")
+# The first node's end of the link to the second.
+LINK_IP = "10.201.0.1"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    ip: str
+    labels: dict[str, str]
+    pod_cidr: str
+    # Network and mount namespaces of its own (the first node is the VM's).
+    isolated: bool
+
+
+NODES = (
+    NodeSpec("e2e-node", "10.200.0.1",
+             {ZONE_KEY: "cn-hangzhou-b", RACK_KEY: "rack1"}, "10.244.0.0/24", False),
+    NodeSpec("e2e-node2", "10.201.0.2",
+             {ZONE_KEY: "cn-hangzhou-c", RACK_KEY: "rack2"}, "10.244.1.0/24", True),
+)  # fmt: skip
+NODE_NAME, NODE_IP, NODE_LABELS = NODES[0].name, NODES[0].ip, NODES[0].labels
+# Where components that run in a node's namespaces reach the apiserver.
+API_ON_NODES = f"https://{NODE_IP}:6443"
 # The binaries of one Kubernetes release that the cluster runs.
 KUBE_BINARIES = (
     "kube-apiserver",
@@ -46,6 +73,7 @@ KUBE_BINARIES = (
     "kube-scheduler",
     "kubelet",
     "kubectl",
+    "kube-proxy",
 )
 # Debian's programs the cluster runs, with their packages.
 DEBIAN_PROGRAMS = {
@@ -54,6 +82,8 @@ DEBIAN_PROGRAMS = {
     "ctr": "containerd",
     "runc": "runc",
     "openssl": "openssl",
+    "iptables": "iptables",
+    "nsenter": "util-linux",
 }
 
 
@@ -87,13 +117,18 @@ def writable_var_lib(scratch: Path) -> None:
     KUBELET_DIR.mkdir(exist_ok=True)
 
 
-def cgroup_controllers() -> None:
-    """On cgroup v2 (the VM), the controllers the kubelet's cgroups need."""
-    control = Path("/sys/fs/cgroup/cgroup.subtree_control")
+CGROUP = Path("/sys/fs/cgroup")
+CGROUP_CONTROLLERS = ("cpu", "cpuset", "memory", "pids", "io", "hugetlb")
+
+
+def cgroup_controllers(group: Path = CGROUP) -> None:
+    """On cgroup v2 (the VM), the controllers the kubelet's cgroups need, for
+    the children of ``group``."""
+    control = group / "cgroup.subtree_control"
     if not control.exists():
         return
-    available = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
-    wanted = [c for c in ("cpu", "cpuset", "memory", "pids", "io", "hugetlb") if c in available]
+    available = (group / "cgroup.controllers").read_text().split()
+    wanted = [c for c in CGROUP_CONTROLLERS if c in available]
     control.write_text(" ".join(f"+{c}" for c in wanted))
 
 
@@ -102,6 +137,10 @@ def loopback_addresses() -> None:
     addresses = run(["ip", "-o", "addr", "show", "dev", "lo"])
     if f" {NODE_IP}/" not in addresses:
         run(["ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo"])
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    # What kube-proxy's iptables rules use; loaded before it starts.
+    for module in ("nf_conntrack", "veth", "bridge"):
+        run(["modprobe", module], check=False)
 
 
 class Pki:
@@ -152,7 +191,7 @@ class Pki:
 
 
 def kubeconfig(path: Path, ca: Path, *, cert: Path | None = None, key: Path | None = None,
-               token: str | None = None) -> Path:  # fmt: skip
+               token: str | None = None, server: str = APISERVER) -> Path:  # fmt: skip
     user: dict[str, str] = {}
     if cert and key:
         user = {"client-certificate": str(cert), "client-key": str(key)}
@@ -161,7 +200,7 @@ def kubeconfig(path: Path, ca: Path, *, cert: Path | None = None, key: Path | No
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "e2e", "cluster": {"server": APISERVER,
+        "clusters": [{"name": "e2e", "cluster": {"server": server,
                                                   "certificate-authority": str(ca)}}],
         "users": [{"name": "e2e", "user": user}],
         "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}],
@@ -169,6 +208,223 @@ def kubeconfig(path: Path, ca: Path, *, cert: Path | None = None, key: Path | No
     }  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@dataclass
+class Node:
+    """One node: its namespaces, containerd, kubelet and kube-proxy."""
+
+    spec: NodeSpec
+    bin: Path
+    scratch: Path
+    procs: Processes
+    kubeconfigs: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dir = self.scratch / "nodes" / self.spec.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.containerd_socket = self.dir / "containerd" / "containerd.sock"
+        self.netns = Path("/run/netns") / self.spec.name
+        self.mntns = self.scratch / "namespaces" / f"{self.spec.name}.mnt"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def enter(self) -> list[str]:
+        """The prefix that runs a command in this node's namespaces."""
+        if not self.spec.isolated:
+            return []
+        return ["nsenter", f"--net={self.netns}", f"--mount={self.mntns}", "--"]
+
+    def run(self, args: list[str], **kwargs: Any) -> str:
+        return run([*self.enter, *args], **kwargs)
+
+    def process(self, component: str) -> str:
+        """The name of this node's ``component`` among the tier's processes."""
+        return f"{component}-{self.name}"
+
+    # ---- namespaces ----------------------------------------------------------
+    def make_namespaces(self) -> None:
+        """The second node's network (a veth to the first, routes to its pods)
+        and its mount namespace (private, with its own kubelet directory)."""
+        if not self.spec.isolated:
+            return
+        name, peer = self.spec.name, f"veth-{self.spec.name}"[:15]
+        run(["ip", "netns", "add", name])
+        run(["ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", name])
+        run(["ip", "addr", "add", f"{LINK_IP}/24", "dev", peer])
+        run(["ip", "link", "set", peer, "up"])
+        inside = ["ip", "-n", name]
+        run([*inside, "link", "set", "lo", "up"])
+        run([*inside, "addr", "add", f"{self.spec.ip}/24", "dev", "eth0"])
+        run([*inside, "link", "set", "eth0", "up"])
+        run([*inside, "route", "add", "default", "via", LINK_IP])
+        run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        run(["ip", "route", "add", self.spec.pod_cidr, "via", self.spec.ip])
+        # A mount namespace kept by a bind mount, which must sit on a private mount.
+        holder = self.mntns.parent
+        holder.mkdir(parents=True, exist_ok=True)
+        if not any(line.split()[4] == str(holder)
+                   for line in Path("/proc/self/mountinfo").read_text().splitlines()):  # fmt: skip
+            run(["mount", "--bind", str(holder), str(holder)])
+            run(["mount", "--make-private", str(holder)])
+        self.mntns.touch()
+        run(["unshare", f"--mount={self.mntns}", "--propagation", "private", "true"])
+        kubelet_dir = self.dir / "kubelet"
+        kubelet_dir.mkdir()
+        Path("/run/containerd").mkdir(exist_ok=True)
+        self.run(["mount", "--bind", str(kubelet_dir), str(KUBELET_DIR)])
+        self.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "e2e-run-containerd",
+                  "/run/containerd"])  # fmt: skip
+        # Its pods' cgroups under a group of their own (the kubelet's cgroupRoot).
+        group = CGROUP / self.spec.name
+        if (CGROUP / "cgroup.subtree_control").exists():
+            group.mkdir(exist_ok=True)
+            cgroup_controllers(group)
+
+    def mountpoints(self) -> list[str]:
+        """Mount points under the kubelet's directory, as this node sees them
+        (the mountinfo of its containerd, which lives in its mount namespace)."""
+        pid = self.procs.get(self.process("containerd")).popen
+        source = f"/proc/{pid.pid}/mountinfo" if pid else "/proc/self/mountinfo"
+        points = [line.split()[4] for line in Path(source).read_text().splitlines()]
+        return [p for p in points if p.startswith(f"{KUBELET_DIR}/")]
+
+    # ---- containerd ----------------------------------------------------------
+    def start_containerd(self) -> None:
+        base = self.dir / "containerd"
+        cni_conf = self.dir / "cni" / "net.d"
+        cni_conf.mkdir(parents=True)
+        # A bridge per node for its pods; host-local's leases per node.
+        network = f"e2e-{self.spec.name}"
+        (cni_conf / "10-e2e.conflist").write_text(json.dumps({
+            "cniVersion": "1.0.0", "name": network,
+            "plugins": [
+                {"type": "bridge", "bridge": "e2e0", "isGateway": True, "ipMasq": False,
+                 "hairpinMode": True,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": self.spec.pod_cidr}]],
+                          "dataDir": str(self.dir / "cni" / "leases")}},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+                {"type": "loopback"},
+            ],
+        }, indent=1))  # fmt: skip
+        config = base / "config.toml"
+        base.mkdir(exist_ok=True)
+        config.write_text(textwrap.dedent(f"""\
+            version = 2
+            root = "{base}/root"
+            state = "{base}/state"
+            disabled_plugins = ["io.containerd.snapshotter.v1.btrfs",
+              "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+              "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing"]
+            [grpc]
+              address = "{self.containerd_socket}"
+            [ttrpc]
+              address = "{base}/containerd.sock.ttrpc"
+            [plugins."io.containerd.grpc.v1.cri"]
+              sandbox_image = "{PAUSE_IMAGE}"
+              enable_unprivileged_ports = false
+              # Where this process may not lower oom_score_adj (the host-side
+              # trial), pods keep containerd's own instead of failing.
+              restrict_oom_score_adj = true
+              [plugins."io.containerd.grpc.v1.cri".containerd]
+                snapshotter = "overlayfs"
+                default_runtime_name = "runc"
+                [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+                  runtime_type = "io.containerd.runc.v2"
+                  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+                    SystemdCgroup = false
+              [plugins."io.containerd.grpc.v1.cri".cni]
+                bin_dir = "{CNI_BIN}"
+                conf_dir = "{cni_conf}"
+            """))  # fmt: skip
+        self.procs.start(self.process("containerd"),
+                         [*self.enter, "containerd", "--config", str(config)])  # fmt: skip
+        wait_for(f"containerd of {self.name}", self.containerd_socket.exists, 60, interval=0.5)
+
+    def kill_shims(self) -> None:
+        """containerd's shims outlive it (they run in sessions of their own):
+        end them and the pod processes under them."""
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if str(self.containerd_socket) not in cmdline:
+                continue
+            with contextlib.suppress(psutil.Error):
+                for child in process.children(recursive=True):
+                    child.kill()
+                process.kill()
+
+    def ctr(self, *args: str, timeout: float = 600) -> str:
+        return run(["ctr", "--address", str(self.containerd_socket), "-n", "k8s.io", *args],
+                   timeout=timeout)  # fmt: skip
+
+    def import_image(self, tarball: Path) -> None:
+        self.ctr("images", "import", str(tarball))
+
+    # ---- kubelet and kube-proxy ------------------------------------------------
+    def start_kubelet(self, ca: Path, again: bool = False) -> None:
+        config = self.dir / "kubelet.yaml"
+        logs = self.dir / "pod-logs"
+        logs.mkdir(exist_ok=again)
+        zero = "0%"
+        settings: dict[str, Any] = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
+                               "x509": {"clientCAFile": str(ca)}},
+            "authorization": {"mode": "Webhook"},
+            "cgroupDriver": "cgroupfs",
+            "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
+            "failSwapOn": False,
+            "failCgroupV1": False,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "podLogsDir": str(logs),
+            "resolvConf": "",
+            "evictionHard": {"memory.available": "1Mi", "nodefs.available": zero,
+                             "imagefs.available": zero, "nodefs.inodesFree": zero,
+                             "imagefs.inodesFree": zero},
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False,
+            "syncFrequency": "10s",
+            "fileCheckFrequency": "10s",
+            "nodeStatusReportFrequency": "20s",
+            "maxPods": 50,
+        }  # fmt: skip
+        if self.spec.isolated:
+            settings["cgroupRoot"] = f"/{self.spec.name}"
+        config.write_text(yaml.safe_dump(settings))
+        self.procs.start(self.process("kubelet"), [
+            *self.enter, str(self.bin / "kubelet"),
+            f"--config={config}",
+            f"--kubeconfig={self.kubeconfigs['kubelet']}",
+            f"--hostname-override={self.name}",
+            f"--node-ip={self.spec.ip}",
+            "--node-labels=" + ",".join(f"{k}={v}" for k, v in self.spec.labels.items()),
+            "--v=2",
+        ])  # fmt: skip
+
+    def start_kube_proxy(self) -> None:
+        config = self.dir / "kube-proxy.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self.kubeconfigs["kube-proxy"])},
+            "hostnameOverride": self.name,
+            "mode": "iptables",
+            "clusterCIDR": CLUSTER_CIDR,
+            # No conntrack sysctls (0: leave as is): the VM's defaults do.
+            "conntrack": {"maxPerCore": 0, "tcpEstablishedTimeout": "0s",
+                          "tcpCloseWaitTimeout": "0s"},
+            "metricsBindAddress": "127.0.0.1:10249",
+            "healthzBindAddress": "127.0.0.1:10256",
+        }))  # fmt: skip
+        self.procs.start(self.process("kube-proxy"), [
+            *self.enter, str(self.bin / "kube-proxy"), f"--config={config}", "--v=1",
+        ])  # fmt: skip
 
 
 @dataclass
@@ -180,7 +436,13 @@ class Cluster:
     def __post_init__(self) -> None:
         self.pki = Pki(self.scratch / "pki")
         self.admin = self.scratch / "admin.kubeconfig"
-        self.containerd_socket = self.scratch / "containerd" / "containerd.sock"
+        self.nodes = [Node(spec, self.bin, self.scratch, self.procs) for spec in NODES]
+
+    def node(self, name: str) -> Node:
+        found = next((n for n in self.nodes if n.name == name), None)
+        if found is None:
+            raise Failed(f"no node {name} in the tier")
+        return found
 
     # ---- kubectl -------------------------------------------------------------
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True,
@@ -214,7 +476,6 @@ class Cluster:
             "admin": "/O=system:masters/CN=e2e-admin",
             "controller-manager": "/CN=system:kube-controller-manager",
             "scheduler": "/CN=system:kube-scheduler",
-            "kubelet": f"/O=system:nodes/CN=system:node:{NODE_NAME}",
         }
         self.kubeconfigs: dict[str, Path] = {}
         for name, subject in users.items():
@@ -223,6 +484,17 @@ class Cluster:
                 self.scratch / f"{name}.kubeconfig", pki.ca, cert=cert, key=key
             )
         self.admin = self.kubeconfigs["admin"]
+        # kube-proxy's user is the one the default RBAC binds to system:node-proxier.
+        proxy_cert, proxy_key = pki.issue("kube-proxy", "/CN=system:kube-proxy")
+        for node in self.nodes:
+            cert, key = pki.issue(f"kubelet-{node.name}",
+                                  f"/O=system:nodes/CN=system:node:{node.name}")  # fmt: skip
+            node.kubeconfigs = {
+                "kubelet": kubeconfig(node.dir / "kubelet.kubeconfig", pki.ca, cert=cert,
+                                      key=key, server=API_ON_NODES),
+                "kube-proxy": kubeconfig(node.dir / "kube-proxy.kubeconfig", pki.ca,
+                                         cert=proxy_cert, key=proxy_key, server=API_ON_NODES),
+            }  # fmt: skip
         self.kubelet_client = pki.issue(
             "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client"
         )
@@ -245,7 +517,8 @@ class Cluster:
         self.procs.start("kube-apiserver", [
             str(self.bin / "kube-apiserver"),
             "--etcd-servers=http://127.0.0.1:2379",
-            "--bind-address=127.0.0.1", "--secure-port=6443",
+            # Every address of the VM: loopback, the first node's, the link's.
+            "--bind-address=0.0.0.0", "--secure-port=6443",
             f"--advertise-address={NODE_IP}",
             f"--tls-cert-file={cert}", f"--tls-private-key-file={key}",
             f"--client-ca-file={self.pki.ca}",
@@ -291,123 +564,27 @@ class Cluster:
             "--v=1",
         ])  # fmt: skip
 
-    def start_containerd(self) -> None:
-        base = self.scratch / "containerd"
-        cni_conf = self.scratch / "cni" / "net.d"
-        cni_conf.mkdir(parents=True)
-        # A bridge on the node for pods that are not host-network (the tier's
-        # pods are); containerd reports the network ready once a config loads.
-        (cni_conf / "10-e2e.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": "e2e",
-            "plugins": [
-                {"type": "bridge", "bridge": "e2e0", "isGateway": True, "ipMasq": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]]}},
-                {"type": "loopback"},
-            ],
-        }, indent=1))  # fmt: skip
-        config = base / "config.toml"
-        base.mkdir(exist_ok=True)
-        config.write_text(textwrap.dedent(f"""\
-            version = 2
-            root = "{base}/root"
-            state = "{base}/state"
-            disabled_plugins = ["io.containerd.snapshotter.v1.btrfs",
-              "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-              "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing"]
-            [grpc]
-              address = "{self.containerd_socket}"
-            [ttrpc]
-              address = "{base}/containerd.sock.ttrpc"
-            [plugins."io.containerd.grpc.v1.cri"]
-              sandbox_image = "{PAUSE_IMAGE}"
-              enable_unprivileged_ports = false
-              # Where this process may not lower oom_score_adj (the host-side
-              # trial), pods keep containerd's own instead of failing.
-              restrict_oom_score_adj = true
-              [plugins."io.containerd.grpc.v1.cri".containerd]
-                snapshotter = "overlayfs"
-                default_runtime_name = "runc"
-                [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-                  runtime_type = "io.containerd.runc.v2"
-                  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-                    SystemdCgroup = false
-              [plugins."io.containerd.grpc.v1.cri".cni]
-                bin_dir = "{CNI_BIN}"
-                conf_dir = "{cni_conf}"
-            """))  # fmt: skip
-        self.procs.start("containerd", ["containerd", "--config", str(config)])
-        wait_for("containerd socket", self.containerd_socket.exists, 60, interval=0.5)
-
     def kill_shims(self) -> None:
-        """containerd's shims outlive it (they run in sessions of their own):
-        end them and the pod processes under them."""
-        for process in psutil.process_iter(["cmdline"]):
-            cmdline = process.info["cmdline"] or []
-            if str(self.containerd_socket) not in cmdline:
-                continue
-            with contextlib.suppress(psutil.Error):
-                for child in process.children(recursive=True):
-                    child.kill()
-                process.kill()
+        for node in self.nodes:
+            node.kill_shims()
 
-    def ctr(self, *args: str, timeout: float = 300) -> str:
-        return run(["ctr", "--address", str(self.containerd_socket), "-n", "k8s.io", *args],
-                   timeout=timeout)  # fmt: skip
-
-    def import_image(self, tarball: Path) -> None:
-        self.ctr("images", "import", str(tarball))
-
-    def start_kubelet(self, again: bool = False) -> None:
-        config = self.scratch / "kubelet.yaml"
-        logs = self.scratch / "pod-logs"
-        logs.mkdir(exist_ok=again)
-        zero = "0%"
-        config.write_text(yaml.safe_dump({
-            "apiVersion": "kubelet.config.k8s.io/v1beta1",
-            "kind": "KubeletConfiguration",
-            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
-                               "x509": {"clientCAFile": str(self.pki.ca)}},
-            "authorization": {"mode": "Webhook"},
-            "cgroupDriver": "cgroupfs",
-            "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
-            "failSwapOn": False,
-            "failCgroupV1": False,
-            "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1",
-            "podLogsDir": str(logs),
-            "resolvConf": "",
-            "evictionHard": {"memory.available": "1Mi", "nodefs.available": zero,
-                             "imagefs.available": zero, "nodefs.inodesFree": zero,
-                             "imagefs.inodesFree": zero},
-            "imageGCHighThresholdPercent": 100,
-            "imageGCLowThresholdPercent": 99,
-            "serializeImagePulls": False,
-            "syncFrequency": "10s",
-            "fileCheckFrequency": "10s",
-            "nodeStatusReportFrequency": "20s",
-            "maxPods": 50,
-        }))  # fmt: skip
-        self.procs.start("kubelet", [
-            str(self.bin / "kubelet"),
-            f"--config={config}",
-            f"--kubeconfig={self.kubeconfigs['kubelet']}",
-            f"--hostname-override={NODE_NAME}",
-            f"--node-ip={NODE_IP}",
-            "--node-labels=" + ",".join(f"{k}={v}" for k, v in NODE_LABELS.items()),
-            "--v=2",
-        ])  # fmt: skip
-
-    def node_ready(self, name: str = NODE_NAME) -> bool:
+    def node_ready(self, name: str) -> bool:
         node = self.get("node", name)
         conditions = {c["type"]: c["status"] for c in node["status"].get("conditions", [])}
         return conditions.get("Ready") == "True"
 
-    def wait_node_ready(self, timeout: float) -> float:
+    def wait_node_ready(self, node: Node, timeout: float) -> float:
         def ready() -> bool:
-            self.procs.get("kubelet").check_alive()
-            return self.node_ready()
+            self.procs.get(node.process("kubelet")).check_alive()
+            self.procs.get(node.process("kube-proxy")).check_alive()
+            return self.node_ready(node.name)
 
-        return wait_for(f"node {NODE_NAME} Ready", ready, timeout, interval=2)
+        return wait_for(f"node {node.name} Ready", ready, timeout, interval=2)
+
+    def restart_kubelet(self, node: Node, timeout: float = 180) -> None:
+        self.procs.get(node.process("kubelet")).stop()
+        node.start_kubelet(self.pki.ca, again=True)
+        self.wait_node_ready(node, timeout)
 
     def wait_service_account(self, namespace: str, timeout: float) -> None:
         """The namespace's default ServiceAccount: pods are refused before it."""
@@ -418,27 +595,39 @@ class Cluster:
             timeout,
         )  # fmt: skip
 
-    def start(self, report: Any, timeout: float = 600) -> None:
-        """Everything up to a started kubelet; ``wait_ready`` waits for the node."""
+    def start(self, report: Any, images: list[Path], timeout: float = 600) -> None:
+        """Everything up to started kubelets; ``wait_ready`` waits for the
+        nodes. ``images``: tarballs every node's containerd imports."""
         self.started_at = time.monotonic()
         self.make_pki()
         self.start_etcd()
         self.start_apiserver()
-        self.start_containerd()
-        images = self.scratch / "images"
-        self.import_image(
-            busybox_image(images / "pause.tar", PAUSE_IMAGE, ["/bin/sleep", "infinity"])
-        )
-        self.import_image(busybox_image(images / "busybox.tar", BUSYBOX_IMAGE, ["/bin/sh"]))
+        made = self.scratch / "images"
+        images = [
+            busybox_image(made / "pause.tar", PAUSE_IMAGE, ["/bin/sleep", "infinity"]),
+            busybox_image(made / "busybox.tar", BUSYBOX_IMAGE, ["/bin/sh"]),
+            *images,
+        ]
+        for node in self.nodes:
+            node.make_namespaces()
+            node.start_containerd()
         took = self.wait_apiserver(timeout)
         report.passed("control plane: kube-apiserver ready", f"{took:.0f} s")
         self.start_controllers()
-        self.start_kubelet()
+        for node in self.nodes:
+            started = time.monotonic()
+            for tarball in images:
+                node.import_image(tarball)
+            print(f"         {node.name}: {len(images)} images imported in "
+                  f"{time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+            node.start_kubelet(self.pki.ca)
+            node.start_kube_proxy()
 
     def wait_ready(self, report: Any, timeout: float = 600) -> None:
-        self.wait_node_ready(timeout)
-        took = time.monotonic() - self.started_at
-        report.passed(f"node {NODE_NAME} Ready", f"{took:.0f} s from the start")
+        for node in self.nodes:
+            self.wait_node_ready(node, timeout)
+            took = time.monotonic() - self.started_at
+            report.passed(f"node {node.name} Ready", f"{took:.0f} s from the start")
         self.wait_service_account("default", timeout)
 
 

@@ -16,6 +16,10 @@ import tarfile
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
+# The plugin's image as `docker save` writes it, built on the host (the VM sees build/vm).
+PLUGIN_IMAGE_TAR = (
+    Path(__file__).resolve().parent.parent / "build" / "vm" / "e2e-images" / "csi-lvm.tar"
+)
 
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o755) -> None:

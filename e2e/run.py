@@ -30,7 +30,8 @@ from e2e.cluster import (
     missing_debian_programs,
     writable_var_lib,
 )
-from e2e.plugin import sidecar_binaries
+from e2e.images import PLUGIN_IMAGE_TAR, binary_image
+from e2e.plugin import sidecar_binaries, sidecar_images
 from e2e.procs import Failed, Processes
 from tools.install import NOT_INSTALLED, ToolError, ensure
 
@@ -90,16 +91,27 @@ def host_main(stage: str) -> int:
     if missing:
         print(f"e2e: tools/versions.toml gives no {', '.join(missing)}", file=sys.stderr)
         return NOT_INSTALLED
-    vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--force-vm", "--memory", "4G"]
+    vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--force-vm", "--memory", "8G"]
     command = ["python", "e2e/run.py", "--inside", str(directory), "--stage", stage]
     start = time.monotonic()
-    code = subprocess_call([*vmrun, "--", "timeout", "1800", *command])
+    code = subprocess_call([*vmrun, "--", "timeout", "3000", *command])
     print(f"e2e: VM wall time {time.monotonic() - start:.0f} s, exit {code}", flush=True)
     return code
 
 
 def subprocess_call(command: list[str]) -> int:
     return subprocess.call(command)
+
+
+def pod_images(directory: Path, made: Path) -> list[Path]:
+    """The tarballs of the workloads' images: the plugin's (built on the
+    host) and one per upstream sidecar, made from its binary."""
+    if not PLUGIN_IMAGE_TAR.exists():
+        raise Failed(f"no plugin image at {PLUGIN_IMAGE_TAR}: the host side builds it")
+    return [PLUGIN_IMAGE_TAR] + [
+        binary_image(made / f"{binary}.tar", image, directory / binary)
+        for image, binary in sidecar_images().items()
+    ]
 
 
 def inside_main(directory: Path, stage: str, keep: bool) -> int:
@@ -118,7 +130,7 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
         loopback_addresses()
         cgroup_controllers()
         writable_var_lib(scratch)
-        cluster.start(report)
+        cluster.start(report, pod_images(directory, scratch / "images"))
         if stage == "cluster":
             cluster.wait_ready(report)
         else:
