@@ -66,8 +66,9 @@ sanity: setup
 	$(PY) sanity/run.py
 
 # The Kubernetes end-to-end tier: a one-node cluster in one VM with the
-# sidecars of deploy/kubernetes (installs its binaries on first use; see
-# e2e/README.md). Not part of `make test`.
+# sidecars of deploy/kubernetes (installs its binaries on first use and builds
+# the plugin image with Docker on the host; see e2e/README.md). Not part of
+# `make test`.
 E2E_ARGS ?=
 e2e: setup
 	$(PY) e2e/run.py $(E2E_ARGS)

@@ -78,12 +78,6 @@ def sidecar_binaries() -> list[str]:
     return list(sidecar_images().values())
 
 
-def plugin_image() -> str:
-    """The plugin's image as the DaemonSet names it."""
-    image: str = next(c["image"] for c in containers(raw_daemonset()) if runs_the_plugin_image(c))
-    return image
-
-
 @dataclass
 class Rendered:
     objects: list[dict[str, Any]]

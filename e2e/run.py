@@ -5,9 +5,10 @@ kubelet, scheduler, controllers and sidecars driving csi-lvm, in the test VM.
     python e2e/run.py --inside DIR # what runs inside the VM (DIR: the binaries)
 
 The Kubernetes and sidecar binaries are built at the versions
-tools/versions.toml pins (tools/install.py, cached). Exit codes: 0 every check
-passed, 1 some check failed, 4 a binary could not be installed or a Debian
-program is missing.
+tools/versions.toml pins (tools/install.py, cached); the plugin image is built
+with Docker on the host and saved for the VM (tools/plugin_image.py). Exit
+codes: 0 every check passed, 1 some check failed, 4 a binary or the plugin
+image could not be had, or a Debian program is missing.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from e2e.cluster import (
     missing_debian_programs,
     writable_var_lib,
 )
-from e2e.images import PLUGIN_IMAGE_TAR, binary_image
+from e2e.images import binary_image
 from e2e.plugin import sidecar_binaries, sidecar_images
 from e2e.procs import Failed, Processes
 from tools.install import NOT_INSTALLED, ToolError, ensure
+from tools.plugin_image import LOG_DIR, PLUGIN_IMAGE_TAR, ImageError, build_and_save, deployed_tag
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,8 +93,21 @@ def host_main(stage: str) -> int:
     if missing:
         print(f"e2e: tools/versions.toml gives no {', '.join(missing)}", file=sys.stderr)
         return NOT_INSTALLED
+    start = time.monotonic()
+    try:
+        tag = deployed_tag()
+        build_and_save(
+            tag, PLUGIN_IMAGE_TAR, LOG_DIR, lambda line: print(f"e2e: {line}", flush=True)
+        )
+    except ImageError as error:
+        print(f"e2e: the plugin image could not be built: {error}", file=sys.stderr)
+        return NOT_INSTALLED
+    print(f"e2e: plugin image {tag} in {PLUGIN_IMAGE_TAR} after "
+          f"{time.monotonic() - start:.0f} s", flush=True)  # fmt: skip
     vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--force-vm", "--memory", "8G"]
-    command = ["python", "e2e/run.py", "--inside", str(directory), "--stage", stage]
+    # This checkout's modules, whichever checkout the virtualenv was made from.
+    command = ["env", f"PYTHONPATH={ROOT}", "python", "e2e/run.py", "--inside", str(directory),
+               "--stage", stage]  # fmt: skip
     start = time.monotonic()
     code = subprocess_call([*vmrun, "--", "timeout", "3000", *command])
     print(f"e2e: VM wall time {time.monotonic() - start:.0f} s, exit {code}", flush=True)

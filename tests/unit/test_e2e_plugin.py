@@ -10,7 +10,6 @@ from e2e.plugin import (
     SNAPSHOT_METADATA_COMPONENT,
     Rendered,
     per_node_config,
-    plugin_image,
     sidecar_images,
 )
 from tests.unit import kustomize
@@ -33,13 +32,6 @@ def test_sidecar_images_run_the_binary_the_image_is_named_after() -> None:
     for image, binary in images.items():
         assert image.startswith("registry.k8s.io/sig-storage/")
         assert image.split("/")[-1].split(":")[0] == binary
-
-
-def test_the_plugin_image_is_the_daemonset_s() -> None:
-    manifests = rendered()
-    images = {c["image"] for c in manifests.daemonset["spec"]["template"]["spec"]["containers"]}
-    assert plugin_image() in images
-    assert plugin_image() not in sidecar_images()
 
 
 def test_each_node_sees_every_class_on_its_own_volume_group() -> None:

@@ -13,7 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH_EDIT = re.compile(r"sys\.path\.(insert|append|extend)\(")
-RUNNERS = ("bench/run.py", "bench/profile_scale.py", "sanity/run.py", "e2e/run.py")
+RUNNERS = (
+    "bench/run.py",
+    "bench/profile_scale.py",
+    "sanity/run.py",
+    "e2e/run.py",
+    "tools/plugin_image.py",
+)
 
 
 def test_no_runner_edits_sys_path() -> None:
