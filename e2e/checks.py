@@ -327,6 +327,13 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
                 vg.destroy()
 
 
+def csi_mounts(node: Node) -> list[str]:
+    """The node's mounts of CSI volumes: staging, publish and block device
+    paths (the running pods' own tokens and Secrets are not the driver's)."""
+    return [m for m in node.mountpoints()
+            if "/kubernetes.io~csi/" in m or "/plugins/kubernetes.io/csi/" in m]  # fmt: skip
+
+
 def checks_pods(cluster: Cluster) -> list[str]:
     try:
         return [p["metadata"]["name"] for p in cluster.get("pods", "-n", NAMESPACE)["items"]]
@@ -463,7 +470,8 @@ def workload_checks(checks: Checks) -> None:
         cluster.apply([
             pvc("restore", "1Gi", source={"apiGroup": "snapshot.storage.k8s.io",
                                           "kind": "VolumeSnapshot", "name": "snap"}),
-            pod("restore", "restore", "true"),
+            # A local volume's copy lives on its node: the pod goes there.
+            pod("restore", "restore", "true", node=checks.pv_node("thin")),
         ])  # fmt: skip
         checks.wait_running("restore")
         text = checks.exec("restore", "cat /data/file")
@@ -474,7 +482,7 @@ def workload_checks(checks: Checks) -> None:
     def clone() -> str:
         cluster.apply([
             pvc("clone", "1Gi", source={"kind": "PersistentVolumeClaim", "name": "thin"}),
-            pod("clone", "clone", "true"),
+            pod("clone", "clone", "true", node=checks.pv_node("thin")),
         ])  # fmt: skip
         checks.wait_running("clone")
         text = checks.exec("clone", "cat /data/file")
@@ -596,12 +604,12 @@ def workload_checks(checks: Checks) -> None:
 
     def plugin_restart() -> str:
         node = checks.node_of("thin")
-        mounts = node.mountpoints()
         old = checks.plugin_ready(node.name)
+        mounts = csi_mounts(node)
         kubectl("delete", "pod", old, "-n", checks.plugin_namespace, "--timeout=120s")
         took = checks.wait_plugin_ready(node.name)
         text = checks.exec("thin", "cat /data/file")
-        lost = set(mounts) - set(node.mountpoints())
+        lost = set(mounts) - set(csi_mounts(node))
         if lost:
             raise Failed(f"mounts gone: {sorted(lost)}")
         cluster.apply([pvc("after-restart", "64Mi"),
@@ -682,10 +690,10 @@ def workload_checks(checks: Checks) -> None:
             interval=3,
         )
         wait_for("LVs back to the start", lambda: checks.lvs() == initial_lvs, 60, interval=2)
-        mounted = {n.name: n.mountpoints() for n in cluster.nodes if n.mountpoints()}
+        mounted = {n.name: csi_mounts(n) for n in cluster.nodes if csi_mounts(n)}
         if mounted:
-            raise Failed(f"mounts left under {KUBELET_DIR}: {mounted}")
-        return (f"LVs as before ({', '.join(sorted(initial_lvs))}), no mount under "
+            raise Failed(f"CSI volume mounts left under {KUBELET_DIR}: {mounted}")
+        return (f"LVs as before ({', '.join(sorted(initial_lvs))}), no CSI volume mount under "
                 f"{KUBELET_DIR} on any node")  # fmt: skip
 
     checks.check("9 everything deleted: LVs as before, no mounts left", cleanup)

@@ -46,6 +46,7 @@ KUBELET_DIR = Path("/var/lib/kubelet")
 CNI_BIN = Path("/usr/lib/cni")
 # The first node's end of the link to the second.
 LINK_IP = "10.201.0.1"
+UPLINK = "e2e-uplink"
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,14 @@ def loopback_addresses() -> None:
     if f" {NODE_IP}/" not in addresses:
         run(["ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo"])
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    # A route for the Services' addresses, as a node's default route gives
+    # them: the node's own clients reach a Service through kube-proxy's
+    # rules, which rewrite the address only after the route is chosen. A
+    # dummy device: nothing sent to it leaves the VM.
+    if UPLINK not in run(["ip", "-o", "link", "show"]):
+        run(["ip", "link", "add", UPLINK, "type", "dummy"])
+        run(["ip", "link", "set", UPLINK, "up"])
+        run(["ip", "route", "add", SERVICE_CIDR, "dev", UPLINK])
     # What kube-proxy's iptables rules use; loaded before it starts.
     for module in ("nf_conntrack", "veth", "bridge"):
         run(["modprobe", module], check=False)

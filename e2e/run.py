@@ -109,7 +109,7 @@ def host_main(stage: str) -> int:
     command = ["env", f"PYTHONPATH={ROOT}", "python", "e2e/run.py", "--inside", str(directory),
                "--stage", stage]  # fmt: skip
     start = time.monotonic()
-    code = subprocess_call([*vmrun, "--", "timeout", "3000", *command])
+    code = subprocess_call([*vmrun, "--", "timeout", "3600", *command])
     print(f"e2e: VM wall time {time.monotonic() - start:.0f} s, exit {code}", flush=True)
     return code
 
