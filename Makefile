@@ -65,8 +65,8 @@ bench: setup
 sanity: setup
 	$(PY) sanity/run.py
 
-# The Kubernetes end-to-end tier: a one-node cluster in one VM with the
-# sidecars of deploy/kubernetes (installs its binaries on first use and builds
+# The Kubernetes end-to-end tier: a two-node cluster in one VM running
+# deploy/kubernetes's pods (installs its binaries on first use and builds
 # the plugin image with Docker on the host; see e2e/README.md). Not part of
 # `make test`.
 E2E_ARGS ?=

@@ -1,1 +1,1 @@
-"""The Kubernetes end-to-end tier (issue 17): a one-node cluster in the test VM."""
+"""The Kubernetes end-to-end tier: a cluster of two nodes in the test VM."""

@@ -1,6 +1,6 @@
-"""The checks of issue 17, each reported as one PASS or FAIL line.
+"""The cluster tier's checks, each reported as one PASS or FAIL line.
 
-The workloads are busybox pods (host network, image imported, never pulled)
+The workloads are busybox pods (image imported, never pulled)
 on PVCs of the StorageClasses that deploy/kubernetes ships. A check that
 fails is reported and the next one runs, unless it needs what failed.
 """

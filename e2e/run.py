@@ -1,5 +1,5 @@
-"""The Kubernetes end-to-end tier (issue 17): a one-node cluster with the real
-kubelet, scheduler, controllers and sidecars driving csi-lvm, in the test VM.
+"""The Kubernetes end-to-end tier: a cluster of two nodes with the real
+kubelets, scheduler, controllers, and csi-lvm's DaemonSet as pods, in the test VM.
 
     python e2e/run.py              # on the host: installs the binaries, boots the VM
     python e2e/run.py --inside DIR # what runs inside the VM (DIR: the binaries)
