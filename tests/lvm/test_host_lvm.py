@@ -118,9 +118,11 @@ def test_a_killed_container_cuts_off_lvm_only_when_lvm_runs_inside_it(
     lv = lv_name_for(Kind.VOLUME, name)
     try:
         with lvm_lock_held(vg.name) as lock:
-            call, answers, (lvcreate,) = _create_behind(plugin, client, name, lock)
+            # The create's lvcreate, and any other LVM command of the plugin's
+            # that came to wait for the lock with it: all in one cgroup.
+            call, answers, in_flight = _create_behind(plugin, client, name, lock)
             expected = cgroups["lvm" if lvm_outside else "container"].name
-            assert cgroup_of(lvcreate).endswith(expected)
+            assert all(cgroup_of(pid).endswith(expected) for pid in in_flight)
 
             (cgroups["container"] / "cgroup.kill").write_text("1")  # the runtime ends it
             assert plugin.process is not None
@@ -128,13 +130,13 @@ def test_a_killed_container_cuts_off_lvm_only_when_lvm_runs_inside_it(
             plugin.process = None
             call.join(WAIT_SECONDS)
             assert answers and isinstance(answers[0], grpc.RpcError)  # no answer reached anyone
-            assert gone(lvcreate) is not lvm_outside
+            assert all(gone(pid) is not lvm_outside for pid in in_flight)
         # The lock is free: an lvcreate still alive goes on.
     finally:
         client.close()
 
     deadline = time.monotonic() + WAIT_SECONDS
-    while not gone(lvcreate):
+    while not all(gone(pid) for pid in in_flight):
         assert time.monotonic() < deadline, "the lvm shell did not end after its command"
         time.sleep(0.1)
     recorded, in_kernel = transaction_ids(vg)
