@@ -273,15 +273,14 @@ def service_hosts(cluster: Cluster, rendered: Rendered) -> None:
     run(["mount", "--bind", str(ours), str(hosts)])
 
 
-def set_up_plugin(cluster: Cluster, scratch: Path) -> Rendered:
-    """The CRDs, the snapshot-controller, and deploy/kubernetes (with the
-    snapshot-metadata component, tls.sh's Secrets and CR, and a volume group
-    per node) applied: its DaemonSet and Deployment run as pods."""
+def set_up_plugin(cluster: Cluster, scratch: Path, rendered: Rendered) -> None:
+    """The CRDs, the snapshot-controller, and deploy/kubernetes as
+    ``rendered`` (with tls.sh's Secrets and CR) applied: its DaemonSet and
+    Deployment run as pods."""
     kubectl = cluster.kubectl
     kubectl("apply", "--server-side", "-k", str(cluster.bin / "crds"))
     kubectl("apply", "--server-side", "-f", str(cluster.bin / CBT_CRD))
     kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd", "--all")
-    rendered = render(kubectl, {node: vg for node, (vg, _, _) in VOLUME_GROUPS.items()})
     made = run([str(SNAPSHOT_METADATA_COMPONENT / "tls.sh"), str(scratch / "csi-lvm-tls")])
     cluster.apply(rendered.objects + [o for o in yaml.safe_load_all(made) if o])
     cluster.procs.start("snapshot-controller", [
@@ -289,7 +288,6 @@ def set_up_plugin(cluster: Cluster, scratch: Path) -> Rendered:
         *SNAPSHOT_CONTROLLER_ARGS,
     ])  # fmt: skip
     service_hosts(cluster, rendered)
-    return rendered
 
 
 def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
@@ -297,7 +295,8 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
     lvm: Lvm | None = None
     vgs: list[LoopVolumeGroup] = []
     have_dm = Path("/sys/module/dm_thin_pool").exists()
-    pool = next(c for c in render(cluster.kubectl).device_classes if c.get("thinPool"))["thinPool"]
+    rendered = render(cluster.kubectl, {node: vg for node, (vg, _, _) in VOLUME_GROUPS.items()})
+    pool = next(c for c in rendered.device_classes if c.get("thinPool"))["thinPool"]
     if have_dm:
         for name, size, pool_size in VOLUME_GROUPS.values():
             vgs.append(LoopVolumeGroup(scratch / "disks", name=name, size=size, pool=pool,
@@ -309,7 +308,7 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
         )
     try:
         # While the kubelets come up (minutes under TCG).
-        rendered = set_up_plugin(cluster, scratch)
+        set_up_plugin(cluster, scratch, rendered)
         cluster.wait_ready(report)
         checks = Checks(cluster, report, lvm, rendered)
         registered = check_registered(checks)
@@ -690,7 +689,7 @@ def workload_checks(checks: Checks) -> None:
             interval=3,
         )
         wait_for("LVs back to the start", lambda: checks.lvs() == initial_lvs, 60, interval=2)
-        mounted = {n.name: csi_mounts(n) for n in cluster.nodes if csi_mounts(n)}
+        mounted = {n.name: found for n in cluster.nodes if (found := csi_mounts(n))}
         if mounted:
             raise Failed(f"CSI volume mounts left under {KUBELET_DIR}: {mounted}")
         return (f"LVs as before ({', '.join(sorted(initial_lvs))}), no CSI volume mount under "

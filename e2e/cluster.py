@@ -300,8 +300,8 @@ class Node:
     def mountpoints(self) -> list[str]:
         """Mount points under the kubelet's directory, as this node sees them
         (the mountinfo of its containerd, which lives in its mount namespace)."""
-        pid = self.procs.get(self.process("containerd")).popen
-        source = f"/proc/{pid.pid}/mountinfo" if pid else "/proc/self/mountinfo"
+        containerd = self.procs.get(self.process("containerd")).popen
+        source = f"/proc/{containerd.pid}/mountinfo" if containerd else "/proc/self/mountinfo"
         points = [line.split()[4] for line in Path(source).read_text().splitlines()]
         return [p for p in points if p.startswith(f"{KUBELET_DIR}/")]
 
