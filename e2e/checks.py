@@ -36,9 +36,12 @@ NAMESPACE = "default"
 # A node object without a kubelet (check 10).
 PHANTOM_NODE = "e2e-node-phantom"
 NODE_A, NODE_B = NODES
-# Each node's volume group (the config's classes, an entry per node): sizes
-# that differ, so that capacity decides where a large volume goes.
-VOLUME_GROUPS = {NODE_A.name: ("vg0", "8G", "2G"), NODE_B.name: ("vg1", "4G", "1G")}
+# Each node's volume group and thin pool (the config's classes, an entry per
+# node). Sizes differ, so that capacity decides where a large volume goes
+# (check 18); each pool (x4 overprovisioned) holds what the checks may place on
+# one node: "thin" with its snapshot, restore and clone (pinned to its node) and
+# its growth to 2 GiB (check 6), whichever node the scheduler picked.
+VOLUME_GROUPS = {NODE_A.name: ("vg0", "12G", "4G"), NODE_B.name: ("vg1", "6G", "2G")}
 SNAPSHOT_CONTROLLER_ARGS = ("--enable-distributed-snapshotting", "--leader-election=false")
 POD_TIMEOUT = 300
 GiB = 1024**3
@@ -173,6 +176,12 @@ class Checks:
     def exec(self, name: str, script: str) -> str:
         return self.kubectl("exec", "-n", NAMESPACE, name, "--", "/bin/sh", "-c", script)
 
+    def events_of(self, name: str) -> list[str]:
+        """The warnings recorded about object ``name`` (a PVC, a pod), oldest first."""
+        selector = f"--field-selector=involvedObject.name={name},type=Warning"
+        events = self.cluster.get("events", "-n", NAMESPACE, selector)["items"]
+        return [f"{e['reason']}: {e['message']}" for e in events]
+
     def scheduling_event(self, name: str) -> str:
         """The scheduler's latest FailedScheduling message for pod ``name``."""
         selector = f"--field-selector=involvedObject.name={name}"
@@ -282,6 +291,7 @@ def set_up_plugin(cluster: Cluster, scratch: Path, rendered: Rendered) -> None:
     kubectl("apply", "--server-side", "-f", str(cluster.bin / CBT_CRD))
     kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd", "--all")
     made = run([str(SNAPSHOT_METADATA_COMPONENT / "tls.sh"), str(scratch / "csi-lvm-tls")])
+    cluster.wait_images()
     cluster.apply(rendered.objects + [o for o in yaml.safe_load_all(made) if o])
     cluster.procs.start("snapshot-controller", [
         str(cluster.bin / "snapshot-controller"), f"--kubeconfig={cluster.admin}",
@@ -574,7 +584,12 @@ def workload_checks(checks: Checks) -> None:
         def grown() -> bool:
             return size_kib() * 1024 > 1.5 * GiB
 
-        took = wait_for("the pod sees the grown filesystem", grown, 240, interval=3)
+        try:
+            took = wait_for("the pod sees the grown filesystem", grown, 240, interval=3)
+        except Failed as late:
+            # The kubelet's and the resizer's reasons are events on the PVC.
+            said = "; ".join(checks.events_of("thin")) or "no event on the PVC"
+            raise Failed(f"{late} (on {checks.node_of('thin').name}: {said})") from None
         after = size_kib()
         status = cluster.get("pvc", "thin", "-n", NAMESPACE)["status"]["capacity"]["storage"]
         return f"df {before} -> {after} KiB in {took:.0f} s, PVC capacity {status}"

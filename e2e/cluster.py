@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,6 +453,7 @@ class Cluster:
         self.pki = Pki(self.scratch / "pki")
         self.admin = self.scratch / "admin.kubeconfig"
         self.nodes = [Node(spec, self.bin, self.scratch, self.procs) for spec in NODES]
+        self.importing: list[Future[None]] = []
 
     def node(self, name: str) -> Node:
         found = next((n for n in self.nodes if n.name == name), None)
@@ -613,16 +614,17 @@ class Cluster:
 
     def start(self, report: Any, images: list[Path], timeout: float = 600) -> None:
         """Everything up to started kubelets; ``wait_ready`` waits for the
-        nodes. ``images``: tarballs every node's containerd imports."""
+        nodes. ``images``: tarballs every node's containerd imports, in the
+        background while the kubelets come up (``wait_images`` waits for them)."""
         self.started_at = time.monotonic()
         self.make_pki()
         self.start_etcd()
         self.start_apiserver()
         made = self.scratch / "images"
-        images = [
+        # Every pod's sandbox needs the pause image: it is there before a kubelet.
+        base = [
             busybox_image(made / "pause.tar", PAUSE_IMAGE, ["/bin/sleep", "infinity"]),
             busybox_image(made / "busybox.tar", BUSYBOX_IMAGE, ["/bin/sh"]),
-            *images,
         ]
         for node in self.nodes:
             node.make_namespaces()
@@ -630,15 +632,25 @@ class Cluster:
         took = self.wait_apiserver(timeout)
         report.passed("control plane: kube-apiserver ready", f"{took:.0f} s")
         self.start_controllers()
-        started = time.monotonic()
+        for node in self.nodes:
+            node.import_images(base)
+            node.start_kubelet(self.pki.ca)
+            node.start_kube_proxy()
         # Both nodes at once: unpacking the plugin's image is most of it.
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            for node, _ in zip(self.nodes, pool.map(lambda n: n.import_images(images), self.nodes),
-                               strict=True):  # fmt: skip
-                node.start_kubelet(self.pki.ca)
-                node.start_kube_proxy()
-        print(f"         {len(images)} images imported into each node in "
-              f"{time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+        self.import_started = time.monotonic()
+        pool = ThreadPoolExecutor(len(self.nodes), thread_name_prefix="import")
+        self.importing = [pool.submit(node.import_images, images) for node in self.nodes]
+        pool.shutdown(wait=False)
+
+    def wait_images(self) -> None:
+        """The workloads' images in every node's containerd. Nothing may
+        ask for them before: a kubelet would try to pull them, fail (no
+        network), and back off for minutes."""
+        for importing in self.importing:
+            importing.result()
+        print(f"         the workloads' images imported into each node "
+              f"{time.monotonic() - self.import_started:.0f} s after the kubelets started",
+              flush=True)  # fmt: skip
 
     def wait_ready(self, report: Any, timeout: float = 600) -> None:
         for node in self.nodes:

@@ -148,11 +148,13 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
         cluster.start(report, pod_images(directory, scratch / "images"))
         if stage == "cluster":
             cluster.wait_ready(report)
+            cluster.wait_images()
         else:
             run_checks(cluster, report, stage)
     except Failed as error:
         report.failed("the tier stopped", str(error))
     finally:
+        cpu_summary(RESULTS / "cpu.txt")
         if keep:
             print(f"e2e: kept running; scratch {scratch}", flush=True)
         else:
@@ -162,6 +164,21 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
     verdict = "PASS" if report.failures == 0 else f"FAIL ({report.failures} failed)"
     print(f"e2e: {verdict} in {total:.0f} s; logs in {RESULTS}", flush=True)
     return 0 if report.failures == 0 else 1
+
+
+def cpu_summary(path: Path, shown: int = 12) -> None:
+    """The CPU time each program has used in the VM, most first: the tier runs
+    on two emulated cores, and this says what its time went to."""
+    listing = subprocess.run(["ps", "-eo", "cputimes=,comm="], capture_output=True, text=True)
+    used: dict[str, int] = {}
+    for line in listing.stdout.splitlines():
+        seconds, _, program = line.strip().partition(" ")
+        if seconds.isdigit():
+            used[program.strip()] = used.get(program.strip(), 0) + int(seconds)
+    ranked = sorted(used.items(), key=lambda item: -item[1])
+    path.write_text("".join(f"{seconds:8d} s  {program}\n" for program, seconds in ranked))
+    top = ", ".join(f"{program} {seconds} s" for program, seconds in ranked[:shown])
+    print(f"         CPU time by program (live processes; all in {path.name}): {top}", flush=True)
 
 
 def main() -> int:
