@@ -22,6 +22,9 @@ proto: setup
 	PATH=$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc --proto_path=csi_lvm/csi=proto \
 	    --python_out=. --pyi_out=. --grpc_python_out=. \
 	    --mypy_grpc_out=generate_concrete_servicer_stubs,only_sync,quiet:. csi_lvm/csi/csi.proto
+	PATH=$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc --proto_path=csi_lvm/peer=proto \
+	    --python_out=. --pyi_out=. --grpc_python_out=. \
+	    --mypy_grpc_out=generate_concrete_servicer_stubs,only_sync,quiet:. csi_lvm/peer/peer.proto
 
 lint: setup
 	$(VENV)/bin/ruff check csi_lvm tests scripts bench e2e sanity tools

@@ -30,7 +30,7 @@ import errno
 import mmap
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from csi_lvm.errors import Internal
@@ -266,3 +266,90 @@ def copy_device(
     return CopyStats(
         copy.copied, copy.punched, copy.zeroed, copy.skipped, time.monotonic() - started
     )
+
+
+# ---- ranges sent between nodes (csi_lvm.peer_source, csi_lvm.peer_copy)
+
+PIECE_BYTES = 1 << 20  # one message of a cross-node copy
+
+
+def read_ranges(
+    device: str, ranges: Iterable[tuple[int, int]], piece_bytes: int = PIECE_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """The data of ``device`` in each ``(offset, length)`` range, in pieces of
+    at most ``piece_bytes`` at their offsets."""
+    try:
+        fd = _open(device, os.O_RDONLY, direct=False)
+    except OSError as exc:
+        raise CopyError(f"cannot open {device} for reading: {exc.strerror}") from exc
+    try:
+        for start, length in ranges:
+            offset, end = start, start + length
+            while offset < end:
+                size = min(piece_bytes, end - offset)
+                try:
+                    data = os.pread(fd, size, offset)
+                except OSError as exc:
+                    raise CopyError(
+                        f"reading {device} at byte {offset} failed: {exc.strerror}"
+                    ) from exc
+                if len(data) != size:
+                    raise CopyError(f"{device} ended at byte {offset + len(data)}, inside its data")
+                yield offset, data
+                offset += size
+            # The source is read once: keep it from crowding the page cache.
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class RangeWriter:
+    """Writes pieces at their offsets into a device of at least ``size_bytes``;
+    ``flush`` makes what was written durable (a resumable copy records its
+    progress only after it)."""
+
+    def __init__(self, device: str, size_bytes: int) -> None:
+        self.device = device
+        try:
+            self.fd = _open(device, os.O_RDWR, direct=False)
+        except OSError as exc:
+            raise CopyError(f"cannot open {device} for writing: {exc.strerror}") from exc
+        try:
+            size = _device_bytes(self.fd)
+        except OSError:
+            os.close(self.fd)
+            raise
+        if size < size_bytes:
+            os.close(self.fd)
+            raise CopyError(f"{device} has {size} bytes, {size_bytes} needed")
+        self.size_bytes = size_bytes
+        self.written = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.size_bytes:
+            raise CopyError(
+                f"a piece of {len(data)} bytes at {offset} does not fit the {self.size_bytes} "
+                f"bytes of {self.device}"
+            )
+        try:
+            _write_full(self.fd, memoryview(data), offset)
+        except OSError as exc:
+            raise CopyError(
+                f"writing {self.device} at byte {offset} failed: {exc.strerror}"
+            ) from exc
+        self.written += len(data)
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise CopyError(f"flushing {self.device} failed: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> RangeWriter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

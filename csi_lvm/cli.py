@@ -34,10 +34,10 @@ from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import ConfigError
-from csi_lvm.forwarding import KubernetesPeers, Peers, StaticPeers
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.runner import Runner, config_overrides_from
 from csi_lvm.metrics import serve_metrics
+from csi_lvm.peers import KubernetesPeers, Peers, StaticPeers
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
 from csi_lvm.tls import TlsFiles, server_credentials
@@ -121,13 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshots it holds (default: the socket's directory)",
     )
     serve.add_argument(
+        "--peer-listen",
         "--snapshot-metadata-listen",
+        dest="peer_listen",
         default="",
         metavar="HOST:PORT",
-        help="also serve the SnapshotMetadata service there, over mutual TLS (--tls-dir), "
-        "for the cluster's forwarder (off when empty)",
+        help="the port, over mutual TLS (--tls-dir), where the other nodes' plugins read "
+        "this node's snapshots and volumes to make volumes from them, and the cluster's "
+        "forwarder asks for SnapshotMetadata (off when empty; the second name is the "
+        "earlier one)",
+    )
+    serve.add_argument(
+        "--copies-across-nodes",
+        choices=["on", "off"],
+        default="on",
+        help="make a volume from a snapshot or volume another node holds by copying it "
+        "from that node's plugin (needs --peer-listen and the TLS files); off: such a "
+        "volume is refused, naming the node that holds its source",
     )
     _add_tls_dir(serve)
+    _add_peer_lookup(serve, plugin_port=None)
     forward = commands.add_parser(
         "forward-snapshot-metadata",
         help="serve SnapshotMetadata on a socket for the cluster's sidecar, forwarding each "
@@ -137,16 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
     forward.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     _add_tls_dir(forward)
-    forward.add_argument(
-        "--peers-file", default="", help="<node> <host:port> lines (else the Kubernetes API)"
-    )
-    forward.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "csi-lvm"))
-    forward.add_argument(
-        "--plugin-selector",
-        default="app.kubernetes.io/name=csi-lvm",
-        help="label selector of the plugin's pods",
-    )
-    forward.add_argument("--plugin-port", type=int, default=9811)
+    _add_peer_lookup(forward, plugin_port=9811)
     status = commands.add_parser("status", help="device classes, volumes and snapshots here")
     status.add_argument("--config", default=DEFAULT_CONFIG)
     status.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
@@ -198,15 +202,37 @@ def _add_tls_dir(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_peer_lookup(command: argparse.ArgumentParser, plugin_port: int | None) -> None:
+    """How the node plugins are found: a file, or their pods."""
+    command.add_argument(
+        "--peers-file", default="", help="<node> <host:port> lines (else the Kubernetes API)"
+    )
+    command.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "csi-lvm"))
+    command.add_argument(
+        "--plugin-selector",
+        default="app.kubernetes.io/name=csi-lvm",
+        help="label selector of the plugin's pods",
+    )
+    command.add_argument(
+        "--plugin-port",
+        type=int,
+        default=plugin_port,
+        help="the plugins' TLS port"
+        + ("" if plugin_port else " (default: the port of --peer-listen)"),
+    )
+
+
+def peer_lookup(args: argparse.Namespace, port: int) -> Peers:
+    if args.peers_file:
+        return StaticPeers(args.peers_file)
+    return KubernetesPeers(args.namespace, args.plugin_selector, port)
+
+
 def forward_snapshot_metadata(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     tls = TlsFiles(Path(args.tls_dir))
     tls.read()  # missing files stop start-up, with their names
-    peers: Peers = (
-        StaticPeers(args.peers_file)
-        if args.peers_file
-        else KubernetesPeers(args.namespace, args.plugin_selector, args.plugin_port)
-    )
+    peers = peer_lookup(args, args.plugin_port)
     forwarder = build_forwarder(args.driver_name, peers, tls)
     server = Server(args.endpoint, forwarder.identity, None, None, forwarder.forwarding)
     try:
@@ -310,13 +336,20 @@ class ServeOptions:
     config_path: str
     grace_period: float
     metrics_address: str = ""  # "": no /metrics
-    snapshot_metadata_listen: str = ""  # "": no port for the forwarder
+    peer_listen: str = ""  # "": no port for the forwarder and the other plugins
     tls_dir: str = ""
+    copies_across_nodes: bool = True
+
+    @property
+    def peer_port(self) -> int:
+        return int(self.peer_listen.rpartition(":")[2])
 
     def __post_init__(self) -> None:
         socket_path(self.endpoint)  # refuses an endpoint that is no unix socket
         if self.metrics_address and not re.fullmatch(r".*:\d{1,5}", self.metrics_address):
             raise ConfigError(f"--metrics-address {self.metrics_address!r} must be host:port")
+        if self.peer_listen and not re.fullmatch(r".*:\d{1,5}", self.peer_listen):
+            raise ConfigError(f"--peer-listen {self.peer_listen!r} must be host:port")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeOptions:
@@ -339,8 +372,9 @@ class ServeOptions:
             config_path=args.config,
             grace_period=args.grace_period,
             metrics_address=args.metrics_address,
-            snapshot_metadata_listen=args.snapshot_metadata_listen,
+            peer_listen=args.peer_listen,
             tls_dir=args.tls_dir,
+            copies_across_nodes=args.copies_across_nodes == "on",
         )
 
 
@@ -352,7 +386,21 @@ def serve(args: argparse.Namespace) -> int:
     options = flags.graph
     if options.topology_labels:
         options = with_node_labels(options, kube.node_labels(options.node_id), log)
-    graph = build(load_config(flags.config_path), options)
+    tls = TlsFiles(Path(flags.tls_dir))
+    tls_listener = None
+    if flags.peer_listen:
+        try:
+            tls_listener = (flags.peer_listen, server_credentials(tls))
+        except ConfigError as error:
+            # The Secret is optional in the DaemonSet: a cluster without it
+            # runs the plugin without the port (restart it to add).
+            log.warning("no TLS port for the forwarder and the other plugins: copies across "
+                        "nodes are off", reason=str(error))  # fmt: skip
+    peers = None
+    if tls_listener is not None and flags.copies_across_nodes:
+        port = args.plugin_port or flags.peer_port
+        peers = (peer_lookup(args, port), tls)
+    graph = build(load_config(flags.config_path), options, peers=peers)
     config = graph.config  # as this node sees it
     inventory, backends = graph.inventory, graph.backends
     scan = inventory.scan()
@@ -369,15 +417,6 @@ def serve(args: argparse.Namespace) -> int:
     backends.states.remove_unfinished(inventory, graph.locks)
     assert graph.reservations is not None and graph.snapshot_metadata is not None  # state_dir
     graph.reservations.release_stale(BlockMaps.thin_pools(config))
-    tls_listener = None
-    if flags.snapshot_metadata_listen:
-        try:
-            listen_tls = server_credentials(TlsFiles(Path(flags.tls_dir)))
-            tls_listener = (flags.snapshot_metadata_listen, listen_tls)
-        except ConfigError as error:
-            # The Secret is optional in the DaemonSet: a cluster without the
-            # forwarder runs the plugin without the port (restart it to add).
-            log.warning("no snapshot metadata port for the forwarder", reason=str(error))
     server = Server(
         flags.endpoint,
         graph.identity,
@@ -385,6 +424,7 @@ def serve(args: argparse.Namespace) -> int:
         graph.node,
         graph.snapshot_metadata,
         tls_listener=tls_listener,
+        volume_source=graph.volume_source,
     )
     log.info(
         "starting",
@@ -393,6 +433,7 @@ def serve(args: argparse.Namespace) -> int:
         node_id=options.node_id,
         topology=options.topology.segments,
         classes=[c.describe() for c in config.device_classes],
+        copies_across_nodes=graph.peer_copies is not None,
     )
     stop_refreshing = threading.Event()
     threading.Thread(

@@ -10,6 +10,7 @@ interceptor turns them into gRPC statuses.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -20,11 +21,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import Ask, Backend, Condition
+from csi_lvm.backends.base import Ask, Condition
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
 from csi_lvm.ids import Kind, ObjectId, check_csi_name, lv_name_for
 from csi_lvm.locks import KeyedLocks
+from csi_lvm.peer_copy import PeerCopies
+from csi_lvm.peer_source import Leases
 from csi_lvm.rpc import budget, paged
 from csi_lvm.topology import NodeTopology
 from csi_lvm.validation import (
@@ -33,10 +36,9 @@ from csi_lvm.validation import (
     capability_problem,
     check_capabilities,
     device_class_for,
-    minimum_bytes,
-    requested_source_id,
     size_range,
 )
+from csi_lvm.volume_creation import VolumeCreation
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.controller")
@@ -57,6 +59,8 @@ CAPABILITIES = (
 )
 Context = grpc.ServicerContext
 T = TypeVar("T")
+# How long a delete waits for the copy into its volume to stop.
+CANCEL_WAIT_SECONDS = 10.0
 # Threads for copies (thick snapshots, restores and clones); more would only
 # share the same disks.
 COPY_WORKERS = 2
@@ -64,12 +68,23 @@ COPY_WORKERS = 2
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
     def __init__(
-        self, inventory: Inventory, backends: Backends, locks: KeyedLocks, topology: NodeTopology
+        self,
+        inventory: Inventory,
+        backends: Backends,
+        locks: KeyedLocks,
+        topology: NodeTopology,
+        peer_copies: PeerCopies | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self.inventory = inventory
         self.backends = backends
         self.locks = locks
         self.topology = topology
+        # Copies from other nodes (None: volumes are made from this node's
+        # objects only), and this node's objects other nodes copy.
+        self.peer_copies = peer_copies
+        self.leases = leases
+        self.creation = VolumeCreation(inventory, backends, locks, topology, peer_copies)
         self._copies = ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix="copy")
 
     @property
@@ -90,9 +105,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         timeout = budget(context)
         lv_name = lv_name_for(Kind.VOLUME, request.name)
+        remote = (
+            None
+            if self.peer_copies is None
+            else self.peer_copies.remote_source(request.volume_content_source)
+        )
         volume = self._off_the_rpc_threads(
-            backend.slow_to_make,
-            lambda: self._create_volume(request, lv_name, backend, wanted, timeout),
+            backend.slow_to_make or remote is not None,
+            lambda: self.creation.create(request, lv_name, backend, wanted, remote, timeout),
             timeout,
         )
         return csi_pb2.CreateVolumeResponse(volume=volume)
@@ -114,147 +134,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 "goes on, and a retry of the same call answers once it is done"
             ) from None
 
-    def _create_volume(
-        self,
-        request: csi_pb2.CreateVolumeRequest,
-        lv_name: str,
-        backend: Backend,
-        wanted: SizeRange,
-        timeout: float | None,
-    ) -> csi_pb2.Volume:
-        with self.locks.hold(lv_name):
-            volume = self.inventory.kept.decided(
-                lambda scan, fresh: self._create_volume_in(
-                    request, lv_name, backend, wanted, scan, fresh, timeout
-                ),
-                timeout,
-            )
-        log.info(
-            "volume created",
-            volume_id=volume.volume_id,
-            lv=f"{backend.device_class.volume_group}/{lv_name}",
-            bytes=volume.capacity_bytes,
-        )
-        return volume
-
-    def _create_volume_in(
-        self,
-        request: csi_pb2.CreateVolumeRequest,
-        lv_name: str,
-        backend: Backend,
-        wanted: SizeRange,
-        scan: Scan,
-        fresh: bool,
-        timeout: float | None,
-    ) -> csi_pb2.Volume:
-        """CreateVolume's work under the name's lock, from ``scan``."""
-        existing = self.inventory.existing(Kind.VOLUME, lv_name, scan, fresh, timeout)
-        if existing is not None:
-            existing = self.backends.states.retried(existing, timeout)
-            if existing is None:  # removed to be made again
-                scan = self.inventory.view(timeout)
-        source = None
-        if request.HasField("volume_content_source"):
-            # A repeat of a finished restore or clone needs no source any
-            # more: its snapshot may have been deleted since (a sidecar
-            # that lost the first answer asks again).
-            settled = existing is not None and lifecycle.is_ready(existing)
-            source = self.inventory.content_source(
-                request.volume_content_source, scan, not settled, self.topology.node_key
-            )
-            if source is not None:
-                what = "snapshot" if source.kind is Kind.SNAPSHOT else "source volume"
-                lifecycle.check_ready(source, what)
-        self.topology.check(
-            request.accessibility_requirements, "" if source is None else str(source.id)
-        )
-        if existing is not None:
-            return self._existing_volume(request, existing, backend, wanted, source, scan, timeout)
-        return self._create_new(request, lv_name, backend, wanted, source, scan, timeout)
-
-    def _create_new(
-        self,
-        request: csi_pb2.CreateVolumeRequest,
-        lv_name: str,
-        backend: Backend,
-        wanted: SizeRange,
-        source: Owned | None,
-        scan: Scan,
-        timeout: float | None,
-    ) -> csi_pb2.Volume:
-        """A new volume, blank or holding ``source``'s data. A blank one's
-        size is whole extents already, exactly what lvcreate makes, so no
-        report is read back (a repeated call reads it, in _existing_volume)."""
-        device_class = backend.device_class
-        if source is not None and source.device_class.name != device_class.name:
-            raise InvalidArgument(
-                f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
-                f"a volume made from it must use that class, not {device_class.name}"
-            )
-        tags = self.inventory.tags_for(Kind.VOLUME, request.name, device_class, source)
-        # A copy is at least its source's size; a blank volume at least what
-        # its filesystem needs.
-        minimum = 0 if source is not None else minimum_bytes(request.volume_capabilities)
-        ask = Ask(f"volume {request.name}", lv_name, tags, timeout, wanted, minimum)
-        if source is not None:
-            owned = backend.make_from(ask, source, scan)
-            return self._csi_volume(owned, request.volume_content_source)
-        return csi_pb2.Volume(
-            volume_id=str(self.inventory.make_id(device_class, lv_name)),
-            capacity_bytes=backend.make_blank(ask, scan),
-            accessible_topology=[self.topology.volume()],
-        )
-
-    def _existing_volume(
-        self,
-        request: csi_pb2.CreateVolumeRequest,
-        existing: Owned,
-        backend: Backend,
-        wanted: SizeRange,
-        source: Owned | None,
-        scan: Scan,
-        timeout: float | None,
-    ) -> csi_pb2.Volume:
-        """Idempotent repeat, a crash left-over to finish, or a conflict."""
-        device_class = backend.device_class
-        if existing.name != request.name or existing.device_class.name != device_class.name:
-            raise AlreadyExists(
-                f"volume {request.name} already exists in device class "
-                f"{existing.device_class.name}, not {device_class.name}"
-            )
-        source_id = requested_source_id(request.volume_content_source)
-        if existing.source_id != source_id:
-            raise AlreadyExists(
-                f"volume {request.name} already exists with a different content source "
-                f"({existing.source_id or 'none'})"
-            )
-        existing = backend.finish(existing, source, wanted, scan, timeout)
-        if not wanted.allows(existing.size_bytes):
-            raise AlreadyExists(
-                f"volume {request.name} already exists with {existing.size_bytes} bytes, "
-                f"outside the requested range ({wanted.describe()})"
-            )
-        return self._csi_volume(existing, request.volume_content_source)
-
-    def _csi_volume(
-        self, owned: Owned, content_source: csi_pb2.VolumeContentSource | None = None
-    ) -> csi_pb2.Volume:
-        """The CSI view of an owned volume."""
-        volume = csi_pb2.Volume(
-            volume_id=str(owned.id),
-            capacity_bytes=owned.size_bytes,
-            accessible_topology=[self.topology.volume()],
-        )
-        if content_source is not None and content_source.WhichOneof("type"):
-            volume.content_source.CopyFrom(content_source)
-        elif owned.source_id:
-            source = ObjectId.parse(owned.source_id)
-            if source is not None and source.kind is Kind.SNAPSHOT:
-                volume.content_source.snapshot.snapshot_id = owned.source_id
-            elif source is not None:
-                volume.content_source.volume.volume_id = owned.source_id
-        return volume
-
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: Context
     ) -> csi_pb2.DeleteVolumeResponse:
@@ -270,7 +149,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if object_id is None:  # not an id csi-lvm makes, so nothing of ours
             return
         device_class = self.inventory.config.find(object_id.device_class)
-        with self.locks.hold(object_id.lv_name):
+        with self._held_for_delete(object_id.lv_name):
             if device_class is not None:
                 owned = self.inventory.get(object_id, device_class, timeout)
             else:
@@ -278,8 +157,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 owned = self.inventory.find_anywhere(object_id, timeout)
             if owned is None:
                 return
+            if self.leases is not None:
+                self.leases.check_deletable(owned)
             self.backends.of(owned.device_class).delete(owned, timeout)
+            if self.peer_copies is not None and not lifecycle.is_ready(owned):
+                self.peer_copies.release_source_of(owned)
         log.info(f"{kind.value} deleted", id=text, lv=owned.lv.full_name)
+
+    def _held_for_delete(self, lv_name: str) -> contextlib.AbstractContextManager[None]:
+        """The name's lock. A copy from another node into it holds it until
+        it stops: a delete stops it, and waits a little for it to let go."""
+        if self.peer_copies is not None and self.peer_copies.cancel(lv_name):
+            return self.locks.hold_within(CANCEL_WAIT_SECONDS, lv_name)
+        return self.locks.hold(lv_name)
 
     def _require_volume(self, volume_id: str, scan: Scan) -> Owned:
         if not volume_id:
@@ -318,7 +208,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         page, next_token = paged(volumes, _id, request.max_entries, request.starting_token)
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
-                volume=self._csi_volume(owned),
+                volume=self.creation.csi_volume(owned),
                 status=csi_pb2.ListVolumesResponse.VolumeStatus(
                     volume_condition=self._condition(owned, scan)
                 ),
@@ -333,7 +223,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         scan = self.inventory.scan(budget(context))
         owned = self._require_volume(request.volume_id, scan)
         return csi_pb2.ControllerGetVolumeResponse(
-            volume=self._csi_volume(owned),
+            volume=self.creation.csi_volume(owned),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
                 volume_condition=self._condition(owned, scan)
             ),

@@ -64,6 +64,16 @@ class Internal(DriverError):
     code = grpc.StatusCode.INTERNAL
 
 
+class PermissionDenied(DriverError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DataLoss(DriverError):
+    """Data arrived damaged: what it was meant for is discarded, never used."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class ConfigError(Exception):
     """The configuration file is unusable; start-up stops with this message."""
 

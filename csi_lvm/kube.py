@@ -45,7 +45,7 @@ def _config() -> KubeConfig:
     return KubeConfig.from_file(os.path.expanduser("~/.kube/config"))
 
 
-def _client() -> Client:
+def client() -> Client:
     try:
         return Client(config=_config(), timeout=httpx2.Timeout(10.0))
     except (KubeConfigError, OSError) as error:
@@ -59,15 +59,15 @@ def owners(driver_name: str) -> dict[str, str]:
     """``namespace/name`` of the PVC bound to each of the driver's PVs and of
     the VolumeSnapshot of each of its VolumeSnapshotContents, by volume or
     snapshot id (what the node's LVs are called in the cluster)."""
-    client = _client()
+    api = client()
     found: dict[str, str] = {}
     try:
-        for volume in client.list(PersistentVolume):
+        for volume in api.list(PersistentVolume):
             csi = volume.spec.csi if volume.spec is not None else None
             claim = volume.spec.claimRef if volume.spec is not None else None
             if csi is not None and csi.driver == driver_name and claim is not None:
                 found[csi.volumeHandle] = f"{claim.namespace}/{claim.name}"
-        for content in client.list(VolumeSnapshotContent):
+        for content in api.list(VolumeSnapshotContent):
             spec, status = content.get("spec") or {}, content.get("status") or {}
             handle = status.get("snapshotHandle") or spec.get("source", {}).get("snapshotHandle")
             ref = spec.get("volumeSnapshotRef") or {}
@@ -86,10 +86,10 @@ def node_labels(
     node_name: str, attempts: int = ATTEMPTS, pause_seconds: float = PAUSE_SECONDS
 ) -> dict[str, str]:
     """The labels of Node ``node_name``."""
-    client = _client()
+    api = client()
     for attempt in range(1, attempts + 1):
         try:
-            metadata = client.get(Node, name=node_name).metadata
+            metadata = api.get(Node, name=node_name).metadata
             return dict((metadata.labels if metadata is not None else None) or {})
         except ApiError as error:
             raise ConfigError(_api_refusal(node_name, error.status.code or 0, str(error))) from None

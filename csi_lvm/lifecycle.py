@@ -45,6 +45,7 @@ it (a thick copy, a stage of a restore) activates it with
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import structlog
@@ -62,6 +63,10 @@ log = structlog.get_logger("csi_lvm.lifecycle")
 MAKING_TAG = "csi-lvm/incomplete"
 COPYING_TAG = "csi-lvm/copying"
 NEW_FS_UUID_TAG = "csi-lvm/new-fs-uuid"
+# On a volume filled from another node: how far the copy is durable, and the
+# rate it went at (bytes a second) when that was recorded.
+COPIED_PREFIX = "csi-lvm/copied="
+COPY_RATE_PREFIX = "csi-lvm/copy-rate="
 
 
 class Stage(enum.Enum):
@@ -103,6 +108,24 @@ def unready_problem(owned: Owned) -> str | None:
     )
 
 
+def _tag_number(lv: LogicalVolume, prefix: str) -> int:
+    for tag in lv.tags:
+        if tag.startswith(prefix) and tag[len(prefix) :].isdigit():
+            return int(tag[len(prefix) :])
+    return 0
+
+
+def copied_bytes(lv: LogicalVolume) -> int:
+    """How far a copy from another node is written and flushed: every byte of
+    the source before it is in the LV (0 when nothing is recorded)."""
+    return _tag_number(lv, COPIED_PREFIX)
+
+
+def copy_rate(lv: LogicalVolume) -> int:
+    """The bytes a second of that copy, as last recorded (0: none)."""
+    return _tag_number(lv, COPY_RATE_PREFIX)
+
+
 def needs_new_filesystem_uuid(lv: LogicalVolume) -> bool:
     return NEW_FS_UUID_TAG in lv.tags
 
@@ -129,7 +152,17 @@ class Lifecycle:
     def copied(self, lv: LogicalVolume) -> None:
         """COPYING -> READY: the copy is complete and flushed. The driver's own
         timeout, not the caller's: the copy's result outlives its deadline."""
-        self.lvm.delete_tag(lv.vg_name, lv.name, COPYING_TAG)
+        progress = [t for t in lv.tags if t.startswith((COPIED_PREFIX, COPY_RATE_PREFIX))]
+        self.lvm.change_tags(lv.vg_name, lv.name, [], [COPYING_TAG, *progress])
+
+    def progress(self, lv: LogicalVolume, done: int, rate: int) -> LogicalVolume:
+        """COPYING, with the copy from another node durable up to ``done``
+        bytes; the LV with its new tags."""
+        old = [t for t in lv.tags if t.startswith((COPIED_PREFIX, COPY_RATE_PREFIX))]
+        new = [f"{COPIED_PREFIX}{done}", f"{COPY_RATE_PREFIX}{rate}"]
+        self.lvm.change_tags(lv.vg_name, lv.name, new, old)
+        kept = tuple(t for t in lv.tags if t not in old)
+        return dataclasses.replace(lv, tags=kept + tuple(new))
 
     def prepare_copied_filesystem(
         self, lv: LogicalVolume, device: str, mount_path: str, fs_type: str, timeout: float

@@ -7,6 +7,7 @@ slow LVM command from piling up duplicate work behind it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,31 @@ class KeyedLocks:
     @contextmanager
     def hold(self, *keys: str) -> Iterator[None]:
         """Hold every key at once, or raise Aborted naming the busy one."""
+        wanted = self._take(keys)
+        try:
+            yield
+        finally:
+            self._let_go(wanted)
+
+    @contextmanager
+    def hold_within(self, seconds: float, *keys: str) -> Iterator[None]:
+        """As ``hold``, trying again for up to ``seconds`` while a key is
+        busy (its holder has been asked to stop)."""
+        give_up = time.monotonic() + seconds
+        while True:
+            try:
+                wanted = self._take(keys)
+                break
+            except Aborted:
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            self._let_go(wanted)
+
+    def _take(self, keys: tuple[str, ...]) -> list[str]:
         wanted = sorted(set(keys))
         with self._guard:
             for key in wanted:
@@ -29,8 +55,8 @@ class KeyedLocks:
                         f"an operation on {key} is already in progress; retry when it has finished"
                     )
             self._held.update(wanted)
-        try:
-            yield
-        finally:
-            with self._guard:
-                self._held.difference_update(wanted)
+        return wanted
+
+    def _let_go(self, wanted: list[str]) -> None:
+        with self._guard:
+            self._held.difference_update(wanted)

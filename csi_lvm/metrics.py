@@ -31,6 +31,13 @@ RPC_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )  # fmt: skip
 
+PEER_COPY_BYTES = Counter(
+    "csi_lvm_peer_copy_bytes",
+    "Data bytes of snapshots and volumes copied between nodes (restores and clones "
+    "across nodes), by direction: sent by the holder, received and written by the target.",
+    ["direction"], registry=REGISTRY,
+)  # fmt: skip
+
 
 def observe_rpc(method: str, code: str, seconds: float) -> None:
     RPCS.labels(method, code).inc()

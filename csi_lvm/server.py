@@ -27,6 +27,8 @@ from google.protobuf.message import Message
 from csi_lvm.csi import csi_pb2_grpc
 from csi_lvm.errors import ConfigError, status_for
 from csi_lvm.metrics import observe_rpc
+from csi_lvm.peer import peer_pb2_grpc
+from csi_lvm.peers import PING_MS
 
 log = structlog.get_logger("csi_lvm.server")
 
@@ -203,8 +205,10 @@ class Server:
         # waiting on LVM must not keep Probe and the kubelet's calls waiting).
         workers: int = 64,
         # A TCP address and credentials on which the SnapshotMetadata service
-        # alone is served, to the cluster's forwarder (csi_lvm.forwarding).
+        # is served to the cluster's forwarder (csi_lvm.forwarding), and the
+        # VolumeSource service to the other nodes' plugins (csi_lvm.peer_source).
         tls_listener: tuple[str, grpc.ServerCredentials] | None = None,
+        volume_source: peer_pb2_grpc.VolumeSourceServicer | None = None,
     ) -> None:
         self.path = socket_path(endpoint)
         self.grpc = grpc.server(
@@ -227,9 +231,16 @@ class Server:
             self.tls = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tls-rpc"),
                 interceptors=[CallInterceptor()],
-                options=[("grpc.so_reuseport", 0)],
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    # The copies' clients ping an idle stream to notice a lost peer.
+                    ("grpc.http2.min_recv_ping_interval_without_data_ms", PING_MS // 2),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                ],
             )
             csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, self.tls)
+            if volume_source is not None:
+                peer_pb2_grpc.add_VolumeSourceServicer_to_server(volume_source, self.tls)
             self._tls_listener = tls_listener
         self._stopping = threading.Event()
 
@@ -250,7 +261,7 @@ class Server:
             if self.tls_port == 0:
                 raise ConfigError(f"cannot listen on {address} for the forwarder's calls")
             self.tls.start()
-            log.info("serving snapshot metadata over mutual TLS", address=address)
+            log.info("serving the other csi-lvm components over mutual TLS", address=address)
 
     def stop(self, grace: float = 30.0) -> None:
         """Refuse new calls, let running ones finish (up to ``grace`` seconds)."""

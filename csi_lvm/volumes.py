@@ -149,17 +149,24 @@ class Inventory:
     # ---- ownership
 
     def tags_for(
-        self, kind: Kind, name: str, device_class: DeviceClass, source: Owned | None
+        self,
+        kind: Kind,
+        name: str,
+        device_class: DeviceClass,
+        source: Owned | None,
+        remote_source: str = "",
     ) -> list[str]:
         """The tags of a new volume or snapshot: only what the driver needs
-        (see ``Tag``); the CSI name only when its LV name is a hash."""
+        (see ``Tag``); the CSI name only when its LV name is a hash. A
+        source of this node is named by its LV, one of another node
+        (``remote_source``) by its whole id."""
         lv_name = lv_name_for(kind, name)
         return encode_tags(
             {
                 Tag.DRIVER: self.driver_name,
                 Tag.NAME: "" if csi_name_in(lv_name) == name else name,
                 Tag.CLASS: device_class.name,
-                Tag.SOURCE: "" if source is None else source.lv.name,
+                Tag.SOURCE: remote_source or ("" if source is None else source.lv.name),
             }
         )
 
@@ -204,6 +211,9 @@ class Inventory:
         (into ``target``, when given): a classic snapshot with its tags."""
         tags = decode_tags(lv.tags)
         view_for = tags.get(Tag.VIEW_FOR, "")
+        # A view for another node's copy names its target by id.
+        remote = ObjectId.parse(view_for) if ":" in view_for else None
+        view_for = remote.lv_name if remote is not None else view_for
         return (
             tags.get(Tag.DRIVER) == self.driver_name
             and bool(view_for)

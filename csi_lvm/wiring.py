@@ -17,7 +17,7 @@ from csi_lvm.block_maps import BlockMaps, PoolReservations
 from csi_lvm.config import Config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
-from csi_lvm.forwarding import ForwardingService, Peers
+from csi_lvm.forwarding import ForwardingService
 from csi_lvm.identity import IdentityService
 from csi_lvm.kept_view import REFRESH_SECONDS
 from csi_lvm.locks import KeyedLocks
@@ -25,6 +25,9 @@ from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.node import NodeService
+from csi_lvm.peer_copy import PeerCopies
+from csi_lvm.peer_source import Leases, VolumeSourceService
+from csi_lvm.peers import PeerChannels, Peers
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
 from csi_lvm.tls import TlsFiles
 from csi_lvm.topology import NodeTopology
@@ -121,18 +124,32 @@ class Graph:
     node: NodeService
     snapshot_metadata: SnapshotMetadataService | None
     reservations: PoolReservations | None
+    # This node's objects read by the other nodes' plugins, and the copies
+    # from theirs (None: copies across nodes are off).
+    volume_source: VolumeSourceService | None = None
+    peer_copies: PeerCopies | None = None
 
     def close(self) -> None:
-        """Wait for LVM commands still running, and end the lvm shell."""
+        """Wait for LVM commands still running, end the lvm shell, close the
+        channels to the other plugins."""
         self.lvm.close()
+        if self.peer_copies is not None:
+            self.peer_copies.channels.close()
 
 
-def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
+def build(
+    config: Config,
+    options: Options,
+    lvm: Lvm | None = None,
+    peers: tuple[Peers, TlsFiles] | None = None,
+) -> Graph:
     """The graph for ``config`` as this node sees it (``Config.for_node``:
     one entry per class name; a ConfigError when two entries of a name match
     the node) and ``options``; ``lvm`` (a test's, say) instead of one made
     from the options. Everything in the graph, ``Graph.config`` included,
-    sees only the resolved config."""
+    sees only the resolved config. With ``peers`` (where the other nodes'
+    plugins are, and this one's certificate) volumes are made from other
+    nodes' snapshots and volumes, and this node's are read by theirs."""
     config = config.for_node(options.node_id)
     lvm = lvm or Lvm(
         Runner(
@@ -150,9 +167,17 @@ def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
     topology = options.topology
     reservations = None
     snapshot_metadata = None
+    volume_source = None
+    peer_copies = None
+    leases = None
     if options.state_dir:
         reservations = PoolReservations(ThinMetadata(runner=lvm.runner), options.state_dir)
-        snapshot_metadata = SnapshotMetadataService(inventory, BlockMaps(lvm, reservations))
+        maps = BlockMaps(lvm, reservations)
+        snapshot_metadata = SnapshotMetadataService(inventory, maps)
+        if peers is not None:
+            leases = Leases()
+            volume_source = VolumeSourceService(inventory, backends, maps, leases)
+            peer_copies = PeerCopies(PeerChannels(*peers), inventory, backends)
     return Graph(
         config=config,
         options=options,
@@ -161,10 +186,12 @@ def build(config: Config, options: Options, lvm: Lvm | None = None) -> Graph:
         backends=backends,
         locks=locks,
         identity=IdentityService(options.driver_name),
-        controller=ControllerService(inventory, backends, locks, topology),
+        controller=ControllerService(inventory, backends, locks, topology, peer_copies, leases),
         node=NodeService(inventory, backends, locks, topology, options.max_volumes_per_node),
         snapshot_metadata=snapshot_metadata,
         reservations=reservations,
+        volume_source=volume_source,
+        peer_copies=peer_copies,
     )
 
 

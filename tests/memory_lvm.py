@@ -394,6 +394,22 @@ class MemoryLvm(Lvm):
             lv = self._lv(self._vg(volume_group), name)
             lv.tags = [each for each in lv.tags if each != tag]
 
+    def change_tags(
+        self,
+        volume_group: str,
+        name: str,
+        add: Sequence[str],
+        delete: Sequence[str],
+        timeout: float | None = None,
+    ) -> None:
+        check_lv_names(volume_group, name)
+        tag_args(delete, "--deltag")
+        tag_args(add)
+        with self._changing("change_tags", [(volume_group, name)]):
+            lv = self._lv(self._vg(volume_group), name)
+            kept = [each for each in lv.tags if each not in delete]
+            lv.tags = kept + [each for each in add if each not in kept]
+
     # ---- the model
 
     @contextlib.contextmanager

@@ -32,6 +32,7 @@ from csi_lvm.backends.admission import (
     metadata_full,
     metadata_room_lvs,
 )
+from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import (
     Aborted,
@@ -400,6 +401,34 @@ class Backend(ABC):
                 f"({', '.join(foreign)}); removing the LV would remove them too: remove or "
                 "merge them first (lvremove, lvconvert --merge)"
             )
+
+    # ---- copies across nodes: csi_lvm.peer_source reads, csi_lvm.peer_copy writes
+
+    @abstractmethod
+    def make_view(self, source: Owned, name: str, tags: Sequence[str], extent_bytes: int) -> None:
+        """``name``: a point-in-time view of the volume ``source``."""
+
+    def view_intact(self, view: LogicalVolume) -> bool:
+        return True  # whether the view still shows its point in time
+
+    @abstractmethod
+    def data_ranges(self, point: Owned, maps: BlockMaps, timeout: float | None) -> BlockMap:
+        """The ranges of a snapshot or view that hold data (the rest reads zeros)."""
+
+    @abstractmethod
+    def _create_for_copy(self, new: NewLv) -> None:
+        """A new LV of ``new.size`` bytes, tagged COPYING."""
+
+    @abstractmethod
+    def prepare_for_copy(self, lv: LogicalVolume) -> None:
+        """Before a copy's first byte: ``lv`` reads zeros where nothing is written."""
+
+    def make_for_copy(self, ask: Ask, source_bytes: int, scan: Scan) -> Owned:
+        """A volume for a copy, admitted before any byte moves, COPYING till whole."""
+        ask = dataclasses.replace(ask, minimum=max(ask.minimum, source_bytes))
+        with self._admitted(ask, None, scan) as new:
+            self._create_for_copy(new)
+            return self._made(new.name, new.timeout)
 
     # ---- contents and health
 

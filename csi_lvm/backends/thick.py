@@ -30,6 +30,8 @@ import structlog
 from csi_lvm import blockcopy, lifecycle
 from csi_lvm.backends.admission import ClassSpace
 from csi_lvm.backends.base import Backend, NewLv
+from csi_lvm.block_maps import BlockMap, BlockMaps
+from csi_lvm.block_ranges import RangeSpool
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, refused_create
 from csi_lvm.ids import Kind, Tag, encode_tags, view_name_for
@@ -127,6 +129,34 @@ class ThickBackend(Backend):
             return existing
         self.copier.fill(existing, source, new.extent_bytes)
         return self._made(existing.lv.name, None)
+
+    def _create_for_copy(self, new: NewLv) -> None:
+        self._create(new, lifecycle.copy_tags(Kind.VOLUME, by_copy=True))
+
+    def prepare_for_copy(self, lv: LogicalVolume) -> None:
+        """Zeroed all through before the copy writes it: its extents may hold
+        an earlier tenant's data, and a target larger than its source must
+        read zeros past it. Done again by a retry while no progress is
+        recorded (COPYING covers the zeroing too)."""
+        blockcopy.zero_device(lv.device, lv.size_bytes)
+
+    def make_view(self, source: Owned, name: str, tags: Sequence[str], extent_bytes: int) -> None:
+        """A classic COW snapshot with a fifth of the source as room for
+        the changes written while the copy reads it (``view_intact`` says
+        whether they fitted)."""
+        size = view_bytes(source.size_bytes, extent_bytes)
+        self.lvm.create_cow_snapshot(
+            source.lv.vg_name, source.lv.name, name, size, VIEW_CHUNK_BYTES, tags
+        )
+
+    def view_intact(self, view: LogicalVolume) -> bool:
+        now = self.lvm.find_lv(view.vg_name, view.name)
+        full = now is not None and (now.data_percent or 0) >= 100
+        return not (now is None or now.attr.snapshot_invalid or full)
+
+    def data_ranges(self, point: Owned, maps: BlockMaps, timeout: float | None) -> BlockMap:
+        """All of it: a thick LV has no map of what holds data."""
+        return BlockMap(point.size_bytes, 0, RangeSpool().write([(0, point.size_bytes)]))
 
     def remove(self, owned: Owned, timeout: float | None) -> None:
         """Remove the LV, and the temporary view an interrupted copy into it

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from csi_lvm import lifecycle
 from csi_lvm.backends.admission import ClassSpace
 from csi_lvm.backends.base import Backend, Contents, NewLv
+from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.config import DeviceClass
 from csi_lvm.ids import Kind
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
@@ -120,6 +121,27 @@ class ThinBackend(Backend):
         self.lvm.create_thin_snapshot(
             group, source.lv.name, new.name, tags, active=active, timeout=new.timeout
         )
+
+    def _create_for_copy(self, new: NewLv) -> None:
+        """A new thin LV maps no block, so it reads zeros wherever the copy
+        writes nothing: only the source's allocated ranges are written, and a
+        thin restore stays thin."""
+        group = self.device_class.volume_group
+        tags = [*new.tags, *lifecycle.copy_tags(Kind.VOLUME, by_copy=True)]
+        self.lvm.create_thin_volume(group, self.pool, new.name, new.size, tags, new.timeout)
+
+    def prepare_for_copy(self, lv: LogicalVolume) -> None:
+        """Nothing: what a crash left written is written again, the rest
+        maps no block."""
+
+    def make_view(self, source: Owned, name: str, tags: Sequence[str], extent_bytes: int) -> None:
+        """A thin snapshot: instant, and it cannot overflow."""
+        self.lvm.create_thin_snapshot(source.lv.vg_name, source.lv.name, name, tags, active=False)
+
+    def data_ranges(self, point: Owned, maps: BlockMaps, timeout: float | None) -> BlockMap:
+        """The chunks the pool maps for it (its metadata's, as SnapshotMetadata
+        answers them)."""
+        return maps.allocated(point, timeout)
 
     def _resume(self, existing: Owned, source: Owned | None, new: NewLv) -> Owned:
         # A restore or clone interrupted between snapshot and extend: the

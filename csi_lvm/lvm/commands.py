@@ -333,6 +333,22 @@ class Lvm:
             [(volume_group, name)],
         )
 
+    def change_tags(
+        self,
+        volume_group: str,
+        name: str,
+        add: Sequence[str],
+        delete: Sequence[str],
+        timeout: float | None = None,
+    ) -> None:
+        """Tags added and deleted in one metadata update."""
+        check_lv_names(volume_group, name)
+        self.change(
+            ["lvchange", *tag_args(delete, "--deltag"), *tag_args(add), f"{volume_group}/{name}"],
+            timeout,
+            [(volume_group, name)],
+        )
+
     def delete_tag(
         self, volume_group: str, name: str, tag: str, timeout: float | None = None
     ) -> None:

@@ -198,6 +198,19 @@ def test_tags_are_deleted_one_by_one(subject: Subject) -> None:
         subject.lvm.delete_tag(subject.vg, name, "no spaces")
 
 
+def test_tags_are_added_and_deleted_in_one_change(subject: Subject) -> None:
+    name = fresh("retag")
+    subject.lvm.create_thin_volume(subject.vg, POOL, name, 4 * MiB, ["keep=1", "copied=5"])
+    count = subject.lvm.changes
+    subject.lvm.change_tags(subject.vg, name, ["copied=9"], ["copied=5"])
+    assert sorted(lv(subject, name).tags) == ["copied=9", "keep=1"]
+    assert subject.lvm.changes == count + 2  # one command: its start and its end
+    subject.lvm.change_tags(subject.vg, name, [], ["copied=9", "keep=1"])
+    assert lv(subject, name).tags == ()
+    with pytest.raises(LvmBadName):
+        subject.lvm.change_tags(subject.vg, name, ["no spaces"], [])
+
+
 def test_every_change_is_journalled_and_moves_the_vg_on(subject: Subject) -> None:
     name = fresh("journal")
     count, seqno = subject.lvm.changes, group(subject).seqno

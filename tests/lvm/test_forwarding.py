@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
-from csi_lvm.forwarding import StaticPeers
+from csi_lvm.peers import StaticPeers
 from csi_lvm.server import Server
 from csi_lvm.tls import PLUGIN_SERVER_NAME, TlsFiles
 from csi_lvm.wiring import build_forwarder

@@ -873,7 +873,7 @@ def test_the_snapshot_metadata_component_gives_the_plugin_its_tls_port_and_nothi
     assert pod_spec(rendered_daemonset(default))["containers"][0]["name"] == PLUGIN
     ds = rendered_daemonset(objs)
     args = build_parser().parse_args(plugin_args(objs))
-    host, _, port = args.snapshot_metadata_listen.rpartition(":")
+    host, _, port = args.peer_listen.rpartition(":")
     assert (host, int(port)) == ("0.0.0.0", 9811)  # the pod's own address
     plugin = containers(ds)[PLUGIN]
     assert {"name": "snapshot-meta", "containerPort": 9811, "protocol": "TCP"} in plugin["ports"]
@@ -927,7 +927,7 @@ def test_the_forwarder_and_the_sidecar_share_a_socket_no_one_else_mounts() -> No
     plugin_labels = rendered_daemonset(objs)["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= plugin_labels.items()
     assert not selector.items() <= pod["metadata"]["labels"].items()  # not its own pod
-    listen = build_parser().parse_args(plugin_args(objs)).snapshot_metadata_listen
+    listen = build_parser().parse_args(plugin_args(objs)).peer_listen
     assert args.plugin_port == int(listen.rpartition(":")[2])
     # Both ends of the mutual TLS hold the one Secret; the plugin image's tool.
     assert secret_of(pod, forwarder, args.tls_dir)["secretName"] == FORWARDING_SECRET

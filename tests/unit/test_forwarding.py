@@ -11,13 +11,9 @@ import pytest
 
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import ConfigError, InvalidArgument, NotFound
-from csi_lvm.forwarding import (
-    StaticPeers,
-    _node_of,
-    parse_peers_file,
-    peers_from_pod_list,
-)
+from csi_lvm.forwarding import _node_of
 from csi_lvm.ids import node_component
+from csi_lvm.peers import StaticPeers, parse_peers_file, peers_from_pod_list
 from csi_lvm.tls import TlsFiles
 from tests.testbed import Driver
 
@@ -92,4 +88,5 @@ def test_a_plugin_without_its_tls_files_starts_without_the_port(tmp_path: Path) 
         client.close()
         assert driver.stop() == 0
     log = driver.log_path.read_text()
-    assert "no snapshot metadata port for the forwarder" in log and "no-tls-here" in log
+    assert "no TLS port for the forwarder and the other plugins" in log and "no-tls-here" in log
+    assert '"copies_across_nodes": false' in log

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "csi_lvm"
 LAYERS = (
     "csi_lvm",  # the version
     "csi_lvm.csi",  # generated from proto/csi.proto
+    "csi_lvm.peer",  # generated from proto/peer.proto
     "csi_lvm.zero_range",
     "csi_lvm.block_ranges",
     "csi_lvm.lvm",
@@ -33,6 +34,7 @@ LAYERS = (
     "csi_lvm.config",
     "csi_lvm.tls",
     "csi_lvm.kube",
+    "csi_lvm.peers",
     "csi_lvm.rpc",
     "csi_lvm.topology",
     "csi_lvm.validation",
@@ -44,9 +46,13 @@ LAYERS = (
     "csi_lvm.backends.base",
     "csi_lvm.backends.thin",
     "csi_lvm.backends.thick",
+    "csi_lvm.backends.views",
     "csi_lvm.backends",
     "csi_lvm.metrics",
     "csi_lvm.identity",
+    "csi_lvm.peer_source",
+    "csi_lvm.peer_copy",
+    "csi_lvm.volume_creation",
     "csi_lvm.controller",
     "csi_lvm.node",
     "csi_lvm.snapshot_metadata",
@@ -82,7 +88,7 @@ def modules() -> dict[str, Path]:
     return {
         module_name(path): path
         for path in PACKAGE.rglob("*.py")
-        if "csi" not in path.relative_to(PACKAGE).parts[:1]
+        if path.relative_to(PACKAGE).parts[0] not in ("csi", "peer")
     }
 
 
@@ -122,7 +128,12 @@ def test_the_lvm_layer_knows_nothing_of_the_driver_above_it() -> None:
 
 # The servicers: they validate, delegate and translate. LVM's refusals reach
 # them as the driver's own errors (errors.py's tables), never as LVM's.
-SERVICERS = ("csi_lvm.controller", "csi_lvm.node", "csi_lvm.snapshot_metadata")
+SERVICERS = (
+    "csi_lvm.controller",
+    "csi_lvm.node",
+    "csi_lvm.snapshot_metadata",
+    "csi_lvm.peer_source",
+)
 
 
 def test_the_servicers_never_touch_the_lvm_layer() -> None:

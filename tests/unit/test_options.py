@@ -45,7 +45,7 @@ def test_serve_options_keep_the_flags_defaults() -> None:
     assert options.endpoint == "unix:///csi/csi.sock"
     assert options.config_path == "/etc/csi-lvm/config.yaml"
     assert options.grace_period == 30.0
-    assert options.metrics_address == options.snapshot_metadata_listen == ""
+    assert options.metrics_address == options.peer_listen == ""
     assert options.tls_dir == "/etc/csi-lvm-tls"
     graph = options.graph
     assert (graph.node_id, graph.driver_name) == ("node-1", DEFAULT_DRIVER_NAME)
