@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "from that node's plugin (needs --peer-listen and the TLS files); off: such a "
         "volume is refused, naming the node that holds its source",
     )
+    serve.add_argument(
+        "--copy-checkpoint-mib",
+        type=int,
+        default=256,
+        help="MiB a copy from another node writes between records of its progress: what a "
+        "copy resumed after an interruption may write again",
+    )
     _add_tls_dir(serve)
     _add_peer_lookup(serve, plugin_port=None)
     forward = commands.add_parser(
@@ -365,6 +372,7 @@ class ServeOptions:
             refresh_seconds=args.refresh_interval,
             max_volumes_per_node=args.max_volumes_per_node,
             state_dir=args.state_dir or os.path.dirname(socket_path(args.endpoint)),
+            copy_checkpoint_bytes=args.copy_checkpoint_mib << 20,
         )
         return cls(
             graph=graph,

@@ -9,7 +9,7 @@ snapshot or volume that another node holds, filled from that node's plugin
    ``csi_lvm.lifecycle``), so it is never used before it is whole.
 3. ``fill`` reads the source's allocated ranges, checks each piece's CRC-32
    and writes it at its offset (a thin target maps only what is written, so a
-   thin restore stays thin). Every ``CHECKPOINT_BYTES`` (or
+   thin restore stays thin). Every ``checkpoint_bytes`` (or
    ``CHECKPOINT_SECONDS``) the target is flushed, then the LV's tag records
    how far the copy is durable (``lifecycle.copied_bytes``, with the rate).
 4. At the end: the count the holder sent must be what arrived, the target is
@@ -93,8 +93,15 @@ class CopyInFlight:
 class PeerCopies:
     """Copies into this node's volumes from the other nodes' plugins."""
 
-    def __init__(self, channels: PeerChannels, inventory: Inventory, backends: Backends) -> None:
+    def __init__(
+        self,
+        channels: PeerChannels,
+        inventory: Inventory,
+        backends: Backends,
+        checkpoint_bytes: int = CHECKPOINT_BYTES,
+    ) -> None:
         self.channels = channels
+        self.checkpoint_bytes = checkpoint_bytes
         self.inventory = inventory
         self.backends = backends
         self.states = backends.states
@@ -227,7 +234,7 @@ class PeerCopies:
                 flight.done_bytes = offset + len(data)
                 PEER_COPY_BYTES.labels("received").inc(len(data))
                 if (
-                    flight.done_bytes - recorded >= CHECKPOINT_BYTES
+                    flight.done_bytes - recorded >= self.checkpoint_bytes
                     or time.monotonic() >= checkpoint_at
                 ):
                     writer.flush()
@@ -257,8 +264,9 @@ class PeerCopies:
             source_id=remote.id, target_id=target_id, starting_offset=start
         )
         where = f"{remote.kind.value} {remote.id}"
+        call = self._stub(remote.node, remote.kind.value).Read(request)
         try:
-            for message in self._stub(remote.node, remote.kind.value).Read(request):
+            for message in call:
                 if message.done:
                     yield 0, b"", message.total_bytes
                     return
@@ -271,6 +279,8 @@ class PeerCopies:
                 yield message.byte_offset, message.data, None
         except grpc.RpcError as error:
             raise _relayed(error, remote.node, where) from None
+        finally:
+            call.cancel()  # the holder stops reading at once, whatever ended the copy
 
     def _release(self, remote: RemoteSource, target_id: str) -> None:
         """Tell the holder the copy has ended; it lets go by itself later when

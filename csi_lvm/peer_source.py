@@ -59,6 +59,7 @@ class _Lease:
     target: str
     until: float
     streams: int = 0
+    stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class Leases:
@@ -73,13 +74,33 @@ class Leases:
         """``target`` reads ``source`` (``streaming``: a stream starts, +1, or
         ends, -1)."""
         with self._lock:
-            lease = self._held.setdefault(source, {}).setdefault(target, _Lease(target, 0.0))
+            held = self._held.setdefault(source, {})
+            lease = held.get(target)
+            if lease is None:
+                if streaming < 0:  # released while it streamed
+                    return
+                lease = held[target] = _Lease(target, 0.0)
             lease.until = time.monotonic() + self.seconds
             lease.streams += streaming
 
-    def release(self, source: str, target: str) -> None:
+    def release(self, source: str, target: str, wait_seconds: float = 10.0) -> None:
+        """Let go, once the target's streams have stopped (asked to, and
+        waited for up to ``wait_seconds``)."""
+        with self._lock:
+            lease = self._held.get(source, {}).get(target)
+        if lease is not None:
+            lease.stopped.set()
+            give_up = time.monotonic() + wait_seconds
+            while lease.streams > 0 and time.monotonic() < give_up:
+                time.sleep(0.05)
         with self._lock:
             self._held.get(source, {}).pop(target, None)
+
+    def stopped(self, source: str, target: str) -> bool:
+        """Whether the copy's streams are to stop (the target let go)."""
+        with self._lock:
+            lease = self._held.get(source, {}).get(target)
+        return lease is None or lease.stopped.is_set()
 
     def readers(self, source: str) -> list[str]:
         """The targets that may still read ``source``."""
@@ -175,6 +196,8 @@ class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):
                     sent += len(data)
                     PEER_COPY_BYTES.labels("sent").inc(len(data))
                     self.leases.renew(key, target)
+                    if self.leases.stopped(key, target):
+                        raise Aborted(f"the copy into {target} has ended; nothing more is sent")
             finally:
                 block_map.close()
             if point.lv.name != source.lv.name and not backend.view_intact(point.lv):
@@ -199,8 +222,8 @@ class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):
     ) -> peer_pb2.ReleaseResponse:
         source = self._find_source(request.source_id, request.target_id, context)
         if source is not None:
-            self._remove_view(source, request.target_id)
             self.leases.release(str(source.id), request.target_id)
+            self._remove_view(source, request.target_id)
         log.info("copy to another node: released", source=request.source_id,
                  target=request.target_id)  # fmt: skip
         return peer_pb2.ReleaseResponse()

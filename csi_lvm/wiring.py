@@ -25,7 +25,7 @@ from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.thin_metadata import ThinMetadata
 from csi_lvm.node import NodeService
-from csi_lvm.peer_copy import PeerCopies
+from csi_lvm.peer_copy import CHECKPOINT_BYTES, PeerCopies
 from csi_lvm.peer_source import Leases, VolumeSourceService
 from csi_lvm.peers import PeerChannels, Peers
 from csi_lvm.snapshot_metadata import SnapshotMetadataService
@@ -66,6 +66,8 @@ class Options:
     max_volumes_per_node: int = 0
     # Where held metadata snapshots are recorded; "" builds no SnapshotMetadata service.
     state_dir: str = ""
+    # What a copy from another node writes between records of its progress.
+    copy_checkpoint_bytes: int = CHECKPOINT_BYTES
 
     def __post_init__(self) -> None:
         if not DRIVER_NAME_RE.fullmatch(self.driver_name):
@@ -97,6 +99,8 @@ class Options:
             raise ConfigError("--max-volumes-per-node must not be negative")
         if self.lvm_shell_idle_exit < 0:
             raise ConfigError("--lvm-shell-idle-exit must not be negative")
+        if self.copy_checkpoint_bytes < 1 << 20:
+            raise ConfigError("--copy-checkpoint-mib must be at least 1")
         if not 0.5 <= self.refresh_seconds <= 3600:
             raise ConfigError("--refresh-interval must be between 0.5 and 3600 seconds")
 
@@ -177,7 +181,9 @@ def build(
         if peers is not None:
             leases = Leases()
             volume_source = VolumeSourceService(inventory, backends, maps, leases)
-            peer_copies = PeerCopies(PeerChannels(*peers), inventory, backends)
+            peer_copies = PeerCopies(
+                PeerChannels(*peers), inventory, backends, options.copy_checkpoint_bytes
+            )
     return Graph(
         config=config,
         options=options,
