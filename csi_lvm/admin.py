@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
 from csi_lvm.backends.admission import metadata_room_lvs
 from csi_lvm.config import Config
@@ -15,6 +16,7 @@ from csi_lvm.errors import ConfigError, DriverError
 from csi_lvm.ids import Kind, Tag
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
+from csi_lvm.volumes import Owned
 from csi_lvm.wiring import Options, build
 
 
@@ -30,6 +32,10 @@ class ObjectStatus:
     abnormal: bool
     kubernetes: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    # A copy into it from another node, in flight or interrupted: bytes
+    # durable so far and the rate it went at, as last recorded.
+    copied_bytes: int | None = None
+    copy_bytes_per_second: int | None = None
 
 
 @dataclass
@@ -108,10 +114,20 @@ def node_status(backends: Backends, owners: Mapping[str, str] | None = None) -> 
                     abnormal=condition.abnormal,
                     kubernetes=_kubernetes_names(item.kind, item.tags, owners, str(item.id)),
                     source=item.source_id,
+                    **_copy_progress(item),
                 )
             )
         classes.append(status)
     return classes
+
+
+def _copy_progress(item: Owned) -> dict[str, int | None]:
+    if lifecycle.is_ready(item) or not lifecycle.copied_from_another_node(item):
+        return {}
+    return {
+        "copied_bytes": lifecycle.copied_bytes(item.lv),
+        "copy_bytes_per_second": lifecycle.copy_rate(item.lv) or None,
+    }
 
 
 def _kubernetes_names(
@@ -165,6 +181,12 @@ def status_text(classes: list[ClassStatus], no_api: str = "") -> str:
                 f"  {o.kind:<8} {o.name:<40} {_size(o.size_bytes):>10} {used:<12} "
                 f"{owner}  {flag}{o.condition}"
             )
+            if o.copied_bytes is not None:
+                rate = f", {_size(o.copy_bytes_per_second)}/s" if o.copy_bytes_per_second else ""
+                lines.append(
+                    f"           copying from {o.source}: {_size(o.copied_bytes)} of "
+                    f"{_size(o.size_bytes)} in{rate}"
+                )
         if not c.objects:
             lines.append("  (no volumes or snapshots)")
     return "\n".join(lines)

@@ -52,7 +52,7 @@ import structlog
 
 from csi_lvm import fs
 from csi_lvm.errors import FailedPrecondition
-from csi_lvm.ids import Kind
+from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.records import LogicalVolume
@@ -102,10 +102,22 @@ def unready_problem(owned: Owned) -> str | None:
     """The object's lifecycle problem, as a volume condition says it."""
     if is_ready(owned):
         return None
+    if copied_from_another_node(owned):
+        return (
+            f"the copy from {owned.source_id} (another node) is not complete: "
+            f"{copied_bytes(owned.lv)} bytes are in; the retry of the call that created it "
+            "goes on from there"
+        )
     return (
         f"the copy from {owned.source_id or 'its source'} is incomplete (interrupted); "
         "retrying the call that created it redoes the copy"
     )
+
+
+def copied_from_another_node(owned: Owned) -> bool:
+    """Whether the object's source is (or was) held by another node."""
+    source = ObjectId.parse(owned.source_id)
+    return source is not None and source.node != owned.id.node
 
 
 def _tag_number(lv: LogicalVolume, prefix: str) -> int:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -327,6 +329,16 @@ def test_a_cut_copy_goes_on_from_where_it_stopped(nodes: Nodes, name: str) -> No
     assert "csi-lvm/copying" in tags
     recorded = next(int(t.split("=")[1]) for t in tags if t.startswith("csi-lvm/copied="))
     assert 0 < recorded < 48 * MiB
+    # The admin sees the copy, how far it is, and from where.
+    listing = subprocess.run(
+        [sys.executable, "-m", "csi_lvm.cli", "status", "--json",
+         "--config", str(nodes.driver_b.config)],
+        capture_output=True, text=True, check=True, env={**os.environ, "KUBECONFIG": "/nonexistent"},
+    ).stdout  # fmt: skip
+    shown = next(o for c in json.loads(listing) for o in c["objects"]
+                 if o["lv"].endswith(lv_name_for(Kind.VOLUME, f"{name}-restored")))  # fmt: skip
+    assert shown["copied_bytes"] == recorded and shown["source"] == snap, shown
+    assert shown["abnormal"] and "not complete" in shown["condition"]
     time.sleep(1)  # the holder's cut stream has stopped counting
     before = sent()
     restored = create_until_done(nodes, request)
