@@ -15,6 +15,9 @@ on it and measures every figure against a baseline taken in the same run:
 6. Round trips of Probe and NodeGetInfo (p50, p99).
 7. GetMetadataDelta of a 4 GiB thin volume with 1 % changed against reading
    both snapshots whole and comparing them (``bench/cbt.py``).
+8. A restore across nodes (two plugins, loopback, mutual TLS) of a 4 GiB
+   thin snapshot with 1 GiB written against moving the same bytes locally
+   (``bench/across.py``).
 
 Prints one table and writes the same as JSON (``--json``, default
 build/vm/bench.json; ``make bench`` copies it to bench/results.json).
@@ -37,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.across import restore_across_nodes
 from bench.cbt import changed_blocks
 from bench.figures import Bench
 from bench.measure import Row, run
@@ -110,13 +114,15 @@ def main() -> int:
     parser.add_argument("--zeroing-samples", type=int, default=3)
     parser.add_argument("--mounted-seconds", type=int, default=60)
     parser.add_argument("--cbt-samples", type=int, default=3)
+    parser.add_argument("--across-samples", type=int, default=3)
     parser.add_argument("--scale-volumes", type=int, default=1000)
     parser.add_argument("--scale-samples", type=int, default=8)
     parser.add_argument("--scale-calls", type=int, default=300)
     parser.add_argument("--scale-load-creates", type=int, default=3, help="per creator, of 16")
     parser.add_argument(
         "--only",
-        default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,cbt,scale,default-vg",
+        default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,cbt,across,scale,"
+        "default-vg",
         help="phases; default-vg-fill also fills a default VG until LVM refuses (slow)",
     )
     args = parser.parse_args()
@@ -155,6 +161,9 @@ def main() -> int:
         if "cbt" in only:
             with phase("changed block tracking: GetMetadataDelta against reading whole"):
                 changed_blocks(bench, args.cbt_samples)
+        if "across" in only:
+            with phase("a restore across nodes against moving its bytes locally"):
+                restore_across_nodes(bench, args.across_samples)
         if "scale" in only or "default-vg" in only:
             with phase(f"a node with 10 and with {args.scale_volumes} volumes"):
                 ScaleBench(work, bench.add).run(

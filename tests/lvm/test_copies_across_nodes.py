@@ -42,9 +42,17 @@ from csi_lvm.server import Server
 from csi_lvm.tls import PLUGIN_SERVER_NAME, TlsFiles, server_credentials
 from csi_lvm.wiring import Options, build
 from tests.lvm.helpers import MiB, block_capability, create, expect_error, lv_tags
-from tests.lvm.test_forwarding import authority, free_port, issue
 from tests.lvm.test_snapshot_metadata import delete_snapshot, snapshot, write
-from tests.testbed import DRIVER_NAME, CsiClient, Driver, LoopVolumeGroup, write_config
+from tests.testbed import (
+    DRIVER_NAME,
+    CsiClient,
+    Driver,
+    LoopVolumeGroup,
+    authority,
+    free_port,
+    issue,
+    write_config,
+)
 
 Code = grpc.StatusCode
 CHUNK = 64 * 1024

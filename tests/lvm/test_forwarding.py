@@ -10,8 +10,6 @@ reads them); the forwarder runs in this process."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,44 +29,18 @@ from tests.lvm.test_snapshot_metadata import (
     snapshot,
     write,
 )
-from tests.testbed import DRIVER_NAME, NODE_ID, CsiClient, Driver, LoopVolumeGroup
+from tests.testbed import (
+    DRIVER_NAME,
+    NODE_ID,
+    CsiClient,
+    Driver,
+    LoopVolumeGroup,
+    authority,
+    free_port,
+    issue,
+)
 
 Code = grpc.StatusCode
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def issue(directory: Path, ca: Path, name: str, dns: str = "") -> Path:
-    """A key and a certificate signed by the authority in ``ca`` (ca.crt,
-    ca.key), with the authority's certificate beside them: a TLS Secret's
-    files."""
-    directory.mkdir(parents=True)
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(directory / "tls.key"), "-out", str(directory / "tls.csr"),
-            "-subj", f"/CN={name}")  # fmt: skip
-    extensions = directory / "ext.cnf"
-    extensions.write_text(f"subjectAltName=DNS:{dns}\n" if dns else "basicConstraints=CA:FALSE\n")
-    openssl("x509", "-req", "-in", str(directory / "tls.csr"), "-CA", str(ca / "ca.crt"),
-            "-CAkey", str(ca / "ca.key"), "-CAcreateserial", "-days", "2",
-            "-out", str(directory / "tls.crt"), "-extfile", str(extensions))  # fmt: skip
-    (directory / "ca.crt").write_bytes((ca / "ca.crt").read_bytes())
-    return directory
-
-
-def authority(directory: Path, name: str) -> Path:
-    directory.mkdir(parents=True)
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", str(directory / "ca.key"), "-out", str(directory / "ca.crt"),
-            "-days", "2", "-subj", f"/CN={name}")  # fmt: skip
-    return directory
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Cluster:
