@@ -22,9 +22,12 @@ What can go wrong, and what comes of it:
   goes on from the recorded offset, never from zero;
 - a piece whose checksum does not match, or a count that does not: the
   target is removed (DATA_LOSS); it is never handed out;
+- the holder busy (ABORTED) or its answer to be retried: the same as a lost
+  connection;
 - the holder's view of a volume source overflowed (a thick source written
-  faster than its COW room): the target is removed (ABORTED) and the retry
-  starts again;
+  faster than its COW room), or any other final refusal of the holder: the
+  target is removed, the refusal passed on (FAILED_PRECONDITION for the
+  overflow), and a new attempt starts again;
 - DeleteVolume of the target while it copies: ``cancel`` stops the copy at
   its next piece, and the delete removes the LV.
 """
@@ -188,8 +191,8 @@ class PeerCopies:
             self._in_flight[key] = flight
         try:
             self._fill(target, remote, backend, flight)
-        except Unavailable:
-            raise  # kept, with its progress: the retry goes on from there
+        except (Unavailable, Aborted):
+            raise  # kept, with its progress: the retry goes on from there (or a delete)
         except Exception as failure:
             if not flight.cancelled.is_set():  # else the delete that cancelled removes it
                 log.warning("copy from another node failed: removing the target",

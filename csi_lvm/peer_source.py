@@ -201,7 +201,8 @@ class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):
             finally:
                 block_map.close()
             if point.lv.name != source.lv.name and not backend.view_intact(point.lv):
-                raise Aborted(
+                self._remove_view(source, target)  # a new attempt takes a new one
+                raise FailedPrecondition(
                     f"volume {source.id} was written faster during the copy than its "
                     "temporary snapshot could hold; the copy must start again: retry, "
                     "ideally while the volume is written less"

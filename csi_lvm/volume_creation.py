@@ -82,7 +82,7 @@ class VolumeCreation:
                 scan = self.inventory.view(timeout)
         source = None
         if remote is not None:
-            self.topology.check(request.accessibility_requirements, str(remote))
+            self.topology.check(request.accessibility_requirements)
             return self._copied_volume(request, lv_name, existing, backend, wanted, remote,
                                        scan, timeout)  # fmt: skip
         if request.HasField("volume_content_source"):

@@ -479,7 +479,8 @@ def workload_checks(checks: Checks) -> None:
         cluster.apply([
             pvc("restore", "1Gi", source={"apiGroup": "snapshot.storage.k8s.io",
                                           "kind": "VolumeSnapshot", "name": "snap"}),
-            # A local volume's copy lives on its node: the pod goes there.
+            # On the snapshot's own node: a thin restore is instant there
+            # (check 20 restores it on the other node, by copy).
             pod("restore", "restore", "true", node=checks.pv_node("thin")),
         ])  # fmt: skip
         checks.wait_running("restore")
@@ -499,8 +500,29 @@ def workload_checks(checks: Checks) -> None:
             raise Failed(f"the clone's file holds {text!r}")
         return "the clone holds the source's file"
 
+    def moved() -> str:
+        # Draining a node: the volume's snapshot restored on another node,
+        # where the new pod runs; the holder's plugin sends it to the target's.
+        held_by = checks.pv_node("thin")
+        other = next(node.name for node in cluster.nodes if node.name != held_by)
+        cluster.apply([
+            pvc("moved", "1Gi", source={"apiGroup": "snapshot.storage.k8s.io",
+                                        "kind": "VolumeSnapshot", "name": "snap"}),
+            pod("moved", "moved", "true", node=other),
+        ])  # fmt: skip
+        checks.wait_running("moved")
+        text = checks.exec("moved", "cat /data/file")
+        if text != "snapshot-time\n":
+            raise Failed(f"the volume restored on {other} holds {text!r}")
+        if checks.pv_node("moved") != other:
+            raise Failed(f"the restored PV is on {checks.pv_node('moved')}, not {other}")
+        return (f"the snapshot of a volume on {held_by} restored on {other} by copy: the pod "
+                "there reads the data of snapshot time")  # fmt: skip
+
     checks.check("4 VolumeSnapshot ready; restore to a second pod", snapshot, needs=(two,))
     checks.check("5 clone (dataSource PVC)", clone, needs=(two,))
+    checks.check("20 a snapshot restored on the other node (moving a volume off its node)",
+                 moved, needs=("4 VolumeSnapshot ready; restore to a second pod",))  # fmt: skip
 
     def status() -> str:
         node = checks.pv_node("thin")

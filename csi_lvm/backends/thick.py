@@ -156,7 +156,8 @@ class ThickBackend(Backend):
 
     def data_ranges(self, point: Owned, maps: BlockMaps, timeout: float | None) -> BlockMap:
         """All of it: a thick LV has no map of what holds data."""
-        return BlockMap(point.size_bytes, 0, RangeSpool().write([(0, point.size_bytes)]))
+        whole = RangeSpool(maps.spool_dir).write([(0, point.size_bytes)])
+        return BlockMap(point.size_bytes, 0, whole)
 
     def remove(self, owned: Owned, timeout: float | None) -> None:
         """Remove the LV, and the temporary view an interrupted copy into it
