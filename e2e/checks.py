@@ -28,7 +28,7 @@ from e2e.cluster import (
     Cluster,
     Node,
 )
-from e2e.plugin import SNAPSHOT_METADATA_COMPONENT, Rendered, containers, render
+from e2e.plugin import TLS_SCRIPT, Rendered, containers, render
 from e2e.procs import Failed, run, wait_for
 from tests.testbed import LoopVolumeGroup
 
@@ -284,13 +284,14 @@ def service_hosts(cluster: Cluster, rendered: Rendered) -> None:
 
 def set_up_plugin(cluster: Cluster, scratch: Path, rendered: Rendered) -> None:
     """The CRDs, the snapshot-controller, and deploy/kubernetes as
-    ``rendered`` (with tls.sh's Secrets and CR) applied: its DaemonSet and
-    Deployment run as pods."""
+    ``rendered`` (with the Secrets and CR of tls.sh --snapshot-metadata: the
+    plugins', the forwarder's and the sidecar's certificates) applied: its
+    DaemonSet and Deployment run as pods."""
     kubectl = cluster.kubectl
     kubectl("apply", "--server-side", "-k", str(cluster.bin / "crds"))
     kubectl("apply", "--server-side", "-f", str(cluster.bin / CBT_CRD))
     kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd", "--all")
-    made = run([str(SNAPSHOT_METADATA_COMPONENT / "tls.sh"), str(scratch / "csi-lvm-tls")])
+    made = run([str(TLS_SCRIPT), "--snapshot-metadata", str(scratch / "csi-lvm-tls")])
     cluster.wait_images()
     cluster.apply(rendered.objects + [o for o in yaml.safe_load_all(made) if o])
     cluster.procs.start("snapshot-controller", [

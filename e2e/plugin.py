@@ -30,6 +30,8 @@ from e2e.procs import Failed
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
 SNAPSHOT_METADATA_COMPONENT = DEPLOY / "components" / "snapshot-metadata"
+# The certificates, as Secrets (and the SnapshotMetadataService CR) to apply.
+TLS_SCRIPT = DEPLOY / "tls.sh"
 TOPOLOGY_LABELS_FLAG = "--topology-labels"
 TOPOLOGY_LABELS = (ZONE_KEY, RACK_KEY)
 

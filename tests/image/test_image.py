@@ -419,6 +419,7 @@ def test_stops_on_sigterm_and_frees_its_loop_device(plugin: Plugin) -> None:
 
 
 COMPONENT = ROOT / "deploy/kubernetes/components/snapshot-metadata"
+TLS_SCRIPT = ROOT / "deploy/kubernetes/tls.sh"
 
 
 def forwarder_container() -> dict[str, Any]:
@@ -436,7 +437,8 @@ def test_the_forwarder_serves_as_the_deployment_runs_it(
 ) -> None:
     """Non-root, read-only root filesystem, no capabilities: the Deployment's
     securityContext. Its socket in a directory it shares, its TLS files from
-    tls.sh in a Secret's modes."""
+    tls.sh --snapshot-metadata (the forwarder's own certificate) in a Secret's
+    modes."""
     spec = forwarder_container()
     security = spec["securityContext"]
     user, group = security["runAsUser"], security["runAsGroup"]
@@ -445,11 +447,12 @@ def test_the_forwarder_serves_as_the_deployment_runs_it(
     socket_dir.mkdir(mode=0o777)
     socket_dir.chmod(0o777)  # an emptyDir's mode
     made = tmp_path / "made"
-    subprocess.run([str(COMPONENT / "tls.sh"), str(made)], check=True, capture_output=True)
+    subprocess.run([str(TLS_SCRIPT), "--snapshot-metadata", str(made)], check=True,
+                   capture_output=True)  # fmt: skip
     tls = tmp_path / "tls"
     tls.mkdir()
-    for name, source in (("ca.crt", "forwarding-ca.crt"), ("tls.crt", "forwarding.crt"),
-                         ("tls.key", "forwarding.key")):  # fmt: skip
+    for name, source in (("ca.crt", "forwarding-ca.crt"), ("tls.crt", "forwarder.crt"),
+                         ("tls.key", "forwarder.key")):  # fmt: skip
         (tls / name).write_bytes((made / source).read_bytes())
         os.chown(tls / name, 0, group)  # fsGroup and the Secret's defaultMode 0440
         (tls / name).chmod(0o440)

@@ -21,16 +21,18 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
 
 from csi_lvm import __version__, fs
-from csi_lvm.cli import DEFAULT_DRIVER_NAME, build_parser
+from csi_lvm.cli import DEFAULT_DRIVER_NAME, ServeOptions, build_parser
 from csi_lvm.config import parse_config
 from csi_lvm.controller import CAPABILITIES as CONTROLLER_CAPABILITIES
 from csi_lvm.csi import csi_pb2
@@ -38,8 +40,10 @@ from csi_lvm.fs import SUPPORTED_FILESYSTEMS
 from csi_lvm.identity import IdentityService
 from csi_lvm.ids import ObjectId
 from csi_lvm.node import CAPABILITIES as NODE_CAPABILITIES
+from csi_lvm.peer_source import caller_is_plugin
+from csi_lvm.peers import _label_selector
 from csi_lvm.server import socket_path
-from csi_lvm.tls import PLUGIN_SERVER_NAME
+from csi_lvm.tls import PLUGIN_SERVER_NAME, TlsFiles, channel_credentials, server_credentials
 from csi_lvm.validation import DEVICE_CLASS_PARAMETER, SIDECAR_PARAMETER_PREFIX
 from tests.unit import kustomize
 
@@ -62,10 +66,17 @@ DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 OTHER_KUBELET_DIRS = ("/var/lib/k0s/kubelet", "/var/snap/microk8s/common/var/lib/kubelet")
 STORAGE_NODE_LABEL = "lvm.csi-lvm.io/storage-node"
 METRICS_PORT = 9810
+# The plugins' mutual-TLS port (copies across nodes, the forwarder's calls),
+# its Secret, and the script that makes every certificate of the driver.
+PEER_PORT = 9811
+PLUGIN_SECRET = "csi-lvm-plugin-tls"
+TLS_SCRIPT = KUBERNETES / "tls.sh"
+PEERS_ROLE = "csi-lvm-peers"
 SNAPSHOT_METADATA_COMPONENT = "components/snapshot-metadata"
 SNAPSHOT_METADATA = KUBERNETES / SNAPSHOT_METADATA_COMPONENT
 SNAPSHOT_METADATA_CLIENT_ROLE = "csi-lvm-snapshot-metadata-client"
-FORWARDING_SECRET = "csi-lvm-forwarding-tls"
+FORWARDING_SECRET = "csi-lvm-forwarding-tls"  # the forwarder's own certificate
+FORWARDER_NAME = "csi-lvm-forwarder"
 SIDECAR_SECRET = "csi-lvm-snapshot-metadata-tls"
 CBT_API = "cbt.storage.k8s.io/v1beta1"
 
@@ -88,6 +99,10 @@ PLUGIN_COMMAND = [
     "$(LVM_CONFIG_OVERRIDES)",
     "--lvm-prefix",
     "$(LVM_PREFIX)",
+    "--peer-listen",
+    "0.0.0.0:9811",
+    "--tls-dir",
+    "/etc/csi-lvm-tls",
 ]
 
 # ---------------------------------------------------------------- sidecars
@@ -235,10 +250,11 @@ SIDECARS: dict[str, tuple[str, str, set[str]]] = {
 DOWNWARD_API = {
     "NODE_NAME": "spec.nodeName",
     "NAMESPACE": "metadata.namespace",
+    "POD_NAMESPACE": "metadata.namespace",
     "POD_NAME": "metadata.name",
 }
 NEEDS_ENV = {
-    PLUGIN: {"NODE_NAME"},
+    PLUGIN: {"NODE_NAME", "POD_NAMESPACE"},  # the default of --namespace reads the second
     "node-driver-registrar": set(),
     "csi-provisioner": {"NODE_NAME", "NAMESPACE", "POD_NAME"},
     "csi-snapshotter": {"NODE_NAME"},
@@ -310,6 +326,15 @@ def mount(container: dict[str, Any], path: str) -> dict[str, Any]:
     matches = [m for m in container.get("volumeMounts", []) if m["mountPath"] == path]
     assert matches, f"container {container['name']} mounts nothing at {path}"
     return matches[0]
+
+
+def secret_of(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The Secret volume mounted at ``path`` in ``container`` (a directory, never a subPath)."""
+    found = mount(container, path)
+    assert "subPath" not in found, "a subPath mount never sees a rotated Secret"
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == found["name"]]
+    secret: dict[str, Any] = volume["secret"]
+    return secret
 
 
 def flags(container: dict[str, Any]) -> dict[str, str | None]:
@@ -673,6 +698,56 @@ def test_metrics_are_served_and_the_service_selects_the_plugin_pods() -> None:
             assert METRICS_PORT not in {p["containerPort"] for p in container.get("ports", [])}
 
 
+def test_every_plugin_serves_its_tls_port_with_an_optional_secret() -> None:
+    # In the base: copies across nodes are on by default, and the
+    # snapshot-metadata component's forwarder calls the same port.
+    plugin = containers()[PLUGIN]
+    args = build_parser().parse_args(plugin_args(render()))
+    host, _, port = args.peer_listen.rpartition(":")
+    assert (host, int(port)) == ("0.0.0.0", PEER_PORT)  # on the pod's own address
+    assert args.copies_across_nodes == "on"
+    assert {"name": "peer", "containerPort": PEER_PORT, "protocol": "TCP"} in plugin["ports"]
+    for name, container in containers().items():
+        if name != PLUGIN:
+            assert PEER_PORT not in {p["containerPort"] for p in container.get("ports", [])}
+    # The Secret's directory, read-only; optional: a plugin starts without it
+    # (no port, copies across nodes off, its log says why).
+    assert mount(plugin, args.tls_dir)["readOnly"] is True
+    secret = secret_of({"spec": pod_spec()}, plugin, args.tls_dir)
+    assert secret == {"secretName": PLUGIN_SECRET, "defaultMode": 0o400, "optional": True}
+    # Not inside the ConfigMap's mount (nor it inside the Secret's).
+    (config_volume,) = [v for v in volumes().values() if "configMap" in v]
+    (config_mount,) = [m for m in plugin["volumeMounts"] if m["name"] == config_volume["name"]]
+    tls_dir, config_dir = PurePosixPath(args.tls_dir), PurePosixPath(config_mount["mountPath"])
+    assert not tls_dir.is_relative_to(config_dir) and not config_dir.is_relative_to(tls_dir)
+    assert PurePosixPath(args.config).is_relative_to(config_dir)
+
+
+def test_the_plugin_finds_the_other_plugins_among_the_daemonset_s_pods(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objs = cbt_render()
+    ds = rendered_daemonset(objs)
+    plugin = containers(ds)[PLUGIN]
+    # --namespace defaults to $POD_NAMESPACE: the pod's own, by the downward API.
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+           for e in plugin["env"] if "fieldRef" in e.get("valueFrom", {})}  # fmt: skip
+    assert env["POD_NAMESPACE"] == "metadata.namespace"
+    monkeypatch.setenv("POD_NAMESPACE", ds["metadata"]["namespace"])
+    args = build_parser().parse_args(plugin_args(objs))
+    assert args.namespace == NAMESPACE
+    assert args.peers_file == ""  # from the Kubernetes API
+    # The default selector: the DaemonSet's pods, not the forwarder's.
+    selector = _label_selector(args.plugin_selector)
+    assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    forwarder_pod = snapshot_metadata_pod(objs)
+    assert not selector.items() <= forwarder_pod["metadata"]["labels"].items()
+    # At the port they listen on: no --plugin-port, so that of --peer-listen.
+    assert args.plugin_port is None
+    args.lvm_config_overrides = ""  # the image's file, not on this host
+    assert ServeOptions.from_args(args).peer_port == PEER_PORT
+
+
 def test_selinux_mount_context_reaches_the_kernel_at_stage() -> None:
     assert the("CSIDriver", DEFAULT_DRIVER_NAME)["spec"]["seLinuxMount"] is True
     # kubelet adds context="<label>" (quoted: an MCS label holds a comma) to
@@ -858,46 +933,15 @@ def snapshot_metadata_pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(deployment["spec"]["template"])
 
 
-def secret_of(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
-    """The Secret volume mounted at ``path`` in ``container`` (a directory, never a subPath)."""
-    found = mount(container, path)
-    assert "subPath" not in found, "a subPath mount never sees a rotated Secret"
-    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == found["name"]]
-    secret: dict[str, Any] = volume["secret"]
-    return secret
-
-
-def test_the_snapshot_metadata_component_gives_the_plugin_its_tls_port_and_nothing_else() -> None:
-    default, objs = render(), cbt_render()
-    # The JSON patch appends to container 0's lists: that is the plugin.
-    assert pod_spec(rendered_daemonset(default))["containers"][0]["name"] == PLUGIN
-    ds = rendered_daemonset(objs)
-    args = build_parser().parse_args(plugin_args(objs))
-    host, _, port = args.peer_listen.rpartition(":")
-    assert (host, int(port)) == ("0.0.0.0", 9811)  # the pod's own address
-    plugin = containers(ds)[PLUGIN]
-    assert {"name": "snapshot-meta", "containerPort": 9811, "protocol": "TCP"} in plugin["ports"]
-    secret = secret_of({"spec": pod_spec(ds)}, plugin, args.tls_dir)
-    # Optional: a plugin starts without it, and without the port.
-    assert secret == {"secretName": FORWARDING_SECRET, "defaultMode": 0o400, "optional": True}
-    assert not args.tls_dir.startswith("/etc/csi-lvm/")  # not inside the ConfigMap's mount
-    # The DaemonSet changes by exactly these additions; nothing else of the
-    # base changes, and the component's own objects are new.
-    expected = copy.deepcopy(rendered_daemonset(default))
-    spec = expected["spec"]["template"]["spec"]
-    spec["containers"][0]["args"] += ["--snapshot-metadata-listen", "0.0.0.0:9811",
-                                      "--tls-dir", args.tls_dir]  # fmt: skip
-    spec["containers"][0]["ports"].append(plugin["ports"][-1])
-    spec["containers"][0]["volumeMounts"].append(mount(plugin, args.tls_dir))
-    spec["volumes"].append(pod_spec(ds)["volumes"][-1])
-    assert ds == expected
-    before, after = keyed(default), keyed(objs)
-    assert {k: v for k, v in after.items() if k in before and k[0] != "DaemonSet"} == {
-        k: v for k, v in before.items() if k[0] != "DaemonSet"
-    }
+def test_the_snapshot_metadata_component_adds_its_objects_and_changes_nothing_else() -> None:
+    # The plugins' TLS port is the base DaemonSet's: the component patches nothing.
+    assert set(kustomize.load(SNAPSHOT_METADATA)) == {"apiVersion", "kind", "resources"}
+    before, after = keyed(render()), keyed(cbt_render())
+    assert {k: v for k, v in after.items() if k in before} == before
     component = [
-        d for o, d in documents() if o.startswith("kubernetes/" + SNAPSHOT_METADATA_COMPONENT)
+        d for o, d in documents() if o.startswith(f"kubernetes/{SNAPSHOT_METADATA_COMPONENT}/")
     ]
+    assert component
     assert {k: v for k, v in after.items() if k not in before} == keyed(component)
 
 
@@ -928,9 +972,11 @@ def test_the_forwarder_and_the_sidecar_share_a_socket_no_one_else_mounts() -> No
     assert selector.items() <= plugin_labels.items()
     assert not selector.items() <= pod["metadata"]["labels"].items()  # not its own pod
     listen = build_parser().parse_args(plugin_args(objs)).peer_listen
-    assert args.plugin_port == int(listen.rpartition(":")[2])
-    # Both ends of the mutual TLS hold the one Secret; the plugin image's tool.
+    assert args.plugin_port == int(listen.rpartition(":")[2]) == PEER_PORT
+    # Its own certificate (from the plugins' authority, not naming a plugin:
+    # the tls.sh tests), not the plugins' Secret; the plugin image's tool.
     assert secret_of(pod, forwarder, args.tls_dir)["secretName"] == FORWARDING_SECRET
+    assert FORWARDING_SECRET != PLUGIN_SECRET
     assert kustomize.split_image(forwarder["image"])[0] == "csi-lvm"
     moved = render(image=REGISTRY_IMAGE, components=(SNAPSHOT_METADATA_COMPONENT,))
     (moved_forwarder,) = [
@@ -977,9 +1023,15 @@ def test_the_snapshot_metadata_rbac_grants_what_its_two_containers_call() -> Non
             ("", "serviceaccounts/token", "create")} <= client  # fmt: skip
 
 
-def run_tls_script(directory: Path) -> list[dict[str, Any]]:
+# ---------------------------------------------------------------- tls.sh
+#
+# deploy/kubernetes/tls.sh DIR: the plugins' Secret; with --snapshot-metadata
+# also the forwarder's and the sidecar's and the SnapshotMetadataService CR.
+
+
+def run_tls_script(directory: Path, *options: str) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [str(SNAPSHOT_METADATA / "tls.sh"), str(directory)],
+        [str(TLS_SCRIPT), *options, str(directory)],
         capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     return [d for d in yaml.safe_load_all(done.stdout) if d is not None]
@@ -993,50 +1045,194 @@ def certificate(pem: bytes) -> str:
     return done.stdout.decode()
 
 
-def test_tls_sh_makes_the_secrets_both_workloads_mount_and_the_cr(tmp_path: Path) -> None:
+def names_in(pem: bytes) -> tuple[str, list[str], str]:
+    """A certificate's common name, its DNS subject alternative names and its
+    extended key usage, as openssl prints them."""
+    done = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-nameopt", "RFC2253",
+         "-ext", "subjectAltName,extendedKeyUsage"],
+        input=pem, capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    text = done.stdout.decode()
+    subject = re.search(r"^subject=CN=(.*)$", text, re.MULTILINE)
+    alternative = re.search(r"Subject Alternative Name:.*\n\s+(.*)", text)
+    usage = re.search(r"Extended Key Usage:.*\n\s+(.*)", text)
+    assert subject and alternative and usage, text
+    dns = [n.removeprefix("DNS:") for n in alternative[1].split(", ")]
+    assert all(not n.startswith(("IP", "URI", "email")) for n in dns), dns
+    return subject[1].strip(), dns, usage[1].strip()
+
+
+def mounted(secret: dict[str, Any], where: Path) -> Path:
+    """The Secret checked and written out as the kubelet mounts it: a directory
+    of its keys (what --tls-dir reads)."""
+    validate(secret, KUBERNETES_VERSIONS[-1])
+    assert secret["metadata"]["namespace"] == NAMESPACE
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    where.mkdir()
+    for key, value in secret["data"].items():
+        (where / key).write_bytes(base64.b64decode(value))
+    return where
+
+
+def verifies(directory: Path, ca: Path | None = None) -> bool:
+    """Whether the directory's tls.crt comes from ``ca`` (its own ca.crt by default)."""
+    done = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca or directory / "ca.crt"),
+         str(directory / "tls.crt")],
+        capture_output=True, check=False, timeout=60,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
+class Caller:
+    """What a server's handler sees of a caller: its certificate's names, as
+    gRPC puts them in the auth context."""
+
+    def __init__(self, common_name: str, dns: list[str]) -> None:
+        self.properties = {
+            "x509_common_name": [common_name.encode()],
+            "x509_subject_alternative_name": [n.encode() for n in dns],
+        }
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self.properties
+
+
+def admitted_as_plugin(server: Path, client: Path) -> bool:
+    """A mutual-TLS call from a holder of ``client`` to a port served with
+    ``server`` (both mounted Secrets), made the way a plugin or the forwarder
+    calls a plugin: whether the server's handler takes the caller for a
+    plugin (what VolumeSource requires). A refused handshake raises."""
+
+    def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"plugin" if caller_is_plugin(context) else b"other"  # type: ignore[arg-type]
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Who", {"Who": grpc.unary_unary_rpc_method_handler(who)}
+    )
+    port_server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    port_server.add_generic_rpc_handlers((handler,))
+    port = port_server.add_secure_port("127.0.0.1:0", server_credentials(TlsFiles(server)))
+    port_server.start()
+    try:
+        with grpc.secure_channel(
+            f"127.0.0.1:{port}",
+            channel_credentials(TlsFiles(client)),
+            options=[("grpc.ssl_target_name_override", PLUGIN_SERVER_NAME)],
+        ) as channel:
+            answer = channel.unary_unary("/test.Who/Who")(b"", timeout=20)
+    finally:
+        port_server.stop(None)
+    return bool(answer == b"plugin")
+
+
+def test_tls_sh_makes_the_secret_every_plugin_mounts(tmp_path: Path) -> None:
     made = keyed(run_tls_script(tmp_path / "tls"))
+    assert set(made) == {("Secret", NAMESPACE, PLUGIN_SECRET)}  # nothing more
+    plugin_dir = mounted(made[("Secret", NAMESPACE, PLUGIN_SECRET)], tmp_path / "plugin")
+    # The one the DaemonSet mounts at the plugin's --tls-dir.
+    ds = rendered_daemonset(render())
+    args = build_parser().parse_args(plugin_args(render()))
+    mounted_secret = secret_of({"spec": pod_spec(ds)}, containers(ds)[PLUGIN], args.tls_dir)
+    assert mounted_secret["secretName"] == PLUGIN_SECRET
+    assert verifies(plugin_dir)
+    # Server and client (it serves the port and calls other plugins), naming
+    # the name both ends check: plugins are reached at pod IPs.
+    common_name, dns, usage = names_in((plugin_dir / "tls.crt").read_bytes())
+    assert (common_name, dns) == (PLUGIN_SERVER_NAME, [PLUGIN_SERVER_NAME])
+    assert usage == "TLS Web Server Authentication, TLS Web Client Authentication"
+    assert caller_is_plugin(Caller(common_name, dns))  # type: ignore[arg-type]
+    # No authority of the snapshot-metadata option without it.
+    assert not (tmp_path / "tls" / "service-ca.key").exists()
+
+
+def test_tls_sh_for_snapshot_metadata_makes_the_secrets_both_workloads_mount_and_the_cr(
+    tmp_path: Path,
+) -> None:
+    made = keyed(run_tls_script(tmp_path / "tls", "--snapshot-metadata"))
+    cr = made.pop(("SnapshotMetadataService", "", DEFAULT_DRIVER_NAME))
+    assert set(made) == {("Secret", NAMESPACE, s)
+                         for s in (PLUGIN_SECRET, FORWARDING_SECRET, SIDECAR_SECRET)}  # fmt: skip
+    dirs = {key[2]: mounted(secret, tmp_path / key[2]) for key, secret in made.items()}
+    plugin, forwarder, sidecar = (dirs[s] for s in (PLUGIN_SECRET, FORWARDING_SECRET,
+                                                    SIDECAR_SECRET))  # fmt: skip
+    for directory in dirs.values():
+        assert verifies(directory)
+    # Each the one its container mounts (the plugin's: the test above).
     objs = cbt_render()
-    forwarding = made.pop(("Secret", NAMESPACE, FORWARDING_SECRET))
-    sidecar = made.pop(("Secret", NAMESPACE, SIDECAR_SECRET))
-    ((kind, _, name), cr), *rest = made.items()
-    assert not rest and kind == "SnapshotMetadataService" and name == DEFAULT_DRIVER_NAME
-    for secret in (forwarding, sidecar):
-        validate(secret, KUBERNETES_VERSIONS[-1])
-        assert secret["type"] == "kubernetes.io/tls"
-        assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
-    files = {
-        s: {k: base64.b64decode(v) for k, v in made_secret["data"].items()}
-        for s, made_secret in ((FORWARDING_SECRET, forwarding), (SIDECAR_SECRET, sidecar))
-    }
-    for name, data in files.items():
-        pem = tmp_path / f"{name}.pem"
-        pem.write_bytes(data["tls.crt"])
-        ca = tmp_path / f"{name}-ca.pem"
-        ca.write_bytes(data["ca.crt"])
-        subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(pem)], check=True,
-                       capture_output=True, timeout=60)  # fmt: skip
-    # The plugins' and forwarder's certificate: server and client, naming the
-    # name the forwarder checks.
-    forwarding_text = certificate(files[FORWARDING_SECRET]["tls.crt"])
-    assert f"DNS:{PLUGIN_SERVER_NAME}" in forwarding_text
-    assert "TLS Web Server Authentication, TLS Web Client Authentication" in forwarding_text
-    # The CR: the Service's address, which the sidecar's certificate names,
-    # and the authority of that certificate, which is not the forwarding one.
+    pod = snapshot_metadata_pod(objs)
+    by_name = {c["name"]: c for c in pod["spec"]["containers"]}
+    forwarder_args = by_name["forwarder"]["args"]
+    forwarder_tls = forwarder_args[forwarder_args.index("--tls-dir") + 1]
+    assert secret_of(pod, by_name["forwarder"], forwarder_tls)["secretName"] == FORWARDING_SECRET
+    sidecar_cert = PurePosixPath(flags(by_name["csi-snapshot-metadata"])["tls-cert"] or "")
+    sidecar_tls = secret_of(pod, by_name["csi-snapshot-metadata"], str(sidecar_cert.parent))
+    assert sidecar_tls["secretName"] == SIDECAR_SECRET
+    # The forwarder's certificate: the plugins' authority, client only, and a
+    # name of its own, so the plugins answer it SnapshotMetadata but refuse it
+    # VolumeSource.
+    assert (forwarder / "ca.crt").read_bytes() == (plugin / "ca.crt").read_bytes()
+    assert verifies(forwarder, plugin / "ca.crt")
+    common_name, dns, usage = names_in((forwarder / "tls.crt").read_bytes())
+    assert (common_name, dns, usage) == (FORWARDER_NAME, [FORWARDER_NAME],
+                                         "TLS Web Client Authentication")  # fmt: skip
+    assert PLUGIN_SERVER_NAME not in certificate((forwarder / "tls.crt").read_bytes())
+    assert not caller_is_plugin(Caller(common_name, dns))  # type: ignore[arg-type]
+    # Through a real handshake on a port served with the plugins' Secret: a
+    # plugin is a plugin, the forwarder gets in but is not one.
+    assert admitted_as_plugin(plugin, plugin)
+    assert not admitted_as_plugin(plugin, forwarder)
+    # The sidecar's: another authority, naming its Service; the CR names the
+    # Service's address and that authority.
+    assert (sidecar / "ca.crt").read_bytes() != (plugin / "ca.crt").read_bytes()
+    assert not verifies(sidecar, plugin / "ca.crt")
+    assert not verifies(forwarder, sidecar / "ca.crt")
     assert set(cr) == {"apiVersion", "kind", "metadata", "spec"} and cr["apiVersion"] == CBT_API
     assert set(cr["spec"]) == {"address", "caCert", "audience"} and cr["spec"]["audience"]
     service = keyed(objs)[("Service", NAMESPACE, "csi-lvm-snapshot-metadata")]
     host, _, port = cr["spec"]["address"].rpartition(":")
     assert (host, int(port)) == (f"{service['metadata']['name']}.{NAMESPACE}",
                                  service["spec"]["ports"][0]["port"])  # fmt: skip
-    assert f"DNS:{host}," in certificate(files[SIDECAR_SECRET]["tls.crt"])
-    assert base64.b64decode(cr["spec"]["caCert"]) == files[SIDECAR_SECRET]["ca.crt"]
-    assert files[SIDECAR_SECRET]["ca.crt"] != files[FORWARDING_SECRET]["ca.crt"]
-    # A second run renews the certificates under the same authorities.
-    again = keyed(run_tls_script(tmp_path / "tls"))
-    renewed = again[("Secret", NAMESPACE, FORWARDING_SECRET)]["data"]
-    assert renewed["ca.crt"] == forwarding["data"]["ca.crt"]
-    assert renewed["tls.crt"] != forwarding["data"]["tls.crt"]
-    assert again[("SnapshotMetadataService", "", DEFAULT_DRIVER_NAME)] == cr
+    _, sidecar_dns, sidecar_usage = names_in((sidecar / "tls.crt").read_bytes())
+    assert host in sidecar_dns and sidecar_usage == "TLS Web Server Authentication"
+    assert base64.b64decode(cr["spec"]["caCert"]) == (sidecar / "ca.crt").read_bytes()
+
+
+def test_tls_sh_renews_under_the_same_authorities(tmp_path: Path) -> None:
+    directory = tmp_path / "tls"
+    first = keyed(run_tls_script(directory))
+    # The option added later, then a renewal: the same authorities throughout.
+    runs = [first] + [keyed(run_tls_script(directory, "--snapshot-metadata")) for _ in range(2)]
+    plugin_key = ("Secret", NAMESPACE, PLUGIN_SECRET)
+    plugins = [made[plugin_key]["data"] for made in runs]
+    assert len({p["ca.crt"] for p in plugins}) == 1
+    assert len({p["tls.crt"] for p in plugins}) == 3  # a new certificate each time
+    for name in (FORWARDING_SECRET, SIDECAR_SECRET):
+        before, after = (made[("Secret", NAMESPACE, name)]["data"] for made in runs[1:])
+        assert before["ca.crt"] == after["ca.crt"] and before["tls.crt"] != after["tls.crt"]
+    forwarding = runs[1][("Secret", NAMESPACE, FORWARDING_SECRET)]["data"]
+    assert forwarding["ca.crt"] == plugins[0]["ca.crt"]
+    cr_key = ("SnapshotMetadataService", "", DEFAULT_DRIVER_NAME)
+    assert runs[1][cr_key] == runs[2][cr_key]
+    # The authorities' files, where earlier versions of the script kept them.
+    assert {p.name for p in directory.glob("*-ca.*")} >= {
+        "forwarding-ca.crt", "forwarding-ca.key", "service-ca.crt", "service-ca.key",
+    }  # fmt: skip
+    assert base64.b64decode(plugins[0]["ca.crt"]) == (directory / "forwarding-ca.crt").read_bytes()
+    # The private keys stay the user's own.
+    assert directory.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("arguments", [[], ["--snapshot-metadata"], ["--other", "dir"],
+                                       ["dir", "more"], ["--help"]])  # fmt: skip
+def test_tls_sh_says_how_to_call_it(arguments: list[str], tmp_path: Path) -> None:
+    done = subprocess.run([str(TLS_SCRIPT), *arguments], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("usage: ") and "[--snapshot-metadata] DIR" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing made
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -1144,16 +1340,30 @@ def test_rbac_grants_nothing_broad_and_no_secrets() -> None:
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
 
 
-def test_the_plugin_may_get_nodes_and_nothing_more() -> None:
+def test_the_plugin_may_get_nodes_and_list_its_namespace_s_pods_and_nothing_more() -> None:
+    account = {"kind": "ServiceAccount", "name": pod_spec()["serviceAccountName"],
+               "namespace": daemonset()["metadata"]["namespace"]}  # fmt: skip
     # It reads its own Node's topology labels; RBAC cannot name a DaemonSet
     # pod's own node, so get on nodes, never list or watch.
     assert the("ClusterRole", "csi-lvm-node")["rules"] == [
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}
     ]
     binding = the("ClusterRoleBinding", "csi-lvm-node")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "csi-lvm", "namespace": "csi-lvm"}
-    ]
+    assert binding["subjects"] == [account]
+    # It finds the other nodes' plugins among the pods of its own namespace
+    # (copies across nodes): list there, no get, no watch, no other namespace.
+    role = the("Role", PEERS_ROLE)
+    assert role["metadata"]["namespace"] == account["namespace"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    role_binding = the("RoleBinding", PEERS_ROLE)
+    assert role_binding["metadata"]["namespace"] == account["namespace"]
+    assert role_binding["subjects"] == [account]
+    assert role_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": PEERS_ROLE,
+    }  # fmt: skip
+    # No role of the cluster lists pods: a plugin sees its own namespace's only.
+    for cluster_role in objects("ClusterRole"):
+        assert ("", "pods", "list") not in grants(cluster_role), cluster_role["metadata"]["name"]
 
 
 def test_resizer_lease_rule_names_the_lease_the_resizer_uses() -> None:

@@ -4,10 +4,16 @@ its pods run. Host only; needs no Kubernetes binary."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
+import yaml
+
 from csi_lvm.config import parse_config
 from e2e.plugin import (
     DEPLOY,
     SNAPSHOT_METADATA_COMPONENT,
+    TLS_SCRIPT,
     Rendered,
     per_node_config,
     sidecar_images,
@@ -49,3 +55,25 @@ def test_each_node_sees_every_class_on_its_own_volume_group() -> None:
         assert all(c.on_node(node) for c in seen.device_classes)
         assert seen.default_class is not None
     assert not any(c.on_node("node-c") for c in config.for_node("node-c").device_classes)
+
+
+def test_the_tier_applies_every_secret_its_workloads_mount_and_the_cr(tmp_path: Path) -> None:
+    """What set_up_plugin applies beside the rendered objects: the output of
+    TLS_SCRIPT --snapshot-metadata."""
+    done = subprocess.run(
+        [str(TLS_SCRIPT), "--snapshot-metadata", str(tmp_path / "tls")],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    made = [o for o in yaml.safe_load_all(done.stdout) if o]
+    secrets = {o["metadata"]["name"] for o in made if o["kind"] == "Secret"}
+    manifests = rendered()
+    workloads = [manifests.daemonset, manifests.the("Deployment", "csi-lvm-snapshot-metadata")]
+    mounted = {
+        volume["secret"]["secretName"]
+        for workload in workloads
+        for volume in workload["spec"]["template"]["spec"]["volumes"]
+        if "secret" in volume
+    }
+    assert mounted == secrets  # every one, optional or not, and no other
+    (cr,) = [o for o in made if o["kind"] == "SnapshotMetadataService"]
+    assert cr["metadata"]["name"] == manifests.driver_name
