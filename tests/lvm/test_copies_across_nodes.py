@@ -417,7 +417,15 @@ def test_deleting_the_target_stops_its_copy(nodes: Nodes, name: str) -> None:
                 assert time.monotonic() < deadline, "the target never appeared"
                 time.sleep(0.2)
             volume_id = f"node-b:thin:{lv}"
-            nodes.b.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+            for _ in range(20):  # ABORTED until the copy has begun, as the provisioner sees it
+                try:
+                    nodes.b.controller.DeleteVolume(
+                        csi_pb2.DeleteVolumeRequest(volume_id=volume_id)
+                    )
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() is Code.ABORTED, error.details()
+                    time.sleep(0.5)
             with pytest.raises(grpc.RpcError) as caught:
                 copying.result(timeout=60)
             assert caught.value.code() is Code.ABORTED, caught.value.details()
