@@ -67,6 +67,9 @@ NEW_FS_UUID_TAG = "csi-lvm/new-fs-uuid"
 # rate it went at (bytes a second) when that was recorded.
 COPIED_PREFIX = "csi-lvm/copied="
 COPY_RATE_PREFIX = "csi-lvm/copy-rate="
+# ... and the point in time it reads (the holder's snapshot or view LV UUID).
+COPY_POINT_PREFIX = "csi-lvm/copy-point="
+_PROGRESS = (COPIED_PREFIX, COPY_RATE_PREFIX, COPY_POINT_PREFIX)
 
 
 class Stage(enum.Enum):
@@ -133,6 +136,14 @@ def copied_bytes(lv: LogicalVolume) -> int:
     return _tag_number(lv, COPIED_PREFIX)
 
 
+def copy_point(lv: LogicalVolume) -> str:
+    """The point in time that copy reads, as recorded ("" when none is)."""
+    for tag in lv.tags:
+        if tag.startswith(COPY_POINT_PREFIX):
+            return tag[len(COPY_POINT_PREFIX) :]
+    return ""
+
+
 def copy_rate(lv: LogicalVolume) -> int:
     """The bytes a second of that copy, as last recorded (0: none)."""
     return _tag_number(lv, COPY_RATE_PREFIX)
@@ -164,14 +175,14 @@ class Lifecycle:
     def copied(self, lv: LogicalVolume) -> None:
         """COPYING -> READY: the copy is complete and flushed. The driver's own
         timeout, not the caller's: the copy's result outlives its deadline."""
-        progress = [t for t in lv.tags if t.startswith((COPIED_PREFIX, COPY_RATE_PREFIX))]
+        progress = [t for t in lv.tags if t.startswith(_PROGRESS)]
         self.lvm.change_tags(lv.vg_name, lv.name, [], [COPYING_TAG, *progress])
 
-    def progress(self, lv: LogicalVolume, done: int, rate: int) -> LogicalVolume:
-        """COPYING, with the copy from another node durable up to ``done``
-        bytes; the LV with its new tags."""
-        old = [t for t in lv.tags if t.startswith((COPIED_PREFIX, COPY_RATE_PREFIX))]
-        new = [f"{COPIED_PREFIX}{done}", f"{COPY_RATE_PREFIX}{rate}"]
+    def progress(self, lv: LogicalVolume, done: int, rate: int, point: str) -> LogicalVolume:
+        """COPYING, with the copy from another node of the point in time
+        ``point`` durable up to ``done`` bytes; the LV with its new tags."""
+        old = [t for t in lv.tags if t.startswith(_PROGRESS)]
+        new = [f"{COPIED_PREFIX}{done}", f"{COPY_RATE_PREFIX}{rate}", f"{COPY_POINT_PREFIX}{point}"]
         self.lvm.change_tags(lv.vg_name, lv.name, new, old)
         kept = tuple(t for t in lv.tags if t not in old)
         return dataclasses.replace(lv, tags=kept + tuple(new))

@@ -48,7 +48,14 @@ from csi_lvm import blockcopy, lifecycle
 from csi_lvm.backends import Backends
 from csi_lvm.backends.base import Ask, Backend
 from csi_lvm.csi import csi_pb2
-from csi_lvm.errors import Aborted, DataLoss, InvalidArgument, Relayed, Unavailable
+from csi_lvm.errors import (
+    Aborted,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    Relayed,
+    Unavailable,
+)
 from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.metrics import PEER_COPY_BYTES
 from csi_lvm.peer import peer_pb2, peer_pb2_grpc
@@ -220,10 +227,21 @@ class PeerCopies:
                  target=flight.target, source=remote.id, from_byte=start)  # fmt: skip
         recorded, received = start, 0
         checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+        recorded_point = lifecycle.copy_point(lv)
+        point = ""
         with blockcopy.RangeWriter(lv.device, remote.size_bytes) as writer:
             for offset, data, last in self._pieces(remote, flight.target, start):
                 if flight.cancelled.is_set():
                     raise Aborted(f"volume {flight.target} was deleted during its copy")
+                if isinstance(last, str):  # the holder names the point in time first
+                    point = last
+                    if start and point != recorded_point:
+                        raise FailedPrecondition(
+                            f"the copy of {remote.id} into {flight.target} began from another "
+                            f"point in time than node {remote.node} reads now (its view was "
+                            "lost); the volume is discarded and a retry starts again"
+                        )
+                    continue
                 if last is not None:
                     if last != received:
                         raise DataLoss(
@@ -243,7 +261,7 @@ class PeerCopies:
                     writer.flush()
                     took = time.monotonic() - flight.started
                     rate = round(received / took) if took > 0 else 0
-                    lv = self.states.progress(lv, flight.done_bytes, rate)
+                    lv = self.states.progress(lv, flight.done_bytes, rate, point)
                     recorded = flight.done_bytes
                     checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
             else:
@@ -260,9 +278,10 @@ class PeerCopies:
 
     def _pieces(
         self, remote: RemoteSource, target_id: str, start: int
-    ) -> Iterator[tuple[int, bytes, int | None]]:
-        """``(offset, data, None)`` for each piece, checked; then
-        ``(0, b"", bytes sent)`` when the holder says it is done."""
+    ) -> Iterator[tuple[int, bytes, int | str | None]]:
+        """``(0, b"", point in time)`` first; ``(offset, data, None)`` for
+        each piece, checked; then ``(0, b"", bytes sent)`` when the holder
+        says it is done."""
         request = peer_pb2.ReadRequest(
             source_id=remote.id, target_id=target_id, starting_offset=start
         )
@@ -270,6 +289,9 @@ class PeerCopies:
         call = self._stub(remote.node, remote.kind.value).Read(request)
         try:
             for message in call:
+                if message.point_in_time:
+                    yield 0, b"", message.point_in_time
+                    continue
                 if message.done:
                     yield 0, b"", message.total_bytes
                     return

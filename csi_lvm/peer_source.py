@@ -185,6 +185,7 @@ class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):
             starting_offset=request.starting_offset,
         )
         try:
+            yield peer_pb2.ReadResponse(point_in_time=point.lv.uuid)
             block_map = backend.data_ranges(point, self.maps, None)
             try:
                 allocated = sum(length for _, length in block_map.ranges)

@@ -337,6 +337,7 @@ def test_a_cut_copy_goes_on_from_where_it_stopped(nodes: Nodes, name: str) -> No
     assert "csi-lvm/copying" in tags
     recorded = next(int(t.split("=")[1]) for t in tags if t.startswith("csi-lvm/copied="))
     assert 0 < recorded < 48 * MiB
+    assert any(t.startswith("csi-lvm/copy-point=") for t in tags), tags
     # The admin sees the copy, how far it is, and from where.
     listing = subprocess.run(
         [sys.executable, "-m", "csi_lvm.cli", "status", "--json",
@@ -357,6 +358,25 @@ def test_a_cut_copy_goes_on_from_where_it_stopped(nodes: Nodes, name: str) -> No
     assert digest(target, 64 * MiB) == digest(device_of(nodes.vg_a, volume), 64 * MiB)
     log = nodes.driver_b.log_path.read_text()
     assert "copy from another node: resuming" in log
+
+
+def test_a_resumed_clone_whose_view_was_lost_starts_again(nodes: Nodes, name: str) -> None:
+    volume = written_source(nodes, name, 64 * MiB, [(0, 48 * MiB)])
+    request = restore_request(f"{name}-clone", 64 * MiB, volume, volume=True)
+    nodes.relay.cut_after = 24 * MiB
+    try:
+        expect_error(Code.UNAVAILABLE, nodes.b.controller.CreateVolume, request)
+    finally:
+        nodes.relay.cut_after = None
+    # The holder loses the view the copy began from (an admin removed it).
+    (view,) = [lv for lv in lvs(nodes.vg_a) if lv.endswith(".view")]
+    subprocess.run(["lvremove", "-q", "-y", f"{nodes.vg_a.name}/{view}"], check=True)
+    expect_error(Code.FAILED_PRECONDITION, nodes.b.controller.CreateVolume, request,
+                 "began from another point in time", "starts again")  # fmt: skip
+    assert lv_name_for(Kind.VOLUME, f"{name}-clone") not in lvs(nodes.vg_b)
+    clone = create_until_done(nodes, request)
+    source = device_of(nodes.vg_a, volume)
+    assert digest(device_of(nodes.vg_b, clone.volume_id), 64 * MiB) == digest(source, 64 * MiB)
 
 
 class Damaging:

@@ -109,9 +109,12 @@ def test_only_a_plugin_s_certificate_counts_as_a_plugin(
 def test_a_target_records_how_far_its_copy_is_durable() -> None:
     fresh = snapshot(("csi-lvm/copying",), source=SOURCE).lv
     assert lifecycle.copied_bytes(fresh) == 0 and lifecycle.copy_rate(fresh) == 0
-    going = snapshot(("csi-lvm/copying", "csi-lvm/copied=8388608", "csi-lvm/copy-rate=1000"))
+    assert lifecycle.copy_point(fresh) == ""
+    going = snapshot(("csi-lvm/copying", "csi-lvm/copied=8388608", "csi-lvm/copy-rate=1000",
+                      "csi-lvm/copy-point=Xy12-ab"))  # fmt: skip
     assert lifecycle.copied_bytes(going.lv) == 8 << 20
     assert lifecycle.copy_rate(going.lv) == 1000
+    assert lifecycle.copy_point(going.lv) == "Xy12-ab"
 
 
 def test_a_copy_from_another_node_is_told_from_a_local_one() -> None:
