@@ -204,7 +204,15 @@ class PeerCopies:
             if not flight.cancelled.is_set():  # else the delete that cancelled removes it
                 log.warning("copy from another node failed: removing the target",
                             target=flight.target, source=remote.id, error=str(failure))  # fmt: skip
-                backend.remove(target, None)
+                try:
+                    backend.remove(target, None)
+                except Exception as error:  # the copy's failure is the answer
+                    log.error(
+                        "the failed copy's target could not be removed; DeleteVolume or the "
+                        "retry removes it",
+                        target=flight.target,
+                        error=str(error),
+                    )
                 self._release(remote, flight.target)
             raise
         finally:
