@@ -407,7 +407,7 @@ class MemoryLvm(Lvm):
         tag_args(add)
         with self._changing("change_tags", [(volume_group, name)]):
             lv = self._lv(self._vg(volume_group), name)
-            kept = [each for each in lv.tags if each not in delete]
+            kept = [each for each in lv.tags if each not in delete or each in add]
             lv.tags = kept + [each for each in add if each not in kept]
 
     # ---- the model

@@ -341,8 +341,10 @@ class Lvm:
         delete: Sequence[str],
         timeout: float | None = None,
     ) -> None:
-        """Tags added and deleted in one metadata update."""
+        """Tags added and deleted in one metadata update. A tag in both stays
+        (LVM itself would apply the deletion last and drop it)."""
         check_lv_names(volume_group, name)
+        delete = [tag for tag in delete if tag not in add]
         self.change(
             ["lvchange", *tag_args(delete, "--deltag"), *tag_args(add), f"{volume_group}/{name}"],
             timeout,

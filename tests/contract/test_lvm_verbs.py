@@ -205,7 +205,9 @@ def test_tags_are_added_and_deleted_in_one_change(subject: Subject) -> None:
     subject.lvm.change_tags(subject.vg, name, ["copied=9"], ["copied=5"])
     assert sorted(lv(subject, name).tags) == ["copied=9", "keep=1"]
     assert subject.lvm.changes == count + 2  # one command: its start and its end
-    subject.lvm.change_tags(subject.vg, name, [], ["copied=9", "keep=1"])
+    subject.lvm.change_tags(subject.vg, name, ["keep=1", "copied=10"], ["copied=9", "keep=1"])
+    assert sorted(lv(subject, name).tags) == ["copied=10", "keep=1"]  # both ways: it stays
+    subject.lvm.change_tags(subject.vg, name, [], ["copied=10", "keep=1"])
     assert lv(subject, name).tags == ()
     with pytest.raises(LvmBadName):
         subject.lvm.change_tags(subject.vg, name, ["no spaces"], [])

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,6 +56,7 @@ from tests.testbed import (
 )
 
 Code = grpc.StatusCode
+ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 64 * 1024
 
 
@@ -162,7 +164,7 @@ def nodes(workdir: Path) -> Iterator[Nodes]:
         node_b, write_config(root / "config-b.yaml", vg_b.name, vg_b.pool),
         "--node-id", "node-b", "--peer-listen", f"127.0.0.1:{port_b}", "--tls-dir", str(plugin),
         "--peers-file", str(peers_b), "--copy-checkpoint-mib", "4", "--no-lvm-shell",
-        "--refresh-interval", "2",
+        "--refresh-interval", "2", "--log-level", "debug",
     )  # fmt: skip
     b = driver_b.start()
     a = CsiClient(f"{state_a}/csi.sock")
@@ -171,7 +173,10 @@ def nodes(workdir: Path) -> Iterator[Nodes]:
     finally:
         a.close()
         b.close()
-        assert driver_b.stop() == 0
+        stopped = driver_b.stop()
+        # The target's log, where the host sees it after the VM.
+        shutil.copy(driver_b.log_path, ROOT / "build" / "vm" / "across-node-b.log")
+        assert stopped == 0
         stop.set()
         server_a.stop(5)
         graph.close()
