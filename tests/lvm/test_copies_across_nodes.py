@@ -61,9 +61,9 @@ CHUNK = 64 * 1024
 
 
 class Relay:
-    """A TCP relay to ``upstream``: passes bytes through, or cuts every
-    connection once ``cut_after`` bytes came from upstream, or holds the
-    upstream side to ``rate`` bytes a second."""
+    """A TCP relay to ``upstream``: passes bytes through, or cuts the
+    connections once ``cut_after`` more bytes came from upstream (set it, and
+    the count starts), or holds the upstream side to ``rate`` bytes a second."""
 
     def __init__(self, upstream: int) -> None:
         self.upstream = upstream
@@ -84,15 +84,17 @@ class Relay:
             threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, from_upstream: bool) -> None:
-        passed = 0
         try:
             while data := source.recv(65536):
-                if from_upstream and self.cut_after is not None and passed > self.cut_after:
-                    break
+                if from_upstream and self.cut_after is not None:
+                    # What upstream may still send, on any connection, from
+                    # the moment the cut was set.
+                    self.cut_after -= len(data)
+                    if self.cut_after < 0:
+                        break
                 if from_upstream and self.rate:
                     time.sleep(len(data) / self.rate)
                 sink.sendall(data)
-                passed += len(data)
         except OSError:
             pass
         for end in (source, sink):
