@@ -61,7 +61,7 @@ demo: setup
 # under TCG); prints the table and keeps the JSON as bench/results.json.
 BENCH_ARGS ?=
 bench: setup
-	$(VMRUN) --memory 5G -- python bench/run.py --json build/vm/bench.json $(BENCH_ARGS); \
+	$(VMRUN) --memory 14G -- python bench/run.py --json build/vm/bench.json $(BENCH_ARGS); \
 	status=$$?; cp build/vm/bench.json bench/results.json && exit $$status
 
 # Upstream csi-sanity, once per device class (installs it on first use).
