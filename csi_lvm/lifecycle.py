@@ -123,11 +123,17 @@ def copied_from_another_node(owned: Owned) -> bool:
     return source is not None and source.node != owned.id.node
 
 
-def _tag_number(lv: LogicalVolume, prefix: str) -> int:
+def _tag_value(lv: LogicalVolume, prefix: str) -> str:
+    """What follows ``prefix`` in the LV's tag that starts with it ("": none)."""
     for tag in lv.tags:
-        if tag.startswith(prefix) and tag[len(prefix) :].isdigit():
-            return int(tag[len(prefix) :])
-    return 0
+        if tag.startswith(prefix):
+            return tag[len(prefix) :]
+    return ""
+
+
+def _tag_number(lv: LogicalVolume, prefix: str) -> int:
+    value = _tag_value(lv, prefix)
+    return int(value) if value.isdigit() else 0
 
 
 def copied_bytes(lv: LogicalVolume) -> int:
@@ -138,10 +144,7 @@ def copied_bytes(lv: LogicalVolume) -> int:
 
 def copy_point(lv: LogicalVolume) -> str:
     """The point in time that copy reads, as recorded ("" when none is)."""
-    for tag in lv.tags:
-        if tag.startswith(COPY_POINT_PREFIX):
-            return tag[len(COPY_POINT_PREFIX) :]
-    return ""
+    return _tag_value(lv, COPY_POINT_PREFIX)
 
 
 def copy_rate(lv: LogicalVolume) -> int:

@@ -188,7 +188,6 @@ class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):
             yield peer_pb2.ReadResponse(point_in_time=point.lv.uuid)
             block_map = backend.data_ranges(point, self.maps, None)
             try:
-                allocated = sum(length for _, length in block_map.ranges)
                 ranges = starting_at(block_map.ranges, request.starting_offset)
                 for offset, data in blockcopy.read_ranges(point.lv.device, ranges):
                     yield peer_pb2.ReadResponse(
@@ -208,7 +207,7 @@ class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):
                     "temporary snapshot could hold; the copy must start again: retry, "
                     "ideally while the volume is written less"
                 )
-            yield peer_pb2.ReadResponse(done=True, total_bytes=sent, allocated_bytes=allocated)
+            yield peer_pb2.ReadResponse(done=True, total_bytes=sent)
             log.info(
                 "copy to another node: sent",
                 source=key,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63si_lvm/peer/peer.proto\x12\x0e\x63silvm.peer.v1\"7\n\x0f\x44\x65scribeRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\"8\n\x10\x44\x65scribeResponse\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x03\x12\x0c\n\x04thin\x18\x02 \x01(\x08\"L\n\x0bReadRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\x12\x17\n\x0fstarting_offset\x18\x03 \x01(\x03\"\x93\x01\n\x0cReadResponse\x12\x13\n\x0b\x62yte_offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x06 \x01(\x03\x12\x15\n\rpoint_in_time\x18\x07 \x01(\t\"6\n\x0eReleaseRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse2\xf4\x01\n\x0cVolumeSource\x12O\n\x08\x44\x65scribe\x12\x1f.csilvm.peer.v1.DescribeRequest\x1a .csilvm.peer.v1.DescribeResponse\"\x00\x12\x45\n\x04Read\x12\x1b.csilvm.peer.v1.ReadRequest\x1a\x1c.csilvm.peer.v1.ReadResponse\"\x00\x30\x01\x12L\n\x07Release\x12\x1e.csilvm.peer.v1.ReleaseRequest\x1a\x1f.csilvm.peer.v1.ReleaseResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63si_lvm/peer/peer.proto\x12\x0e\x63silvm.peer.v1\"7\n\x0f\x44\x65scribeRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\"8\n\x10\x44\x65scribeResponse\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x03\x12\x0c\n\x04thin\x18\x02 \x01(\x08\"L\n\x0bReadRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\x12\x17\n\x0fstarting_offset\x18\x03 \x01(\x03\"z\n\x0cReadResponse\x12\x13\n\x0b\x62yte_offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x15\n\rpoint_in_time\x18\x06 \x01(\t\"6\n\x0eReleaseRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x11\n\ttarget_id\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse2\xf4\x01\n\x0cVolumeSource\x12O\n\x08\x44\x65scribe\x12\x1f.csilvm.peer.v1.DescribeRequest\x1a .csilvm.peer.v1.DescribeResponse\"\x00\x12\x45\n\x04Read\x12\x1b.csilvm.peer.v1.ReadRequest\x1a\x1c.csilvm.peer.v1.ReadResponse\"\x00\x30\x01\x12L\n\x07Release\x12\x1e.csilvm.peer.v1.ReleaseRequest\x1a\x1f.csilvm.peer.v1.ReleaseResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBERESPONSE']._serialized_end=156
   _globals['_READREQUEST']._serialized_start=158
   _globals['_READREQUEST']._serialized_end=234
-  _globals['_READRESPONSE']._serialized_start=237
-  _globals['_READRESPONSE']._serialized_end=384
-  _globals['_RELEASEREQUEST']._serialized_start=386
-  _globals['_RELEASEREQUEST']._serialized_end=440
-  _globals['_RELEASERESPONSE']._serialized_start=442
-  _globals['_RELEASERESPONSE']._serialized_end=459
-  _globals['_VOLUMESOURCE']._serialized_start=462
-  _globals['_VOLUMESOURCE']._serialized_end=706
+  _globals['_READRESPONSE']._serialized_start=236
+  _globals['_READRESPONSE']._serialized_end=358
+  _globals['_RELEASEREQUEST']._serialized_start=360
+  _globals['_RELEASEREQUEST']._serialized_end=414
+  _globals['_RELEASERESPONSE']._serialized_start=416
+  _globals['_RELEASERESPONSE']._serialized_end=433
+  _globals['_VOLUMESOURCE']._serialized_start=436
+  _globals['_VOLUMESOURCE']._serialized_end=680
 # @@protoc_insertion_point(module_scope)

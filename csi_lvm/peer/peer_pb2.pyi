@@ -31,22 +31,20 @@ class ReadRequest(_message.Message):
     def __init__(self, source_id: _Optional[str] = ..., target_id: _Optional[str] = ..., starting_offset: _Optional[int] = ...) -> None: ...
 
 class ReadResponse(_message.Message):
-    __slots__ = ("byte_offset", "data", "crc32", "done", "total_bytes", "allocated_bytes", "point_in_time")
+    __slots__ = ("byte_offset", "data", "crc32", "done", "total_bytes", "point_in_time")
     BYTE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     POINT_IN_TIME_FIELD_NUMBER: _ClassVar[int]
     byte_offset: int
     data: bytes
     crc32: int
     done: bool
     total_bytes: int
-    allocated_bytes: int
     point_in_time: str
-    def __init__(self, byte_offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., done: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., point_in_time: _Optional[str] = ...) -> None: ...
+    def __init__(self, byte_offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., done: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., point_in_time: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("source_id", "target_id")
