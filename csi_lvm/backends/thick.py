@@ -36,6 +36,7 @@ from csi_lvm.config import DeviceClass
 from csi_lvm.errors import Aborted, AlreadyExists, FailedPrecondition, refused_create
 from csi_lvm.ids import Kind, Tag, encode_tags, view_name_for
 from csi_lvm.lifecycle import MAKING_TAG, Lifecycle
+from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
@@ -55,6 +56,21 @@ def view_bytes(source_bytes: int, extent_bytes: int) -> int:
     """COW space for a view of a ``source_bytes`` volume, in whole extents."""
     wanted = min(source_bytes, max(source_bytes // VIEW_FRACTION, VIEW_MINIMUM_BYTES))
     return -(-wanted // extent_bytes) * extent_bytes
+
+
+def create_view(lvm: Lvm, source: Owned, name: str, tags: Sequence[str], extent_bytes: int) -> None:
+    """``name``: a classic COW snapshot of ``source`` with ``view_bytes`` of
+    room for the changes written while a copy reads it."""
+    size = view_bytes(source.size_bytes, extent_bytes)
+    lvm.create_cow_snapshot(source.lv.vg_name, source.lv.name, name, size, VIEW_CHUNK_BYTES, tags)
+
+
+def view_intact(lvm: Lvm, view: LogicalVolume) -> bool:
+    """Whether the COW view still shows its point in time (it is there, not
+    invalidated, its room not full)."""
+    now = lvm.find_lv(view.vg_name, view.name)
+    full = now is not None and (now.data_percent or 0) >= 100
+    return not (now is None or now.attr.snapshot_invalid or full)
 
 
 class ThickBackend(Backend):
@@ -144,15 +160,10 @@ class ThickBackend(Backend):
         """A classic COW snapshot with a fifth of the source as room for
         the changes written while the copy reads it (``view_intact`` says
         whether they fitted)."""
-        size = view_bytes(source.size_bytes, extent_bytes)
-        self.lvm.create_cow_snapshot(
-            source.lv.vg_name, source.lv.name, name, size, VIEW_CHUNK_BYTES, tags
-        )
+        create_view(self.lvm, source, name, tags, extent_bytes)
 
     def view_intact(self, view: LogicalVolume) -> bool:
-        now = self.lvm.find_lv(view.vg_name, view.name)
-        full = now is not None and (now.data_percent or 0) >= 100
-        return not (now is None or now.attr.snapshot_invalid or full)
+        return view_intact(self.lvm, view)
 
     def data_ranges(self, point: Owned, maps: BlockMaps, timeout: float | None) -> BlockMap:
         """All of it: a thick LV has no map of what holds data."""
@@ -229,9 +240,7 @@ class ThickCopier:
         size = view_bytes(source.size_bytes, extent_bytes)
         tags = encode_tags({Tag.DRIVER: self.inventory.driver_name, Tag.VIEW_FOR: target.lv.name})
         try:
-            self.lvm.create_cow_snapshot(
-                source.lv.vg_name, source.lv.name, name, size, VIEW_CHUNK_BYTES, tags
-            )
+            create_view(self.lvm, source, name, tags, extent_bytes)
         except LvmError as exc:
             raise refused_create(
                 exc,
@@ -244,9 +253,7 @@ class ThickCopier:
         return self.inventory.activated(view)
 
     def _check_view(self, view: LogicalVolume, source: Owned) -> None:
-        now = self.lvm.find_lv(view.vg_name, view.name)
-        full = now is not None and (now.data_percent or 0) >= 100
-        if now is None or now.attr.snapshot_invalid or full:
+        if not view_intact(self.lvm, view):
             raise Aborted(
                 f"volume {source.id} was written faster during the copy than its temporary "
                 f"snapshot could hold ({view.size_bytes} bytes of changes); the copy is "

@@ -35,7 +35,6 @@ from csi_lvm import peer_source
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
 from csi_lvm.ids import Kind, lv_name_for
-from csi_lvm.lvm.names import dm_name
 from csi_lvm.metrics import REGISTRY
 from csi_lvm.peer import peer_pb2, peer_pb2_grpc
 from csi_lvm.peers import StaticPeers
@@ -43,7 +42,7 @@ from csi_lvm.server import Server
 from csi_lvm.tls import PLUGIN_SERVER_NAME, TlsFiles, server_credentials
 from csi_lvm.wiring import Options, build
 from tests.lvm.helpers import MiB, block_capability, create, expect_error, lv_tags
-from tests.lvm.test_snapshot_metadata import delete_snapshot, snapshot, write
+from tests.lvm.test_snapshot_metadata import delete_snapshot, device, snapshot, write
 from tests.testbed import (
     DRIVER_NAME,
     CsiClient,
@@ -191,10 +190,6 @@ def lv_of(object_id: str) -> str:
     return object_id.rsplit(":", 1)[-1]
 
 
-def device_of(vg: LoopVolumeGroup, object_id: str) -> str:
-    return f"/dev/mapper/{dm_name(vg.name, lv_of(object_id))}"
-
-
 def read(path: str, offset: int, length: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -252,7 +247,7 @@ def written_source(nodes: Nodes, name: str, size: int, spans: list[tuple[int, in
     """A block volume on node-a with random data in ``spans``; its id."""
     volume = create(nodes.a, name, size, device_class, capability=block_capability()).volume_id
     for offset, length in spans:
-        write(device_of(nodes.vg_a, volume), offset, os.urandom(length))
+        write(device(nodes.vg_a, volume), offset, os.urandom(length))
     return volume
 
 
@@ -270,8 +265,8 @@ def test_a_thin_snapshot_restores_on_another_node_and_stays_thin(nodes: Nodes, n
     # Exactly the snapshot's allocated chunks crossed; the target maps them alone.
     assert sent() - before == 3 * CHUNK
     assert mapped_bytes(nodes.vg_b, restored.volume_id) <= 4 * CHUNK
-    target = device_of(nodes.vg_b, restored.volume_id)
-    source = device_of(nodes.vg_a, volume)
+    target = device(nodes.vg_b, restored.volume_id)
+    source = device(nodes.vg_a, volume)
     for offset, length in spans:
         assert read(target, offset, length) == read(source, offset, length)
     assert read(target, 64 * MiB, MiB) == bytes(MiB)
@@ -285,12 +280,12 @@ def test_a_thin_snapshot_restores_on_another_node_and_stays_thin(nodes: Nodes, n
 
 def test_a_volume_clones_on_another_node_from_one_point_in_time(nodes: Nodes, name: str) -> None:
     volume = written_source(nodes, name, 32 * MiB, [(0, 8 * MiB)])
-    source = device_of(nodes.vg_a, volume)
+    source = device(nodes.vg_a, volume)
     expected = digest(source, 32 * MiB)
     clone = nodes.b.controller.CreateVolume(
         restore_request(f"{name}-clone", 32 * MiB, volume, volume=True)
     ).volume
-    assert digest(device_of(nodes.vg_b, clone.volume_id), 32 * MiB) == expected
+    assert digest(device(nodes.vg_b, clone.volume_id), 32 * MiB) == expected
     # The view the copy read is gone with the copy.
     assert not [lv for lv in lvs(nodes.vg_a) if lv.endswith(".view")]
 
@@ -298,7 +293,7 @@ def test_a_volume_clones_on_another_node_from_one_point_in_time(nodes: Nodes, na
 def test_a_thick_restore_across_nodes_reads_zeros_past_its_source(nodes: Nodes, name: str) -> None:
     # Extents an earlier tenant filled on node-b: the restore must not show them.
     old = create(nodes.b, f"{name}-old", 32 * MiB, "thick", capability=block_capability())
-    write(device_of(nodes.vg_b, old.volume_id), 0, b"\xff" * (32 * MiB))
+    write(device(nodes.vg_b, old.volume_id), 0, b"\xff" * (32 * MiB))
     nodes.b.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=old.volume_id))
     volume = written_source(nodes, name, 16 * MiB, [(MiB, MiB)], device_class="thick")
     snap = snapshot(nodes.a, f"{name}-snap", volume)
@@ -307,8 +302,8 @@ def test_a_thick_restore_across_nodes_reads_zeros_past_its_source(nodes: Nodes, 
         restore_request(f"{name}-restored", 32 * MiB, snap, device_class="thick")
     ).volume
     assert sent() - before == 16 * MiB  # a thick source is sent whole
-    target = device_of(nodes.vg_b, restored.volume_id)
-    assert digest(target, 16 * MiB) == digest(device_of(nodes.vg_a, volume), 16 * MiB)
+    target = device(nodes.vg_b, restored.volume_id)
+    assert digest(target, 16 * MiB) == digest(device(nodes.vg_a, volume), 16 * MiB)
     assert read(target, 16 * MiB, 16 * MiB) == bytes(16 * MiB)
     # A thin class here cannot take a thick source.
     expect_error(Code.INVALID_ARGUMENT, nodes.b.controller.CreateVolume,
@@ -361,8 +356,8 @@ def test_a_cut_copy_goes_on_from_where_it_stopped(nodes: Nodes, name: str) -> No
     second = sent() - before
     # Never from zero: what was recorded is not sent again.
     assert second <= 48 * MiB - recorded + CHUNK, (first, recorded, second)
-    target = device_of(nodes.vg_b, restored.volume_id)
-    assert digest(target, 64 * MiB) == digest(device_of(nodes.vg_a, volume), 64 * MiB)
+    target = device(nodes.vg_b, restored.volume_id)
+    assert digest(target, 64 * MiB) == digest(device(nodes.vg_a, volume), 64 * MiB)
     log = nodes.driver_b.log_path.read_text()
     assert "copy from another node: resuming" in log
 
@@ -382,8 +377,8 @@ def test_a_resumed_clone_whose_view_was_lost_starts_again(nodes: Nodes, name: st
                  "began from another point in time", "starts again")  # fmt: skip
     assert lv_name_for(Kind.VOLUME, f"{name}-clone") not in lvs(nodes.vg_b)
     clone = create_until_done(nodes, request)
-    source = device_of(nodes.vg_a, volume)
-    assert digest(device_of(nodes.vg_b, clone.volume_id), 64 * MiB) == digest(source, 64 * MiB)
+    source = device(nodes.vg_a, volume)
+    assert digest(device(nodes.vg_b, clone.volume_id), 64 * MiB) == digest(source, 64 * MiB)
 
 
 class Damaging:
@@ -409,8 +404,8 @@ def test_a_damaged_piece_discards_the_target(
     assert lv_name_for(Kind.VOLUME, f"{name}-restored") not in lvs(nodes.vg_b)
     monkeypatch.undo()
     restored = nodes.b.controller.CreateVolume(restore_request(f"{name}-restored", 16 * MiB, snap))
-    assert read(device_of(nodes.vg_b, restored.volume.volume_id), 0, 4 * MiB) == read(
-        device_of(nodes.vg_a, volume), 0, 4 * MiB
+    assert read(device(nodes.vg_b, restored.volume.volume_id), 0, 4 * MiB) == read(
+        device(nodes.vg_a, volume), 0, 4 * MiB
     )
 
 

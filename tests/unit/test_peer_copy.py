@@ -11,7 +11,7 @@ import time
 import pytest
 
 from csi_lvm import lifecycle
-from csi_lvm.cli import ServeOptions, build_parser
+from csi_lvm.cli import ServeOptions
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import ConfigError, FailedPrecondition
 from csi_lvm.ids import ObjectId, Tag
@@ -20,6 +20,7 @@ from csi_lvm.peer_source import Leases, caller_is_plugin
 from csi_lvm.peers import _label_selector
 from csi_lvm.volumes import Owned
 from csi_lvm.wiring import Options
+from tests.unit.test_options import serve_options
 
 SOURCE = "node-a:thin:snap-backup"
 TARGET = "node-b:thin:csi-restore"
@@ -133,7 +134,7 @@ def test_the_plugin_selector_is_key_value_terms() -> None:
 
 
 def serve(*flags: str) -> ServeOptions:
-    return ServeOptions.from_args(build_parser().parse_args(["serve", "--node-id", "n", *flags]))
+    return serve_options("--node-id", "n", *flags)
 
 
 def test_the_peer_port_flags() -> None:
