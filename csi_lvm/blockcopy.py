@@ -29,9 +29,12 @@ import ctypes.util
 import errno
 import mmap
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from csi_lvm.errors import Internal
 
@@ -270,7 +273,13 @@ def copy_device(
 
 # ---- ranges sent between nodes (csi_lvm.peer_source, csi_lvm.peer_copy)
 
-PIECE_BYTES = 1 << 20  # one message of a cross-node copy
+# One message of a cross-node copy: gRPC's cost per message is large enough
+# that 1 MiB pieces streamed at half the rate of 4 MiB ones (measured over
+# mutual TLS on loopback); the peers' channels take messages of up to 16 MiB.
+PIECE_BYTES = 4 << 20
+AHEAD = 2  # pieces read before the sender asks for them
+
+Item = TypeVar("Item")
 
 
 def read_ranges(
@@ -301,6 +310,53 @@ def read_ranges(
             os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def read_ahead(items: Iterator[Item], depth: int = AHEAD) -> Generator[Item, None, None]:
+    """``items``, produced on a thread of their own up to ``depth`` ahead of
+    the consumer, so that reading a device overlaps sending what was read
+    (gRPC's server sends one message at a time and asks for the next only
+    when it has gone). An error of ``items`` is raised where the consumer
+    would have got the item; a consumer that stops early stops the thread,
+    which closes ``items`` (its ``finally`` runs)."""
+    ready: queue.Queue[tuple[bool, Item | BaseException | None]] = queue.Queue(depth)
+    stopped = threading.Event()
+
+    def offer(entry: tuple[bool, Item | BaseException | None]) -> bool:
+        while not stopped.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((True, item)):
+                    return
+            offer((False, None))
+        except BaseException as error:  # handed to the consumer
+            offer((False, error))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            more, entry = ready.get()
+            if not more:
+                if isinstance(entry, BaseException):
+                    raise entry
+                return
+            yield entry  # type: ignore[misc]
+    finally:
+        stopped.set()
+        producer.join()
 
 
 class RangeWriter:

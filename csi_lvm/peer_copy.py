@@ -57,6 +57,7 @@ from csi_lvm.errors import (
     Unavailable,
 )
 from csi_lvm.ids import Kind, ObjectId
+from csi_lvm.lvm.records import LogicalVolume
 from csi_lvm.metrics import PEER_COPY_BYTES
 from csi_lvm.peer import peer_pb2, peer_pb2_grpc
 from csi_lvm.peers import PeerChannels
@@ -238,45 +239,49 @@ class PeerCopies:
         recorded_point = lifecycle.copy_point(lv)
         point = ""
         with blockcopy.RangeWriter(lv.device, remote.size_bytes) as writer:
-            for offset, data, last in self._pieces(remote, flight.target, start):
-                if flight.cancelled.is_set():
-                    raise Aborted(f"volume {flight.target} was deleted during its copy")
-                if isinstance(last, str):  # the holder names the point in time first
-                    point = last
-                    if start and point != recorded_point:
-                        raise FailedPrecondition(
-                            f"the copy of {remote.id} into {flight.target} began from another "
-                            f"point in time than node {remote.node} reads now (its view was "
-                            "lost); the volume is discarded and a retry starts again"
-                        )
-                    continue
-                if last is not None:
-                    if last != received:
-                        raise DataLoss(
-                            f"the copy of {remote.id} into {flight.target} lost data: node "
-                            f"{remote.node} sent {last} bytes, {received} arrived; the volume "
-                            "is discarded: retry"
-                        )
-                    break
-                writer.write(offset, data)
-                received += len(data)
-                flight.done_bytes = offset + len(data)
-                PEER_COPY_BYTES.labels("received").inc(len(data))
-                if (
-                    flight.done_bytes - recorded >= self.checkpoint_bytes
-                    or time.monotonic() >= checkpoint_at
-                ):
-                    writer.flush()
-                    took = time.monotonic() - flight.started
-                    rate = round(received / took) if took > 0 else 0
-                    lv = self.states.progress(lv, flight.done_bytes, rate, point)
-                    recorded = flight.done_bytes
-                    checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
-            else:
-                raise Unavailable(
-                    f"the copy of {remote.id} from node {remote.node} ended early; "
-                    f"{flight.done_bytes} bytes are in, and a retry goes on from there"
-                )
+            checkpoints = _Checkpoints(writer, self.states, lv)
+            try:
+                for offset, data, last in self._pieces(remote, flight.target, start):
+                    if flight.cancelled.is_set():
+                        raise Aborted(f"volume {flight.target} was deleted during its copy")
+                    if isinstance(last, str):  # the holder names the point in time first
+                        point = last
+                        if start and point != recorded_point:
+                            raise FailedPrecondition(
+                                f"the copy of {remote.id} into {flight.target} began from "
+                                f"another point in time than node {remote.node} reads now (its "
+                                "view was lost); the volume is discarded and a retry starts again"
+                            )
+                        continue
+                    if last is not None:
+                        if last != received:
+                            raise DataLoss(
+                                f"the copy of {remote.id} into {flight.target} lost data: node "
+                                f"{remote.node} sent {last} bytes, {received} arrived; the "
+                                "volume is discarded: retry"
+                            )
+                        break
+                    writer.write(offset, data)
+                    received += len(data)
+                    flight.done_bytes = offset + len(data)
+                    PEER_COPY_BYTES.labels("received").inc(len(data))
+                    if (
+                        flight.done_bytes - recorded >= self.checkpoint_bytes
+                        or time.monotonic() >= checkpoint_at
+                    ):
+                        took = time.monotonic() - flight.started
+                        rate = round(received / took) if took > 0 else 0
+                        if checkpoints.offer(flight.done_bytes, rate, point):
+                            recorded = flight.done_bytes
+                            checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+                else:
+                    raise Unavailable(
+                        f"the copy of {remote.id} from node {remote.node} ended early; "
+                        f"{flight.done_bytes} bytes are in, and a retry goes on from there"
+                    )
+            finally:
+                # What the copy recorded is durable before it ends, however it ends.
+                lv = checkpoints.finish()
             writer.flush()
         self.states.copied(lv)
         took = time.monotonic() - flight.started
@@ -348,6 +353,51 @@ class PeerCopies:
     def in_flight(self) -> list[CopyInFlight]:
         with self._lock:
             return list(self._in_flight.values())
+
+
+class _Checkpoints:
+    """Records how far a copy is durable on a thread of its own, one record at
+    a time: the target is flushed (everything written before the offer), then
+    its tags say so, while the copy goes on writing (a flush and an LVM
+    command stalled the stream for a second each)."""
+
+    def __init__(
+        self, writer: blockcopy.RangeWriter, states: lifecycle.Lifecycle, lv: LogicalVolume
+    ) -> None:
+        self.writer, self.states, self.lv = writer, states, lv
+        self._recording: threading.Thread | None = None
+        self._failure: Exception | None = None
+
+    def offer(self, done: int, rate: int, point: str) -> bool:
+        """Record ``done`` unless a record is still being made (the next
+        offer then tries again); whether it is being recorded."""
+        if self._recording is not None and self._recording.is_alive():
+            return False
+        self._raise_failure()
+        self._recording = threading.Thread(
+            target=self._record, args=(done, rate, point), name="copy-checkpoint", daemon=True
+        )
+        self._recording.start()
+        return True
+
+    def _record(self, done: int, rate: int, point: str) -> None:
+        try:
+            self.writer.flush()
+            self.lv = self.states.progress(self.lv, done, rate, point)
+        except Exception as error:  # raised in the copy's thread
+            self._failure = error
+
+    def finish(self) -> LogicalVolume:
+        """The LV as its last record left it, once that record is made."""
+        if self._recording is not None:
+            self._recording.join()
+        self._raise_failure()
+        return self.lv
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
 
 def _relayed(error: grpc.RpcError, node: str, what: str) -> Exception:

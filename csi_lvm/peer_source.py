@@ -22,7 +22,7 @@ import dataclasses
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
 import structlog
@@ -123,6 +123,14 @@ class Leases:
             )
 
 
+def _checksummed(
+    device: str, ranges: Iterable[tuple[int, int]]
+) -> Iterator[tuple[int, bytes, int]]:
+    """Each piece of ``ranges`` on ``device`` with its CRC-32."""
+    for offset, data in blockcopy.read_ranges(device, ranges):
+        yield offset, data, zlib.crc32(data)
+
+
 def caller_is_plugin(context: Context) -> bool:
     """Whether the caller's certificate names a csi-lvm plugin."""
     auth = context.auth_context()
@@ -187,18 +195,20 @@ class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):
         try:
             yield peer_pb2.ReadResponse(point_in_time=point.lv.uuid)
             block_map = backend.data_ranges(point, self.maps, None)
+            ranges = starting_at(block_map.ranges, request.starting_offset)
+            # Read and checksummed on a thread of their own, while the piece
+            # before is encrypted and sent.
+            pieces = blockcopy.read_ahead(_checksummed(point.lv.device, ranges))
             try:
-                ranges = starting_at(block_map.ranges, request.starting_offset)
-                for offset, data in blockcopy.read_ranges(point.lv.device, ranges):
-                    yield peer_pb2.ReadResponse(
-                        byte_offset=offset, data=data, crc32=zlib.crc32(data)
-                    )
+                for offset, data, crc in pieces:
+                    yield peer_pb2.ReadResponse(byte_offset=offset, data=data, crc32=crc)
                     sent += len(data)
                     PEER_COPY_BYTES.labels("sent").inc(len(data))
                     self.leases.renew(key, target)
                     if self.leases.stopped(key, target):
                         raise Aborted(f"the copy into {target} has ended; nothing more is sent")
             finally:
+                pieces.close()
                 block_map.close()
             if point.lv.name != source.lv.name and not backend.view_intact(point.lv):
                 self._remove_view(source, target)  # a new attempt takes a new one

@@ -395,7 +395,8 @@ class Damaging:
 def test_a_damaged_piece_discards_the_target(
     nodes: Nodes, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    volume = written_source(nodes, name, 16 * MiB, [(0, 4 * MiB)])
+    # Three pieces: the second arrives damaged, after the first was written.
+    volume = written_source(nodes, name, 16 * MiB, [(0, 12 * MiB)])
     snap = snapshot(nodes.a, f"{name}-snap", volume)
     monkeypatch.setattr(peer_source, "zlib", Damaging())
     expect_error(Code.DATA_LOSS, nodes.b.controller.CreateVolume,
@@ -404,8 +405,8 @@ def test_a_damaged_piece_discards_the_target(
     assert lv_name_for(Kind.VOLUME, f"{name}-restored") not in lvs(nodes.vg_b)
     monkeypatch.undo()
     restored = nodes.b.controller.CreateVolume(restore_request(f"{name}-restored", 16 * MiB, snap))
-    assert read(device(nodes.vg_b, restored.volume.volume_id), 0, 4 * MiB) == read(
-        device(nodes.vg_a, volume), 0, 4 * MiB
+    assert read(device(nodes.vg_b, restored.volume.volume_id), 0, 12 * MiB) == read(
+        device(nodes.vg_a, volume), 0, 12 * MiB
     )
 
 

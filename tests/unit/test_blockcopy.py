@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csi_lvm.blockcopy import CopyError, copy_device, zero_device
+from csi_lvm.blockcopy import CopyError, copy_device, read_ahead, zero_device
 
 CHUNK = 64 << 10
 
@@ -88,3 +91,51 @@ def test_zeroing_refuses_a_target_smaller_than_asked(tmp_path: Path) -> None:
     target = _file(tmp_path / "target", bytes(CHUNK))
     with pytest.raises(CopyError, match="fewer than"):
         zero_device(target, 2 * CHUNK, chunk_bytes=CHUNK)
+
+
+# ---- read_ahead: a thread reading pieces before the sender asks
+
+
+def test_read_ahead_gives_every_item_in_order_and_reads_ahead() -> None:
+    produced: list[int] = []
+    gate = threading.Event()
+
+    def items() -> Iterator[int]:
+        for number in range(10):
+            produced.append(number)
+            yield number
+
+    ahead = read_ahead(items(), depth=2)
+    assert next(ahead) == 0
+    deadline = time.monotonic() + 10
+    while len(produced) < 4 and time.monotonic() < deadline:  # 0 taken, 1-2 queued, 3 waiting
+        gate.wait(0.01)
+    assert len(produced) == 4, produced  # no further than depth ahead
+    assert list(ahead) == list(range(1, 10))
+
+
+def test_read_ahead_raises_the_error_where_its_item_would_have_come() -> None:
+    def items() -> Iterator[int]:
+        yield 1
+        raise CopyError("reading /dev/x at byte 4096 failed")
+
+    ahead = read_ahead(items())
+    assert next(ahead) == 1
+    with pytest.raises(CopyError, match="byte 4096"):
+        next(ahead)
+
+
+def test_a_consumer_that_stops_early_closes_the_source() -> None:
+    closed = threading.Event()
+
+    def items() -> Iterator[int]:
+        try:
+            yield from range(1000)
+        finally:
+            closed.set()
+
+    ahead = read_ahead(items(), depth=1)
+    assert next(ahead) == 0
+    ahead.close()  # the device is closed by the time close returns
+    assert closed.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
