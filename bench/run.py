@@ -16,8 +16,8 @@ on it and measures every figure against a baseline taken in the same run:
 7. GetMetadataDelta of a 4 GiB thin volume with 1 % changed against reading
    both snapshots whole and comparing them (``bench/cbt.py``).
 8. A restore across nodes (two plugins, loopback, mutual TLS) of a 4 GiB
-   thin snapshot with 1 GiB written against moving the same bytes locally
-   (``bench/across.py``).
+   thin snapshot with 1 GiB written against moving the same bytes locally,
+   and what mutual TLS costs the plugins' stream (``bench/across.py``).
 
 Prints one table and writes the same as JSON (``--json``, default
 build/vm/bench.json; ``make bench`` copies it to bench/results.json).

@@ -11,7 +11,8 @@ snapshot or volume that another node holds, filled from that node's plugin
    and writes it at its offset (a thin target maps only what is written, so a
    thin restore stays thin). Every ``checkpoint_bytes`` (or
    ``CHECKPOINT_SECONDS``) the target is flushed, then the LV's tag records
-   how far the copy is durable (``lifecycle.copied_bytes``, with the rate).
+   how far the copy is durable (``lifecycle.copied_bytes``, with the rate),
+   on a thread of its own while the copy goes on.
 4. At the end: the count the holder sent must be what arrived, the target is
    flushed, COPYING goes, and the holder is told to let go (``Release``).
 
