@@ -430,7 +430,7 @@ def test_only_plugins_read_and_a_source_in_a_copy_is_kept(nodes: Nodes, name: st
 def test_deleting_the_target_stops_its_copy(nodes: Nodes, name: str) -> None:
     volume = written_source(nodes, name, 64 * MiB, [(0, 48 * MiB)])
     request = restore_request(f"{name}-clone", 64 * MiB, volume, volume=True)
-    nodes.relay.rate = 4 * MiB
+    nodes.relay.rate = 2 * MiB  # 24 s of copy: time for the delete to get in
     try:
         with ThreadPoolExecutor(1) as pool:
             copying = pool.submit(nodes.b.controller.CreateVolume, request)
@@ -440,7 +440,10 @@ def test_deleting_the_target_stops_its_copy(nodes: Nodes, name: str) -> None:
                 assert time.monotonic() < deadline, "the target never appeared"
                 time.sleep(0.2)
             volume_id = f"node-b:thin:{lv}"
-            for _ in range(20):  # ABORTED until the copy has begun, as the provisioner sees it
+            # ABORTED until the copy has begun, as the provisioner sees it; a
+            # slow machine may take a while to begin (LVM commands, Describe).
+            deadline = time.monotonic() + 120
+            while True:
                 try:
                     nodes.b.controller.DeleteVolume(
                         csi_pb2.DeleteVolumeRequest(volume_id=volume_id)
@@ -448,6 +451,8 @@ def test_deleting_the_target_stops_its_copy(nodes: Nodes, name: str) -> None:
                     break
                 except grpc.RpcError as error:
                     assert error.code() is Code.ABORTED, error.details()
+                    assert not copying.done(), "the copy ended before the delete got in"
+                    assert time.monotonic() < deadline, "DeleteVolume stayed ABORTED"
                     time.sleep(0.5)
             with pytest.raises(grpc.RpcError) as caught:
                 copying.result(timeout=60)
