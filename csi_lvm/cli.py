@@ -30,7 +30,6 @@ from csi_lvm.admin import (
     topology_checks,
 )
 from csi_lvm.admin import doctor as run_doctor
-from csi_lvm.block_maps import BlockMaps
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import ConfigError
@@ -422,9 +421,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("device class at risk", device_class=backend.name, reason=warning)
     if flags.metrics_address:
         serve_metrics(flags.metrics_address, backends)
-    backends.states.remove_unfinished(inventory, graph.locks)
-    assert graph.reservations is not None and graph.snapshot_metadata is not None  # state_dir
-    graph.reservations.release_stale(BlockMaps.thin_pools(config))
+    graph.repair()
     server = Server(
         flags.endpoint,
         graph.identity,
@@ -433,6 +430,7 @@ def serve(args: argparse.Namespace) -> int:
         graph.snapshot_metadata,
         tls_listener=tls_listener,
         volume_source=graph.volume_source,
+        group_controller=graph.group_controller,
     )
     log.info(
         "starting",

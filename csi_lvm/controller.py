@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import Ask, Condition
+from csi_lvm.backends.asks import Ask, Condition
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
 from csi_lvm.ids import Kind, ObjectId, check_csi_name, lv_name_for
@@ -334,18 +334,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return snapshot
 
     def _csi_snapshot(self, owned: Owned) -> csi_pb2.Snapshot:
-        """The CSI view of an owned snapshot."""
-        created = Timestamp()
-        when = owned.lv.created_at
-        if when is not None:
-            created.FromDatetime(when)
-        return csi_pb2.Snapshot(
-            snapshot_id=str(owned.id),
-            source_volume_id=owned.source_id,
-            size_bytes=owned.size_bytes,
-            creation_time=created,
-            ready_to_use=lifecycle.is_ready(owned),
-        )
+        return csi_snapshot(owned)
 
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: Context
@@ -377,6 +366,22 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             ],
             next_token=next_token,
         )
+
+
+def csi_snapshot(owned: Owned, group_snapshot_id: str = "") -> csi_pb2.Snapshot:
+    """The CSI view of an owned snapshot (one of a group names the group)."""
+    created = Timestamp()
+    when = owned.lv.created_at
+    if when is not None:
+        created.FromDatetime(when)
+    return csi_pb2.Snapshot(
+        snapshot_id=str(owned.id),
+        source_volume_id=owned.source_id,
+        size_bytes=owned.size_bytes,
+        creation_time=created,
+        ready_to_use=lifecycle.is_ready(owned),
+        group_snapshot_id=group_snapshot_id,
+    )
 
 
 def _id(owned: Owned) -> str:

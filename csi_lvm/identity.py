@@ -33,8 +33,10 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
         # SNAPSHOT_METADATA_SERVICE for the driver as a whole: thin classes
         # answer it, thick classes say they cannot (their snapshots are copies).
+        # GROUP_CONTROLLER_SERVICE likewise: thin classes cut group snapshots.
         services: tuple[Service, ...] = (
             Service.CONTROLLER_SERVICE,
+            Service.GROUP_CONTROLLER_SERVICE,
             Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
             Service.SNAPSHOT_METADATA_SERVICE,
         )

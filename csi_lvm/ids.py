@@ -115,6 +115,46 @@ class ObjectId:
         return cls(node, device_class, lv_name)
 
 
+GROUP_KEY_RE = re.compile(r"group_[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class GroupId:
+    """A group snapshot's id, ``<node>:<class>:group_<hash of its name>``.
+    The group is its member snapshots: those tagged with its key."""
+
+    node: str  # the node component, possibly hashed
+    device_class: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.device_class}:{self.key}"
+
+    @classmethod
+    def build(cls, node_id: str, device_class: str, name: str) -> GroupId:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        return cls(node_component(node_id), device_class, f"group_{digest}")
+
+    @classmethod
+    def parse(cls, text: str) -> GroupId | None:
+        """The id, or None when ``text`` is not a group id this driver could have made."""
+        parts = text.split(":")
+        if len(parts) != 3:
+            return None
+        node, device_class, key = parts
+        if not (_RAW_NODE_RE.fullmatch(node) or _HASHED_NODE_RE.fullmatch(node)):
+            return None
+        if not CLASS_NAME_RE.fullmatch(device_class) or not GROUP_KEY_RE.fullmatch(key):
+            return None
+        return cls(node, device_class, key)
+
+
+def member_name(group_name: str, source_lv: str) -> str:
+    """The CSI name of a group's snapshot of the volume ``source_lv``: never
+    a name the CO could give a snapshot of its own (it holds a NUL)."""
+    return f"{group_name}\x00{source_lv}"
+
+
 def check_csi_name(name: str, what: str = "name") -> None:
     if not name:
         raise InvalidArgument(f"{what} is required")
@@ -176,6 +216,7 @@ class Tag(enum.Enum):
     SNAPSHOT_NAMESPACE = "snapshot-namespace"
     SNAPSHOT_CONTENT_NAME = "snapshot-content-name"
     VIEW_FOR = "view-for"  # on a temporary COW snapshot: the LV it is copied into
+    GROUP = "group"  # on a snapshot of a group snapshot: the group's key (``GroupId.key``)
 
 
 _TAGS_BY_KEY = {tag.value: tag for tag in Tag}

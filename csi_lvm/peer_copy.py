@@ -47,7 +47,8 @@ import structlog
 
 from csi_lvm import blockcopy, lifecycle
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import Ask, Backend
+from csi_lvm.backends.asks import Ask
+from csi_lvm.backends.base import Backend
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import (
     Aborted,

@@ -209,6 +209,7 @@ class Server:
         # VolumeSource service to the other nodes' plugins (csi_lvm.peer_source).
         tls_listener: tuple[str, grpc.ServerCredentials] | None = None,
         volume_source: peer_pb2_grpc.VolumeSourceServicer | None = None,
+        group_controller: csi_pb2_grpc.GroupControllerServicer | None = None,
     ) -> None:
         self.path = socket_path(endpoint)
         self.grpc = grpc.server(
@@ -221,6 +222,8 @@ class Server:
             csi_pb2_grpc.add_ControllerServicer_to_server(controller, self.grpc)
         if node is not None:
             csi_pb2_grpc.add_NodeServicer_to_server(node, self.grpc)
+        if group_controller is not None:
+            csi_pb2_grpc.add_GroupControllerServicer_to_server(group_controller, self.grpc)
         if snapshot_metadata is not None:
             csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, self.grpc)
         self.tls: grpc.Server | None = None

@@ -11,7 +11,8 @@ import structlog
 
 from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
-from csi_lvm.backends.base import Ask, Backend
+from csi_lvm.backends.asks import Ask
+from csi_lvm.backends.base import Backend
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import AlreadyExists, InvalidArgument
 from csi_lvm.ids import Kind, ObjectId

@@ -18,6 +18,8 @@ from csi_lvm.config import Config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
 from csi_lvm.forwarding import ForwardingService
+from csi_lvm.group_controller import GroupControllerService
+from csi_lvm.group_snapshots import GroupSnapshots
 from csi_lvm.identity import IdentityService
 from csi_lvm.kept_view import REFRESH_SECONDS
 from csi_lvm.locks import KeyedLocks
@@ -125,6 +127,8 @@ class Graph:
     locks: KeyedLocks
     identity: IdentityService
     controller: ControllerService
+    group_controller: GroupControllerService
+    groups: GroupSnapshots
     node: NodeService
     snapshot_metadata: SnapshotMetadataService | None
     reservations: PoolReservations | None
@@ -132,6 +136,16 @@ class Graph:
     # from theirs (None: copies across nodes are off).
     volume_source: VolumeSourceService | None = None
     peer_copies: PeerCopies | None = None
+
+    def repair(self) -> None:
+        """Before serving, what a crash left behind: volumes a group snapshot
+        held suspended are resumed, objects left MAKING removed (a group's
+        snapshots cut short among them), the pools' stale metadata snapshots
+        let go."""
+        self.groups.resume_held_sources()
+        self.backends.states.remove_unfinished(self.inventory, self.locks)
+        if self.reservations is not None:
+            self.reservations.release_stale(BlockMaps.thin_pools(self.config))
 
     def close(self) -> None:
         """Wait for LVM commands still running, end the lvm shell, close the
@@ -184,6 +198,7 @@ def build(
             peer_copies = PeerCopies(
                 PeerChannels(*peers), inventory, backends, options.copy_checkpoint_bytes
             )
+    groups = GroupSnapshots(inventory, backends, locks, options.node_id)
     return Graph(
         config=config,
         options=options,
@@ -193,6 +208,8 @@ def build(
         locks=locks,
         identity=IdentityService(options.driver_name),
         controller=ControllerService(inventory, backends, locks, topology, peer_copies, leases),
+        group_controller=GroupControllerService(groups),
+        groups=groups,
         node=NodeService(inventory, backends, locks, topology, options.max_volumes_per_node),
         snapshot_metadata=snapshot_metadata,
         reservations=reservations,

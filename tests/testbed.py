@@ -134,6 +134,7 @@ class CsiClient:
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
         self.snapshot_metadata = csi_pb2_grpc.SnapshotMetadataStub(self.channel)
+        self.group_controller = csi_pb2_grpc.GroupControllerStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()

@@ -18,7 +18,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import structlog
 
@@ -32,6 +31,7 @@ from csi_lvm.backends.admission import (
     metadata_full,
     metadata_room_lvs,
 )
+from csi_lvm.backends.asks import Ask, Condition, Contents, NewLv
 from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import (
@@ -59,51 +59,6 @@ from csi_lvm.validation import SizeRange, choose_size
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.backends")
-
-# A create that asks no range (a snapshot: it takes its source's size).
-ANY_SIZE = SizeRange(0, 0)
-
-
-@dataclass(frozen=True)
-class Ask:
-    """A new volume or snapshot a create asks of its class: what to call it in
-    a message, its LV's name and the driver's tags for it, the size range
-    asked (a snapshot takes its source's size) and the least a filesystem
-    asked for needs, within the caller's time."""
-
-    what: str
-    lv_name: str
-    tags: Sequence[str]
-    timeout: float | None
-    wanted: SizeRange = ANY_SIZE
-    minimum: int = 0
-
-
-@dataclass(frozen=True)
-class NewLv:
-    """An LV a backend makes: its name, size (whole extents of its volume
-    group's ``extent_bytes``) and the driver's tags for it (the lifecycle's
-    tags are the backend's to add), within the caller's time."""
-
-    name: str
-    size: int
-    tags: Sequence[str]
-    timeout: float | None
-    extent_bytes: int
-
-
-@dataclass(frozen=True)
-class Contents:
-    blank: bool  # certainly holds nothing, so probing it is wasted
-    # Every block reads zeros now, and the rest of a block still does once
-    # part of it is written: zeroing any of it again (mkfs's) is wasted work.
-    reads_zeros: bool
-
-
-@dataclass(frozen=True)
-class Condition:
-    abnormal: bool
-    message: str
 
 
 class Backend(ABC):
@@ -268,6 +223,13 @@ class Backend(ABC):
         """A snapshot of the volume ``source`` as it is now."""
         with self._admitted(ask, source, scan, snapshot=True) as new:
             return self._snapshot(new, source)
+
+    def make_snapshots_at_once(
+        self, members: Sequence[tuple[Ask, Owned]], scan: Scan
+    ) -> list[Owned]:
+        """Snapshots of several volumes of this class, all as of one instant."""
+        raise FailedPrecondition(f"device class {self.name} cannot snapshot volumes together "
+                                 "(its snapshots are copies): use a thin device class")  # fmt: skip
 
     def finish(
         self,

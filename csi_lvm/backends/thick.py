@@ -29,7 +29,8 @@ import structlog
 
 from csi_lvm import blockcopy, lifecycle
 from csi_lvm.backends.admission import ClassSpace
-from csi_lvm.backends.base import Backend, NewLv
+from csi_lvm.backends.asks import NewLv
+from csi_lvm.backends.base import Backend
 from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.block_ranges import RangeSpool
 from csi_lvm.config import DeviceClass

@@ -1,0 +1,77 @@
+"""The CSI GroupController service: validates, delegates to
+``csi_lvm.group_snapshots`` and answers in CSI's terms."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from csi_lvm.controller import csi_snapshot
+from csi_lvm.csi import csi_pb2, csi_pb2_grpc
+from csi_lvm.errors import InvalidArgument
+from csi_lvm.group_snapshots import Group, GroupSnapshots
+from csi_lvm.ids import check_csi_name
+from csi_lvm.rpc import budget
+from csi_lvm.validation import SIDECAR_PARAMETER_PREFIX
+
+Context = grpc.ServicerContext
+_GROUP_RPC = csi_pb2.GroupControllerServiceCapability.RPC
+
+
+class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
+    def __init__(self, groups: GroupSnapshots) -> None:
+        self.groups = groups
+
+    def GroupControllerGetCapabilities(
+        self, request: csi_pb2.GroupControllerGetCapabilitiesRequest, context: Context
+    ) -> csi_pb2.GroupControllerGetCapabilitiesResponse:
+        return csi_pb2.GroupControllerGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.GroupControllerServiceCapability(
+                    rpc=_GROUP_RPC(type=_GROUP_RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
+                )
+            ]
+        )
+
+    def CreateVolumeGroupSnapshot(
+        self, request: csi_pb2.CreateVolumeGroupSnapshotRequest, context: Context
+    ) -> csi_pb2.CreateVolumeGroupSnapshotResponse:
+        check_csi_name(request.name)
+        unknown = sorted(
+            k for k in request.parameters if not k.startswith(SIDECAR_PARAMETER_PREFIX)
+        )
+        if unknown:
+            raise InvalidArgument(
+                f"unknown group snapshot parameter(s) {', '.join(map(repr, unknown))}; csi-lvm "
+                f"accepts only the sidecars' '{SIDECAR_PARAMETER_PREFIX}*' keys"
+            )
+        group = self.groups.create(request.name, list(request.source_volume_ids), budget(context))
+        return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=_csi_group(group))
+
+    def GetVolumeGroupSnapshot(
+        self, request: csi_pb2.GetVolumeGroupSnapshotRequest, context: Context
+    ) -> csi_pb2.GetVolumeGroupSnapshotResponse:
+        group = self.groups.get(
+            request.group_snapshot_id, list(request.snapshot_ids), budget(context)
+        )
+        return csi_pb2.GetVolumeGroupSnapshotResponse(group_snapshot=_csi_group(group))
+
+    def DeleteVolumeGroupSnapshot(
+        self, request: csi_pb2.DeleteVolumeGroupSnapshotRequest, context: Context
+    ) -> csi_pb2.DeleteVolumeGroupSnapshotResponse:
+        self.groups.delete(request.group_snapshot_id, list(request.snapshot_ids), budget(context))
+        return csi_pb2.DeleteVolumeGroupSnapshotResponse()
+
+
+def _csi_group(group: Group) -> csi_pb2.VolumeGroupSnapshot:
+    group_id = str(group.id)
+    snapshots = [csi_snapshot(member, group_id) for member in group.members]
+    created = Timestamp()
+    if snapshots:  # the instant: every member's snapshot was cut within it
+        created.CopyFrom(min((s.creation_time for s in snapshots), key=lambda t: t.ToNanoseconds()))
+    return csi_pb2.VolumeGroupSnapshot(
+        group_snapshot_id=group_id,
+        snapshots=snapshots,
+        creation_time=created,
+        ready_to_use=group.ready,
+    )
