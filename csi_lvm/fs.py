@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
+import fcntl
 import os
 import stat
 import subprocess
@@ -237,6 +239,48 @@ def is_stale_device_node(path: str) -> bool:
         return False
     number = f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
     return info.st_nlink == 0 or not os.path.exists(f"/sys/dev/block/{number}")
+
+
+# ------------------------------------------------------------------- freezing
+
+_FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
+_FITHAW = 0xC0045878  # _IOWR('X', 120, int)
+
+
+def filesystem_mount(device_number: str) -> str | None:
+    """A mount point of the filesystem on the device ``major:minor`` here
+    (any one: a freeze holds the whole filesystem); None when none is."""
+    for entry in mounts():
+        if entry.device_number == device_number:
+            return entry.mount_point
+    return None
+
+
+def freeze(mount_point: str) -> None:
+    """Hold every write to the filesystem at ``mount_point`` until ``thaw``
+    (FIFREEZE: the kernel flushes it first and leaves its journal clean)."""
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _FIFREEZE, 0)
+    except OSError as exc:
+        raise FsError(f"could not freeze the filesystem at {mount_point}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def thaw(mount_point: str) -> bool:
+    """Let the writes to the filesystem at ``mount_point`` go on; False when
+    it was not frozen."""
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, _FITHAW, 0)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # not frozen
+            return False
+        raise FsError(f"could not thaw the filesystem at {mount_point}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
 
 
 def device_number(device: str) -> str:

@@ -8,34 +8,44 @@ group's key in a tag (``Tag.GROUP``; the group id is
 name is derived from the group's name and its source's LV, so a retried
 create finds what an earlier attempt made.
 
-One instant: ``Backend.make_snapshots_at_once`` holds the I/O of every
-source (device-mapper suspend: flushed, a mounted filesystem frozen) before
-it cuts the first snapshot, and each source stays held until its own
-snapshot is cut. A write issued after the instant reaches no snapshot; a
-write completed before it is in its volume's. (Freezing the filesystems
-with FIFREEZE instead does not work with the kernels of today's
-distributions: LVM's own suspend of a frozen origin fails with EBUSY on
-Linux 6.1.)
+One instant: every member whose filesystem is mounted here is frozen
+(FIFREEZE: flushed, its journal clean, every write held) before the first
+snapshot is cut, and all are thawed once the last is cut, whatever happened.
+A write issued after the instant reaches no snapshot; one completed before
+it is in its volume's. A member nobody has open takes no writes and needs no
+hold; one open but not mounted here (a raw block volume in use, or a
+filesystem mounted outside this plugin's view) cannot be held, and fails the
+group before anything is made. (Suspending the device-mapper device instead
+does not work: LVM finds the origin suspended, skips its own suspend and
+leaves the pool's transaction id behind its metadata, measured with LVM
+2.03.16. A frozen filesystem needs a kernel that lets LVM suspend it again:
+Linux 6.12 does, 6.1 refuses with EBUSY, and the group fails saying so.)
 
 No half group: members are made MAKING (``lifecycle``) and become READY
 together once every one is cut. A crash in between leaves MAKING members,
 which start-up removes; a retry of the create finding any member not ready
 removes them all and cuts the group again (an instant cannot be resumed).
-Sources a crash left suspended are resumed at start-up
-(``resume_held_sources``).
+Filesystems a crash left frozen are thawed at start-up (``thaw_left_frozen``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from csi_lvm import lifecycle
+from csi_lvm import fs, lifecycle
 from csi_lvm.backends import Backends
 from csi_lvm.backends.asks import Ask
-from csi_lvm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi_lvm.errors import (
+    AlreadyExists,
+    DriverError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from csi_lvm.ids import (
     GroupId,
     Kind,
@@ -154,7 +164,7 @@ class GroupSnapshots:
             ]
             lv_name = lv_name_for(Kind.SNAPSHOT, csi_name)
             members.append((Ask(f"group snapshot {name}", lv_name, tags, timeout), source))
-        made = backend.make_snapshots_at_once(members, scan)
+        made = self._cut_while_held(sources, lambda: backend.make_snapshots_at_once(members, scan))
         try:
             for member in made:
                 backend.states.made(member.lv.vg_name, member.lv.name, timeout)
@@ -163,6 +173,55 @@ class GroupSnapshots:
             raise
         log.info("group snapshot created", group=str(group_id), snapshots=len(made))
         return Group(group_id, self._members(group_id, self.inventory.scan(timeout)))
+
+    def _cut_while_held(self, sources: list[Owned], cut: Callable[[], list[Owned]]) -> list[Owned]:
+        """``cut()`` while every source that takes writes is frozen."""
+        frozen: list[str] = []
+        try:
+            for mount_point in self._holds(sources):
+                fs.freeze(mount_point)
+                frozen.append(mount_point)
+            started = time.monotonic()
+            try:
+                made = cut()
+            except DriverError as error:
+                if frozen and "suspend" in str(error):
+                    raise FailedPrecondition(
+                        f"this node's kernel does not let LVM snapshot a frozen filesystem "
+                        f"({error}); Linux 6.12 does, 6.1 does not: upgrade the node's kernel, "
+                        "or snapshot the volumes while their pods are stopped"
+                    ) from error
+                raise
+            log.info("snapshots cut at one instant", volumes=len(sources), frozen=len(frozen),
+                     held_seconds=round(time.monotonic() - started, 3))  # fmt: skip
+            return made
+        finally:
+            for mount_point in frozen:
+                try:
+                    fs.thaw(mount_point)
+                except Exception as error:  # every other one is thawed still
+                    log.error("a filesystem stayed frozen after a group snapshot; the plugin "
+                              "thaws it when it restarts, or run fsfreeze -u",
+                              mount_point=mount_point, error=str(error))  # fmt: skip
+
+    def _holds(self, sources: list[Owned]) -> list[str]:
+        """Where each source that takes writes is frozen: its filesystem's
+        mount point here. A source open otherwise cannot be held."""
+        holds = []
+        for source in sources:
+            if not source.lv.attr.active:
+                continue  # no device: nothing writes to it
+            mount_point = fs.filesystem_mount(fs.device_number(source.lv.device))
+            if mount_point is not None:
+                holds.append(mount_point)
+            elif source.lv.attr.device_open:
+                raise FailedPrecondition(
+                    f"volume {source.id} is in use but has no filesystem mounted on this node "
+                    "(a raw block volume, or mounted outside this plugin's view): its writes "
+                    "cannot be held for one instant; stop what uses it, or leave it out of "
+                    "the group"
+                )
+        return holds
 
     # ---- get and delete
 
@@ -231,23 +290,17 @@ class GroupSnapshots:
 
     # ---- start-up
 
-    def resume_held_sources(self, timeout: float | None = None) -> int:
-        """Resume every volume of the driver that a crash left suspended in
-        the middle of a group snapshot (an admin's own suspended LVs are left
-        alone); how many."""
-        lvm = self.inventory.lvm
-        held = set(lvm.suspended(self.inventory.config.volume_groups, timeout))
-        if not held:
-            return 0
-        ours = [
-            v
-            for v in self.inventory.owned(Kind.VOLUME, self.inventory.scan(timeout))
-            if (v.lv.vg_name, v.lv.name) in held
-        ]
-        for volume in ours:
-            log.warning(
-                "resuming a volume left suspended (a group snapshot was cut short)",
-                lv=volume.lv.full_name,
-            )
-            lvm.resume(volume.lv.vg_name, volume.lv.name, timeout)
-        return len(ours)
+    def thaw_left_frozen(self, timeout: float | None = None) -> int:
+        """Thaw the mounted filesystems of the driver's volumes that a crash in
+        the middle of a group snapshot left frozen (thawing one that is not
+        frozen does nothing); how many were."""
+        thawed = 0
+        for volume in self.inventory.owned(Kind.VOLUME, self.inventory.scan(timeout)):
+            if not volume.lv.attr.active or not volume.lv.attr.device_open:
+                continue
+            mount_point = fs.filesystem_mount(fs.device_number(volume.lv.device))
+            if mount_point is not None and fs.thaw(mount_point):
+                log.warning("thawed a filesystem left frozen (a group snapshot was cut short)",
+                            lv=volume.lv.full_name, mount_point=mount_point)  # fmt: skip
+                thawed += 1
+        return thawed

@@ -138,11 +138,11 @@ class Graph:
     peer_copies: PeerCopies | None = None
 
     def repair(self) -> None:
-        """Before serving, what a crash left behind: volumes a group snapshot
-        held suspended are resumed, objects left MAKING removed (a group's
+        """Before serving, what a crash left behind: filesystems a group
+        snapshot froze are thawed, objects left MAKING removed (a group's
         snapshots cut short among them), the pools' stale metadata snapshots
         let go."""
-        self.groups.resume_held_sources()
+        self.groups.thaw_left_frozen()
         self.backends.states.remove_unfinished(self.inventory, self.locks)
         if self.reservations is not None:
             self.reservations.release_stale(BlockMaps.thin_pools(self.config))

@@ -12,10 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from collections.abc import Sequence
-
-import structlog
 
 from csi_lvm import lifecycle
 from csi_lvm.backends.admission import ClassSpace
@@ -23,12 +20,9 @@ from csi_lvm.backends.asks import Ask, Contents, NewLv
 from csi_lvm.backends.base import Backend
 from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.config import DeviceClass
-from csi_lvm.errors import Internal
 from csi_lvm.ids import Kind
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Owned, Scan
-
-log = structlog.get_logger("csi_lvm.backends.thin")
 
 
 class ThinBackend(Backend):
@@ -123,12 +117,9 @@ class ThinBackend(Backend):
     def make_snapshots_at_once(
         self, members: Sequence[tuple[Ask, Owned]], scan: Scan
     ) -> list[Owned]:
-        """All are admitted first; then every source's I/O is held (suspended:
-        what is queued is flushed, a mounted filesystem frozen) before the
-        first snapshot is cut, and LVM resumes each source once its own
-        snapshot is cut, so no write after the instant reaches any snapshot.
-        Every source is resumed whatever happens; a failure removes every
-        snapshot made here."""
+        """All are admitted before the first is cut; the caller holds the
+        sources' writes while they are cut (``csi_lvm.group_snapshots``).
+        A failure removes every snapshot made here."""
         with contextlib.ExitStack() as admitted:
             news = [
                 admitted.enter_context(self._admitted(ask, source, scan, snapshot=True))
@@ -136,51 +127,15 @@ class ThinBackend(Backend):
             ]
             made: list[str] = []
             try:
-                self._cut_together(list(zip(news, [s for _, s in members], strict=True)), made)
+                for new, (_, source) in zip(news, members, strict=True):
+                    self._thin_snapshot(new, source, new.tags, active=False)
+                    made.append(new.name)
                 return [self._made(new.name, new.timeout) for new in news]
             except Exception:
                 for name in made:
                     with contextlib.suppress(Exception):  # the failure is the answer
                         self._remove_unfinished(name)
                 raise
-
-    def _cut_together(self, members: Sequence[tuple[NewLv, Owned]], made: list[str]) -> None:
-        """Cut each snapshot while the sources are held; each name cut goes
-        into ``made`` at once."""
-        group = self.device_class.volume_group
-        held: list[Owned] = []
-        started = time.monotonic()
-        instant = started
-        try:
-            for new, source in members:
-                # An inactive LV has no device, so no I/O to hold.
-                if self.lvm.suspend(group, source.lv.name, new.timeout):
-                    held.append(source)
-            instant = time.monotonic()
-            for new, source in members:
-                self._thin_snapshot(new, source, new.tags, active=False)
-                made.append(new.name)
-        finally:
-            failures = []
-            for source in held:
-                try:
-                    self.lvm.resume(group, source.lv.name)
-                except Exception as error:  # every other source is still resumed
-                    failures.append(f"{source.lv.name}: {error}")
-            if failures:
-                raise Internal(
-                    "volumes stayed suspended after a group snapshot: "
-                    + "; ".join(failures)
-                    + "; the plugin resumes them when it restarts, or run dmsetup resume"
-                )
-        log.info(
-            "snapshots cut at one instant",
-            volumes=len(members),
-            held=len(held),
-            # The longest any source's I/O waited: from the first suspend to the last cut.
-            held_seconds=round(time.monotonic() - started, 3),
-            cutting_seconds=round(time.monotonic() - instant, 3),
-        )
 
     def _thin_snapshot(
         self, new: NewLv, source: Owned, tags: Sequence[str], *, active: bool

@@ -12,19 +12,10 @@ program or knows how one is run.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Sequence
 
-from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.journal import ChangeJournal
-from csi_lvm.lvm.names import (
-    NAME_RE,
-    check_lv_names,
-    check_name,
-    dm_name,
-    pool_dm_names,
-    tag_args,
-)
+from csi_lvm.lvm.names import NAME_RE, check_lv_names, check_name, pool_dm_names, tag_args
 from csi_lvm.lvm.records import (
     LV_FIELDS,
     THIN_FIELDS,
@@ -37,13 +28,9 @@ from csi_lvm.lvm.records import (
     parse_lv_report,
     parse_pool_status,
     parse_vg_report,
-    report_rows,
 )
 from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.shell import LvmShell
-
-# dmsetup on a name without a device (an inactive LV).
-_NO_DEVICE = re.compile(r"No such device|not found", re.IGNORECASE)
 
 
 def read_pool_status(
@@ -373,51 +360,6 @@ class Lvm:
             timeout,
             [(volume_group, name)],
         )
-
-    # ---- holding an LV's I/O (group snapshots)
-
-    def suspend(self, volume_group: str, name: str, timeout: float | None = None) -> bool:
-        """Hold every I/O to the active LV ``name`` until ``resume``: its
-        device-mapper device is suspended, which first flushes what is queued
-        and freezes a filesystem mounted on it (so the filesystem is clean at
-        the point it is held). A snapshot of a suspended thin LV is made by
-        LVM as usual, which resumes the LV when it is done (LVM 2.03: it finds
-        the LV suspended, takes the snapshot, and resumes it). False when the
-        LV is not active: it has no device, so nothing can write to it."""
-        check_lv_names(volume_group, name)
-        done = self.runner.dmsetup(["suspend", dm_name(volume_group, name)], timeout)
-        if done.returncode != 0 and _NO_DEVICE.search(done.stderr):
-            return False
-        if done.returncode != 0:
-            raise LvmError(
-                f"could not suspend {volume_group}/{name}: {' '.join(done.stderr.split())}"
-            )
-        return True
-
-    def resume(self, volume_group: str, name: str, timeout: float | None = None) -> None:
-        """Let the I/O of ``name`` go on (nothing when it is not suspended)."""
-        check_lv_names(volume_group, name)
-        done = self.runner.dmsetup(["resume", dm_name(volume_group, name)], timeout)
-        if done.returncode != 0:
-            raise LvmError(
-                f"could not resume {volume_group}/{name}: {' '.join(done.stderr.split())}"
-            )
-
-    def suspended(
-        self, volume_groups: Iterable[str], timeout: float | None = None
-    ) -> list[tuple[str, str]]:
-        """The LVs of ``volume_groups`` whose device is suspended, as (VG, LV)."""
-        groups = sorted(set(volume_groups))
-        for group in groups:
-            check_name(group, "volume group")
-        if not groups:
-            return []
-        # A select rather than VG arguments: a missing VG does not fail the report.
-        select = "(" + "||".join(f"vg_name={g}" for g in groups) + ")&&lv_suspended=suspended"
-        report = self.runner.report(
-            ["lvs", "-o", "lv_name,vg_name,lv_suspended", "-S", select], timeout
-        )
-        return [(str(row["vg_name"]), str(row["lv_name"])) for row in report_rows(report, "lv")]
 
     def thin_mapped_sectors(self, lv: LogicalVolume, timeout: float | None = None) -> int | None:
         """The exact number of sectors an active thin LV maps in its pool, from

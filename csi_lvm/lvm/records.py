@@ -256,7 +256,7 @@ def parse_lv_report(report: dict[str, object]) -> list[LogicalVolume]:
     # are read where they are, each value through str() (LVM's JSON holds
     # strings; a row with anything else is still read safely).
     records = []
-    for row in report_rows(report, "lv"):
+    for row in _report_rows(report, "lv"):
         get = row.get
         thin_id = str(get("thin_id", ""))
         records.append(
@@ -285,7 +285,7 @@ def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[Volu
     """VG records from a ``vgs`` report, or from the VG columns of an ``lvs``
     report (``section="lv"``; one record per VG)."""
     rows: dict[str, dict[str, object]] = {}
-    for row in report_rows(report, section):
+    for row in _report_rows(report, section):
         rows.setdefault(str(row["vg_name"]), row)
     return [
         VolumeGroup(
@@ -303,7 +303,7 @@ def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[Volu
     ]
 
 
-def report_rows(report: dict[str, object], kind: str) -> list[dict[str, object]]:
+def _report_rows(report: dict[str, object], kind: str) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     sections = report.get("report", [])
     if not isinstance(sections, list):
