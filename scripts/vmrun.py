@@ -2,7 +2,7 @@
 inside one throwaway VM (virtme-ng, QEMU software emulation) that shares this
 machine's root filesystem read-only.
 
-    python scripts/vmrun.py [--memory 3G] -- COMMAND [ARGS...]
+    python scripts/vmrun.py [--memory 3G] [--kernel IMAGE] -- COMMAND [ARGS...]
 
 The command runs from the checkout with the project's virtualenv first on
 PATH; its exit code becomes ours. Output written to build/vm/ inside the VM
@@ -48,6 +48,10 @@ def main() -> int:
     parser.add_argument("--memory", default="3G")
     parser.add_argument("--cpus", default="2")
     parser.add_argument("--force-vm", action="store_true", help="use the VM even if not needed")
+    parser.add_argument(
+        "--kernel", default="", help="the kernel image to boot (the newest in /boot by default; "
+        "one unpacked elsewhere brings its modules from beside it: tools/kernels.py)",
+    )  # fmt: skip
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -55,7 +59,7 @@ def main() -> int:
         parser.error("give a command after --")
     RESULTS.mkdir(parents=True, exist_ok=True)
     guest = ROOT / "scripts" / "guest.sh"
-    if not args.force_vm and host_has_device_mapper():
+    if not args.force_vm and not args.kernel and host_has_device_mapper():
         return subprocess.call([str(guest), str(RESULTS), *command])
     search_path = f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}"
     vng = shutil.which("vng", path=search_path)
@@ -71,7 +75,7 @@ def main() -> int:
     rc_file.unlink(missing_ok=True)
     inner = shlex.join([str(guest), str(RESULTS), *command])
     vm = [
-        vng, "--run", newest_kernel(), "--disable-kvm", "--user", "root",
+        vng, "--run", args.kernel or newest_kernel(), "--disable-kvm", "--user", "root",
         "--memory", args.memory, "--cpus", args.cpus,
         "--rwdir", str(RESULTS), "--exec", inner,
     ]  # fmt: skip
