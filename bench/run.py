@@ -18,6 +18,10 @@ on it and measures every figure against a baseline taken in the same run:
 8. A restore across nodes (two plugins, loopback, mutual TLS) of a 4 GiB
    thin snapshot with 1 GiB written against moving the same bytes locally,
    and what mutual TLS costs the plugins' stream (``bench/across.py``).
+9. Not by default (it needs a kernel that lets LVM snapshot a frozen
+   filesystem: ``--only groups`` in the VM of ``python -m tools.kernels``):
+   how long a group snapshot of 1, 2, 4 and 8 mounted volumes holds their
+   writes, against one ordinary snapshot (``bench/groups.py``).
 
 Prints one table and writes the same as JSON (``--json``, default
 build/vm/bench.json; ``make bench`` copies it to bench/results.json).
@@ -43,6 +47,7 @@ from pathlib import Path
 from bench.across import restore_across_nodes
 from bench.cbt import changed_blocks
 from bench.figures import Bench
+from bench.groups import group_pauses
 from bench.measure import Row, run
 from bench.scale import ScaleBench
 from tests.testbed import (
@@ -115,6 +120,7 @@ def main() -> int:
     parser.add_argument("--mounted-seconds", type=int, default=60)
     parser.add_argument("--cbt-samples", type=int, default=3)
     parser.add_argument("--across-samples", type=int, default=3)
+    parser.add_argument("--group-samples", type=int, default=3)
     parser.add_argument("--scale-volumes", type=int, default=1000)
     parser.add_argument("--scale-samples", type=int, default=8)
     parser.add_argument("--scale-calls", type=int, default=300)
@@ -123,7 +129,8 @@ def main() -> int:
         "--only",
         default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,cbt,across,scale,"
         "default-vg",
-        help="phases; default-vg-fill also fills a default VG until LVM refuses (slow)",
+        help="phases; default-vg-fill also fills a default VG until LVM refuses (slow); groups "
+        "(not by default) needs a newer kernel",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -164,6 +171,9 @@ def main() -> int:
         if "across" in only:
             with phase("a restore across nodes against moving its bytes locally"):
                 restore_across_nodes(bench, args.across_samples)
+        if "groups" in only:
+            with phase("writes held by group snapshots"):
+                group_pauses(bench, args.group_samples)
         if "scale" in only or "default-vg" in only:
             with phase(f"a node with 10 and with {args.scale_volumes} volumes"):
                 ScaleBench(work, bench.add).run(

@@ -164,7 +164,7 @@ class GroupSnapshots:
             ]
             lv_name = lv_name_for(Kind.SNAPSHOT, csi_name)
             members.append((Ask(f"group snapshot {name}", lv_name, tags, timeout), source))
-        made = self._cut_while_held(sources, lambda: backend.make_snapshots_at_once(members, scan))
+        made = backend.make_snapshots_at_once(members, scan, self._holding(sources))
         try:
             for member in made:
                 backend.states.made(member.lv.vg_name, member.lv.name, timeout)
@@ -174,35 +174,40 @@ class GroupSnapshots:
         log.info("group snapshot created", group=str(group_id), snapshots=len(made))
         return Group(group_id, self._members(group_id, self.inventory.scan(timeout)))
 
-    def _cut_while_held(self, sources: list[Owned], cut: Callable[[], list[Owned]]) -> list[Owned]:
-        """``cut()`` while every source that takes writes is frozen."""
-        frozen: list[str] = []
-        try:
-            for mount_point in self._holds(sources):
-                fs.freeze(mount_point)
-                frozen.append(mount_point)
+    def _holding(self, sources: list[Owned]) -> Callable[[Callable[[], None]], None]:
+        """What runs the cutting while every source that takes writes is frozen."""
+
+        def hold(cut: Callable[[], None]) -> None:
+            frozen: list[str] = []
+            holds = self._holds(sources)
             started = time.monotonic()
             try:
-                made = cut()
-            except DriverError as error:
-                if frozen and "suspend" in str(error):
-                    raise FailedPrecondition(
-                        f"this node's kernel does not let LVM snapshot a frozen filesystem "
-                        f"({error}); Linux 6.12 does, 6.1 does not: upgrade the node's kernel, "
-                        "or snapshot the volumes while their pods are stopped"
-                    ) from error
-                raise
-            log.info("snapshots cut at one instant", volumes=len(sources), frozen=len(frozen),
-                     held_seconds=round(time.monotonic() - started, 3))  # fmt: skip
-            return made
-        finally:
-            for mount_point in frozen:
+                for mount_point in holds:
+                    fs.freeze(mount_point)
+                    frozen.append(mount_point)
                 try:
-                    fs.thaw(mount_point)
-                except Exception as error:  # every other one is thawed still
-                    log.error("a filesystem stayed frozen after a group snapshot; the plugin "
-                              "thaws it when it restarts, or run fsfreeze -u",
-                              mount_point=mount_point, error=str(error))  # fmt: skip
+                    cut()
+                except DriverError as error:
+                    if frozen and "suspend" in str(error):
+                        raise FailedPrecondition(
+                            f"this node's kernel does not let LVM snapshot a frozen filesystem "
+                            f"({error}); Linux 6.12 does, 6.1 does not: upgrade the node's "
+                            "kernel, or snapshot the volumes while their pods are stopped"
+                        ) from error
+                    raise
+                held = round(time.monotonic() - started, 3)
+                log.info("snapshots cut at one instant", volumes=len(sources),
+                         frozen=len(frozen), held_seconds=held)  # fmt: skip
+            finally:
+                for mount_point in frozen:
+                    try:
+                        fs.thaw(mount_point)
+                    except Exception as error:  # every other one is thawed still
+                        log.error("a filesystem stayed frozen after a group snapshot; the "
+                                  "plugin thaws it when it restarts, or run fsfreeze -u",
+                                  mount_point=mount_point, error=str(error))  # fmt: skip
+
+        return hold
 
     def _holds(self, sources: list[Owned]) -> list[str]:
         """Where each source that takes writes is frozen: its filesystem's

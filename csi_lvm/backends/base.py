@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import structlog
@@ -59,6 +59,9 @@ from csi_lvm.validation import SizeRange, choose_size
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.backends")
+
+# Runs the cutting of a group's snapshots while the sources' writes are held.
+Hold = Callable[[Callable[[], None]], None]
 
 
 class Backend(ABC):
@@ -225,9 +228,10 @@ class Backend(ABC):
             return self._snapshot(new, source)
 
     def make_snapshots_at_once(
-        self, members: Sequence[tuple[Ask, Owned]], scan: Scan
+        self, members: Sequence[tuple[Ask, Owned]], scan: Scan, hold: Hold
     ) -> list[Owned]:
-        """Snapshots of several volumes of this class, all as of one instant."""
+        """Snapshots of several volumes of this class, all as of one instant:
+        ``hold(cut)`` runs ``cut`` while it holds the sources' writes."""
         raise FailedPrecondition(f"device class {self.name} cannot snapshot volumes together "
                                  "(its snapshots are copies): use a thin device class")  # fmt: skip
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from csi_lvm import lifecycle
 from csi_lvm.backends.admission import ClassSpace
 from csi_lvm.backends.asks import Ask, Contents, NewLv
-from csi_lvm.backends.base import Backend
+from csi_lvm.backends.base import Backend, Hold
 from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.config import DeviceClass
 from csi_lvm.ids import Kind
@@ -115,21 +115,25 @@ class ThinBackend(Backend):
         return self._made(new.name, new.timeout)
 
     def make_snapshots_at_once(
-        self, members: Sequence[tuple[Ask, Owned]], scan: Scan
+        self, members: Sequence[tuple[Ask, Owned]], scan: Scan, hold: Hold
     ) -> list[Owned]:
-        """All are admitted before the first is cut; the caller holds the
-        sources' writes while they are cut (``csi_lvm.group_snapshots``).
-        A failure removes every snapshot made here."""
+        """All are admitted first; then ``hold`` runs the cutting of every
+        snapshot, and nothing else, while it holds the sources' writes. A
+        failure removes every snapshot made here."""
         with contextlib.ExitStack() as admitted:
             news = [
                 admitted.enter_context(self._admitted(ask, source, scan, snapshot=True))
                 for ask, source in members
             ]
             made: list[str] = []
-            try:
+
+            def cut() -> None:
                 for new, (_, source) in zip(news, members, strict=True):
                     self._thin_snapshot(new, source, new.tags, active=False)
                     made.append(new.name)
+
+            try:
+                hold(cut)
                 return [self._made(new.name, new.timeout) for new in news]
             except Exception:
                 for name in made:
