@@ -20,7 +20,9 @@ from csi_lvm.backends.asks import Ask, Contents, NewLv
 from csi_lvm.backends.base import Backend, Hold
 from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.config import DeviceClass
+from csi_lvm.errors import refused_create
 from csi_lvm.ids import Kind
+from csi_lvm.lvm.errors import LvmError
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Owned, Scan
 
@@ -128,8 +130,11 @@ class ThinBackend(Backend):
             made: list[str] = []
 
             def cut() -> None:
-                for new, (_, source) in zip(news, members, strict=True):
-                    self._thin_snapshot(new, source, new.tags, active=False)
+                for new, (ask, source) in zip(news, members, strict=True):
+                    try:
+                        self._thin_snapshot(new, source, new.tags, active=False)
+                    except LvmError as exc:  # answered as the hold sees it
+                        raise refused_create(exc, self._create_refusal(exc, ask, new.size)) from exc
                     made.append(new.name)
 
             try:
