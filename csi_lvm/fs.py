@@ -256,10 +256,17 @@ def filesystem_mount(device_number: str) -> str | None:
     return None
 
 
+def _open_directory(mount_point: str, doing: str) -> int:
+    try:
+        return os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise FsError(f"could not {doing} the filesystem at {mount_point}: {exc.strerror}") from exc
+
+
 def freeze(mount_point: str) -> None:
     """Hold every write to the filesystem at ``mount_point`` until ``thaw``
     (FIFREEZE: the kernel flushes it first and leaves its journal clean)."""
-    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    fd = _open_directory(mount_point, "freeze")
     try:
         fcntl.ioctl(fd, _FIFREEZE, 0)
     except OSError as exc:
@@ -271,7 +278,7 @@ def freeze(mount_point: str) -> None:
 def thaw(mount_point: str) -> bool:
     """Let the writes to the filesystem at ``mount_point`` go on; False when
     it was not frozen."""
-    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    fd = _open_directory(mount_point, "thaw")
     try:
         fcntl.ioctl(fd, _FITHAW, 0)
         return True

@@ -216,7 +216,7 @@ class GroupSnapshots:
         for source in sources:
             if not source.lv.attr.active:
                 continue  # no device: nothing writes to it
-            mount_point = fs.filesystem_mount(fs.device_number(source.lv.device))
+            mount_point = _mounted_filesystem(source)
             if mount_point is not None:
                 holds.append(mount_point)
             elif source.lv.attr.device_open:
@@ -303,9 +303,27 @@ class GroupSnapshots:
         for volume in self.inventory.owned(Kind.VOLUME, self.inventory.scan(timeout)):
             if not volume.lv.attr.active or not volume.lv.attr.device_open:
                 continue
-            mount_point = fs.filesystem_mount(fs.device_number(volume.lv.device))
-            if mount_point is not None and fs.thaw(mount_point):
+            mount_point = _mounted_filesystem(volume)
+            if mount_point is None:
+                continue
+            try:
+                was_frozen = fs.thaw(mount_point)
+            except DriverError as error:  # the others are thawed still
+                log.error("could not thaw a filesystem of the driver's", lv=volume.lv.full_name,
+                          mount_point=mount_point, error=str(error))  # fmt: skip
+                continue
+            if was_frozen:
                 log.warning("thawed a filesystem left frozen (a group snapshot was cut short)",
                             lv=volume.lv.full_name, mount_point=mount_point)  # fmt: skip
                 thawed += 1
         return thawed
+
+
+def _mounted_filesystem(volume: Owned) -> str | None:
+    """Where the active volume's filesystem is mounted here; None when it is
+    not, or its device node is not there to say (nothing here mounted it
+    through that node then)."""
+    try:
+        return fs.filesystem_mount(fs.device_number(volume.lv.device))
+    except (OSError, DriverError):
+        return None
