@@ -91,11 +91,10 @@ class GroupSnapshots:
         repeated = sorted({s for s in source_ids if list(source_ids).count(s) > 1})
         if repeated:
             raise InvalidArgument(f"source_volume_ids names {', '.join(repeated)} more than once")
-        class_name = self._common_class(source_ids)
-        group_id = GroupId.build(self.node_id, class_name, name)
+        parsed = self._parsed_together(source_ids)
+        group_id = GroupId.build(self.node_id, parsed[0].device_class, name)
         sources_sorted = sorted(source_ids)
-        lv_names = [ObjectId.parse(s).lv_name for s in sources_sorted]  # type: ignore[union-attr]
-        with self.locks.hold(group_id.key, *lv_names):
+        with self.locks.hold(group_id.key, *sorted(o.lv_name for o in parsed)):
             scan = self.inventory.scan(timeout)
             sources = [self._volume(text, scan) for text in sources_sorted]
             earlier = self._members(group_id, scan)
@@ -114,8 +113,8 @@ class GroupSnapshots:
                 sources = [self._volume(text, scan) for text in sources_sorted]
             return self._cut(name, group_id, sources, scan, timeout)
 
-    def _common_class(self, source_ids: Sequence[str]) -> str:
-        """The one device class of the sources, all of this node; a group
+    def _parsed_together(self, source_ids: Sequence[str]) -> list[ObjectId]:
+        """The sources' ids, all of this node and of one device class; a group
         that spans nodes or classes cannot be cut at one instant here."""
         parsed = []
         for text in source_ids:
@@ -137,7 +136,7 @@ class GroupSnapshots:
                 "volumes of a group snapshot must all be in one device class (one thin "
                 f"pool); these are in {', '.join(classes)}"
             )
-        return classes[0]
+        return [o for _, o in parsed]
 
     def _volume(self, text: str, scan: Scan) -> Owned:
         source = self.inventory.require(text, Kind.VOLUME, "volume", scan)
