@@ -31,10 +31,10 @@ from csi_lvm.peer_source import Leases
 from csi_lvm.rpc import budget, paged
 from csi_lvm.topology import NodeTopology
 from csi_lvm.validation import (
-    SIDECAR_PARAMETER_PREFIX,
     SizeRange,
     capability_problem,
     check_capabilities,
+    check_sidecar_parameters,
     device_class_for,
     size_range,
 )
@@ -270,13 +270,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         check_csi_name(request.name)
         if not request.source_volume_id:
             raise InvalidArgument("source_volume_id is required")
-        parameters = dict(request.parameters)
-        unknown = sorted(k for k in parameters if not k.startswith(SIDECAR_PARAMETER_PREFIX))
-        if unknown:
-            raise InvalidArgument(
-                f"unknown snapshot parameter(s) {', '.join(map(repr, unknown))}; csi-lvm "
-                f"accepts only the sidecars' '{SIDECAR_PARAMETER_PREFIX}*' keys"
-            )
+        check_sidecar_parameters(request.parameters, "snapshot")
         timeout = budget(context)
         source_id = ObjectId.parse(request.source_volume_id)
         source_class = self.inventory.config.find(source_id.device_class) if source_id else None
@@ -285,7 +279,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             lambda: self._create_snapshot(request, timeout),
             timeout,
         )
-        return csi_pb2.CreateSnapshotResponse(snapshot=self._csi_snapshot(snapshot))
+        return csi_pb2.CreateSnapshotResponse(snapshot=csi_snapshot(snapshot))
 
     def _create_snapshot(
         self,
@@ -333,9 +327,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         log.info("snapshot created", snapshot_id=str(snapshot.id), source=request.source_volume_id)
         return snapshot
 
-    def _csi_snapshot(self, owned: Owned) -> csi_pb2.Snapshot:
-        return csi_snapshot(owned)
-
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: Context
     ) -> csi_pb2.DeleteSnapshotResponse:
@@ -349,7 +340,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgument("snapshot_id is required")
         scan = self.inventory.scan(budget(context))
         found = self.inventory.require(request.snapshot_id, Kind.SNAPSHOT, "snapshot", scan)
-        return csi_pb2.GetSnapshotResponse(snapshot=self._csi_snapshot(found))
+        return csi_pb2.GetSnapshotResponse(snapshot=csi_snapshot(found))
 
     def ListSnapshots(
         self, request: csi_pb2.ListSnapshotsRequest, context: Context
@@ -361,9 +352,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             snapshots = [s for s in snapshots if s.source_id == request.source_volume_id]
         page, next_token = paged(snapshots, _id, request.max_entries, request.starting_token)
         return csi_pb2.ListSnapshotsResponse(
-            entries=[
-                csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._csi_snapshot(s)) for s in page
-            ],
+            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=csi_snapshot(s)) for s in page],
             next_token=next_token,
         )
 

@@ -247,13 +247,13 @@ _FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
 _FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 
 
-def filesystem_mount(device_number: str) -> str | None:
-    """A mount point of the filesystem on the device ``major:minor`` here
-    (any one: a freeze holds the whole filesystem); None when none is."""
+def filesystem_mounts() -> dict[str, str]:
+    """A mount point here of each mounted filesystem, by its device's
+    ``major:minor`` (any one: a freeze holds the whole filesystem)."""
+    found: dict[str, str] = {}
     for entry in mounts():
-        if entry.device_number == device_number:
-            return entry.mount_point
-    return None
+        found.setdefault(entry.device_number, entry.mount_point)
+    return found
 
 
 def _open_directory(mount_point: str, doing: str) -> int:

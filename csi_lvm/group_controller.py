@@ -8,11 +8,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm.controller import csi_snapshot
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
-from csi_lvm.errors import InvalidArgument
 from csi_lvm.group_snapshots import Group, GroupSnapshots
 from csi_lvm.ids import check_csi_name
 from csi_lvm.rpc import budget
-from csi_lvm.validation import SIDECAR_PARAMETER_PREFIX
+from csi_lvm.validation import check_sidecar_parameters
 
 Context = grpc.ServicerContext
 _GROUP_RPC = csi_pb2.GroupControllerServiceCapability.RPC
@@ -37,14 +36,7 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
         self, request: csi_pb2.CreateVolumeGroupSnapshotRequest, context: Context
     ) -> csi_pb2.CreateVolumeGroupSnapshotResponse:
         check_csi_name(request.name)
-        unknown = sorted(
-            k for k in request.parameters if not k.startswith(SIDECAR_PARAMETER_PREFIX)
-        )
-        if unknown:
-            raise InvalidArgument(
-                f"unknown group snapshot parameter(s) {', '.join(map(repr, unknown))}; csi-lvm "
-                f"accepts only the sidecars' '{SIDECAR_PARAMETER_PREFIX}*' keys"
-            )
+        check_sidecar_parameters(request.parameters, "group snapshot")
         group = self.groups.create(request.name, list(request.source_volume_ids), budget(context))
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=_csi_group(group))
 

@@ -212,10 +212,11 @@ class GroupSnapshots:
         """Where each source that takes writes is frozen: its filesystem's
         mount point here. A source open otherwise cannot be held."""
         holds = []
+        mounted = fs.filesystem_mounts()
         for source in sources:
             if not source.lv.attr.active:
                 continue  # no device: nothing writes to it
-            mount_point = _mounted_filesystem(source)
+            mount_point = _mount_of(source, mounted)
             if mount_point is not None:
                 holds.append(mount_point)
             elif source.lv.attr.device_open:
@@ -299,10 +300,12 @@ class GroupSnapshots:
         the middle of a group snapshot left frozen (thawing one that is not
         frozen does nothing); how many were."""
         thawed = 0
-        for volume in self.inventory.owned(Kind.VOLUME, self.inventory.scan(timeout)):
+        mounted = fs.filesystem_mounts()
+        # The report start-up has just made serves: no report of its own.
+        for volume in self.inventory.owned(Kind.VOLUME, self.inventory.view(timeout)):
             if not volume.lv.attr.active or not volume.lv.attr.device_open:
                 continue
-            mount_point = _mounted_filesystem(volume)
+            mount_point = _mount_of(volume, mounted)
             if mount_point is None:
                 continue
             try:
@@ -318,11 +321,11 @@ class GroupSnapshots:
         return thawed
 
 
-def _mounted_filesystem(volume: Owned) -> str | None:
-    """Where the active volume's filesystem is mounted here; None when it is
-    not, or its device node is not there to say (nothing here mounted it
-    through that node then)."""
+def _mount_of(volume: Owned, mounted: dict[str, str]) -> str | None:
+    """Where the active volume's filesystem is mounted here (``mounted``:
+    ``fs.filesystem_mounts``); None when it is not, or its device node is
+    not there to say (nothing here mounted it through that node then)."""
     try:
-        return fs.filesystem_mount(fs.device_number(volume.lv.device))
+        return mounted.get(fs.device_number(volume.lv.device))
     except (OSError, DriverError):
         return None

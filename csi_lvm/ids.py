@@ -78,6 +78,11 @@ def node_component(node_id: str) -> str:
     return "=" + hashlib.sha256(node_id.encode()).hexdigest()[:16]
 
 
+def _is_node_component(text: str) -> bool:
+    """Whether ``text`` is what ``node_component`` makes of some node id."""
+    return bool(_RAW_NODE_RE.fullmatch(text) or _HASHED_NODE_RE.fullmatch(text))
+
+
 @dataclass(frozen=True)
 class ObjectId:
     """A parsed volume or snapshot id."""
@@ -108,7 +113,7 @@ class ObjectId:
         if len(parts) != 3:
             return None
         node, device_class, lv_name = parts
-        if not (_RAW_NODE_RE.fullmatch(node) or _HASHED_NODE_RE.fullmatch(node)):
+        if not _is_node_component(node):
             return None
         if not CLASS_NAME_RE.fullmatch(device_class) or kind_of_lv(lv_name) is None:
             return None
@@ -142,7 +147,7 @@ class GroupId:
         if len(parts) != 3:
             return None
         node, device_class, key = parts
-        if not (_RAW_NODE_RE.fullmatch(node) or _HASHED_NODE_RE.fullmatch(node)):
+        if not _is_node_component(node):
             return None
         if not CLASS_NAME_RE.fullmatch(device_class) or not GROUP_KEY_RE.fullmatch(key):
             return None

@@ -110,6 +110,16 @@ def minimum_bytes(capabilities: Iterable[csi_pb2.VolumeCapability]) -> int:
     )
 
 
+def check_sidecar_parameters(parameters: Mapping[str, str], what: str) -> None:
+    """A snapshot's (or group snapshot's) parameters: the sidecars' keys only."""
+    unknown = sorted(k for k in parameters if not k.startswith(SIDECAR_PARAMETER_PREFIX))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown {what} parameter(s) {', '.join(map(repr, unknown))}; csi-lvm "
+            f"accepts only the sidecars' '{SIDECAR_PARAMETER_PREFIX}*' keys"
+        )
+
+
 def device_class_for(config: Config, parameters: Mapping[str, str]) -> DeviceClass:
     """The device class a request's parameters select."""
     unknown = sorted(

@@ -122,12 +122,11 @@ class ThinBackend(Backend):
         """All are admitted first; then ``hold`` runs the cutting of every
         snapshot, and nothing else, while it holds the sources' writes. A
         failure removes every snapshot made here."""
-        with contextlib.ExitStack() as admitted:
+        with contextlib.ExitStack() as admitted, contextlib.ExitStack() as undone:
             news = [
                 admitted.enter_context(self._admitted(ask, source, scan, snapshot=True))
                 for ask, source in members
             ]
-            made: list[str] = []
 
             def cut() -> None:
                 for new, (ask, source) in zip(news, members, strict=True):
@@ -135,16 +134,10 @@ class ThinBackend(Backend):
                         self._thin_snapshot(new, source, new.tags, active=False)
                     except LvmError as exc:  # answered as the hold sees it
                         raise refused_create(exc, self._create_refusal(exc, ask, new.size)) from exc
-                    made.append(new.name)
+                    undone.enter_context(self._removed_on_failure(new.name))
 
-            try:
-                hold(cut)
-                return [self._made(new.name, new.timeout) for new in news]
-            except Exception:
-                for name in made:
-                    with contextlib.suppress(Exception):  # the failure is the answer
-                        self._remove_unfinished(name)
-                raise
+            hold(cut)
+            return [self._made(new.name, new.timeout) for new in news]
 
     def _thin_snapshot(
         self, new: NewLv, source: Owned, tags: Sequence[str], *, active: bool
