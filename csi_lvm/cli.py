@@ -33,16 +33,27 @@ from csi_lvm.admin import doctor as run_doctor
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import ConfigError
+from csi_lvm.forwarders import (
+    add_forwarder_parsers,
+    add_peer_lookup,
+    add_tls_dir,
+    forward_group_snapshots,
+    forward_snapshot_metadata,
+    peer_lookup,
+)
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.runner import Runner, config_overrides_from
 from csi_lvm.metrics import serve_metrics
-from csi_lvm.peers import KubernetesPeers, Peers, StaticPeers
 from csi_lvm.release import add_release_node_parser, release_node
 from csi_lvm.server import Server, socket_path
 from csi_lvm.tls import TlsFiles, server_credentials
 from csi_lvm.topology import missing_labels
 from csi_lvm.volumes import REFRESH_SECONDS
-from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build, build_forwarder
+from csi_lvm.wiring import (
+    DEFAULT_DRIVER_NAME,
+    Options,
+    build,
+)
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"
@@ -145,18 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="MiB a copy from another node writes between records of its progress: what a "
         "copy resumed after an interruption may write again",
     )
-    _add_tls_dir(serve)
-    _add_peer_lookup(serve, plugin_port=None)
-    forward = commands.add_parser(
-        "forward-snapshot-metadata",
-        help="serve SnapshotMetadata on a socket for the cluster's sidecar, forwarding each "
-        "call to the plugin of the snapshot's node over mutual TLS",
-    )
-    forward.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="unix:///path/to/csi.sock")
-    forward.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
-    forward.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    _add_tls_dir(forward)
-    _add_peer_lookup(forward, plugin_port=9811)
+    add_tls_dir(serve)
+    add_peer_lookup(serve, plugin_port=None)
+    add_forwarder_parsers(commands, DEFAULT_ENDPOINT, DEFAULT_DRIVER_NAME)
     status = commands.add_parser("status", help="device classes, volumes and snapshots here")
     status.add_argument("--config", default=DEFAULT_CONFIG)
     status.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
@@ -197,55 +199,6 @@ def _add_shared(command: argparse.ArgumentParser, *flags: str) -> None:
 
 def topology_labels(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(key.strip() for key in args.topology_labels.split(",") if key.strip())
-
-
-def _add_tls_dir(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
-        "--tls-dir",
-        default="/etc/csi-lvm-tls",
-        help="ca.crt, tls.crt and tls.key (a kubernetes.io/tls Secret with the CA's certificate) "
-        "for mutual TLS between the forwarder and the plugins",
-    )
-
-
-def _add_peer_lookup(command: argparse.ArgumentParser, plugin_port: int | None) -> None:
-    """How the node plugins are found: a file, or their pods."""
-    command.add_argument(
-        "--peers-file", default="", help="<node> <host:port> lines (else the Kubernetes API)"
-    )
-    command.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "csi-lvm"))
-    command.add_argument(
-        "--plugin-selector",
-        default="app.kubernetes.io/name=csi-lvm",
-        help="label selector of the plugin's pods",
-    )
-    command.add_argument(
-        "--plugin-port",
-        type=int,
-        default=plugin_port,
-        help="the plugins' TLS port"
-        + ("" if plugin_port else " (default: the port of --peer-listen)"),
-    )
-
-
-def peer_lookup(args: argparse.Namespace, port: int) -> Peers:
-    if args.peers_file:
-        return StaticPeers(args.peers_file)
-    return KubernetesPeers(args.namespace, args.plugin_selector, port)
-
-
-def forward_snapshot_metadata(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
-    tls = TlsFiles(Path(args.tls_dir))
-    tls.read()  # missing files stop start-up, with their names
-    peers = peer_lookup(args, args.plugin_port)
-    forwarder = build_forwarder(args.driver_name, peers, tls)
-    server = Server(args.endpoint, forwarder.identity, None, None, forwarder.forwarding)
-    try:
-        server.run_until_signalled()
-    finally:
-        forwarder.close()
-    return 0
 
 
 def lvm_overrides(args: argparse.Namespace) -> str:
@@ -431,6 +384,7 @@ def serve(args: argparse.Namespace) -> int:
         tls_listener=tls_listener,
         volume_source=graph.volume_source,
         group_controller=graph.group_controller,
+        tls_group_controller=graph.forwarded_group_controller,
     )
     log.info(
         "starting",
@@ -487,7 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "release-node":
             return release_node(args)
         if args.command == "forward-snapshot-metadata":
+            configure_logging(args.log_level)
             return forward_snapshot_metadata(args)
+        if args.command == "forward-group-snapshots":
+            configure_logging(args.log_level)
+            return forward_group_snapshots(args)
     except ConfigError as exc:
         print(f"csi-lvm: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,10 @@ class PermissionDenied(DriverError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unimplemented(DriverError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class DataLoss(DriverError):
     """Data arrived damaged: what it was meant for is discarded, never used."""
 

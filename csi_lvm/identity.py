@@ -18,10 +18,11 @@ Service = csi_pb2.PluginCapability.Service.Type
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, driver_name: str, snapshot_metadata_only: bool = False) -> None:
+    def __init__(self, driver_name: str, forwarded: tuple[Service, ...] = ()) -> None:
         self.driver_name = driver_name
-        # The forwarder of a cluster's SnapshotMetadata calls serves nothing else.
-        self.snapshot_metadata_only = snapshot_metadata_only
+        # A forwarder of the cluster's calls (SnapshotMetadata, or groups)
+        # offers the services it forwards and nothing else.
+        self.forwarded = forwarded
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -40,13 +41,13 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
             Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
             Service.SNAPSHOT_METADATA_SERVICE,
         )
-        if self.snapshot_metadata_only:
-            services = (Service.SNAPSHOT_METADATA_SERVICE,)
+        if self.forwarded:
+            services = self.forwarded
         capabilities = [
             csi_pb2.PluginCapability(service=csi_pb2.PluginCapability.Service(type=s))
             for s in services
         ]
-        if self.snapshot_metadata_only:
+        if self.forwarded:
             return csi_pb2.GetPluginCapabilitiesResponse(capabilities=capabilities)
         # Volumes grow while mounted (NodeExpandVolume on the volume's node).
         capabilities.append(

@@ -44,7 +44,7 @@ from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.metrics import PEER_COPY_BYTES
 from csi_lvm.peer import peer_pb2, peer_pb2_grpc
 from csi_lvm.rpc import budget
-from csi_lvm.tls import PLUGIN_SERVER_NAME
+from csi_lvm.tls import PLUGIN_SERVER_NAME, caller_named
 from csi_lvm.volumes import Inventory, Owned
 
 log = structlog.get_logger("csi_lvm.peer_source")
@@ -133,14 +133,7 @@ def _checksummed(
 
 def caller_is_plugin(context: Context) -> bool:
     """Whether the caller's certificate names a csi-lvm plugin."""
-    auth = context.auth_context()
-    wanted = PLUGIN_SERVER_NAME.encode()
-    # gRPC gives each property as a list of values (its type stub says bytes).
-    for key in ("x509_subject_alternative_name", "x509_common_name"):
-        values: object = auth.get(key, [])
-        if isinstance(values, list) and wanted in values:
-            return True
-    return False
+    return caller_named(context, PLUGIN_SERVER_NAME)
 
 
 class VolumeSourceService(peer_pb2_grpc.VolumeSourceServicer):

@@ -210,6 +210,8 @@ class Server:
         tls_listener: tuple[str, grpc.ServerCredentials] | None = None,
         volume_source: peer_pb2_grpc.VolumeSourceServicer | None = None,
         group_controller: csi_pb2_grpc.GroupControllerServicer | None = None,
+        # The GroupController the TLS port offers the cluster's group forwarder.
+        tls_group_controller: csi_pb2_grpc.GroupControllerServicer | None = None,
     ) -> None:
         self.path = socket_path(endpoint)
         self.grpc = grpc.server(
@@ -244,6 +246,8 @@ class Server:
             csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(snapshot_metadata, self.tls)
             if volume_source is not None:
                 peer_pb2_grpc.add_VolumeSourceServicer_to_server(volume_source, self.tls)
+            if tls_group_controller is not None:
+                csi_pb2_grpc.add_GroupControllerServicer_to_server(tls_group_controller, self.tls)
             self._tls_listener = tls_listener
         self._stopping = threading.Event()
 

@@ -1,5 +1,5 @@
-"""Mutual TLS between csi-lvm's components: the forwarder of the cluster's
-SnapshotMetadata calls and the node plugins it forwards them to.
+"""Mutual TLS between csi-lvm's components: the node plugins, and the
+forwarders of the cluster's SnapshotMetadata and group snapshot calls.
 
 The files are a Kubernetes TLS Secret's, mounted as a directory: ``tls.crt``
 and ``tls.key`` (this component's certificate and key) and ``ca.crt`` (the
@@ -23,7 +23,23 @@ from csi_lvm.errors import ConfigError
 # The name every node plugin's certificate carries (its subject alternative
 # name): a plugin is reached at its pod's address, which no certificate names.
 PLUGIN_SERVER_NAME = "csi-lvm-plugin"
+# The name of the group snapshot forwarder's certificate: the only caller a
+# plugin lets cut or delete group snapshots over its port.
+GROUP_FORWARDER_NAME = "csi-lvm-group-snapshots"
 FILES = ("ca.crt", "tls.crt", "tls.key")
+
+
+def caller_named(context: grpc.ServicerContext, name: str) -> bool:
+    """Whether the caller's certificate names ``name`` (as its subject
+    alternative name or its common name)."""
+    auth = context.auth_context()
+    wanted = name.encode()
+    # gRPC gives each property as a list of values (its type stub says bytes).
+    for key in ("x509_subject_alternative_name", "x509_common_name"):
+        values: object = auth.get(key, [])
+        if isinstance(values, list) and wanted in values:
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ from csi_lvm.block_maps import BlockMaps, PoolReservations
 from csi_lvm.config import Config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
-from csi_lvm.forwarding import ForwardingService
-from csi_lvm.group_controller import GroupControllerService
+from csi_lvm.forwarding import ForwardingService, GroupForwardingService, GroupSidecarController
+from csi_lvm.group_controller import ForwardedGroupController, GroupControllerService
+from csi_lvm.group_labels import GroupLabeler
 from csi_lvm.group_snapshots import GroupSnapshots
-from csi_lvm.identity import IdentityService
+from csi_lvm.identity import IdentityService, Service
 from csi_lvm.kept_view import REFRESH_SECONDS
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm
@@ -128,6 +129,8 @@ class Graph:
     identity: IdentityService
     controller: ControllerService
     group_controller: GroupControllerService
+    # The same, on the TLS port, for the cluster's group forwarder only.
+    forwarded_group_controller: ForwardedGroupController
     groups: GroupSnapshots
     node: NodeService
     snapshot_metadata: SnapshotMetadataService | None
@@ -209,6 +212,7 @@ def build(
         identity=IdentityService(options.driver_name),
         controller=ControllerService(inventory, backends, locks, topology, peer_copies, leases),
         group_controller=GroupControllerService(groups),
+        forwarded_group_controller=ForwardedGroupController(groups),
         groups=groups,
         node=NodeService(inventory, backends, locks, topology, options.max_volumes_per_node),
         snapshot_metadata=snapshot_metadata,
@@ -233,6 +237,36 @@ class Forwarder:
 
 def build_forwarder(driver_name: str, peers: Peers, tls: TlsFiles) -> Forwarder:
     return Forwarder(
-        identity=IdentityService(driver_name, snapshot_metadata_only=True),
+        identity=IdentityService(driver_name, forwarded=(Service.SNAPSHOT_METADATA_SERVICE,)),
         forwarding=ForwardingService(peers, tls),
+    )
+
+
+@dataclass(frozen=True)
+class GroupForwarder:
+    """The group forwarder's parts: an Identity that offers the Controller
+    (for the sidecar's start) and the GroupController, the services, and the
+    loop that labels the driver's group objects for the sidecar."""
+
+    identity: IdentityService
+    controller: GroupSidecarController
+    group_controller: GroupForwardingService
+    labeler: GroupLabeler
+
+    def close(self) -> None:
+        self.labeler.stop()
+        self.group_controller.close()
+
+
+def build_group_forwarder(
+    driver_name: str, sidecar_name: str, peers: Peers, tls: TlsFiles
+) -> GroupForwarder:
+    return GroupForwarder(
+        identity=IdentityService(
+            driver_name,
+            forwarded=(Service.CONTROLLER_SERVICE, Service.GROUP_CONTROLLER_SERVICE),
+        ),
+        controller=GroupSidecarController(),
+        group_controller=GroupForwardingService(peers, tls),
+        labeler=GroupLabeler(driver_name, sidecar_name),
     )

@@ -42,7 +42,11 @@ NODE_A, NODE_B = NODES
 # one node: "thin" with its snapshot, restore and clone (pinned to its node) and
 # its growth to 2 GiB (check 6), whichever node the scheduler picked.
 VOLUME_GROUPS = {NODE_A.name: ("vg0", "12G", "4G"), NODE_B.name: ("vg1", "6G", "2G")}
-SNAPSHOT_CONTROLLER_ARGS = ("--enable-distributed-snapshotting", "--leader-election=false")
+SNAPSHOT_CONTROLLER_ARGS = (
+    "--enable-distributed-snapshotting",
+    "--feature-gates=CSIVolumeGroupSnapshot=true",
+    "--leader-election=false",
+)
 POD_TIMEOUT = 300
 GiB = 1024**3
 SELECTED_NODE = "volume.kubernetes.io/selected-node"
@@ -284,14 +288,15 @@ def service_hosts(cluster: Cluster, rendered: Rendered) -> None:
 
 def set_up_plugin(cluster: Cluster, scratch: Path, rendered: Rendered) -> None:
     """The CRDs, the snapshot-controller, and deploy/kubernetes as
-    ``rendered`` (with the Secrets and CR of tls.sh --snapshot-metadata: the
-    plugins', the forwarder's and the sidecar's certificates) applied: its
-    DaemonSet and Deployment run as pods."""
+    ``rendered`` (with the Secrets and CR of tls.sh --snapshot-metadata
+    --group-snapshots: the plugins', the forwarders' and the sidecar's
+    certificates) applied: its DaemonSet and Deployments run as pods."""
     kubectl = cluster.kubectl
     kubectl("apply", "--server-side", "-k", str(cluster.bin / "crds"))
     kubectl("apply", "--server-side", "-f", str(cluster.bin / CBT_CRD))
     kubectl("wait", "--for=condition=Established", "--timeout=120s", "crd", "--all")
-    made = run([str(TLS_SCRIPT), "--snapshot-metadata", str(scratch / "csi-lvm-tls")])
+    made = run([str(TLS_SCRIPT), "--snapshot-metadata", "--group-snapshots",
+                str(scratch / "csi-lvm-tls")])  # fmt: skip
     cluster.wait_images()
     cluster.apply(rendered.objects + [o for o in yaml.safe_load_all(made) if o])
     cluster.procs.start("snapshot-controller", [

@@ -1,15 +1,15 @@
 """deploy/kubernetes as the tier applies it, and the images its pods run.
 
 The manifests are rendered with ``kubectl kustomize`` from deploy/kubernetes
-with its snapshot-metadata component (an overlay in build/vm/, the way an admin
-turns the component on). Two changes an admin of this cluster would make are
+with its snapshot-metadata and group-snapshots components (an overlay in
+build/vm/, the way an admin turns the components on). Two changes an admin of this cluster would make are
 made to the rendered objects: the plugin reports the nodes' zone and rack
 labels (``--topology-labels``), and each device class of the ConfigMap has an
 entry per node naming that node's volume group (the nodes share one kernel,
 so their volume groups need names of their own; deploy/kubernetes/
 configmap.yaml, "one class, a volume group per node").
 
-The DaemonSet and the snapshot-metadata Deployment then run as pods: the
+The DaemonSet and the components' Deployments then run as pods: the
 plugin's image is the Dockerfile's (built on the host, imported into each
 node's containerd), each upstream sidecar's image is its binary alone, under
 the name the manifest gives (``sidecar_images``).
@@ -30,6 +30,8 @@ from e2e.procs import Failed
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
 SNAPSHOT_METADATA_COMPONENT = DEPLOY / "components" / "snapshot-metadata"
+GROUP_SNAPSHOTS_COMPONENT = DEPLOY / "components" / "group-snapshots"
+COMPONENTS = (SNAPSHOT_METADATA_COMPONENT, GROUP_SNAPSHOTS_COMPONENT)
 # The certificates, as Secrets (and the SnapshotMetadataService CR) to apply.
 TLS_SCRIPT = DEPLOY / "tls.sh"
 TOPOLOGY_LABELS_FLAG = "--topology-labels"
@@ -57,12 +59,16 @@ def runs_the_plugin_image(container: dict[str, Any]) -> bool:
     return bool(container.get("command", [""])[0] == "csi-lvm")
 
 
-def raw_snapshot_metadata_deployment() -> dict[str, Any]:
-    documents = yaml.safe_load_all(
-        (SNAPSHOT_METADATA_COMPONENT / "snapshot-metadata.yaml").read_text()
-    )
-    found: dict[str, Any] = next(d for d in documents if d and d["kind"] == "Deployment")
-    return found
+def raw_component_deployments() -> list[dict[str, Any]]:
+    """The Deployments of the components the tier turns on."""
+    return [
+        document
+        for component in COMPONENTS
+        for path in sorted(component.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for document in yaml.safe_load_all(path.read_text())
+        if document and document["kind"] == "Deployment"
+    ]
 
 
 def sidecar_images() -> dict[str, str]:
@@ -70,7 +76,7 @@ def sidecar_images() -> dict[str, str]:
     plugin's image), each with the program it runs."""
     return {
         c["image"]: image_binary(c["image"])
-        for workload in (raw_daemonset(), raw_snapshot_metadata_deployment())
+        for workload in (raw_daemonset(), *raw_component_deployments())
         for c in containers(workload)
         if not runs_the_plugin_image(c)
     }
@@ -113,7 +119,7 @@ OVERLAY = ROOT / "build" / "vm" / "e2e-deploy"  # build/vm: writable in the VM
 
 
 def render(kubectl: Any, volume_groups: dict[str, str] | None = None) -> Rendered:
-    """deploy/kubernetes with the snapshot-metadata component, the plugin
+    """deploy/kubernetes with the snapshot-metadata and group-snapshots components, the plugin
     told to report the nodes' zone and rack labels, and, for each node of
     ``volume_groups`` (node name: its volume group), the ConfigMap's classes
     on that node's volume group, as an admin would patch it (deploy/README.md)."""
@@ -122,7 +128,7 @@ def render(kubectl: Any, volume_groups: dict[str, str] | None = None) -> Rendere
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [os.path.relpath(DEPLOY, OVERLAY)],
-        "components": [os.path.relpath(SNAPSHOT_METADATA_COMPONENT, OVERLAY)],
+        "components": [os.path.relpath(c, OVERLAY) for c in COMPONENTS],
     }))  # fmt: skip
     text: str = kubectl("kustomize", str(OVERLAY))
     rendered = Rendered([o for o in yaml.safe_load_all(text) if o])

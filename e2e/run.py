@@ -78,7 +78,7 @@ def find_missing(directory: Path) -> list[str]:
     return missing
 
 
-def host_main(stage: str) -> int:
+def host_main(stage: str, kernel: str | None = None) -> int:
     programs = missing_debian_programs()
     if programs:
         print(f"e2e: missing Debian programs: {', '.join(programs)}; run `make setup`.",
@@ -105,6 +105,8 @@ def host_main(stage: str) -> int:
     print(f"e2e: plugin image {tag} in {PLUGIN_IMAGE_TAR} after "
           f"{time.monotonic() - start:.0f} s", flush=True)  # fmt: skip
     vmrun = [sys.executable, str(ROOT / "scripts" / "vmrun.py"), "--force-vm", "--memory", "8G"]
+    if kernel:
+        vmrun += ["--kernel", kernel]
     # This checkout's modules, whichever checkout the virtualenv was made from.
     command = ["env", f"PYTHONPATH={ROOT}", "python", "e2e/run.py", "--inside", str(directory),
                "--stage", stage]  # fmt: skip
@@ -186,10 +188,11 @@ def main() -> int:
     parser.add_argument("--inside", metavar="DIR", help="run here, binaries from DIR")
     parser.add_argument("--stage", choices=STAGES, default="all", help="stop after this stage")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
+    parser.add_argument("--kernel", metavar="IMAGE", help="boot the VM with this kernel image")
     args = parser.parse_args()
     if args.inside:
         return inside_main(Path(args.inside), args.stage, args.keep)
-    return host_main(args.stage)
+    return host_main(args.stage, args.kernel)
 
 
 if __name__ == "__main__":

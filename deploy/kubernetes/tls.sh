@@ -4,12 +4,15 @@
 #   deploy/kubernetes/tls.sh DIR | kubectl apply -f -
 #   deploy/kubernetes/tls.sh --snapshot-metadata DIR > csi-lvm-tls.yaml   # with
 #       components/snapshot-metadata; then kubectl apply -f csi-lvm-tls.yaml
+#   deploy/kubernetes/tls.sh --group-snapshots DIR > csi-lvm-tls.yaml     # with
+#       components/group-snapshots (both options together for both components)
 #
 # Every plugin serves a port (9811, the DaemonSet's --peer-listen) over mutual
 # TLS: the plugins of other nodes read its snapshots and volumes there to make
 # volumes from them on their own node (a restore or a clone onto another
-# node), and the forwarder of components/snapshot-metadata asks it for
-# changed blocks. Only holders of a certificate of the plugins' authority get
+# node), the forwarder of components/snapshot-metadata asks it for changed
+# blocks, and the forwarder of components/group-snapshots has it cut group
+# snapshots. Only holders of a certificate of the plugins' authority get
 # through, and only a certificate that names csi-lvm-plugin may read volumes.
 #
 # DIR keeps the certificate authorities (made on the first run, kept after):
@@ -32,6 +35,11 @@
 #   Secret csi-lvm-snapshot-metadata-tls  the sidecar mounts it: naming its
 #       Service, for backup tools
 #   SnapshotMetadataService <driver>      address, caCert, audience
+# With --group-snapshots, also:
+#   Secret csi-lvm-group-snapshots-tls    the group forwarder mounts it: its
+#       own certificate, client only, naming csi-lvm-group-snapshots, from the
+#       plugins' authority: the only certificate the plugins let cut and
+#       delete group snapshots on their port
 #
 # Renewal: run it again with the same DIR (and option) and apply. New
 # certificates of the same authorities; mounted Secrets are updated by the
@@ -53,20 +61,27 @@ DAYS=${DAYS:-365}
 
 usage() {
     cat >&2 <<EOF
-usage: $0 [--snapshot-metadata] DIR > manifests.yaml
+usage: $0 [--snapshot-metadata] [--group-snapshots] DIR > manifests.yaml
   DIR keeps the authorities' keys: keep it, and run again with it to renew.
   Prints the Secret csi-lvm-plugin-tls (copies across nodes); with
   --snapshot-metadata also the forwarder's and the sidecar's Secrets and the
-  SnapshotMetadataService CR (components/snapshot-metadata).
+  SnapshotMetadataService CR (components/snapshot-metadata); with
+  --group-snapshots also the group forwarder's Secret
+  (components/group-snapshots).
 EOF
     exit 2
 }
 
 snapshot_metadata=no
-if [ $# -eq 2 ] && [ "$1" = --snapshot-metadata ]; then
-    snapshot_metadata=yes
+group_snapshots=no
+while [ $# -gt 1 ]; do
+    case $1 in
+        --snapshot-metadata) snapshot_metadata=yes ;;
+        --group-snapshots) group_snapshots=yes ;;
+        *) usage ;;
+    esac
     shift
-fi
+done
 [ $# -eq 1 ] || usage
 case $1 in -*) usage ;; esac
 dir=$1
@@ -114,6 +129,11 @@ YAML
 authority forwarding-ca "csi-lvm forwarding CA"
 issue forwarding-ca plugin csi-lvm-plugin DNS:csi-lvm-plugin serverAuth,clientAuth
 secret csi-lvm-plugin-tls forwarding-ca plugin
+if [ "$group_snapshots" = yes ]; then
+    issue forwarding-ca group-snapshots csi-lvm-group-snapshots DNS:csi-lvm-group-snapshots \
+        clientAuth
+    secret csi-lvm-group-snapshots-tls forwarding-ca group-snapshots
+fi
 [ "$snapshot_metadata" = yes ] || exit 0
 
 authority service-ca "csi-lvm snapshot metadata CA"

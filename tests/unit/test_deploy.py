@@ -59,6 +59,7 @@ NAMESPACE = "csi-lvm"
 PLUGIN = "csi-lvm"
 TOPOLOGY_KEY = f"topology.{DEFAULT_DRIVER_NAME}/node"
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1"
+GROUP_SNAPSHOT_API = "groupsnapshot.storage.k8s.io/v1"
 NO_PROVISIONER = "kubernetes.io/no-provisioner"
 # The kubelet directory: the default and the ones of distributions that move it.
 KUBELET_DIR_SETTING = "kubeletDir"
@@ -457,7 +458,7 @@ def schedulable_on(spec: dict[str, Any], labels: dict[str, str]) -> bool:
 
 
 def validate(doc: dict[str, Any], version: str) -> None:
-    if doc["apiVersion"] == SNAPSHOT_API:
+    if doc["apiVersion"] in (SNAPSHOT_API, GROUP_SNAPSHOT_API):
         check_snapshot_crd(doc)
     else:
         kubernetes_validate.validate(doc, version, strict=True)
@@ -478,11 +479,12 @@ def _ids() -> Iterator[str]:
 
 
 def check_snapshot_crd(doc: dict[str, Any]) -> None:
-    """Required fields and allowed keys of the two snapshot CRDs used here."""
-    assert doc["apiVersion"] == SNAPSHOT_API
+    """Required fields and allowed keys of the snapshot CRDs used here."""
+    expected_api = GROUP_SNAPSHOT_API if "Group" in doc["kind"] else SNAPSHOT_API
+    assert doc["apiVersion"] == expected_api
     name = doc.get("metadata", {}).get("name", "")
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name), f"bad name {name!r}"
-    if doc["kind"] == "VolumeSnapshotClass":
+    if doc["kind"] in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
         allowed = {"apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"}
         assert set(doc) <= allowed, f"unknown fields {set(doc) - allowed}"
         assert isinstance(doc.get("driver"), str) and doc["driver"], "driver is required"
@@ -503,6 +505,20 @@ def check_snapshot_crd(doc: dict[str, Any]) -> None:
         if "volumeSnapshotClassName" in spec:
             assert isinstance(spec["volumeSnapshotClassName"], str)
             assert spec["volumeSnapshotClassName"], "must not be the empty string"
+    elif doc["kind"] == "VolumeGroupSnapshot":
+        assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}
+        spec = doc.get("spec")
+        assert isinstance(spec, dict), "spec is required"
+        assert set(spec) <= {"source", "volumeGroupSnapshotClassName"}
+        source = spec.get("source")
+        assert isinstance(source, dict), "spec.source is required"
+        assert set(source) <= {"selector", "volumeGroupSnapshotContentName"}
+        assert len(source) == 1, "exactly one source must be set"
+        selector = source.get("selector", {})
+        assert set(selector) <= {"matchLabels", "matchExpressions"}
+        if "volumeGroupSnapshotClassName" in spec:
+            assert isinstance(spec["volumeGroupSnapshotClassName"], str)
+            assert spec["volumeGroupSnapshotClassName"], "must not be the empty string"
     else:
         pytest.fail(f"no hand check for {doc['kind']}")
 
@@ -538,6 +554,7 @@ def test_namespaced_objects_live_in_the_driver_namespace() -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "VolumeSnapshotClass",
+        "VolumeGroupSnapshotClass",
     }
     the("Namespace", NAMESPACE)
     for origin, doc in documents():
@@ -777,6 +794,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "storage-nodes": {"components": ("components/storage-nodes",)},
     "host-lvm": {"components": ("components/host-lvm",)},
     "snapshot-metadata": {"components": (SNAPSHOT_METADATA_COMPONENT,)},
+    "group-snapshots": {"components": ("components/group-snapshots",)},
 }
 
 
@@ -1231,7 +1249,10 @@ def test_tls_sh_says_how_to_call_it(arguments: list[str], tmp_path: Path) -> Non
     done = subprocess.run([str(TLS_SCRIPT), *arguments], capture_output=True, text=True,
                           cwd=tmp_path, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith("usage: ") and "[--snapshot-metadata] DIR" in done.stderr
+    assert (
+        done.stderr.startswith("usage: ")
+        and "[--snapshot-metadata] [--group-snapshots] DIR" in done.stderr
+    )
     assert list(tmp_path.iterdir()) == []  # nothing made
 
 

@@ -1,5 +1,6 @@
 """e2e/plugin.py: deploy/kubernetes as the cluster tier applies it (rendered
-with the snapshot-metadata component, as the tier renders it) and the images
+with the snapshot-metadata and group-snapshots components, as the tier
+renders it) and the images
 its pods run. Host only; needs no Kubernetes binary."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import yaml
 
 from csi_lvm.config import parse_config
 from e2e.plugin import (
+    COMPONENTS,
     DEPLOY,
-    SNAPSHOT_METADATA_COMPONENT,
     TLS_SCRIPT,
     Rendered,
     per_node_config,
@@ -24,7 +25,7 @@ from tests.unit import kustomize
 def rendered() -> Rendered:
     with_component = {
         **kustomize.load(DEPLOY),
-        "components": [str(SNAPSHOT_METADATA_COMPONENT.relative_to(DEPLOY))],
+        "components": [str(c.relative_to(DEPLOY)) for c in COMPONENTS],
     }
     return Rendered(kustomize.build(DEPLOY, with_component))
 

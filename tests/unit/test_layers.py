@@ -35,6 +35,7 @@ LAYERS = (
     "csi_lvm.tls",
     "csi_lvm.kube",
     "csi_lvm.peers",
+    "csi_lvm.group_labels",
     "csi_lvm.rpc",
     "csi_lvm.topology",
     "csi_lvm.validation",
@@ -64,6 +65,7 @@ LAYERS = (
     "csi_lvm.admin",
     "csi_lvm.release",
     "csi_lvm.server",
+    "csi_lvm.forwarders",
     "csi_lvm.cli",
 )
 

@@ -11,8 +11,8 @@ import pytest
 from e2e.plugin import (
     containers,
     image_binary,
+    raw_component_deployments,
     raw_daemonset,
-    raw_snapshot_metadata_deployment,
     runs_the_plugin_image,
 )
 from e2e.run import required_binaries
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(shutil.which("go") is None, reason="needs the go
 
 
 def sidecar_images() -> list[str]:
-    workloads = (raw_daemonset(), raw_snapshot_metadata_deployment())
+    workloads = (raw_daemonset(), *raw_component_deployments())
     return [c["image"] for w in workloads for c in containers(w) if not runs_the_plugin_image(c)]
 
 
