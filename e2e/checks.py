@@ -28,6 +28,7 @@ from e2e.cluster import (
     Cluster,
     Node,
 )
+from e2e.groups import group_checks
 from e2e.plugin import TLS_SCRIPT, Rendered, containers, render
 from e2e.procs import Failed, run, wait_for
 from tests.testbed import LoopVolumeGroup
@@ -330,6 +331,8 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
         registered = check_registered(checks)
         if stage == "all" and have_dm and registered:
             workload_checks(checks)
+        if stage == "groups" and have_dm and registered:
+            group_checks(checks, pvc, NAMESPACE, BUSYBOX_IMAGE)
     finally:
         if vgs:
             # The tier's own clean-up, after the checks have judged the driver's.
@@ -711,6 +714,7 @@ def workload_checks(checks: Checks) -> None:
     zone_checks(checks)
     lecture_checks(checks)
     several_nodes_checks(checks)
+    group_checks(checks, pvc, NAMESPACE, BUSYBOX_IMAGE)
 
     def cleanup() -> str:
         kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")

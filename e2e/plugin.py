@@ -2,8 +2,8 @@
 
 The manifests are rendered with ``kubectl kustomize`` from deploy/kubernetes
 with its snapshot-metadata and group-snapshots components (an overlay in
-build/vm/, the way an admin turns the components on). Two changes an admin of this cluster would make are
-made to the rendered objects: the plugin reports the nodes' zone and rack
+build/vm/, the way an admin turns the components on). Two changes an admin
+of this cluster would make are made to the rendered objects: the plugin reports the nodes' zone and rack
 labels (``--topology-labels``), and each device class of the ConfigMap has an
 entry per node naming that node's volume group (the nodes share one kernel,
 so their volume groups need names of their own; deploy/kubernetes/

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Besides the DaemonSet's sidecars (read from deploy/kubernetes/daemonset.yaml).
 CLUSTER_BINARIES = (*KUBE_BINARIES, "snapshot-controller")
 RESULTS = ROOT / "build" / "vm" / "e2e"
-STAGES = ("cluster", "plugin", "all")
+STAGES = ("cluster", "plugin", "groups", "all")
 
 
 class Report:
@@ -186,7 +186,7 @@ def cpu_summary(path: Path, shown: int = 12) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--inside", metavar="DIR", help="run here, binaries from DIR")
-    parser.add_argument("--stage", choices=STAGES, default="all", help="stop after this stage")
+    parser.add_argument("--stage", choices=STAGES, default="all", help="stop after this stage (groups: the plugin, then check 21 alone)")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     parser.add_argument("--kernel", metavar="IMAGE", help="boot the VM with this kernel image")
     args = parser.parse_args()
