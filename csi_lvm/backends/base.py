@@ -227,13 +227,12 @@ class Backend(ABC):
         with self._admitted(ask, source, scan, snapshot=True) as new:
             return self._snapshot(new, source)
 
+    @abstractmethod
     def make_snapshots_at_once(
         self, members: Sequence[tuple[Ask, Owned]], scan: Scan, hold: Hold
     ) -> list[Owned]:
         """Snapshots of several volumes of this class, all as of one instant:
         ``hold(cut)`` runs ``cut`` while it holds the sources' writes."""
-        raise FailedPrecondition(f"device class {self.name} cannot snapshot volumes together "
-                                 "(its snapshots are copies): use a thin device class")  # fmt: skip
 
     def finish(
         self,

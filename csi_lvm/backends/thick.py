@@ -12,6 +12,10 @@ A thick class has no thin pool to share blocks, so each of these is a copy:
    view did not overflow, removes it, and only then deletes ``COPYING_TAG``
    (``Lifecycle.copied``).
 
+A group snapshot (``make_snapshots_at_once``) does the same for each member,
+except that the views of all members are taken while the group's writes are
+held, and nothing else is: the copies read them once the writes go on.
+
 A crash anywhere leaves the tag on the target, so the target is never taken
 for a finished copy; the retry of the same call finds it, removes a stale view
 (one that carries this driver's tags for that target, nothing else) and
@@ -29,8 +33,8 @@ import structlog
 
 from csi_lvm import blockcopy, lifecycle
 from csi_lvm.backends.admission import ClassSpace
-from csi_lvm.backends.asks import NewLv
-from csi_lvm.backends.base import Backend
+from csi_lvm.backends.asks import Ask, NewLv
+from csi_lvm.backends.base import Backend, Hold
 from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.block_ranges import RangeSpool
 from csi_lvm.config import DeviceClass
@@ -127,6 +131,50 @@ class ThickBackend(Backend):
         view of it."""
         return self._copy_into(new, Kind.SNAPSHOT, source)
 
+    def make_snapshots_at_once(
+        self, members: Sequence[tuple[Ask, Owned]], scan: Scan, hold: Hold
+    ) -> list[Owned]:
+        """Copies of several volumes as of one instant. Every target is
+        admitted and made first (tagged COPYING, like any copy); ``hold``
+        runs the cutting of the sources' temporary views alone; each target
+        is then filled from its view while the sources take writes again. A
+        failure removes every target and view made here."""
+        with contextlib.ExitStack() as admitted, contextlib.ExitStack() as undone:
+            news = [
+                admitted.enter_context(self._admitted(ask, source, scan, snapshot=True))
+                for ask, source in members
+            ]
+            targets = []
+            for new, (ask, _) in zip(news, members, strict=True):
+                try:
+                    self._create(new, lifecycle.copy_tags(Kind.SNAPSHOT, by_copy=True))
+                except LvmError as exc:
+                    raise refused_create(exc, self._create_refusal(exc, ask, new.size)) from exc
+                undone.enter_context(self._removed_on_failure(new.name))
+                targets.append(self._made(new.name, new.timeout))
+            for target in targets:
+                self.copier.remove_view(target)  # a crash left-over of an earlier try
+            cut: list[Owned] = []  # the targets whose view exists
+
+            def cut_views() -> None:
+                for target, new, (ask, source) in zip(targets, news, members, strict=True):
+                    try:
+                        self.copier.cut_view(source, target, new.extent_bytes)
+                    except LvmError as exc:  # answered as the hold sees it
+                        raise refused_create(exc, self._create_refusal(exc, ask, new.size)) from exc
+                    cut.append(target)
+
+            try:
+                hold(cut_views)
+                for target, (_, source) in zip(targets, members, strict=True):
+                    self.copier.fill_from_view(target, source)
+            except BaseException:
+                for target in cut:
+                    with contextlib.suppress(Exception):  # else start-up repair removes it
+                        self.copier.remove_view(target)
+                raise
+            return [self._made(new.name, None) for new in news]
+
     def _create(self, new: NewLv, lifecycle_tags: Sequence[str]) -> None:
         group = self.device_class.volume_group
         tags = [*new.tags, *lifecycle_tags]
@@ -203,17 +251,26 @@ class ThickCopier:
                 "copies only within one"
             )
         if source.kind is Kind.VOLUME:
-            view = self._make_view(source, target, extent_bytes)
-            try:
-                self._copy(view, target, source)
-                self._check_view(view, source)
-            except BaseException:
-                with contextlib.suppress(Exception):  # else the retry removes it
-                    self.lvm.remove(view.vg_name, view.name)
-                raise
-            self.lvm.remove(view.vg_name, view.name)
-        else:
-            self._copy(self.inventory.activated(source.lv), target, source)
+            self.remove_view(target)  # a crash left-over of an earlier try
+            self.cut_view(source, target, extent_bytes)
+            self.fill_from_view(target, source)
+            return
+        self._copy(self.inventory.activated(source.lv), target, source)
+        self.states.copied(target.lv)
+        log.info("copy complete", target=str(target.id), source=str(source.id))
+
+    def fill_from_view(self, target: Owned, source: Owned) -> None:
+        """Copy the view ``cut_view`` took of the volume ``source`` into
+        ``target``, remove the view, then mark the target complete."""
+        view = self._view(source, target)
+        try:
+            self._copy(view, target, source)
+            self._check_view(view, source)
+        except BaseException:
+            with contextlib.suppress(Exception):  # else the retry removes it
+                self.lvm.remove(view.vg_name, view.name)
+            raise
+        self.lvm.remove(view.vg_name, view.name)
         self.states.copied(target.lv)
         log.info("copy complete", target=str(target.id), source=str(source.id))
 
@@ -235,9 +292,11 @@ class ThickCopier:
 
     # ---- the temporary view
 
-    def _make_view(self, source: Owned, target: Owned, extent_bytes: int) -> LogicalVolume:
+    def cut_view(self, source: Owned, target: Owned, extent_bytes: int) -> None:
+        """The point in time a copy of the volume ``source`` into ``target``
+        reads: one lvcreate, nothing else (a group cuts it while writes are
+        held)."""
         name = view_name_for(target.lv.name)
-        self.remove_view(target)  # a crash left-over of an earlier try
         size = view_bytes(source.size_bytes, extent_bytes)
         tags = encode_tags({Tag.DRIVER: self.inventory.driver_name, Tag.VIEW_FOR: target.lv.name})
         try:
@@ -248,6 +307,9 @@ class ThickCopier:
                 f"volume group {source.lv.vg_name} has no room for the {size}-byte temporary "
                 f"snapshot that copies {source.id} consistently",
             ) from exc
+
+    def _view(self, source: Owned, target: Owned) -> LogicalVolume:
+        name = view_name_for(target.lv.name)
         view = self.lvm.find_lv(source.lv.vg_name, name)
         if view is None:
             raise Aborted(f"the temporary snapshot {source.lv.vg_name}/{name} vanished; retry")

@@ -151,14 +151,17 @@ def volumes_of(csi: CsiClient, name: str, count: int = VOLUMES) -> list[csi_pb2.
 
 @contextmanager
 def mounted(
-    vg: LoopVolumeGroup, volumes: list[csi_pb2.Volume], where: Path
+    vg: LoopVolumeGroup,
+    volumes: list[csi_pb2.Volume],
+    where: Path,
+    filesystems: tuple[str, ...] = ("ext4", "xfs"),
 ) -> Iterator[list[Path]]:
     """The volumes with a filesystem each (ext4, then xfs, ...), mounted."""
     points = []
     try:
         for i, volume in enumerate(volumes):
             path = device(vg, volume.volume_id)
-            fs_type = ("ext4", "xfs")[i % 2]
+            fs_type = filesystems[i % len(filesystems)]
             subprocess.run([f"mkfs.{fs_type}", "-q", *(["-f"] if fs_type == "xfs" else []), path],
                            check=True, capture_output=True)  # fmt: skip
             point = where / f"volume-{i}"
@@ -353,8 +356,6 @@ def test_what_cannot_be_one_instant_is_refused_before_anything_is_made(
     before = lvs(vg)
     expect_error(Code.FAILED_PRECONDITION, groups.CreateVolumeGroupSnapshot,
                  group_request(f"{name}-mixed", [*thin, thick]), "one device class")  # fmt: skip
-    expect_error(Code.FAILED_PRECONDITION, groups.CreateVolumeGroupSnapshot,
-                 group_request(f"{name}-thick", [thick]), "thin device class")  # fmt: skip
     elsewhere = csi_pb2.Volume(volume_id=f"other-node:thin:{thin[0].volume_id.rsplit(':')[-1]}")
     expect_error(Code.FAILED_PRECONDITION, groups.CreateVolumeGroupSnapshot,
                  group_request(f"{name}-nodes", [thin[1], elsewhere]), "one node",
@@ -382,6 +383,46 @@ def test_what_cannot_be_one_instant_is_refused_before_anything_is_made(
         os.close(held_open)
     assert lvs(vg) == before  # nothing made
     delete_all(csi, [*thin, thick])
+
+
+def test_a_thick_group_is_copied_from_one_instant(
+    csi: CsiClient, vg: LoopVolumeGroup, name: str, tmp_path: Path
+) -> None:
+    """Thick members are copies: their temporary views are cut while the
+    writes are held, and the copies read them afterwards. Idle volumes need
+    no hold, on any kernel."""
+    volumes = [
+        create(csi, f"{name}-{i}", 32 * MiB, "thick", capability=block_capability())
+        for i in range(2)
+    ]
+    groups = []
+    with (
+        mounted(vg, volumes, tmp_path, ("ext4",)) as points,
+        Writer(points).running() as writer,
+    ):
+        writer.wait_for(30)
+        request = group_request(f"{name}-live", volumes)
+        if SNAPSHOTS_FROZEN:
+            groups.append(csi.group_controller.CreateVolumeGroupSnapshot(request).group_snapshot)
+        else:
+            before = lvs(vg)
+            expect_error(Code.FAILED_PRECONDITION, csi.group_controller.CreateVolumeGroupSnapshot,
+                         request, "frozen filesystem")  # fmt: skip
+            assert lvs(vg) == before  # no copy target and no view left
+        writer.wait_for(writer.count + 10)  # nothing was left frozen
+        written = writer.count
+    idle = csi.group_controller.CreateVolumeGroupSnapshot(group_request(f"{name}-idle", volumes))
+    groups.append(idle.group_snapshot)
+    assert not [lv for lv in lvs(vg) if lv.endswith(".view")]  # the views are gone
+    for group in groups:
+        assert group.ready_to_use and len(group.snapshots) == 2
+        lasts = lasts_of(vg, volumes, list(group.snapshots), tmp_path / "snapshot")
+        assert max(lasts) >= 29 and one_instant(lasts), lasts
+    # The idle group holds everything the writer wrote.
+    assert max(lasts_of(vg, volumes, list(idle.group_snapshot.snapshots), tmp_path / "s")) == (
+        written - 1
+    )
+    delete_all(csi, volumes, *(g.group_snapshot_id for g in groups))
 
 
 def lvs(vg: LoopVolumeGroup) -> list[str]:
