@@ -64,7 +64,8 @@ GROUP = str(GroupId.build("node-a", "thin", "g"))
 # what the sidecar calls with group snapshots on (leases aside: --node-deployment
 # refuses leader election).
 SNAPSHOTTER_API_CALLS = {
-    *(("", "events", v) for v in ("list", "watch", "create", "update", "patch")),
+    # events: what client-go's recorder does (upstream's example adds list, watch)
+    *(("", "events", v) for v in ("create", "update", "patch")),
     *(("snapshot.storage.k8s.io", "volumesnapshotclasses", v) for v in ("get", "list", "watch")),
     *(("snapshot.storage.k8s.io", "volumesnapshotcontents", v)
       for v in ("get", "list", "watch", "update", "patch")),
