@@ -18,7 +18,7 @@ from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import FailedPrecondition
 from csi_lvm.forwarding import GroupForwardingService, GroupSidecarController
 from csi_lvm.group_controller import ForwardedGroupController
-from csi_lvm.group_labels import GROUP_SIDECAR_NAME, MANAGED_BY, needs_label
+from csi_lvm.group_labels import GROUP_HANDLE, GROUP_SIDECAR_NAME, KINDS, MANAGED_BY, needs_label
 from csi_lvm.ids import GroupId, Kind, ObjectId, lv_name_for
 from csi_lvm.peers import StaticPeers
 from csi_lvm.server import CallInterceptor, socket_path
@@ -333,23 +333,37 @@ def test_the_forwarder_answers_what_it_can_without_a_plugin(
         forwarder.stop(None)
 
 
+GROUP_CLASS, GROUP_CONTENT, CONTENT = KINDS
+
+
 @pytest.mark.parametrize(
-    ("obj", "labelled"),
+    ("kind", "obj", "labelled"),
     [
-        # A class of this driver, and a content of it (the driver in its spec).
-        ({"metadata": {"name": "c"}, "driver": DEFAULT_DRIVER_NAME}, True),
-        ({"metadata": {"name": "g"}, "spec": {"driver": DEFAULT_DRIVER_NAME}}, True),
-        ({"metadata": {"name": "g", "labels": {"app": "db"}},
-          "spec": {"driver": DEFAULT_DRIVER_NAME}}, True),
+        # A class of this driver, and a group content (the driver in its spec).
+        (GROUP_CLASS, {"metadata": {"name": "c"}, "driver": DEFAULT_DRIVER_NAME}, True),
+        (GROUP_CONTENT, {"metadata": {"name": "g"}, "spec": {"driver": DEFAULT_DRIVER_NAME}},
+         True),
+        (GROUP_CONTENT, {"metadata": {"name": "g", "labels": {"app": "db"}},
+                         "spec": {"driver": DEFAULT_DRIVER_NAME}}, True),
+        # A member's content: the snapshot-controller marks it with the group's handle.
+        (CONTENT, {"metadata": {"name": "s", "annotations": {GROUP_HANDLE: "n:thin:group_x"}},
+                   "spec": {"driver": DEFAULT_DRIVER_NAME}}, True),
+        # A single snapshot's content (labelled for its node, or not yet): never.
+        (CONTENT, {"metadata": {"name": "s"}, "spec": {"driver": DEFAULT_DRIVER_NAME}}, False),
+        (CONTENT, {"metadata": {"name": "s", "labels": {MANAGED_BY: "node-a"}},
+                   "spec": {"driver": DEFAULT_DRIVER_NAME}}, False),
         # Another driver's, or labelled already (for a node, by an admin: left alone).
-        ({"metadata": {"name": "c"}, "driver": "hostpath.csi.k8s.io"}, False),
-        ({"metadata": {"name": "g"}, "spec": {"driver": "hostpath.csi.k8s.io"}}, False),
-        ({"metadata": {"name": "g", "labels": {MANAGED_BY: "node-a"}},
-          "spec": {"driver": DEFAULT_DRIVER_NAME}}, False),
-        ({"metadata": {"name": "g"}}, False),
+        (GROUP_CLASS, {"metadata": {"name": "c"}, "driver": "hostpath.csi.k8s.io"}, False),
+        (GROUP_CONTENT, {"metadata": {"name": "g"}, "spec": {"driver": "hostpath.csi.k8s.io"}},
+         False),
+        (CONTENT, {"metadata": {"name": "s", "annotations": {GROUP_HANDLE: "x"}},
+                   "spec": {"driver": "hostpath.csi.k8s.io"}}, False),
+        (GROUP_CONTENT, {"metadata": {"name": "g", "labels": {MANAGED_BY: "node-a"}},
+                         "spec": {"driver": DEFAULT_DRIVER_NAME}}, False),
+        (GROUP_CONTENT, {"metadata": {"name": "g"}}, False),
     ],
 )  # fmt: skip
-def test_the_forwarder_labels_the_driver_s_unlabelled_group_objects(
-    obj: dict[str, Any], labelled: bool
+def test_the_forwarder_labels_the_driver_s_group_objects_and_members(
+    kind: str, obj: dict[str, Any], labelled: bool
 ) -> None:
-    assert needs_label(obj, DEFAULT_DRIVER_NAME) is labelled
+    assert needs_label(kind, obj, DEFAULT_DRIVER_NAME) is labelled
