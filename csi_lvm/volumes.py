@@ -208,7 +208,10 @@ class Inventory:
 
     def is_own_view(self, lv: LogicalVolume, target: str | None = None) -> bool:
         """Whether ``lv`` is a temporary view this driver made for a copy
-        (into ``target``, when given): a classic snapshot with its tags."""
+        (into ``target``, when given): a classic snapshot with its tags, or
+        the plain LV with those tags that LVM 2.03 leaves of one whose
+        lvcreate failed ("Failed to revert ... Manual intervention required",
+        when it cannot suspend a frozen origin)."""
         tags = decode_tags(lv.tags)
         view_for = tags.get(Tag.VIEW_FOR, "")
         # A view for another node's copy names its target by id.
@@ -219,7 +222,7 @@ class Inventory:
             and bool(view_for)
             and (target is None or view_for == target)
             and lv.name == view_name_for(view_for)
-            and lv.attr.is_cow_snapshot
+            and (lv.attr.is_cow_snapshot or not lv.attr.is_cow_origin)
         )
 
     # ---- the kept view (csi_lvm.kept_view)

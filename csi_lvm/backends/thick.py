@@ -154,7 +154,6 @@ class ThickBackend(Backend):
                 targets.append(self._made(new.name, new.timeout))
             for target in targets:
                 self.copier.remove_view(target)  # a crash left-over of an earlier try
-            cut: list[Owned] = []  # the targets whose view exists
 
             def cut_views() -> None:
                 for target, new, (ask, source) in zip(targets, news, members, strict=True):
@@ -162,14 +161,15 @@ class ThickBackend(Backend):
                         self.copier.cut_view(source, target, new.extent_bytes)
                     except LvmError as exc:  # answered as the hold sees it
                         raise refused_create(exc, self._create_refusal(exc, ask, new.size)) from exc
-                    cut.append(target)
 
             try:
                 hold(cut_views)
                 for target, (_, source) in zip(targets, members, strict=True):
                     self.copier.fill_from_view(target, source)
             except BaseException:
-                for target in cut:
+                # Every target's: a refused lvcreate may leave its view behind
+                # (LVM 2.03 does, when it cannot suspend a frozen origin).
+                for target in targets:
                     with contextlib.suppress(Exception):  # else start-up repair removes it
                         self.copier.remove_view(target)
                 raise

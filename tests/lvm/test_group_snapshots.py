@@ -410,7 +410,7 @@ def test_a_thick_group_is_copied_from_one_instant(
                          request, "frozen filesystem")  # fmt: skip
             assert lvs(vg) == before  # no copy target and no view left
         writer.wait_for(writer.count + 10)  # nothing was left frozen
-        written = writer.count
+    written = writer.count  # stopped, and the filesystems unmounted
     idle = csi.group_controller.CreateVolumeGroupSnapshot(group_request(f"{name}-idle", volumes))
     groups.append(idle.group_snapshot)
     assert not [lv for lv in lvs(vg) if lv.endswith(".view")]  # the views are gone
