@@ -88,6 +88,7 @@ def group_checks(checks: Any, pvc: Any, namespace: str, image: str) -> None:
         if {checks.pv_node(c) for c in CLAIMS} != {node}:
             raise Failed(f"the claims are not both on the writer's node {node}")
         before = set(checks.lvs())  # the claims' LVs among them
+
         def writer_at(number: int) -> bool:
             return last_numbers(checks.exec("db-writer", LAST))[1] > number
 

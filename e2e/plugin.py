@@ -3,11 +3,12 @@
 The manifests are rendered with ``kubectl kustomize`` from deploy/kubernetes
 with its snapshot-metadata and group-snapshots components (an overlay in
 build/vm/, the way an admin turns the components on). Two changes an admin
-of this cluster would make are made to the rendered objects: the plugin reports the nodes' zone and rack
-labels (``--topology-labels``), and each device class of the ConfigMap has an
-entry per node naming that node's volume group (the nodes share one kernel,
-so their volume groups need names of their own; deploy/kubernetes/
-configmap.yaml, "one class, a volume group per node").
+of this cluster would make are made to the rendered objects: the plugin
+reports the nodes' zone and rack labels (``--topology-labels``), and each
+device class of the ConfigMap has an entry per node naming that node's
+volume group (the nodes share one kernel, so their volume groups need names
+of their own; deploy/kubernetes/configmap.yaml, "one class, a volume group
+per node").
 
 The DaemonSet and the components' Deployments then run as pods: the
 plugin's image is the Dockerfile's (built on the host, imported into each

@@ -186,7 +186,12 @@ def cpu_summary(path: Path, shown: int = 12) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--inside", metavar="DIR", help="run here, binaries from DIR")
-    parser.add_argument("--stage", choices=STAGES, default="all", help="stop after this stage (groups: the plugin, then check 21 alone)")
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="all",
+        help="stop after this stage (groups: the plugin, then check 21 alone)",
+    )
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     parser.add_argument("--kernel", metavar="IMAGE", help="boot the VM with this kernel image")
     args = parser.parse_args()
