@@ -58,12 +58,14 @@ class Bench:
         self.rows.append(row)
         print(f"  {row.figure}: {row.value:.3f} {row.unit}", flush=True)
 
-    def create(self, name: str, size: int, cap: Any = None, source: str = "") -> csi_pb2.Volume:
+    def create(
+        self, name: str, size: int, cap: Any = None, source: str = "", device_class: str = "thin"
+    ) -> csi_pb2.Volume:
         request = csi_pb2.CreateVolumeRequest(
             name=name,
             capacity_range=csi_pb2.CapacityRange(required_bytes=size),
             volume_capabilities=[cap or mount_cap()],
-            parameters={"deviceClass": "thin"},
+            parameters={"deviceClass": device_class},
         )
         if source:
             request.volume_content_source.snapshot.snapshot_id = source

@@ -1,7 +1,10 @@
-"""How long a group snapshot holds its volumes' writes, per group size.
+"""How long a group snapshot holds its volumes' writes, per group size, in
+a thin class and in a thick class.
 
-Each volume is a thin volume with ext4 mounted, and a writer appends a
-small synchronous write to each in turn, timing every write. The pause is
+Each volume has ext4 mounted, and a writer appends a small synchronous
+write to each in turn, timing every write. (A thick member is a copy: what
+the writes wait for is the temporary COW snapshot cut for each member while
+they are held; the copies run after.) The pause is
 the longest a write waited while the call ran: what an application sees of
 the group's freeze. The baseline, in the same run: the longest wait during
 an ordinary CreateSnapshot of one such volume (LVM's own suspend of it). The
@@ -71,8 +74,11 @@ class _Writer:
             os.close(fd)
 
 
-def group_pauses(bench: Bench, samples: int) -> None:
-    volumes = [bench.create(bench.name("group"), 64 * MiB, BLOCK) for _ in range(max(SIZES))]
+def group_pauses(bench: Bench, samples: int, device_class: str = "thin") -> None:
+    volumes = [
+        bench.create(bench.name("group"), 64 * MiB, BLOCK, device_class=device_class)
+        for _ in range(max(SIZES))
+    ]
     points: list[Path] = []
     try:
         for volume in volumes:
@@ -113,7 +119,8 @@ def group_pauses(bench: Bench, samples: int) -> None:
         for size in SIZES:
             pause = statistics.median(by_size[size])
             bench.add(Row(
-                f"Writes held by a group snapshot of {size} mounted volume(s) vs by one snapshot",
+                f"Writes held by a {device_class} group snapshot of {size} mounted volume(s) vs "
+                "by one snapshot",
                 pause, baseline, pause / baseline, "", None, "s",
                 f"median of {samples}; longest wait of a synchronous 4 KiB write, ext4, "
                 f"one writer over all {len(volumes)} volumes in turn",

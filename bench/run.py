@@ -172,8 +172,9 @@ def main() -> int:
             with phase("a restore across nodes against moving its bytes locally"):
                 restore_across_nodes(bench, args.across_samples)
         if "groups" in only:
-            with phase("writes held by group snapshots"):
-                group_pauses(bench, args.group_samples)
+            for device_class in ("thin", "thick"):
+                with phase(f"writes held by group snapshots, {device_class}"):
+                    group_pauses(bench, args.group_samples, device_class)
         if "scale" in only or "default-vg" in only:
             with phase(f"a node with 10 and with {args.scale_volumes} volumes"):
                 ScaleBench(work, bench.add).run(
