@@ -19,33 +19,33 @@ from csi_lvm.wiring import build_forwarder, build_group_forwarder
 
 
 def add_forwarder_parsers(commands: Any, endpoint: str, driver_name: str) -> None:
-    forward = commands.add_parser(
+    def forwarder(name: str, what: str) -> argparse.ArgumentParser:
+        command: argparse.ArgumentParser = commands.add_parser(name, help=what)
+        command.add_argument("--endpoint", default=endpoint, help="unix:///path/to/csi.sock")
+        command.add_argument("--driver-name", default=driver_name)
+        command.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+        add_tls_dir(command)
+        add_peer_lookup(command, plugin_port=9811)
+        return command
+
+    forwarder(
         "forward-snapshot-metadata",
-        help="serve SnapshotMetadata on a socket for the cluster's sidecar, forwarding each "
-        "call to the plugin of the snapshot's node over mutual TLS",
+        "serve SnapshotMetadata on a socket for the cluster's sidecar, forwarding each call to "
+        "the plugin of the snapshot's node over mutual TLS",
     )
-    forward.add_argument("--endpoint", default=endpoint, help="unix:///path/to/csi.sock")
-    forward.add_argument("--driver-name", default=driver_name)
-    forward.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    add_tls_dir(forward)
-    add_peer_lookup(forward, plugin_port=9811)
-    groups = commands.add_parser(
+    groups = forwarder(
         "forward-group-snapshots",
-        help="serve the GroupController on a socket for the cluster's snapshotter sidecar for "
+        "serve the GroupController on a socket for the cluster's snapshotter sidecar for "
         "groups, forwarding each call to the plugin of the volumes' node over mutual TLS, and "
         "label the driver's group snapshot objects for that sidecar",
     )
-    groups.add_argument("--endpoint", default=endpoint, help="unix:///path/to/csi.sock")
-    groups.add_argument("--driver-name", default=driver_name)
-    groups.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     groups.add_argument(
         "--sidecar-name",
         default=os.environ.get("NODE_NAME") or GROUP_SIDECAR_NAME,
-        help="the NODE_NAME of the sidecar for groups (a name no node has), put on the driver's "
-        "VolumeGroupSnapshotContents and VolumeGroupSnapshotClasses as their managed-by label",
+        help="the NODE_NAME of the sidecar for groups (a name no node has), put as the "
+        "managed-by label on the driver's VolumeGroupSnapshotContents and "
+        "VolumeGroupSnapshotClasses and on the contents of the groups' members",
     )
-    add_tls_dir(groups)
-    add_peer_lookup(groups, plugin_port=9811)
 
 
 def add_tls_dir(command: argparse.ArgumentParser) -> None:
