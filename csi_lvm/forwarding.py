@@ -31,6 +31,7 @@ import grpc
 
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import InvalidArgument, NotFound, Relayed, Unimplemented
+from csi_lvm.group_controller import group_capabilities
 from csi_lvm.ids import GroupId, Kind, ObjectId
 from csi_lvm.peers import PeerChannels, Peers
 from csi_lvm.rpc import budget
@@ -72,7 +73,6 @@ class ForwardingService(csi_pb2_grpc.SnapshotMetadataServicer):
         self.channels.close()
 
 
-_GROUP_RPC = csi_pb2.GroupControllerServiceCapability.RPC
 _CONTROLLER_RPC = csi_pb2.ControllerServiceCapability.RPC
 
 
@@ -86,13 +86,7 @@ class GroupForwardingService(csi_pb2_grpc.GroupControllerServicer):
     def GroupControllerGetCapabilities(
         self, request: csi_pb2.GroupControllerGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.GroupControllerGetCapabilitiesResponse:
-        return csi_pb2.GroupControllerGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.GroupControllerServiceCapability(
-                    rpc=_GROUP_RPC(type=_GROUP_RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
-                )
-            ]
-        )
+        return group_capabilities()
 
     def CreateVolumeGroupSnapshot(
         self, request: csi_pb2.CreateVolumeGroupSnapshotRequest, context: Context

@@ -22,6 +22,17 @@ Context = grpc.ServicerContext
 _GROUP_RPC = csi_pb2.GroupControllerServiceCapability.RPC
 
 
+def group_capabilities() -> csi_pb2.GroupControllerGetCapabilitiesResponse:
+    """What the driver's GroupController offers, wherever it is served."""
+    return csi_pb2.GroupControllerGetCapabilitiesResponse(
+        capabilities=[
+            csi_pb2.GroupControllerServiceCapability(
+                rpc=_GROUP_RPC(type=_GROUP_RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
+            )
+        ]
+    )
+
+
 class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
     def __init__(self, groups: GroupSnapshots) -> None:
         self.groups = groups
@@ -29,13 +40,7 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
     def GroupControllerGetCapabilities(
         self, request: csi_pb2.GroupControllerGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.GroupControllerGetCapabilitiesResponse:
-        return csi_pb2.GroupControllerGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.GroupControllerServiceCapability(
-                    rpc=_GROUP_RPC(type=_GROUP_RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT)
-                )
-            ]
-        )
+        return group_capabilities()
 
     def CreateVolumeGroupSnapshot(
         self, request: csi_pb2.CreateVolumeGroupSnapshotRequest, context: Context
