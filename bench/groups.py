@@ -84,7 +84,7 @@ def group_pauses(bench: Bench, samples: int, device_class: str = "thin") -> None
         for volume in volumes:
             device = f"/dev/mapper/{dm_name(bench.vg.name, volume.volume_id.rsplit(':', 1)[-1])}"
             run("mkfs.ext4", "-q", device)
-            point = bench.work / f"group-{len(points)}"
+            point = bench.work / f"group-{device_class}-{len(points)}"
             point.mkdir()
             run("mount", device, str(point))
             points.append(point)
