@@ -49,11 +49,7 @@ from csi_lvm.server import Server, socket_path
 from csi_lvm.tls import TlsFiles, server_credentials
 from csi_lvm.topology import missing_labels
 from csi_lvm.volumes import REFRESH_SECONDS
-from csi_lvm.wiring import (
-    DEFAULT_DRIVER_NAME,
-    Options,
-    build,
-)
+from csi_lvm.wiring import DEFAULT_DRIVER_NAME, Options, build
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_CONFIG = "/etc/csi-lvm/config.yaml"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -59,6 +59,20 @@ CAPABILITIES = (
 )
 Context = grpc.ServicerContext
 T = TypeVar("T")
+
+
+def controller_capabilities(
+    capabilities: Iterable[Cap],
+) -> csi_pb2.ControllerGetCapabilitiesResponse:
+    """A ControllerGetCapabilities answer offering ``capabilities``."""
+    return csi_pb2.ControllerGetCapabilitiesResponse(
+        capabilities=[
+            csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=c))
+            for c in capabilities
+        ]
+    )
+
+
 # How long a delete waits for the copy into its volume to stop.
 CANCEL_WAIT_SECONDS = 10.0
 # Threads for copies (thick snapshots, restores and clones); more would only
@@ -253,14 +267,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
-        return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.ControllerServiceCapability(
-                    rpc=csi_pb2.ControllerServiceCapability.RPC(type=cap)
-                )
-                for cap in CAPABILITIES
-            ]
-        )
+        return controller_capabilities(CAPABILITIES)
 
     # ------------------------------------------------------------ snapshots
 

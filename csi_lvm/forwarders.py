@@ -83,11 +83,15 @@ def peer_lookup(args: argparse.Namespace, port: int) -> Peers:
     return KubernetesPeers(args.namespace, args.plugin_selector, port)
 
 
-def forward_snapshot_metadata(args: argparse.Namespace) -> int:
+def _plugins(args: argparse.Namespace) -> tuple[Peers, TlsFiles]:
+    """Where the plugins are, and the forwarder's certificate to reach them."""
     tls = TlsFiles(Path(args.tls_dir))
     tls.read()  # missing files stop start-up, with their names
-    peers = peer_lookup(args, args.plugin_port)
-    forwarder = build_forwarder(args.driver_name, peers, tls)
+    return peer_lookup(args, args.plugin_port), tls
+
+
+def forward_snapshot_metadata(args: argparse.Namespace) -> int:
+    forwarder = build_forwarder(args.driver_name, *_plugins(args))
     server = Server(args.endpoint, forwarder.identity, None, None, forwarder.forwarding)
     try:
         server.run_until_signalled()
@@ -97,10 +101,7 @@ def forward_snapshot_metadata(args: argparse.Namespace) -> int:
 
 
 def forward_group_snapshots(args: argparse.Namespace) -> int:
-    tls = TlsFiles(Path(args.tls_dir))
-    tls.read()  # missing files stop start-up, with their names
-    peers = peer_lookup(args, args.plugin_port)
-    forwarder = build_group_forwarder(args.driver_name, args.sidecar_name, peers, tls)
+    forwarder = build_group_forwarder(args.driver_name, args.sidecar_name, *_plugins(args))
     server = Server(
         args.endpoint,
         forwarder.identity,

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from csi_lvm.controller import Cap, controller_capabilities
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import InvalidArgument, NotFound, Relayed, Unimplemented
 from csi_lvm.group_controller import group_capabilities
@@ -71,9 +72,6 @@ class ForwardingService(csi_pb2_grpc.SnapshotMetadataServicer):
 
     def close(self) -> None:
         self.channels.close()
-
-
-_CONTROLLER_RPC = csi_pb2.ControllerServiceCapability.RPC
 
 
 class GroupForwardingService(csi_pb2_grpc.GroupControllerServicer):
@@ -138,13 +136,7 @@ class GroupSidecarController(csi_pb2_grpc.ControllerServicer):
     def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
-        return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.ControllerServiceCapability(
-                    rpc=_CONTROLLER_RPC(type=_CONTROLLER_RPC.CREATE_DELETE_SNAPSHOT)
-                )
-            ]
-        )
+        return controller_capabilities([Cap.CREATE_DELETE_SNAPSHOT])
 
     def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: Context
