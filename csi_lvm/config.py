@@ -32,8 +32,10 @@ LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 
 _CLASS_KEYS = {
     "name", "volumeGroup", "thinPool", "overprovisionRatio", "fullThresholdPercent", "default",
-    "nodes", "mkfsOptions", "allowPoolWithoutZeroing",
+    "nodes", "mkfsOptions", "allowPoolWithoutZeroing", "encryption",
 }  # fmt: skip
+# What ``encryption:`` accepts: LUKS2 (dm-crypt) with a key per volume, or none.
+ENCRYPTIONS = ("luks2", "none")
 # A thin pool this full refuses new volumes: writes to a full pool fail, so
 # leave headroom for the volumes that already exist.
 DEFAULT_FULL_THRESHOLD_PERCENT = 95.0
@@ -58,6 +60,9 @@ class DeviceClass:
     # into partly written blocks; only an admin whose users zero themselves
     # may accept one (thin only).
     allow_pool_without_zeroing: bool = False
+    # Volumes made from now on are LUKS2 (csi_lvm.crypt); each LV records
+    # its own, so a class that changes this leaves its volumes as they are.
+    encrypted: bool = False
     line: int = 0  # where the class starts in the config file, for messages
     volume_group_line: int = 0
     thin_pool_line: int = 0
@@ -224,6 +229,7 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
             f"{_at(source, fields['allowPoolWithoutZeroing'][1])}: allowPoolWithoutZeroing "
             "applies to thin classes only; add thinPool or remove it"
         )
+    encrypted = _encryption(fields, source)
     return DeviceClass(
         name,
         volume_group,
@@ -234,10 +240,23 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
         nodes=nodes,
         mkfs_options=mkfs_options,
         allow_pool_without_zeroing=allow_unzeroed,
+        encrypted=encrypted,
         line=node.start_mark.line + 1,
         volume_group_line=fields["volumeGroup"][1].start_mark.line + 1,
         thin_pool_line=fields["thinPool"][1].start_mark.line + 1 if thin_pool else 0,
     )
+
+
+def _encryption(fields: dict[str, tuple[yaml.Node, yaml.Node]], source: str) -> bool:
+    if "encryption" not in fields:
+        return False
+    value = _string(fields["encryption"][1], source, "encryption")
+    if value not in ENCRYPTIONS:
+        raise ConfigError(
+            f"{_at(source, fields['encryption'][1])}: encryption {value!r} is not one csi-lvm "
+            f"offers; use one of {', '.join(ENCRYPTIONS)}"
+        )
+    return value == "luks2"
 
 
 def _check_classes(classes: list[DeviceClass], source: str) -> None:
@@ -260,6 +279,13 @@ def _check_classes(classes: list[DeviceClass], source: str) -> None:
                     f"but the one at line {first.line} is {that}; a class's volumes are all "
                     "of one kind, so its entries must all have thinPool or none: fix the "
                     "entry, or give it a class name of its own"
+                )
+            if other.encrypted != first.encrypted:
+                raise ConfigError(
+                    f"{source} line {other.line}: this entry of device class {name!r} says "
+                    f"encryption {'luks2' if other.encrypted else 'none'} but the one at line "
+                    f"{first.line} does not; a class's volumes are encrypted on every node or "
+                    "on none: give every entry the same encryption"
                 )
         seen: dict[str, DeviceClass] = {}
         for entry in entries:

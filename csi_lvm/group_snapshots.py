@@ -326,6 +326,6 @@ def _mount_of(volume: Owned, mounted: dict[str, str]) -> str | None:
     ``fs.filesystem_mounts``); None when it is not, or its device node is
     not there to say (nothing here mounted it through that node then)."""
     try:
-        return mounted.get(fs.device_number(volume.lv.device))
+        return mounted.get(fs.device_number(volume.data_device()))
     except (OSError, DriverError):
         return None

@@ -222,6 +222,7 @@ class Tag(enum.Enum):
     SNAPSHOT_CONTENT_NAME = "snapshot-content-name"
     VIEW_FOR = "view-for"  # on a temporary COW snapshot: the LV it is copied into
     GROUP = "group"  # on a snapshot of a group snapshot: the group's key (``GroupId.key``)
+    ENCRYPTION = "encryption"  # "luks2": the LV holds a LUKS2 header (csi_lvm.crypt)
 
 
 _TAGS_BY_KEY = {tag.value: tag for tag in Tag}

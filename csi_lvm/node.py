@@ -14,8 +14,9 @@ import stat
 import grpc
 import structlog
 
-from csi_lvm import fs, lifecycle
+from csi_lvm import crypt, fs, lifecycle
 from csi_lvm.backends import Backends
+from csi_lvm.backends.asks import Contents
 from csi_lvm.config import DeviceClass
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import (
@@ -95,6 +96,32 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         """The volume's device node, activating the LV when it is not."""
         return self.inventory.activated(owned.lv, timeout).device
 
+    def _data_device(self, owned: Owned, timeout: float | None) -> str:
+        """The device the volume's data goes through: the LV, or an encrypted
+        volume's mapping, which only NodeStageVolume opens (it has the key)."""
+        device = self._device(owned, timeout)
+        if not owned.encrypted:
+            return device
+        if not crypt.is_open(owned.mapping):
+            raise FailedPrecondition(
+                f"volume {owned.id} is encrypted and not open on this node: call "
+                "NodeStageVolume first (it opens the volume with its key)"
+            )
+        return crypt.mapping_path(owned.mapping)
+
+    def _unlocked(
+        self, owned: Owned, device: str, known: Contents, secrets: dict[str, str]
+    ) -> tuple[str, Contents]:
+        """An encrypted volume's open mapping, and what it holds: nothing
+        when its header was made just now (mkfs then needs no probe; its
+        blocks decrypt to noise, so they do not read zeros)."""
+        what = f"volume {owned.id}"
+        keys = crypt.keys_from(secrets, what)
+        mapping, made = crypt.unlock(device, owned.mapping, keys, blank=known.blank, what=what)
+        if made:
+            log.info("encrypted", volume_id=str(owned.id), mapping=owned.mapping)
+        return mapping, Contents(blank=made, reads_zeros=False)
+
     # ------------------------------------------------------------- staging
 
     def NodeStageVolume(
@@ -111,10 +138,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             lifecycle.check_ready(owned, "volume")
             backend = self.backends.of(owned.device_class)
             device = self._device(owned, timeout)
+            known = backend.contents(owned.lv)
+            if owned.encrypted:
+                device, known = self._unlocked(owned, device, known, dict(request.secrets))
             if request.volume_capability.WhichOneof("access_type") == "block":
                 return csi_pb2.NodeStageVolumeResponse()  # block volumes are used raw
             wanted_fs = filesystem_of(request.volume_capability)
-            known = backend.contents(owned.lv)
             staged = fs.stage(
                 fs.Staging(
                     what=f"volume {request.volume_id}",
@@ -174,6 +203,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     )
                 fs.unmount(path, timeout)
                 unmounted = True
+            # Unstaging closes an encrypted volume's mapping (found by name:
+            # the LV may be gone); it stays open while a publication uses it.
+            mapping = crypt.mapping_name(object_id.device_class, object_id.lv_name)
+            if what == "staging path" and crypt.is_open(mapping):
+                crypt.close_mapping(mapping)
             # The file or directory publishing made goes too, but only where
             # this call shows it was a publication of this volume.
             if what == "target path" and (owned is not None or unmounted):
@@ -181,7 +215,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     @staticmethod
     def _device_number(owned: Owned) -> str | None:
-        return fs.device_number(owned.lv.device) if os.path.exists(owned.lv.device) else None
+        device = owned.data_device()
+        return fs.device_number(device) if os.path.exists(device) else None
 
     # ----------------------------------------------------------- publishing
 
@@ -204,7 +239,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self.locks.hold(self._lock_name(request.volume_id)):
             owned = self._find_volume(request.volume_id, timeout)
             lifecycle.check_ready(owned, "volume")
-            device = self._device(owned, timeout)
+            device = self._data_device(owned, timeout)
             ours = fs.device_number(device)
             current = fs.mounted_device(target)
             if current is not None:
@@ -324,7 +359,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         )
         Usage = csi_pb2.VolumeUsage
         if stat.S_ISBLK(os.stat(path).st_mode):
-            usage = [Usage(unit=Usage.BYTES, total=fs.block_device_size(owned.lv.device))]
+            usage = [Usage(unit=Usage.BYTES, total=fs.block_device_size(owned.data_device()))]
         else:
             space = fs.usage(path)
             usage = [
@@ -369,7 +404,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             size = backend.grow(owned, wanted, scan, timeout)
             if size > owned.size_bytes:
                 log.info("volume extended", volume_id=request.volume_id, bytes=size)
+            if owned.encrypted and crypt.is_open(owned.mapping):
+                crypt.resize(owned.mapping)
             device = self._device(owned, timeout)
+            if owned.encrypted:  # grown above while open, or not mounted here
+                device = owned.data_device()
             ours = fs.device_number(device)
             for path in (request.staging_target_path, volume_path):
                 entry = fs.mount_at(path) if path else None

@@ -14,7 +14,7 @@ from csi_lvm.backends import Backends
 from csi_lvm.backends.asks import Ask
 from csi_lvm.backends.base import Backend
 from csi_lvm.csi import csi_pb2
-from csi_lvm.errors import AlreadyExists, InvalidArgument
+from csi_lvm.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.peer_copy import PeerCopies
@@ -122,6 +122,13 @@ class VolumeCreation:
             raise InvalidArgument(
                 f"{source.kind.value} {source.id} is in device class {source.device_class.name}; "
                 f"a volume made from it must use that class, not {device_class.name}"
+            )
+        if source is not None and device_class.encrypted and not source.encrypted:
+            raise FailedPrecondition(
+                f"{source.kind.value} {source.id} holds plain data (made before device class "
+                f"{device_class.name} was encrypted); a volume made from it would keep that "
+                "data unencrypted in a class that promises encryption: copy the data into a "
+                "new volume of the class from a pod instead"
             )
         tags = self.inventory.tags_for(Kind.VOLUME, request.name, device_class, source)
         # A copy is at least its source's size; a blank volume at least what

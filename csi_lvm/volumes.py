@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from csi_lvm import crypt
 from csi_lvm.config import Config, DeviceClass
+from csi_lvm.crypt import LUKS2
 from csi_lvm.csi import csi_pb2
 from csi_lvm.errors import (
     AlreadyExists,
@@ -69,6 +71,23 @@ class Owned:
     @property
     def size_bytes(self) -> int:
         return self.lv.size_bytes
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the LV holds a LUKS2 header and its data only through it."""
+        return self.tags.get(Tag.ENCRYPTION) == LUKS2
+
+    @property
+    def mapping(self) -> str:
+        """The name of the dm-crypt mapping an encrypted LV is opened as."""
+        return crypt.mapping_name(self.id.device_class, self.lv.name)
+
+    def data_device(self) -> str:
+        """The device node the data is read and written through: an
+        encrypted volume's open mapping, else the LV's own."""
+        if self.encrypted and crypt.is_open(self.mapping):
+            return crypt.mapping_path(self.mapping)
+        return self.lv.device
 
     @property
     def source_id(self) -> str:
@@ -159,14 +178,18 @@ class Inventory:
         """The tags of a new volume or snapshot: only what the driver needs
         (see ``Tag``); the CSI name only when its LV name is a hash. A
         source of this node is named by its LV, one of another node
-        (``remote_source``) by its whole id."""
+        (``remote_source``) by its whole id. What is made from a source of
+        this node holds its data, so it is encrypted when the source is;
+        anything else, when its class encrypts."""
         lv_name = lv_name_for(kind, name)
+        encrypted = device_class.encrypted if source is None else source.encrypted
         return encode_tags(
             {
                 Tag.DRIVER: self.driver_name,
                 Tag.NAME: "" if csi_name_in(lv_name) == name else name,
                 Tag.CLASS: device_class.name,
                 Tag.SOURCE: remote_source or ("" if source is None else source.lv.name),
+                Tag.ENCRYPTION: LUKS2 if encrypted else "",
             }
         )
 

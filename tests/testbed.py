@@ -36,7 +36,7 @@ def sh(*args: str, check: bool = True) -> str:
 
 
 def load_kernel_modules() -> None:
-    for module in ("loop", "dm-mod", "dm-thin-pool", "dm-snapshot"):
+    for module in ("loop", "dm-mod", "dm-thin-pool", "dm-snapshot", "dm-crypt"):
         subprocess.run(["modprobe", module], capture_output=True, check=False)
 
 

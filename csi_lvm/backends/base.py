@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import structlog
 
-from csi_lvm import lifecycle
+from csi_lvm import crypt, lifecycle
 from csi_lvm.backends.admission import (
     METADATA_LOW_LVS,
     ClassSpace,
@@ -322,6 +322,8 @@ class Backend(ABC):
                 "when the restore has finished"
             )
         try:
+            if owned.encrypted:
+                self._crypto_erase(owned, timeout)
             self.remove(owned, timeout)
         except LvmError as exc:
             doing = f"{owned.kind.value} {owned.id} could not be removed from node {self.node_id}"
@@ -332,6 +334,17 @@ class Backend(ABC):
                     "when that has finished"
                 )
             raise refused(exc, doing) from exc
+
+    def _crypto_erase(self, owned: Owned, timeout: float | None) -> None:
+        """Destroy the LUKS2 keyslots before the LV goes: its blocks, wherever
+        they are reused, are noise without the volume key. A repeat after a
+        crash erases what is left of the header again."""
+        device = self.inventory.activated(owned.lv, timeout).device
+        if crypt.is_luks(device):
+            started = time.monotonic()
+            crypt.erase(device)
+            seconds = round(time.monotonic() - started, 2)
+            log.info("keys destroyed", lv=owned.lv.full_name, seconds=seconds)
 
     def held_open(self, owned: Owned, timeout: float | None) -> bool:
         """Whether the LV's device stays open. udev opens a device for a moment

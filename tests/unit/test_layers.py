@@ -31,6 +31,7 @@ LAYERS = (
     "csi_lvm.blockcopy",
     "csi_lvm.filesystems",
     "csi_lvm.fs",
+    "csi_lvm.crypt",
     "csi_lvm.config",
     "csi_lvm.tls",
     "csi_lvm.kube",
