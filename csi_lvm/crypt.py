@@ -264,7 +264,7 @@ def unlock(device: str, name: str, keys: Keys, *, blank: bool, what: str) -> tup
             )
         return mapping_path(name), False
     made = False
-    if blank:
+    if blank or _never_formatted(device):
         format_device(device, keys.key)
         made = True
     elif not is_luks(device):
@@ -295,6 +295,18 @@ def unlock(device: str, name: str, keys: Keys, *, blank: bool, what: str) -> tup
     if keys.previous is not None and keys.previous != keys.key:
         drop_key(device, keys.previous)  # a rotation cut short after its new keyslot
     return path, made
+
+
+def _never_formatted(device: str) -> bool:
+    """Whether the header's place reads zeros: never given a header (a thick
+    LV is zeroed when made). A probe would not do: ciphertext behind a
+    damaged header looks like nothing to blkid, and must not be formatted."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = os.pread(fd, HEADER_BYTES, 0)
+        return start == bytes(len(start))
+    finally:
+        os.close(fd)
 
 
 def _device_number(device: str) -> str:
