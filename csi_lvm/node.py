@@ -207,11 +207,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             # the LV may be gone); it stays open while a publication uses it.
             mapping = crypt.mapping_name(object_id.device_class, object_id.lv_name)
             if what == "staging path" and crypt.is_open(mapping):
+                self._check_unpublished(volume_id, mapping)
                 crypt.close_mapping(mapping)
             # The file or directory publishing made goes too, but only where
             # this call shows it was a publication of this volume.
             if what == "target path" and (owned is not None or unmounted):
                 self._remove_target(path)
+
+    @staticmethod
+    def _check_unpublished(volume_id: str, mapping: str) -> None:
+        """A block publication binds the mapping's device node, which holds
+        nothing open: closing the mapping would leave the pod a dead device."""
+        node = os.path.basename(os.path.realpath(crypt.mapping_path(mapping)))
+        for entry in fs.mounts():
+            if entry.root.endswith((f"/{mapping}", f"/{node}")):
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still published at {entry.mount_point}: its "
+                    "encrypted mapping stays open until it is unpublished; unpublish it first"
+                )
 
     @staticmethod
     def _device_number(owned: Owned) -> str | None:

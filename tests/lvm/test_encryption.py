@@ -27,7 +27,6 @@ from tests.lvm.helpers import (
     mount_capability,
     publish,
     unpublish,
-    unstage,
 )
 from tests.testbed import CsiClient, Driver, LoopVolumeGroup, sh
 
@@ -91,6 +90,15 @@ def stage_request(
     )
 
 
+def unstage(csi: CsiClient, volume_id: str, staging: str) -> None:
+    """Unstage, which closes the volume's mapping."""
+    csi.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging)
+    )
+    assert not is_mounted(staging)
+    assert not crypt.is_open(mapping_of(volume_id)), "unstage left the mapping open"
+
+
 def lv_device(vg: LoopVolumeGroup, volume_id: str) -> str:
     return f"/dev/{vg.name}/{volume_id.rsplit(':', 1)[-1]}"
 
@@ -101,7 +109,9 @@ def mapping_of(volume_id: str) -> str:
 
 
 def raw_holds(device: str, needle: bytes) -> bool:
-    """Whether the device's raw blocks hold ``needle`` anywhere."""
+    """Whether the device's raw blocks hold ``needle`` anywhere (what is on
+    the disk: writes through another device bypass this one's page cache)."""
+    sh("blockdev", "--flushbufs", device)
     with open(device, "rb") as raw:
         tail = b""
         while chunk := raw.read(4 * MiB):
@@ -173,7 +183,7 @@ def test_a_block_volume_publishes_the_mapping_never_the_lv(
         csi_pb2.NodeUnstageVolumeRequest(
             volume_id=volume.volume_id, staging_target_path=str(staging)
         ),
-        "still in use",
+        "still published",
     )
     unpublish(csi, volume.volume_id, target)
     unstage(csi, volume.volume_id, str(staging))
@@ -277,6 +287,7 @@ def test_delete_destroys_the_keys_so_old_blocks_are_unreadable(
     def header_opens() -> bool:
         """Whether the LUKS header at the extent, copied out, opens with the key."""
         copy = workdir / "enc-erase-header.img"
+        sh("blockdev", "--flushbufs", pv)  # the erase went through the LV, not the PV
         with open(pv, "rb") as raw, open(copy, "wb") as out:
             raw.seek(offset)
             out.write(raw.read(crypt.HEADER_BYTES))
