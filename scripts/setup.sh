@@ -7,7 +7,8 @@ set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 packages="lvm2 thin-provisioning-tools xfsprogs e2fsprogs util-linux kmod udev
     qemu-system-x86 linux-image-amd64 busybox-static docker.io debootstrap
-    etcd-server containerd runc containernetworking-plugins iptables openssl"
+    etcd-server containerd runc containernetworking-plugins iptables openssl
+    cryptsetup-bin"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \

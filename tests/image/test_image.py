@@ -389,6 +389,7 @@ def test_lvm_is_configured_for_a_container(plugin: Plugin) -> None:
         ("blkid", "-V"),
         ("mount", "-V"),
         ("nsenter", "-V"),  # the host-lvm component's way into the host
+        ("cryptsetup", "--version"),  # encrypted classes
     ],
     ids=lambda command: command[0],
 )
