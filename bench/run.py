@@ -22,6 +22,9 @@ on it and measures every figure against a baseline taken in the same run:
    filesystem: ``--only groups`` in the VM of ``python -m tools.kernels``):
    how long a group snapshot of 1, 2, 4 and 8 mounted volumes holds their
    writes, against one ordinary snapshot (``bench/groups.py``).
+10. Encrypted volumes: sequential and random I/O through the dm-crypt
+   mapping against the raw LV, the stage time it adds, and a crypto-erase
+   delete against zeroing the LV (``bench/encryption.py``).
 
 Prints one table and writes the same as JSON (``--json``, default
 build/vm/bench.json; ``make bench`` copies it to bench/results.json).
@@ -46,6 +49,8 @@ from pathlib import Path
 
 from bench.across import restore_across_nodes
 from bench.cbt import changed_blocks
+from bench.encryption import CLASSES as ENCRYPTED_CLASSES
+from bench.encryption import encryption_costs
 from bench.figures import Bench
 from bench.groups import group_pauses
 from bench.measure import Row, run
@@ -121,14 +126,15 @@ def main() -> int:
     parser.add_argument("--cbt-samples", type=int, default=3)
     parser.add_argument("--across-samples", type=int, default=3)
     parser.add_argument("--group-samples", type=int, default=3)
+    parser.add_argument("--encryption-samples", type=int, default=3)
     parser.add_argument("--scale-volumes", type=int, default=1000)
     parser.add_argument("--scale-samples", type=int, default=8)
     parser.add_argument("--scale-calls", type=int, default=300)
     parser.add_argument("--scale-load-creates", type=int, default=3, help="per creator, of 16")
     parser.add_argument(
         "--only",
-        default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,cbt,across,scale,"
-        "default-vg",
+        default="memory,latency,throughput,restore,stage,zeroing,ext4-mapped,cbt,across,"
+        "encryption,scale,default-vg",
         help="phases; default-vg-fill also fills a default VG until LVM refuses (slow); groups "
         "(not by default) needs a newer kernel",
     )
@@ -138,7 +144,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="csi-lvm-bench-", dir="/tmp"))
     with phase("volume group (12 GiB loop file, 4 GiB thin pool)"):
         vg = LoopVolumeGroup(work, "bench", "12G", pool_size="4G").create()
-    driver = Driver(work, write_config(work / "config.yaml", vg.name, vg.pool, ratio=20))
+    config = write_config(work / "config.yaml", vg.name, vg.pool, ratio=20)
+    with config.open("a") as classes:
+        classes.write(ENCRYPTED_CLASSES.format(vg=vg.name, pool=vg.pool))
+    driver = Driver(work, config)
     rows: list[Row] = []
     try:
         with phase("csi-lvm serve"):
@@ -171,6 +180,9 @@ def main() -> int:
         if "across" in only:
             with phase("a restore across nodes against moving its bytes locally"):
                 restore_across_nodes(bench, args.across_samples)
+        if "encryption" in only:
+            with phase("encryption: I/O through the mapping, stage, crypto-erase"):
+                encryption_costs(bench, args.encryption_samples)
         if "groups" in only:
             for device_class in ("thin", "thick"):
                 with phase(f"writes held by group snapshots, {device_class}"):
