@@ -1400,9 +1400,12 @@ def test_resizer_lease_rule_names_the_lease_the_resizer_uses() -> None:
 
 def test_config_map_holds_a_valid_driver_config() -> None:
     config = device_config()
-    assert [c.name for c in config.device_classes] == ["thin", "thick"]
+    assert [c.name for c in config.device_classes] == ["thin", "thick", "thin-encrypted"]
     assert config.default_class is not None and config.default_class.name == "thin"
     assert config.find("thin").is_thin and not config.find("thick").is_thin
+    encrypted = config.find("thin-encrypted")
+    assert encrypted is not None and encrypted.encrypted and encrypted.is_thin
+    assert not any(c.encrypted for c in config.device_classes if c is not encrypted)
 
 
 def test_storage_class_parameters_are_the_ones_the_driver_accepts() -> None:
