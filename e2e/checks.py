@@ -28,6 +28,7 @@ from e2e.cluster import (
     Cluster,
     Node,
 )
+from e2e.encryption import encryption_checks
 from e2e.groups import group_checks
 from e2e.plugin import TLS_SCRIPT, Rendered, containers, render
 from e2e.procs import Failed, run, wait_for
@@ -333,6 +334,8 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
             workload_checks(checks)
         if stage == "groups" and have_dm and registered:
             group_checks(checks, pvc, NAMESPACE, BUSYBOX_IMAGE)
+        if stage == "encryption" and have_dm and registered:
+            encryption_checks(checks, pvc, pod, example, NAMESPACE)
     finally:
         if vgs:
             # The tier's own clean-up, after the checks have judged the driver's.
@@ -715,6 +718,7 @@ def workload_checks(checks: Checks) -> None:
     lecture_checks(checks)
     several_nodes_checks(checks)
     group_checks(checks, pvc, NAMESPACE, BUSYBOX_IMAGE)
+    encryption_checks(checks, pvc, pod, example, NAMESPACE)
 
     def cleanup() -> str:
         kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Besides the DaemonSet's sidecars (read from deploy/kubernetes/daemonset.yaml).
 CLUSTER_BINARIES = (*KUBE_BINARIES, "snapshot-controller")
 RESULTS = ROOT / "build" / "vm" / "e2e"
-STAGES = ("cluster", "plugin", "groups", "all")
+STAGES = ("cluster", "plugin", "groups", "encryption", "all")
 
 
 class Report:
@@ -190,7 +190,7 @@ def main() -> int:
         "--stage",
         choices=STAGES,
         default="all",
-        help="stop after this stage (groups: the plugin, then check 21 alone)",
+        help="stop after this stage (groups, encryption: the plugin, then check 21 or 22 alone)",
     )
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     parser.add_argument("--kernel", metavar="IMAGE", help="boot the VM with this kernel image")
