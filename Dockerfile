@@ -39,7 +39,7 @@ RUN apt-get update \
         python3 lvm2 thin-provisioning-tools e2fsprogs xfsprogs util-linux mount cryptsetup-bin \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log \
-    && mkdir -p /run/lock/lvm /run/lvm /csi /etc/csi-lvm
+    && mkdir -p /run/lock/lvm /run/lvm /run/cryptsetup /csi /etc/csi-lvm
 # The container's LVM settings: its own lvmlocal.conf where the host's /etc/lvm
 # is not mounted, and the overrides the DaemonSet gives every command on top of
 # the host's configuration (--lvm-config-overrides) where it is.
