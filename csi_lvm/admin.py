@@ -4,6 +4,7 @@ snapshots) and ``csi-lvm doctor`` (is this node fit to run csi-lvm?)."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class ObjectStatus:
     # durable so far and the rate it went at, as last recorded.
     copied_bytes: int | None = None
     copy_bytes_per_second: int | None = None
+    encrypted: bool = False
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ClassStatus:
     data_percent: float | None = None
     metadata_percent: float | None = None
     unavailable: str | None = None  # why the class takes no new volumes here
+    encrypted: bool = False  # new volumes are LUKS2
     volume_group: str = ""
     # The VG's metadata area (records of every LV): its size, the room left,
     # and about how many more volumes or snapshots that room holds.
@@ -87,6 +90,7 @@ def node_status(backends: Backends, owners: Mapping[str, str] | None = None) -> 
             overprovision_ratio=device_class.overprovision_ratio,
             unavailable=space.refusal,
             volume_group=device_class.volume_group,
+            encrypted=device_class.encrypted,
         )
         group = scan.vgs.get(device_class.volume_group)
         if group is not None:
@@ -114,6 +118,7 @@ def node_status(backends: Backends, owners: Mapping[str, str] | None = None) -> 
                     abnormal=condition.abnormal,
                     kubernetes=_kubernetes_names(item.kind, item.tags, owners, str(item.id)),
                     source=item.source_id,
+                    encrypted=item.encrypted,
                     **_copy_progress(item),
                 )
             )
@@ -173,10 +178,16 @@ def status_text(classes: list[ClassStatus], no_api: str = "") -> str:
             )
         if c.unavailable:
             lines.append(f"  takes no new volumes: {c.unavailable}")
+        if c.encrypted:
+            plain = sum(not o.encrypted for o in c.objects)
+            lines.append(
+                "  encrypted (LUKS2, a key per volume)"
+                + (f"; {plain} made before the class was encrypted are plain" if plain else "")
+            )
         for o in c.objects:
             owner = " ".join(f"{k}={v}" for k, v in o.kubernetes.items()) or "-"
             used = f"{o.used_percent:.1f}% used" if o.used_percent is not None else "thick"
-            flag = "ABNORMAL " if o.abnormal else ""
+            flag = ("ABNORMAL " if o.abnormal else "") + ("encrypted " if o.encrypted else "")
             lines.append(
                 f"  {o.kind:<8} {o.name:<40} {_size(o.size_bytes):>10} {used:<12} "
                 f"{owner}  {flag}{o.condition}"
@@ -219,6 +230,22 @@ def _class_checks(config: Config, lvm: Lvm, node_id: str) -> list[Check]:
     return checks
 
 
+def _encryption_checks() -> list[Check]:
+    """What an encrypted class needs: dm-crypt and cryptsetup."""
+    return [
+        Check(
+            Path("/sys/module/dm_crypt").exists(),
+            "kernel module dm_crypt",
+            "run `modprobe dm_crypt` (encrypted classes need it) and add it to /etc/modules-load.d",
+        ),
+        Check(
+            shutil.which("cryptsetup") is not None,
+            "cryptsetup",
+            "install cryptsetup (Debian: cryptsetup-bin): encrypted classes open volumes with it",
+        ),
+    ]
+
+
 def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> list[Check]:
     """Everything a node needs, each with what to do when it is missing."""
     checks: list[Check] = []
@@ -245,6 +272,8 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> li
             "run `modprobe dm_snapshot` (thick snapshots and clones copy through a COW snapshot)",
         )
     )
+    if config is not None and any(c.encrypted for c in config.device_classes):
+        checks += _encryption_checks()
     try:
         version = lvm.version().splitlines()[0]
         checks.append(Check(True, f"LVM tools ({version.strip()})"))

@@ -14,7 +14,10 @@ import grpc
 import pytest
 
 from csi_lvm import crypt
+from csi_lvm.admin import node_status, status_text
+from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
+from csi_lvm.wiring import Options, build
 from tests.lvm.helpers import (
     MiB,
     block_capability,
@@ -28,7 +31,7 @@ from tests.lvm.helpers import (
     publish,
     unpublish,
 )
-from tests.testbed import CsiClient, Driver, LoopVolumeGroup, sh
+from tests.testbed import DRIVER_NAME, NODE_ID, CsiClient, Driver, LoopVolumeGroup, sh
 
 Code = grpc.StatusCode
 KEY = "k" * 8 + "0123456789abcdef0123456789abcdef"  # a test's KEK: 40 bytes
@@ -421,6 +424,13 @@ def test_a_class_turned_encrypted_keeps_its_plain_volumes_plain(
         stage(csi, fresh.volume_id, new_staging, mount_capability("ext4"))
         assert crypt.is_open(mapping_of(fresh.volume_id))
         unstage(csi, fresh.volume_id, str(new_staging))
+        # What csi-lvm status says of the class: encrypted, two plain objects.
+        graph = build(load_config(encrypted.config), Options(NODE_ID, DRIVER_NAME))
+        (turned,) = [c for c in node_status(graph.backends) if c.name == "turned"]
+        flags = {o.name: o.encrypted for o in turned.objects}
+        assert flags == {"turned-old": False, "turned-snap": False, "turned-new": True}
+        text = status_text([turned])
+        assert "encrypted (LUKS2, a key per volume); 2 made before the class" in text
         csi.controller.DeleteSnapshot(
             csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id)
         )
