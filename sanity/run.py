@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,13 @@ from tools.install import NOT_INSTALLED, ToolError, ensure
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CLASSES = ("thin", "thick")
+# The last is the thin class with encryption: every stage opens LUKS2 with
+# the node-stage secret csi-sanity passes.
+CLASSES = ("thin", "thick", "vault")
+ENCRYPTED_CLASS = (
+    "  - name: vault\n    volumeGroup: {vg}\n    thinPool: {pool}\n"
+    "    overprovisionRatio: 20\n    encryption: luks2\n"
+)
 SUMMARY = re.compile(r"^(Ran \d+ of \d+ Specs.*|(SUCCESS|FAIL)! -- .*)$")
 
 
@@ -42,7 +49,13 @@ def inside_main(binary: str, focus: str | None) -> int:
     # Thick snapshots are copies: csi-sanity's snapshot-listing spec holds five
     # 10 GiB volumes and five 10 GiB snapshots at once, plus a temporary view.
     vg = LoopVolumeGroup(work, name="sanityvg", size="160G", pool_size="12G").create()
-    driver = Driver(work, write_config(work / "config.yaml", vg.name, vg.pool, ratio=20))
+    config = write_config(work / "config.yaml", vg.name, vg.pool, ratio=20)
+    with config.open("a") as classes:
+        classes.write(ENCRYPTED_CLASS.format(vg=vg.name, pool=vg.pool))
+    # A random key-encryption key, as csi-sanity's node-stage secret.
+    keys = work / "secrets.yaml"
+    keys.write_text(f"NodeStageVolumeSecret:\n  key: {secrets.token_hex(32)}\n")
+    driver = Driver(work, config)
     failed = False
     try:
         driver.start()
@@ -57,6 +70,7 @@ def inside_main(binary: str, focus: str | None) -> int:
                 f"-csi.mountdir={work}/mount-{device_class}",
                 f"-csi.junitfile={ROOT}/build/vm/sanity-{device_class}.xml",
                 "-ginkgo.no-color",
+                f"-csi.secrets={keys}",
             ]
             if focus:
                 command.append(f"-ginkgo.focus={focus}")
