@@ -218,6 +218,22 @@ class Checks:
     def lvs(self) -> dict[str, str]:
         return self.lvm.lvs() if self.lvm else {}
 
+    def take_snapshot(self, name: str, claim: str, timeout: float = 180) -> float:
+        """A VolumeSnapshot of the claim (the default class): seconds to readyToUse."""
+        self.cluster.apply([{
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"source": {"persistentVolumeClaimName": claim}},
+        }])  # fmt: skip
+
+        def ready() -> bool:
+            status = self.cluster.get("volumesnapshot", name, "-n", NAMESPACE).get("status", {})
+            if status.get("error"):
+                raise Failed(f"VolumeSnapshot error: {status['error']}")
+            return bool(status.get("readyToUse"))
+
+        return wait_for(f"VolumeSnapshot {name} readyToUse", ready, timeout, interval=2)
+
     # ---- the plugin's pods ---------------------------------------------------
     @property
     def plugin_namespace(self) -> str:
@@ -470,20 +486,7 @@ def workload_checks(checks: Checks) -> None:
     checks.check("3b raw block PVC", block)
     checks.check("3c fsGroup", fsgroup)
 
-    def take_snapshot(name: str, claim: str) -> float:
-        cluster.apply([{
-            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {"source": {"persistentVolumeClaimName": claim}},
-        }])  # fmt: skip
-
-        def ready() -> bool:
-            status = cluster.get("volumesnapshot", name, "-n", NAMESPACE).get("status", {})
-            if status.get("error"):
-                raise Failed(f"VolumeSnapshot error: {status['error']}")
-            return bool(status.get("readyToUse"))
-
-        return wait_for(f"VolumeSnapshot {name} readyToUse", ready, 180, interval=2)
+    take_snapshot = checks.take_snapshot
 
     def snapshot() -> str:
         took = take_snapshot("snap", "thin")

@@ -55,21 +55,6 @@ def encryption_checks(
     cluster, kubectl = checks.cluster, checks.kubectl
     key = secrets.token_urlsafe(48)
 
-    def take_snapshot(name: str, claim: str) -> float:
-        cluster.apply([{
-            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"source": {"persistentVolumeClaimName": claim}},
-        }])  # fmt: skip
-
-        def ready() -> bool:
-            status = cluster.get("volumesnapshot", name, "-n", namespace).get("status", {})
-            if status.get("error"):
-                raise Failed(f"VolumeSnapshot error: {status['error']}")
-            return bool(status.get("readyToUse"))
-
-        return wait_for(f"VolumeSnapshot {name} readyToUse", ready, TIMEOUT, interval=2)
-
     def lv_of(claim: str) -> tuple[str, str, str]:
         """The claim's device class, LV name and vg/lv."""
         handle = checks.pv_of(claim)["spec"]["csi"]["volumeHandle"]
@@ -105,7 +90,7 @@ def encryption_checks(
             raise Failed(f"no dm-crypt mapping {mapping} is open for the staged volume")
         if raw_holds(device, MARKER.encode()):
             raise Failed(f"the marker the pod wrote is in the clear on {vg_lv}")
-        took = take_snapshot(SNAPSHOT, CLAIM)
+        took = checks.take_snapshot(SNAPSHOT, CLAIM, TIMEOUT)
         node = checks.pv_node(CLAIM)
         cluster.apply([
             pvc(RESTORED, "96Mi", CLASS, source={"apiGroup": "snapshot.storage.k8s.io",
