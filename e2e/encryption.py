@@ -112,8 +112,9 @@ def encryption_checks(
         lvs = {lv_of(claim)[2] for claim in (CLAIM, RESTORED)}
         kubectl("delete", "pod", "sealed-writer", "sealed-reader", "-n", namespace,
                 "--timeout=120s")  # fmt: skip
-        kubectl("delete", "volumesnapshot", SNAPSHOT, "-n", namespace, "--timeout=120s")
-        kubectl("delete", "pvc", CLAIM, RESTORED, "-n", namespace, "--timeout=120s")
+        # Both at once: what is waited for is the LVs.
+        kubectl("delete", "volumesnapshot", SNAPSHOT, "-n", namespace, "--wait=false")
+        kubectl("delete", "pvc", CLAIM, RESTORED, "-n", namespace, "--wait=false")
         wait_for("the encrypted LVs gone", lambda: not lvs & set(checks.lvs()), TIMEOUT,
                  interval=3)  # fmt: skip
         gone = before - set(checks.lvs())
