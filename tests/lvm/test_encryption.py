@@ -439,3 +439,47 @@ def test_a_class_turned_encrypted_keeps_its_plain_volumes_plain(
     finally:
         csi.close()
         assert encrypted.stop() == 0
+
+
+def test_a_group_snapshot_holds_encrypted_volumes_through_their_mappings(
+    csi: CsiClient, workdir: Path, vg: LoopVolumeGroup
+) -> None:
+    """The filesystems a group freezes are found on the mappings: the group
+    is cut and each member's filesystem is clean, or, where the kernel will
+    not let LVM snapshot a frozen filesystem, it is refused for that reason
+    (not for a volume in use with no filesystem found) and nothing stays
+    frozen."""
+    volumes = [create(csi, f"enc-group-{i}", 32 * MiB, "vault") for i in range(2)]
+    points = [workdir / f"enc-group-{i}" for i in range(2)]
+    for volume, point in zip(volumes, points, strict=True):
+        stage(csi, volume.volume_id, point, mount_capability("ext4"))
+        write_file(point / "data", PLAINTEXT)
+    try:
+        group = csi.group_controller.CreateVolumeGroupSnapshot(
+            csi_pb2.CreateVolumeGroupSnapshotRequest(
+                name="enc-group", source_volume_ids=[v.volume_id for v in volumes]
+            )
+        ).group_snapshot
+    except grpc.RpcError as error:  # refused, but with the mounts found
+        assert error.code() == Code.FAILED_PRECONDITION, error.details()
+        assert "frozen filesystem" in str(error.details()), error.details()
+        group = None
+    for point in points:
+        write_file(point / "after", b"written after the group")  # nothing stayed frozen
+    for volume, point in zip(volumes, points, strict=True):
+        unstage(csi, volume.volume_id, str(point))
+    if group is not None:
+        for member in group.snapshots:
+            device = lv_device(vg, member.snapshot_id)
+            sh("lvchange", "-ay", "-K", f"{vg.name}/{member.snapshot_id.rsplit(':', 1)[-1]}")
+            mapping = crypt.open_mapping(device, "enc-group-check", KEY.encode())
+            try:
+                check = subprocess.run(["e2fsck", "-n", mapping], capture_output=True, text=True)
+                assert check.returncode == 0, check.stdout + check.stderr  # it was frozen
+            finally:
+                crypt.close_mapping("enc-group-check")
+        csi.group_controller.DeleteVolumeGroupSnapshot(
+            csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id)
+        )
+    for volume in volumes:
+        delete(csi, volume.volume_id)
