@@ -27,6 +27,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from csi_lvm import fs
 from csi_lvm.errors import (
     DataLoss,
     DeadlineExceeded,
@@ -257,7 +258,7 @@ def unlock(device: str, name: str, keys: Keys, *, blank: bool, what: str) -> tup
     nor opened as plain (DATA_LOSS). With a previous key the volume is
     re-wrapped with the current one (KEK rotation, no data rewritten)."""
     if is_open(name):
-        if backing_device(name) != _device_number(device):
+        if backing_device(name) != fs.device_number(device):
             raise FailedPrecondition(
                 f"an encrypted mapping {name} is open on another device; close it "
                 f"(cryptsetup close {name}) if it is stale"
@@ -307,8 +308,3 @@ def _never_formatted(device: str) -> bool:
         return start == bytes(len(start))
     finally:
         os.close(fd)
-
-
-def _device_number(device: str) -> str:
-    info = os.stat(device)
-    return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
