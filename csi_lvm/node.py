@@ -138,11 +138,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             lifecycle.check_ready(owned, "volume")
             backend = self.backends.of(owned.device_class)
             device = self._device(owned, timeout)
-            known = backend.contents(owned.lv)
+            known = None
             if owned.encrypted:
+                known = backend.contents(owned.lv)
                 device, known = self._unlocked(owned, device, known, dict(request.secrets))
             if request.volume_capability.WhichOneof("access_type") == "block":
                 return csi_pb2.NodeStageVolumeResponse()  # block volumes are used raw
+            if known is None:  # a plain volume's, read only where it is formatted
+                known = backend.contents(owned.lv)
             wanted_fs = filesystem_of(request.volume_capability)
             staged = fs.stage(
                 fs.Staging(
