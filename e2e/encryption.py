@@ -18,6 +18,7 @@ from typing import Any
 
 from csi_lvm import crypt
 from e2e.procs import Failed, run, wait_for
+from tests.testbed import raw_holds
 
 SECRET = "csi-lvm-encryption-key"  # noqa: S105 - the Secret's name, not a key
 CLASS = "csi-lvm-encrypted"
@@ -26,18 +27,6 @@ MARKER = "csi-lvm-e2e-plaintext-marker-7f3a"
 WRITE = f"i=0; while [ $i -lt 200 ]; do echo {MARKER}; i=$((i+1)); done > /data/m; sync"
 READ = "head -n 1 /data/m; wc -l < /data/m"
 TIMEOUT = 240
-
-
-def raw_holds(device: str, needle: bytes) -> bool:
-    """Whether the device's blocks, as on the disk, hold ``needle``."""
-    run(["blockdev", "--flushbufs", device])
-    with open(device, "rb") as raw:
-        tail = b""
-        while chunk := raw.read(4 << 20):
-            if needle in tail + chunk:
-                return True
-            tail = chunk[-len(needle) :]
-    return False
 
 
 def open_mappings() -> set[str]:

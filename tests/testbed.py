@@ -35,6 +35,20 @@ def sh(*args: str, check: bool = True) -> str:
     return done.stdout
 
 
+def raw_holds(device: str, needle: bytes) -> bool:
+    """Whether the device's raw blocks hold ``needle`` anywhere, as they are
+    on the disk (writes through another device, a dm-crypt mapping over it,
+    bypass this one's page cache, so it is dropped first)."""
+    sh("blockdev", "--flushbufs", device)
+    with open(device, "rb") as raw:
+        tail = b""
+        while chunk := raw.read(4 << 20):
+            if needle in tail + chunk:
+                return True
+            tail = chunk[-len(needle) :]
+    return False
+
+
 def load_kernel_modules() -> None:
     for module in ("loop", "dm-mod", "dm-thin-pool", "dm-snapshot", "dm-crypt"):
         subprocess.run(["modprobe", module], capture_output=True, check=False)

@@ -31,7 +31,15 @@ from tests.lvm.helpers import (
     publish,
     unpublish,
 )
-from tests.testbed import DRIVER_NAME, NODE_ID, CsiClient, Driver, LoopVolumeGroup, sh
+from tests.testbed import (
+    DRIVER_NAME,
+    NODE_ID,
+    CsiClient,
+    Driver,
+    LoopVolumeGroup,
+    raw_holds,
+    sh,
+)
 
 Code = grpc.StatusCode
 KEY = "k" * 8 + "0123456789abcdef0123456789abcdef"  # a test's KEK: 40 bytes
@@ -109,19 +117,6 @@ def lv_device(vg: LoopVolumeGroup, volume_id: str) -> str:
 def mapping_of(volume_id: str) -> str:
     device_class, lv_name = volume_id.split(":")[1:]
     return crypt.mapping_name(device_class, lv_name)
-
-
-def raw_holds(device: str, needle: bytes) -> bool:
-    """Whether the device's raw blocks hold ``needle`` anywhere (what is on
-    the disk: writes through another device bypass this one's page cache)."""
-    sh("blockdev", "--flushbufs", device)
-    with open(device, "rb") as raw:
-        tail = b""
-        while chunk := raw.read(4 * MiB):
-            if needle in tail + chunk:
-                return True
-            tail = chunk[-len(needle) :]
-    return False
 
 
 def fs_bytes(path: Path) -> int:
