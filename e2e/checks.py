@@ -356,7 +356,7 @@ def run_checks(cluster: Cluster, report: Any, stage: str) -> None:
         if vgs:
             # The tier's own clean-up, after the checks have judged the driver's.
             for name in list(checks_pods(cluster)):
-                cluster.kubectl("delete", "pod", "-n", NAMESPACE, name, "--wait=false", check=False)
+                cluster.delete("pod", name, namespace=NAMESPACE, wait=False, missing_ok=True)
             for node in cluster.nodes:
                 for point in reversed(node.mountpoints()):
                     node.run(["umount", "-l", point], check=False)
@@ -432,7 +432,6 @@ def check_registered(checks: Checks) -> bool:
 
 def workload_checks(checks: Checks) -> None:
     cluster, rendered = checks.cluster, checks.rendered
-    kubectl = checks.kubectl
     initial_lvs = checks.lvs()
     default_class = next(
         sc["metadata"]["name"] for sc in rendered.all("StorageClass")
@@ -616,7 +615,7 @@ def workload_checks(checks: Checks) -> None:
     def expand() -> str:
         before = size_kib()
         grow = {"spec": {"resources": {"requests": {"storage": "2Gi"}}}}
-        kubectl("patch", "pvc", "thin", "-n", NAMESPACE, "--type=merge", "-p", json.dumps(grow))
+        cluster.merge("pvc", "thin", grow, namespace=NAMESPACE)
 
         def grown() -> bool:
             return size_kib() * 1024 > 1.5 * GiB
@@ -650,14 +649,14 @@ def workload_checks(checks: Checks) -> None:
         return f"Pending: {reason()}"
 
     checks.check("7 a PVC larger than the node stays Pending", too_big)
-    kubectl("delete", "pod", "huge", "-n", NAMESPACE, "--wait=false", check=False)
-    kubectl("delete", "pvc", "huge", "-n", NAMESPACE, "--wait=false", check=False)
+    cluster.delete("pod", "huge", namespace=NAMESPACE, wait=False, missing_ok=True)
+    cluster.delete("pvc", "huge", namespace=NAMESPACE, wait=False, missing_ok=True)
 
     def plugin_restart() -> str:
         node = checks.node_of("thin")
         old = checks.plugin_ready(node.name)
         mounts = csi_mounts(node)
-        kubectl("delete", "pod", old, "-n", checks.plugin_namespace, "--timeout=120s")
+        cluster.delete("pod", old, namespace=checks.plugin_namespace, timeout=120)
         took = checks.wait_plugin_ready(node.name)
         text = checks.exec("thin", "cat /data/file")
         lost = set(mounts) - set(csi_mounts(node))
@@ -676,7 +675,7 @@ def workload_checks(checks: Checks) -> None:
         text = checks.exec("thin", "cat /data/file")
         volume = checks.pv_of("fsgroup")["metadata"]["name"]
         fsgroup_node = checks.node_of("fsgroup")
-        kubectl("delete", "pod", "fsgroup", "-n", NAMESPACE, "--timeout=180s")
+        cluster.delete("pod", "fsgroup", namespace=NAMESPACE, timeout=180)
         left = [m for m in fsgroup_node.mountpoints() if volume in m]
         if left:
             raise Failed(f"mounts of {volume} left after the pod went: {left}")
@@ -701,8 +700,8 @@ def workload_checks(checks: Checks) -> None:
         claim = cluster.get("pvc", "elsewhere", "-n", NAMESPACE)
         selected = claim["metadata"].get("annotations", {}).get(SELECTED_NODE)
         # As if the scheduler had picked that node: only its provisioner may act.
-        kubectl("annotate", "pvc", "elsewhere", "-n", NAMESPACE, "--overwrite",
-                f"{SELECTED_NODE}={PHANTOM_NODE}")  # fmt: skip
+        chosen = {"metadata": {"annotations": {SELECTED_NODE: PHANTOM_NODE}}}
+        cluster.merge("pvc", "elsewhere", chosen, namespace=NAMESPACE)
         time.sleep(20)
         claim = cluster.get("pvc", "elsewhere", "-n", NAMESPACE)
         if claim["status"].get("phase") != "Pending":
@@ -714,9 +713,9 @@ def workload_checks(checks: Checks) -> None:
                 f"then annotated for {PHANTOM_NODE}: still none)")  # fmt: skip
 
     checks.check("10 a PVC for a node without the plugin is not provisioned here", other_node)
-    kubectl("delete", "pod", "elsewhere", "-n", NAMESPACE, "--wait=false", check=False)
-    kubectl("delete", "pvc", "elsewhere", "-n", NAMESPACE, "--wait=false", check=False)
-    kubectl("delete", "node", PHANTOM_NODE, "--wait=false", check=False)
+    cluster.delete("pod", "elsewhere", namespace=NAMESPACE, wait=False, missing_ok=True)
+    cluster.delete("pvc", "elsewhere", namespace=NAMESPACE, wait=False, missing_ok=True)
+    cluster.delete("node", PHANTOM_NODE, wait=False, missing_ok=True)
     zone_checks(checks)
     lecture_checks(checks)
     several_nodes_checks(checks)
@@ -724,9 +723,9 @@ def workload_checks(checks: Checks) -> None:
     encryption_checks(checks, pvc, pod, example, NAMESPACE)
 
     def cleanup() -> str:
-        kubectl("delete", "pod", "--all", "-n", NAMESPACE, "--timeout=240s")
-        kubectl("delete", "volumesnapshot", "--all", "-n", NAMESPACE, "--timeout=120s")
-        kubectl("delete", "pvc", "--all", "-n", NAMESPACE, "--timeout=120s")
+        cluster.delete("pod", every=True, namespace=NAMESPACE, timeout=240)
+        cluster.delete("volumesnapshot", every=True, namespace=NAMESPACE, timeout=120)
+        cluster.delete("pvc", every=True, namespace=NAMESPACE, timeout=120)
         try:
             wait_for("every PV gone", lambda: not cluster.get("pv")["items"], 180, interval=3)
         except Failed as error:
@@ -765,7 +764,7 @@ def zoned_class(name: str, driver: str, key: str, value: str) -> dict[str, Any]:
 def zone_checks(checks: Checks) -> None:
     """The lecture's topology story on the nodes' zone and rack labels: zone b
     is the first node's, c the second's; rack1 the first's, rack2 the second's."""
-    cluster, kubectl, driver = checks.cluster, checks.kubectl, checks.rendered.driver_name
+    cluster, driver = checks.cluster, checks.rendered.driver_name
     node_key = f"topology.{driver}/node"
 
     def affinity_keys(claim: str) -> set[str]:
@@ -789,7 +788,7 @@ def zone_checks(checks: Checks) -> None:
         if set(checks.lvs()) - before:
             raise Failed(f"LVs made: {sorted(set(checks.lvs()) - before)}")
         # allowedTopologies cannot be edited: the class is made again, as the lecture does.
-        kubectl("delete", "storageclass", "csi-lvm-zone")
+        cluster.delete("storageclass", "csi-lvm-zone")
         cluster.apply([zoned_class("csi-lvm-zone", driver, ZONE_KEY, NODE_A.labels[ZONE_KEY])])
         checks.wait_running("zoned")
         where = checks.pod_node("zoned")
@@ -819,11 +818,11 @@ def zone_checks(checks: Checks) -> None:
             raise Failed(f"PV on {checks.pv_node('racked')}, pod on "
                          f"{checks.pod_node('racked')}: not {NODE_B.name}")  # fmt: skip
         same = doctor_line(NODE_B.name, RACK_KEY)
-        kubectl("label", "node", NODE_B.name, f"{RACK_KEY}=rack3", "--overwrite")
+        cluster.merge("node", NODE_B.name, {"metadata": {"labels": {RACK_KEY: "rack3"}}})
         try:
             moved = doctor_line(NODE_B.name, RACK_KEY)
         finally:
-            kubectl("label", "node", NODE_B.name, f"{RACK_KEY}={rack2}", "--overwrite")
+            cluster.merge("node", NODE_B.name, {"metadata": {"labels": {RACK_KEY: rack2}}})
         if not same.startswith("ok") or not moved.startswith("FAIL") or "restart" not in moved:
             raise Failed(f"doctor: {same!r}, then {moved!r}")
         return (f"{rack2}: Running on {NODE_B.name}, PV there; doctor in its plugin pod: "
@@ -834,9 +833,9 @@ def zone_checks(checks: Checks) -> None:
     checks.check("13 a rack2 class puts its volume on the rack-2 node; doctor sees a relabel",
                  rack)  # fmt: skip
     for name in ("zoned", "racked"):
-        kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false", check=False)
+        cluster.delete("pod", name, namespace=NAMESPACE, wait=False, missing_ok=True)
     for name in ("csi-lvm-zone", "csi-lvm-rack"):
-        kubectl("delete", "storageclass", name, "--wait=false", check=False)
+        cluster.delete("storageclass", name, wait=False, missing_ok=True)
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
@@ -848,7 +847,7 @@ def example(name: str) -> list[dict[str, Any]]:
 
 def lecture_checks(checks: Checks) -> None:
     """The lecture's static local PV beside csi-lvm, and a deleted snapshot."""
-    cluster, kubectl = checks.cluster, checks.kubectl
+    cluster = checks.cluster
 
     def static_beside_csi_lvm() -> str:
         # deploy/examples 05 and 06 as they are, but for this node, a scratch
@@ -911,10 +910,10 @@ def lecture_checks(checks: Checks) -> None:
         name, made = content(), set(checks.lvs()) - before
         if len(made) != 1:
             raise Failed(f"LVs made for the snapshot: {sorted(made)}")
-        kubectl("delete", "volumesnapshot", "short-lived", "-n", NAMESPACE, "--timeout=120s")
+        cluster.delete("volumesnapshot", "short-lived", namespace=NAMESPACE, timeout=120)
         wait_for(f"VolumeSnapshotContent {name} gone",
-                 lambda: not cluster.kubectl("get", "volumesnapshotcontent", name, "-o", "name",
-                                             check=False), 120, interval=2)  # fmt: skip
+                 lambda: not cluster.api.exists("volumesnapshotcontent", name), 120,
+                 interval=2)  # fmt: skip
         wait_for("the snapshot's LV gone", lambda: not set(checks.lvs()) & made, 60, interval=2)
         return f"{name} and LV {made.pop()} removed with the VolumeSnapshot"
 
@@ -957,7 +956,7 @@ def lecture_checks(checks: Checks) -> None:
         first = {name: checks.exec(name, "cat /data/id").strip() for name in ("web-0", "web-1")}
         volume = checks.pv_of("data-web-0")["metadata"]["name"]
         uid = cluster.get("pod", "web-0", "-n", NAMESPACE)["metadata"]["uid"]
-        kubectl("delete", "pod", "web-0", "-n", NAMESPACE, "--timeout=120s")
+        cluster.delete("pod", "web-0", namespace=NAMESPACE, timeout=120)
         wait_for("web-0 made again",
                  lambda: cluster.get("pod", "web-0", "-n", NAMESPACE)["metadata"]["uid"] != uid,
                  120, interval=2)  # fmt: skip
@@ -974,18 +973,18 @@ def lecture_checks(checks: Checks) -> None:
                 f"{checks.pod_node('web-0')} with its volume {volume} and its data")  # fmt: skip
 
     checks.check("17 a StatefulSet's replicas keep their volumes and data", stateful_set)
-    kubectl("delete", "statefulset", "web", "-n", NAMESPACE, "--timeout=120s", check=False)
+    cluster.delete("statefulset", "web", namespace=NAMESPACE, timeout=120, missing_ok=True)
     # The static PV is Retain: nothing but its admin deletes it, after its claim.
-    kubectl("delete", "pod", "both-ways", "-n", NAMESPACE, "--timeout=120s", check=False)
-    kubectl("delete", "pvc", "old-way", "-n", NAMESPACE, "--timeout=120s", check=False)
-    kubectl("delete", "pv", "local-pv-node-a-disk1", "--timeout=120s", check=False)
-    kubectl("delete", "storageclass", "local-storage", "--wait=false", check=False)
+    cluster.delete("pod", "both-ways", namespace=NAMESPACE, timeout=120, missing_ok=True)
+    cluster.delete("pvc", "old-way", namespace=NAMESPACE, timeout=120, missing_ok=True)
+    cluster.delete("pv", "local-pv-node-a-disk1", timeout=120, missing_ok=True)
+    cluster.delete("storageclass", "local-storage", wait=False, missing_ok=True)
 
 
 def several_nodes_checks(checks: Checks) -> None:
     """What only a cluster of several nodes shows: capacity choosing the node,
     and the view of a volume through the plugin pod's mount propagation."""
-    cluster, kubectl = checks.cluster, checks.kubectl
+    cluster = checks.cluster
     default_class = next(
         sc["metadata"]["name"] for sc in checks.rendered.all("StorageClass")
         if sc["metadata"].get("annotations", {}).get(DEFAULT_CLASS) == "true"
@@ -1034,7 +1033,7 @@ def several_nodes_checks(checks: Checks) -> None:
 
     checks.check("18 capacity decides: a PVC too large for one node lands on the other",
                  capacity_decides)  # fmt: skip
-    kubectl("delete", "pod", "roomy", "-n", NAMESPACE, "--wait=false", check=False)
+    cluster.delete("pod", "roomy", namespace=NAMESPACE, wait=False, missing_ok=True)
     checks.check("19 a pod's volume seen on its node through the plugin pod's mount propagation",
                  seen_from_the_node)  # fmt: skip
 

@@ -41,7 +41,7 @@ def encryption_checks(
     example: Callable[[str], list[dict[str, Any]]],
     namespace: str,
 ) -> None:
-    cluster, kubectl = checks.cluster, checks.kubectl
+    cluster = checks.cluster
     key = secrets.token_urlsafe(48)
 
     def lv_of(claim: str) -> tuple[str, str, str]:
@@ -99,11 +99,10 @@ def encryption_checks(
     def erased() -> str:
         before = set(checks.lvs())
         lvs = {lv_of(claim)[2] for claim in (CLAIM, RESTORED)}
-        kubectl("delete", "pod", "sealed-writer", "sealed-reader", "-n", namespace,
-                "--timeout=120s")  # fmt: skip
+        cluster.delete("pod", "sealed-writer", "sealed-reader", namespace=namespace, timeout=120)
         # Both at once: what is waited for is the LVs.
-        kubectl("delete", "volumesnapshot", SNAPSHOT, "-n", namespace, "--wait=false")
-        kubectl("delete", "pvc", CLAIM, RESTORED, "-n", namespace, "--wait=false")
+        cluster.delete("volumesnapshot", SNAPSHOT, namespace=namespace, wait=False)
+        cluster.delete("pvc", CLAIM, RESTORED, namespace=namespace, wait=False)
         wait_for("the encrypted LVs gone", lambda: not lvs & set(checks.lvs()), TIMEOUT,
                  interval=3)  # fmt: skip
         gone = before - set(checks.lvs())
@@ -113,8 +112,8 @@ def encryption_checks(
             raise Failed(f"{len(gone)} LVs removed, but only {destroyed} keys-destroyed lines")
         if key in logs:
             raise Failed("the key-encryption key is in the plugin's log")
-        kubectl("delete", "storageclass", CLASS, "--timeout=60s")
-        kubectl("delete", "secret", SECRET, "-n", checks.plugin_namespace, "--timeout=60s")
+        cluster.delete("storageclass", CLASS, timeout=60)
+        cluster.delete("secret", SECRET, namespace=checks.plugin_namespace, timeout=60)
         return (
             f"{len(gone)} LVs (the volume, its snapshot, the restore) removed, each after its "
             "keys were destroyed; the key is not in the plugin's log"

@@ -63,7 +63,7 @@ def one_instant(data: int, wal: int) -> bool:
 
 
 def group_checks(checks: Any, pvc: Any, namespace: str, image: str) -> None:
-    cluster, kubectl = checks.cluster, checks.kubectl
+    cluster = checks.cluster
     name = "db-group"
 
     def members() -> dict[str, dict[str, Any]]:
@@ -149,8 +149,8 @@ def group_checks(checks: Any, pvc: Any, namespace: str, image: str) -> None:
         status = cluster.get("volumegroupsnapshot", name, "-n", namespace)["status"]
         content = status["boundVolumeGroupSnapshotContentName"]
         before = set(checks.lvs())
-        kubectl("delete", "pod", "db-reader", "db-writer", "-n", namespace, "--timeout=120s")
-        kubectl("delete", "volumegroupsnapshot", name, "-n", namespace, "--timeout=180s")
+        cluster.delete("pod", "db-reader", "db-writer", namespace=namespace, timeout=120)
+        cluster.delete("volumegroupsnapshot", name, namespace=namespace, timeout=180)
 
         def gone() -> bool:
             left = cluster.get("volumesnapshotcontents")["items"]
@@ -163,8 +163,8 @@ def group_checks(checks: Any, pvc: Any, namespace: str, image: str) -> None:
         wait_for("the group's contents gone", gone, 180, interval=3)
         wait_for("the group's LVs gone", lambda: len(before - set(checks.lvs())) == len(CLAIMS),
                  60, interval=2)  # fmt: skip
-        kubectl("delete", "pvc", *CLAIMS, *(f"{c}-restored" for c in CLAIMS), "-n", namespace,
-                "--timeout=120s")  # fmt: skip
+        restored = (f"{c}-restored" for c in CLAIMS)
+        cluster.delete("pvc", *CLAIMS, *restored, namespace=namespace, timeout=120)
         return (
             f"the group, its {len(snapshot_contents)} snapshots' contents and their LVs "
             "removed with the VolumeGroupSnapshot"

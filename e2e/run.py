@@ -157,6 +157,8 @@ def inside_main(directory: Path, stage: str, keep: bool) -> int:
         report.failed("the tier stopped", str(error))
     finally:
         cpu_summary(RESULTS / "cpu.txt")
+        if hasattr(cluster, "api"):
+            print(f"         {cluster.api_summary()}", flush=True)
         if keep:
             print(f"e2e: kept running; scratch {scratch}", flush=True)
         else:
