@@ -3,17 +3,21 @@
 A kubectl run costs seconds under TCG (a large Go binary starting, then a
 TLS handshake) and the checks poll, so reads, applies, patches and deletes go
 through one kept-alive client; kubectl keeps what needs its own protocols or
-logic (exec, kustomize, waiting for CRDs). Objects come back as the API's
-JSON (dicts), as ``kubectl get -o json`` prints them.
+logic (kustomize, waiting for CRDs). Objects come back as the API's JSON
+(dicts), as ``kubectl get -o json`` prints them. lightkube has no exec: that
+one is a WebSocket of the API's own (websocket-client).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode, urlsplit
 
+import websocket
 from lightkube import ALL_NS, Client, KubeConfig
 from lightkube.core.exceptions import ApiError, LoadResourceError
 from lightkube.core.resource import NamespacedResource
@@ -38,6 +42,10 @@ KINDS = (
 SHORT_NAMES = {"pvc": "persistentvolumeclaim", "pv": "persistentvolume", "po": "pod",
                "sc": "storageclass", "sa": "serviceaccount", "sts": "statefulset"}  # fmt: skip
 T = TypeVar("T")
+# The API's exec protocol: each binary frame starts with a byte naming its
+# stream; stream 3 carries the command's final status.
+EXEC_PROTOCOL = "v4.channel.k8s.io"
+STDOUT, STDERR, STATUS = 1, 2, 3
 
 
 def selector(text: str | None) -> dict[str, Any] | None:
@@ -51,8 +59,12 @@ def selector(text: str | None) -> dict[str, Any] | None:
 
 
 class Api:
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, kubeconfig: Path, server: str, tls: tuple[Path, Path, Path]) -> None:
+        """``tls``: the CA, the client certificate and its key (for exec)."""
         self.client = Client(config=KubeConfig.from_file(kubeconfig), field_manager=FIELD_MANAGER)
+        self.server = urlsplit(server).netloc
+        ca, cert, key = tls
+        self.ssl_options = {"ca_certs": str(ca), "certfile": str(cert), "keyfile": str(key)}
         self.calls = 0
         self.seconds = 0.0
 
@@ -109,14 +121,19 @@ class Api:
             res, namespace=scope, labels=selector(labels), fields=selector(fields))))  # fmt: skip
         return {"items": [self._json(item) for item in listed]}
 
-    def exists(self, kind: str, name: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
+    def uid(self, kind: str, name: str, namespace: str = DEFAULT_NAMESPACE) -> str | None:
+        """The UID of the object of that name now; None if there is none."""
         try:
-            self.get(kind, name, namespace=namespace)
+            found = self.get(kind, name, namespace=namespace)
         except ApiError as error:
             if error.status.code == 404:
-                return False
+                return None
             raise
-        return True
+        uid: str = found["metadata"]["uid"]
+        return uid
+
+    def exists(self, kind: str, name: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
+        return self.uid(kind, name, namespace) is not None
 
     def apply(self, manifest: dict[str, Any]) -> None:
         """Server-side apply, taking every field over (kubectl's --force-conflicts)."""
@@ -144,3 +161,43 @@ class Api:
                 return False
             raise
         return True
+
+    def exec(self, namespace: str, pod: str, command: list[str], container: str | None = None,
+             timeout: float = 180) -> tuple[int, str, str]:  # fmt: skip
+        """Run ``command`` in the pod's container (its first by default): its
+        exit code, standard output and standard error."""
+        named = [("container", container)] if container else []
+        query = urlencode([("command", part) for part in command] + named
+                          + [("stdout", "true"), ("stderr", "true")])  # fmt: skip
+        url = f"wss://{self.server}/api/v1/namespaces/{namespace}/pods/{pod}/exec?{query}"
+        streams = {STDOUT: bytearray(), STDERR: bytearray(), STATUS: bytearray()}
+        start = time.monotonic()
+        connection = websocket.create_connection(
+            url, timeout=timeout, subprotocols=[EXEC_PROTOCOL], sslopt=self.ssl_options
+        )
+        try:
+            while True:
+                opcode, data = connection.recv_data()
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    break
+                if data and data[0] in streams:
+                    streams[data[0]].extend(data[1:])
+        except websocket.WebSocketConnectionClosedException:
+            pass  # the end of the command's output
+        finally:
+            connection.close()
+            self.calls += 1
+            self.seconds += time.monotonic() - start
+        status = json.loads(streams[STATUS] or b"{}")
+        code = 0
+        if status.get("status") == "Failure":
+            causes = status.get("details", {}).get("causes", [])
+            codes = [int(c["message"]) for c in causes if c.get("reason") == "ExitCode"]
+            code = codes[0] if codes else -1
+            if code == -1:
+                streams[STDERR].extend(status.get("message", "").encode())
+        return (
+            code,
+            streams[STDOUT].decode(errors="replace"),
+            streams[STDERR].decode(errors="replace"),
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -180,7 +179,11 @@ class Checks:
         return "events: " + (" | ".join(last) or "none")
 
     def exec(self, name: str, script: str) -> str:
-        return self.kubectl("exec", "-n", NAMESPACE, name, "--", "/bin/sh", "-c", script)
+        """The script's output in the pod; Failed if it exits non-zero."""
+        code, out, err = self.cluster.api.exec(NAMESPACE, name, ["/bin/sh", "-c", script])
+        if code:
+            raise Failed(f"in pod {name}, {script!r} exited {code}: {err.strip()}")
+        return out
 
     def events_of(self, name: str) -> list[str]:
         """The warnings recorded about object ``name`` (a PVC, a pod), oldest first."""
@@ -281,12 +284,9 @@ class Checks:
         pod = self.plugin_ready(node)
         if not pod:
             raise Failed(f"no ready plugin pod on {node}")
-        done = subprocess.run(
-            [str(self.cluster.bin / "kubectl"), f"--kubeconfig={self.cluster.admin}", "exec",
-             "-n", self.plugin_namespace, pod, "-c", "csi-lvm", "--", "sh", "-c", script],
-            capture_output=True, text=True, check=False, timeout=180,
-        )  # fmt: skip
-        return done.stdout + done.stderr
+        _, out, err = self.cluster.api.exec(self.plugin_namespace, pod, ["sh", "-c", script],
+                                            container="csi-lvm")  # fmt: skip
+        return out + err
 
 
 def service_hosts(cluster: Cluster, rendered: Rendered) -> None:
@@ -672,7 +672,15 @@ def workload_checks(checks: Checks) -> None:
     def kubelet_restart() -> str:
         node = checks.node_of("thin")
         cluster.restart_kubelet(node)
-        text = checks.exec("thin", "cat /data/file")
+        # Exec reaches the pod once the new kubelet has read its pods again.
+        text = ""
+
+        def readable() -> bool:
+            nonlocal text
+            text = checks.exec("thin", "cat /data/file")
+            return True
+
+        wait_for("the pod's file through the restarted kubelet", readable, 120, interval=2)
         volume = checks.pv_of("fsgroup")["metadata"]["name"]
         fsgroup_node = checks.node_of("fsgroup")
         cluster.delete("pod", "fsgroup", namespace=NAMESPACE, timeout=180)

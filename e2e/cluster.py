@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import textwrap
 import time
@@ -44,6 +45,7 @@ SERVICE_CIDR = "10.96.0.0/24"
 SERVICE_IP = "10.96.0.1"
 CLUSTER_CIDR = "10.244.0.0/16"
 APISERVER = "https://127.0.0.1:6443"
+KUBELET_PORT = 10250
 KUBELET_DIR = Path("/var/lib/kubelet")
 CNI_BIN = Path("/usr/lib/cni")
 # The first node's end of the link to the second.
@@ -220,6 +222,12 @@ def kubeconfig(path: Path, ca: Path, *, cert: Path | None = None, key: Path | No
     }  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def accepts(host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port is accepted."""
+    with socket.create_connection((host, port), timeout=2):
+        return True
 
 
 @dataclass
@@ -519,17 +527,25 @@ class Cluster:
                every: bool = False, wait: bool = True, timeout: float = 120,
                missing_ok: bool = False) -> None:  # fmt: skip
         """kubectl delete: the named objects (or ``every`` one of the kind in
-        the namespace), then, with ``wait``, until they are gone."""
+        the namespace), then, with ``wait``, until each object asked for is
+        gone: by its UID, as a controller may make one of the same name again
+        at once (a StatefulSet's pod)."""
         if every:
             names = tuple(o["metadata"]["name"]
                           for o in self.api.get(kind, namespace=namespace)["items"])  # fmt: skip
         try:
+            deleted = {}
             for name in names:
-                if not self.api.delete(kind, name, namespace) and not missing_ok:
-                    raise Failed(f"delete {kind} {name}: not found")
+                uid = self.api.uid(kind, name, namespace)
+                if uid is None or not self.api.delete(kind, name, namespace):
+                    if not missing_ok:
+                        raise Failed(f"delete {kind} {name}: not found")
+                    continue
+                deleted[name] = uid
             if wait:
                 wait_for(f"{kind} {', '.join(names)} deleted",
-                         lambda: not any(self.api.exists(kind, n, namespace) for n in names),
+                         lambda: all(self.api.uid(kind, n, namespace) != uid
+                                     for n, uid in deleted.items()),
                          timeout, interval=1)  # fmt: skip
         except ApiError as error:
             if not missing_ok:
@@ -569,7 +585,8 @@ class Cluster:
                 self.scratch / f"{name}.kubeconfig", pki.ca, cert=cert, key=key
             )
         self.admin = self.kubeconfigs["admin"]
-        self.api = Api(self.admin)
+        self.api = Api(self.admin, APISERVER,
+                       (pki.ca, pki.dir / "admin.crt", pki.dir / "admin.key"))  # fmt: skip
         # kube-proxy's user is the one the default RBAC binds to system:node-proxier.
         proxy_cert, proxy_key = pki.issue("kube-proxy", "/CN=system:kube-proxy")
         for node in self.nodes:
@@ -670,6 +687,10 @@ class Cluster:
     def restart_kubelet(self, node: Node, timeout: float = 180) -> None:
         self.procs.get(node.process("kubelet")).stop()
         node.start_kubelet(self.pki.ca, again=True)
+        # The node's Ready condition stays the old kubelet's until the node
+        # controller's grace runs out: wait for the new kubelet's own server.
+        wait_for(f"{node.name}'s new kubelet serving on port {KUBELET_PORT}",
+                 lambda: accepts(node.spec.ip, KUBELET_PORT), timeout)  # fmt: skip
         self.wait_node_ready(node, timeout)
 
     def wait_service_account(self, namespace: str, timeout: float) -> None:
