@@ -43,12 +43,10 @@ image-test: setup
 
 # The real-LVM suite: inside one VM where this kernel lacks device-mapper. Two
 # workers keep both virtual CPUs busy; each has its own volume group and driver.
-# A file's tests go to one worker, so that its module's own drivers and volume
-# groups are made once. Then what depends on the kernel, in a VM of Debian's
-# backports kernel.
+# Then what depends on the kernel, in a VM of Debian's backports kernel.
 lvm-tests: setup
 	$(VMRUN) -- env CSI_LVM_REQUIRE_REAL_LVM=1 python -m pytest -q -p no:cacheprovider \
-	    -p no:hypothesispytest -n 2 --dist loadfile --junitxml=build/vm/lvm-junit.xml $(LVM_TESTS)
+	    -p no:hypothesispytest -n 2 --junitxml=build/vm/lvm-junit.xml $(LVM_TESTS)
 	$(VMRUN) --kernel "$$($(PY) -m tools.kernels)" -- env CSI_LVM_REQUIRE_REAL_LVM=1 \
 	    python -m pytest -q -p no:cacheprovider -p no:hypothesispytest \
 	    --junitxml=build/vm/lvm-newer-kernel-junit.xml $(NEWER_KERNEL_TESTS)
