@@ -39,8 +39,10 @@ KINDS = (
     (GROUP_SNAPSHOT_API, "VolumeGroupSnapshot"),
     (GROUP_SNAPSHOT_API, "VolumeGroupSnapshotContent"),
 )  # fmt: skip
-SHORT_NAMES = {"pvc": "persistentvolumeclaim", "pv": "persistentvolume", "po": "pod",
-               "sc": "storageclass", "sa": "serviceaccount", "sts": "statefulset"}  # fmt: skip
+# Names kubectl knows that are not a kind's name plus "s" or "es".
+OTHER_NAMES = {"pvc": "persistentvolumeclaim", "pv": "persistentvolume", "po": "pod",
+               "sc": "storageclass", "sa": "serviceaccount", "sts": "statefulset",
+               "csistoragecapacities": "csistoragecapacity"}  # fmt: skip
 T = TypeVar("T")
 # The API's exec protocol: each binary frame starts with a byte naming its
 # stream; stream 3 carries the command's final status.
@@ -91,11 +93,9 @@ class Api:
     def named(self, name: str) -> Any:
         """The class of the kind kubectl would take ``name`` to mean (kind,
         plural or short name, any case)."""
-        wanted = SHORT_NAMES.get(name.lower(), name.lower())
+        wanted = OTHER_NAMES.get(name.lower(), name.lower())
         for api_version, kind in KINDS:
             if wanted in (kind.lower(), f"{kind.lower()}s", f"{kind.lower()}es"):
-                return self.resource(api_version, kind)
-            if wanted == "csistoragecapacities" and kind == "CSIStorageCapacity":
                 return self.resource(api_version, kind)
         raise ValueError(f"no kind {name!r} in e2e.api.KINDS")
 

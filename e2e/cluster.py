@@ -475,8 +475,9 @@ class Cluster:
     # ---- the API ---------------------------------------------------------------
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True,
                 timeout: float = 120) -> str:  # fmt: skip
-        """For what needs kubectl itself (exec, kustomize); the rest goes
-        through ``api`` (seconds less per call under TCG)."""
+        """For what needs kubectl itself (kustomize, the CRDs' apply -k and
+        wait, /readyz); the rest goes through ``api`` (seconds less per call
+        under TCG)."""
         start = time.monotonic()
         done = subprocess.run(
             [str(self.bin / "kubectl"), f"--kubeconfig={self.admin}", *args],
@@ -530,20 +531,21 @@ class Cluster:
         the namespace), then, with ``wait``, until each object asked for is
         gone: by its UID, as a controller may make one of the same name again
         at once (a StatefulSet's pod)."""
-        if every:
-            names = tuple(o["metadata"]["name"]
-                          for o in self.api.get(kind, namespace=namespace)["items"])  # fmt: skip
         try:
+            if every:
+                listed = self.api.get(kind, namespace=namespace)["items"]
+                found = {o["metadata"]["name"]: o["metadata"]["uid"] for o in listed}
+            else:
+                found = {name: self.api.uid(kind, name, namespace) for name in names}
             deleted = {}
-            for name in names:
-                uid = self.api.uid(kind, name, namespace)
+            for name, uid in found.items():
                 if uid is None or not self.api.delete(kind, name, namespace):
                     if not missing_ok:
                         raise Failed(f"delete {kind} {name}: not found")
                     continue
                 deleted[name] = uid
             if wait:
-                wait_for(f"{kind} {', '.join(names)} deleted",
+                wait_for(f"{kind} {', '.join(found)} deleted",
                          lambda: all(self.api.uid(kind, n, namespace) != uid
                                      for n, uid in deleted.items()),
                          timeout, interval=1)  # fmt: skip
