@@ -47,6 +47,10 @@ class CopyError(Internal):
     """Reading or writing a device failed."""
 
 
+class SourceInUse(CopyError):
+    """The source of an exclusive copy is mounted or held by someone else."""
+
+
 @dataclass(frozen=True)
 class CopyStats:
     copied_bytes: int  # chunks holding data, written
@@ -213,10 +217,13 @@ def copy_device(
     target_bytes: int,
     chunk_bytes: int = CHUNK_BYTES,
     offload: bool = True,
+    source_exclusive: bool = False,
 ) -> CopyStats:
     """Make ``target`` hold the first ``source_bytes`` of ``source`` followed
     by zeros up to ``target_bytes``. ``offload=False`` never asks the device to
-    zero ranges itself."""
+    zero ranges itself. ``source_exclusive`` holds the source's exclusive
+    claim (O_EXCL) while it copies: nothing can mount it meanwhile, and
+    SourceInUse when something has it mounted or claimed already."""
     if not 0 <= source_bytes <= target_bytes:
         raise CopyError(
             f"cannot copy {source_bytes} bytes of {source} into {target_bytes} bytes of {target}"
@@ -228,8 +235,10 @@ def copy_device(
     started = time.monotonic()
     offset = 0
     try:
-        source_fd = _open(source, os.O_RDONLY, direct)
+        source_fd = _open(source, os.O_RDONLY | (os.O_EXCL if source_exclusive else 0), direct)
     except OSError as exc:
+        if source_exclusive and exc.errno == errno.EBUSY:
+            raise SourceInUse(f"{source} is mounted or claimed by another user") from exc
         raise CopyError(f"cannot open {source} for reading: {exc.strerror}") from exc
     try:
         try:

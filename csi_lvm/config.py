@@ -23,17 +23,45 @@ from pathlib import Path
 
 import yaml
 
+from csi_lvm.config_fields import (
+    at,
+    boolean,
+    mapping,
+    number,
+    quantity,
+    reject_unknown,
+    string,
+    string_list,
+    whole,
+)
 from csi_lvm.errors import ConfigError
 from csi_lvm.filesystems import SUPPORTED_FILESYSTEMS
 from csi_lvm.ids import CLASS_NAME_RE, MAX_CLASS_NAME
+from csi_lvm.lvm.layouts import (
+    LAYOUTS,
+    LINEAR,
+    MAX_MIRRORS,
+    MAX_STRIPE_BYTES,
+    MAX_STRIPES,
+    MIN_STRIPE_BYTES,
+    PLAIN,
+    RAID10,
+    RAID_LAYOUTS,
+    STRIPED,
+    Layout,
+)
 
 # LVM's own rule for VG and LV names, minus names it reserves.
 LVM_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 
 _CLASS_KEYS = {
     "name", "volumeGroup", "thinPool", "overprovisionRatio", "fullThresholdPercent", "default",
-    "nodes", "mkfsOptions", "allowPoolWithoutZeroing", "encryption",
+    "nodes", "mkfsOptions", "allowPoolWithoutZeroing", "encryption", "layout", "stripes",
+    "stripeSize", "mirrors", "integrity", "spare",
 }  # fmt: skip
+# What a thick class makes by lvcreate; a thin class's pool was made by its
+# admin, so of these it names only the layout, which the driver checks.
+_SHAPE_KEYS = ("stripes", "stripeSize", "mirrors", "integrity")
 # What ``encryption:`` accepts: LUKS2 (dm-crypt) with a key per volume, or none.
 ENCRYPTIONS = ("luks2", "none")
 # A thin pool this full refuses new volumes: writes to a full pool fail, so
@@ -63,9 +91,16 @@ class DeviceClass:
     # Volumes made from now on are LUKS2 (csi_lvm.crypt); each LV records
     # its own, so a class that changes this leaves its volumes as they are.
     encrypted: bool = False
+    # How each LV lies on the VG's PVs (thick); for a thin class, what its
+    # pool's data LV must be (checked, never made: the pool is the admin's).
+    layout: Layout = PLAIN
+    # Room no new volume or snapshot may take (growth of existing volumes
+    # may): bytes of the class's capacity, in usable bytes.
+    spare_bytes: int = 0
     line: int = 0  # where the class starts in the config file, for messages
     volume_group_line: int = 0
     thin_pool_line: int = 0
+    layout_line: int = 0
 
     @property
     def is_thin(self) -> bool:
@@ -84,7 +119,8 @@ class DeviceClass:
 
     def describe(self) -> str:
         where = f"{self.volume_group}/{self.thin_pool}" if self.thin_pool else self.volume_group
-        return f"{self.name} ({'thin pool' if self.is_thin else 'volume group'} {where})"
+        shape = "" if self.layout.is_linear else f", {self.layout.describe()}"
+        return f"{self.name} ({'thin pool' if self.is_thin else 'volume group'} {where}{shape})"
 
 
 @dataclass(frozen=True)
@@ -174,14 +210,14 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if root is None:
         raise ConfigError(f"{source}: the file is empty; it must list deviceClasses")
-    top = _mapping(root, source, "the top level")
-    _reject_unknown(top, _TOP_KEYS, source)
+    top = mapping(root, source, "the top level")
+    reject_unknown(top, _TOP_KEYS, source)
     if "deviceClasses" not in top:
         raise ConfigError(f"{source} line {root.start_mark.line + 1}: 'deviceClasses' is missing")
     list_node = top["deviceClasses"][1]
     if not isinstance(list_node, yaml.SequenceNode) or not list_node.value:
         raise ConfigError(
-            f"{_at(source, list_node)}: 'deviceClasses' must be a non-empty list of classes"
+            f"{at(source, list_node)}: 'deviceClasses' must be a non-empty list of classes"
         )
     classes = [_device_class(node, source) for node in list_node.value]
     _check_classes(classes, source)
@@ -189,15 +225,15 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 
 def _device_class(node: yaml.Node, source: str) -> DeviceClass:
-    fields = _mapping(node, source, "a device class")
-    _reject_unknown(fields, _CLASS_KEYS, source)
+    fields = mapping(node, source, "a device class")
+    reject_unknown(fields, _CLASS_KEYS, source)
     for required in ("name", "volumeGroup"):
         if required not in fields:
-            raise ConfigError(f"{_at(source, node)}: device class lacks '{required}'")
-    name = _string(fields["name"][1], source, "name")
+            raise ConfigError(f"{at(source, node)}: device class lacks '{required}'")
+    name = string(fields["name"][1], source, "name")
     if not CLASS_NAME_RE.fullmatch(name):
         raise ConfigError(
-            f"{_at(source, fields['name'][1])}: class name {name!r} must be lower-case letters, "
+            f"{at(source, fields['name'][1])}: class name {name!r} must be lower-case letters, "
             f"digits and '-', at most {MAX_CLASS_NAME} characters"
         )
     volume_group = _lvm_name(fields["volumeGroup"][1], source, "volumeGroup")
@@ -207,29 +243,31 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
     ratio = _thin_only_number(fields, "overprovisionRatio", thin_pool, source, 1.0)
     if ratio < 1.0:
         raise ConfigError(
-            f"{_at(source, fields['overprovisionRatio'][1])}: overprovisionRatio must be at least 1"
+            f"{at(source, fields['overprovisionRatio'][1])}: overprovisionRatio must be at least 1"
         )
     threshold = _thin_only_number(
         fields, "fullThresholdPercent", thin_pool, source, DEFAULT_FULL_THRESHOLD_PERCENT
     )
     if not 0 < threshold <= 100:
         raise ConfigError(
-            f"{_at(source, fields['fullThresholdPercent'][1])}: fullThresholdPercent must be "
+            f"{at(source, fields['fullThresholdPercent'][1])}: fullThresholdPercent must be "
             "above 0 and at most 100 (the pool data or metadata use, in percent, that stops "
             "new volumes)"
         )
-    nodes = _string_list(fields["nodes"][1], source, "nodes") if "nodes" in fields else ()
+    nodes = string_list(fields["nodes"][1], source, "nodes") if "nodes" in fields else ()
     mkfs_options = (
         _mkfs_options(fields["mkfsOptions"][1], source) if "mkfsOptions" in fields else ()
     )
-    default = _boolean(fields, "default", source)
-    allow_unzeroed = _boolean(fields, "allowPoolWithoutZeroing", source)
+    default = boolean(fields, "default", source)
+    allow_unzeroed = boolean(fields, "allowPoolWithoutZeroing", source)
     if allow_unzeroed and thin_pool is None:
         raise ConfigError(
-            f"{_at(source, fields['allowPoolWithoutZeroing'][1])}: allowPoolWithoutZeroing "
+            f"{at(source, fields['allowPoolWithoutZeroing'][1])}: allowPoolWithoutZeroing "
             "applies to thin classes only; add thinPool or remove it"
         )
     encrypted = _encryption(fields, source)
+    layout = _layout(fields, thin_pool, source)
+    spare = quantity(fields["spare"][1], source, "spare") if "spare" in fields else 0
     return DeviceClass(
         name,
         volume_group,
@@ -241,19 +279,80 @@ def _device_class(node: yaml.Node, source: str) -> DeviceClass:
         mkfs_options=mkfs_options,
         allow_pool_without_zeroing=allow_unzeroed,
         encrypted=encrypted,
+        layout=layout,
+        spare_bytes=spare,
         line=node.start_mark.line + 1,
         volume_group_line=fields["volumeGroup"][1].start_mark.line + 1,
         thin_pool_line=fields["thinPool"][1].start_mark.line + 1 if thin_pool else 0,
+        layout_line=fields["layout"][1].start_mark.line + 1 if "layout" in fields else 0,
     )
+
+
+def _layout(
+    fields: dict[str, tuple[yaml.Node, yaml.Node]], thin_pool: str | None, source: str
+) -> Layout:
+    """The class's layout: named settings only, each checked against the
+    layouts it applies to, so that nothing unchecked reaches lvcreate."""
+    kind = string(fields["layout"][1], source, "layout") if "layout" in fields else LINEAR
+    if kind not in LAYOUTS:
+        raise ConfigError(
+            f"{at(source, fields['layout'][1])}: layout {kind!r} is not one csi-lvm makes; "
+            f"use one of {', '.join(LAYOUTS)}"
+        )
+    if thin_pool is not None:
+        for key in _SHAPE_KEYS:
+            if key in fields:
+                raise ConfigError(
+                    f"{at(source, fields[key][1])}: {key} applies to thick classes only: a "
+                    "thin class's pool is made by its admin (lvcreate, lvconvert), and the "
+                    "driver checks its layout only; remove it"
+                )
+        return Layout(kind)
+
+    def only_for(key: str, layouts: tuple[str, ...]) -> yaml.Node | None:
+        if key not in fields:
+            return None
+        if kind not in layouts:
+            raise ConfigError(
+                f"{at(source, fields[key][1])}: {key} applies to layout "
+                f"{' and '.join(layouts)} only, and this class's layout is {kind}; remove it "
+                "or change the layout"
+            )
+        return fields[key][1]
+
+    stripes_node = only_for("stripes", (STRIPED, RAID10))
+    stripes = 1 if kind not in (STRIPED, RAID10) else 2
+    if stripes_node is not None:
+        stripes = whole(stripes_node, source, "stripes", 2, MAX_STRIPES)
+    stripe_bytes = 0
+    if (size_node := only_for("stripeSize", (STRIPED, RAID10))) is not None:
+        stripe_bytes = quantity(size_node, source, "stripeSize")
+        power_of_two = stripe_bytes & (stripe_bytes - 1) == 0
+        if not power_of_two or not MIN_STRIPE_BYTES <= stripe_bytes <= MAX_STRIPE_BYTES:
+            raise ConfigError(
+                f"{at(source, size_node)}: stripeSize must be a power of two from 4Ki to 4Gi "
+                "(64Ki, say)"
+            )
+    mirrors = 1 if kind in RAID_LAYOUTS else 0
+    if (mirrors_node := only_for("mirrors", RAID_LAYOUTS)) is not None:
+        mirrors = whole(mirrors_node, source, "mirrors", 1, MAX_MIRRORS)
+        if kind == RAID10 and mirrors != 1:
+            raise ConfigError(
+                f"{at(source, mirrors_node)}: LVM's raid10 keeps two copies of each stripe "
+                "(mirrors: 1); for more copies use layout raid1"
+            )
+    integrity_node = only_for("integrity", RAID_LAYOUTS)
+    integrity = boolean(fields, "integrity", source) if integrity_node is not None else False
+    return Layout(kind, stripes, stripe_bytes, mirrors, integrity)
 
 
 def _encryption(fields: dict[str, tuple[yaml.Node, yaml.Node]], source: str) -> bool:
     if "encryption" not in fields:
         return False
-    value = _string(fields["encryption"][1], source, "encryption")
+    value = string(fields["encryption"][1], source, "encryption")
     if value not in ENCRYPTIONS:
         raise ConfigError(
-            f"{_at(source, fields['encryption'][1])}: encryption {value!r} is not one csi-lvm "
+            f"{at(source, fields['encryption'][1])}: encryption {value!r} is not one csi-lvm "
             f"offers; use one of {', '.join(ENCRYPTIONS)}"
         )
     return value == "luks2"
@@ -279,6 +378,13 @@ def _check_classes(classes: list[DeviceClass], source: str) -> None:
                     f"but the one at line {first.line} is {that}; a class's volumes are all "
                     "of one kind, so its entries must all have thinPool or none: fix the "
                     "entry, or give it a class name of its own"
+                )
+            if other.layout != first.layout:
+                raise ConfigError(
+                    f"{source} line {other.line}: this entry of device class {name!r} has "
+                    f"layout {other.layout.describe()} but the one at line {first.line} has "
+                    f"{first.layout.describe()}; a class's volumes have one layout on every "
+                    "node: give every entry the same layout settings"
                 )
             if other.encrypted != first.encrypted:
                 raise ConfigError(
@@ -306,72 +412,23 @@ def _check_classes(classes: list[DeviceClass], source: str) -> None:
         )
 
 
-def _at(source: str, node: yaml.Node) -> str:
-    return f"{source} line {node.start_mark.line + 1}"
-
-
-def _mapping(node: yaml.Node, source: str, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{_at(source, node)}: {what} must be a mapping of keys to values")
-    fields: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-    for key_node, value_node in node.value:
-        key = str(key_node.value)
-        if key in fields:
-            raise ConfigError(f"{_at(source, key_node)}: key {key!r} appears twice")
-        fields[key] = (key_node, value_node)
-    return fields
-
-
-def _reject_unknown(
-    fields: dict[str, tuple[yaml.Node, yaml.Node]], allowed: set[str], source: str
-) -> None:
-    for key, (key_node, _) in fields.items():
-        if key not in allowed:
-            raise ConfigError(
-                f"{_at(source, key_node)}: unknown key {key!r}; "
-                f"allowed here: {', '.join(sorted(allowed))}"
-            )
-
-
-def _string(node: yaml.Node, source: str, what: str) -> str:
-    if not isinstance(node, yaml.ScalarNode) or not str(node.value):
-        raise ConfigError(f"{_at(source, node)}: {what} must be a non-empty string")
-    return str(node.value)
-
-
-def _boolean(fields: dict[str, tuple[yaml.Node, yaml.Node]], key: str, source: str) -> bool:
-    if key not in fields:
-        return False
-    node = fields[key][1]
-    value = yaml.safe_load(yaml.serialize(node))
-    if not isinstance(value, bool):
-        raise ConfigError(f"{_at(source, node)}: {key} must be true or false")
-    return value
-
-
-def _string_list(node: yaml.Node, source: str, what: str) -> tuple[str, ...]:
-    if not isinstance(node, yaml.SequenceNode) or not node.value:
-        raise ConfigError(f"{_at(source, node)}: {what} must be a non-empty list of strings")
-    return tuple(_string(item, source, f"each entry of {what}") for item in node.value)
-
-
 def _mkfs_options(node: yaml.Node, source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    fields = _mapping(node, source, "mkfsOptions")
-    _reject_unknown(fields, set(SUPPORTED_FILESYSTEMS), source)
+    fields = mapping(node, source, "mkfsOptions")
+    reject_unknown(fields, set(SUPPORTED_FILESYSTEMS), source)
     options = []
     for fs_type, (_, value) in fields.items():
-        words = _string_list(value, source, f"mkfsOptions.{fs_type}")
+        words = string_list(value, source, f"mkfsOptions.{fs_type}")
         for word, item in zip(words, value.value, strict=True):
             if "\0" in word or word == "--":
-                raise ConfigError(f"{_at(source, item)}: mkfs argument {word!r} is not allowed")
+                raise ConfigError(f"{at(source, item)}: mkfs argument {word!r} is not allowed")
         options.append((fs_type, words))
     return tuple(options)
 
 
 def _lvm_name(node: yaml.Node, source: str, what: str) -> str:
-    value = _string(node, source, what)
+    value = string(node, source, what)
     if not LVM_NAME_RE.fullmatch(value) or value in {".", ".."}:
-        raise ConfigError(f"{_at(source, node)}: {what} {value!r} is not a valid LVM name")
+        raise ConfigError(f"{at(source, node)}: {what} {value!r} is not a valid LVM name")
     return value
 
 
@@ -388,13 +445,6 @@ def _thin_only_number(
     node = fields[key][1]
     if thin_pool is None:
         raise ConfigError(
-            f"{_at(source, node)}: {key} applies to thin classes only; add thinPool or remove it"
+            f"{at(source, node)}: {key} applies to thin classes only; add thinPool or remove it"
         )
-    return _number(node, source, key)
-
-
-def _number(node: yaml.Node, source: str, what: str) -> float:
-    value = yaml.safe_load(yaml.serialize(node)) if isinstance(node, yaml.ScalarNode) else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{_at(source, node)}: {what} must be a number")
-    return float(value)
+    return number(node, source, key)

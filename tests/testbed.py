@@ -50,13 +50,24 @@ def raw_holds(device: str, needle: bytes) -> bool:
 
 
 def load_kernel_modules() -> None:
-    for module in ("loop", "dm-mod", "dm-thin-pool", "dm-snapshot", "dm-crypt"):
+    modules = (
+        "loop",
+        "dm-mod",
+        "dm-thin-pool",
+        "dm-snapshot",
+        "dm-crypt",
+        "dm-raid",
+        "dm-integrity",
+    )
+    for module in modules:
         subprocess.run(["modprobe", module], capture_output=True, check=False)
 
 
 @dataclass
 class LoopVolumeGroup:
-    """A VG on a sparse file: ``pool_size`` of thin pool, the rest free for thick LVs."""
+    """A VG on sparse files, one loop device (PV) each: ``pool_size`` of thin
+    pool (none when empty), the rest free for thick LVs. ``size`` is each
+    PV's."""
 
     workdir: Path
     name: str = "csitest"
@@ -65,26 +76,34 @@ class LoopVolumeGroup:
     pool_size: str = "2G"
     metadata_size: str = ""  # pvcreate --metadatasize (LVM's default when empty)
     pool_metadata_size: str = ""  # lvcreate --poolmetadatasize (LVM's default when empty)
-    image: Path = field(init=False)
-    device: str = field(init=False, default="")
+    disks: int = 1
+    devices: list[str] = field(init=False, default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.image = self.workdir / f"{self.name}.img"
+    @property
+    def device(self) -> str:
+        return self.devices[0] if self.devices else ""
+
+    def image(self, disk: int) -> Path:
+        return self.workdir / (f"{self.name}.img" if disk == 0 else f"{self.name}-{disk}.img")
 
     def create(self) -> LoopVolumeGroup:
         load_kernel_modules()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        sh("truncate", "-s", self.size, str(self.image))
-        self.device = sh("losetup", "--find", "--show", str(self.image)).strip()
         try:
+            for disk in range(self.disks):
+                sh("truncate", "-s", self.size, str(self.image(disk)))
+                self.devices.append(
+                    sh("losetup", "--find", "--show", str(self.image(disk))).strip()
+                )
             sizing = ["--metadatasize", self.metadata_size] if self.metadata_size else []
-            sh("pvcreate", "-q", "-y", *sizing, self.device)
-            sh("vgcreate", "-q", "-y", self.name, self.device)
+            sh("pvcreate", "-q", "-y", *sizing, *self.devices)
+            sh("vgcreate", "-q", "-y", self.name, *self.devices)
             pool_sizing = (
                 ["--poolmetadatasize", self.pool_metadata_size] if self.pool_metadata_size else []
             )
-            sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size,
-               *pool_sizing, "-n", self.pool, self.name)  # fmt: skip
+            if self.pool_size:
+                sh("lvcreate", "-q", "-y", "--type", "thin-pool", "-L", self.pool_size,
+                   *pool_sizing, "-n", self.pool, self.name)  # fmt: skip
         except BaseException:  # a host without device-mapper, say: leave no loop device
             self.destroy()
             raise
@@ -99,10 +118,11 @@ class LoopVolumeGroup:
 
     def destroy(self) -> None:
         subprocess.run(["vgremove", "-f", "-y", self.name], capture_output=True, check=False)
-        if self.device:
-            subprocess.run(["pvremove", "-y", self.device], capture_output=True, check=False)
-            subprocess.run(["losetup", "-d", self.device], capture_output=True, check=False)
-        self.image.unlink(missing_ok=True)
+        for device in self.devices:
+            subprocess.run(["pvremove", "-y", device], capture_output=True, check=False)
+            subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        for disk in range(self.disks):
+            self.image(disk).unlink(missing_ok=True)
 
 
 def child_pids(pid: int) -> list[int]:

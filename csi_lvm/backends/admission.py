@@ -44,11 +44,19 @@ class ClassSpace:
     missing: str | None = None  # the class's storage is not on this node
     needs_repair: str | None = None  # LVM refused the pool until an admin repairs it
     metadata_full: str | None = None  # the VG's metadata area has no room for more LVs
+    # Of the room there is, what the class's ``spare`` keeps from new
+    # objects (not counted in ``available_bytes``; growth may take it).
+    spare_bytes: int = 0
 
     @property
     def refusal(self) -> str | None:
         """Why the class takes no new volumes, or None while it does."""
         return self.missing or self.needs_repair or self.metadata_full or self.full
+
+    @property
+    def room_for_growth(self) -> int:
+        """What existing volumes may still grow into: the spare too."""
+        return 0 if self.refusal else self.available_bytes + self.spare_bytes
 
 
 def metadata_room_lvs(group: VolumeGroup) -> int | None:

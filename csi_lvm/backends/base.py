@@ -64,6 +64,20 @@ log = structlog.get_logger("csi_lvm.backends")
 Hold = Callable[[Callable[[], None]], None]
 
 
+def repair_hint(lv: LogicalVolume) -> str:
+    """What an admin does about a RAID LV LVM reports unwell: its images
+    are LVM's to rebuild, and the driver never does it unasked."""
+    if not lv.attr.is_raid or lv.attr.health not in "prm":
+        return ""
+    name = lv.full_name
+    if lv.attr.health == "m":
+        return f" (lvchange --syncaction repair {name} rewrites the differing blocks)"
+    return (
+        f" (I/O goes on with the images left; when the device is back, lvchange --refresh "
+        f"{name}; when it is gone, add a PV and run lvconvert --repair {name})"
+    )
+
+
 class Backend(ABC):
     """One device class's storage."""
 
@@ -100,10 +114,14 @@ class Backend(ABC):
         missing = self.missing(scan)
         group = scan.vgs.get(self.device_class.volume_group)
         if missing is not None:
-            extent = group.extent_bytes if group is not None else 0
-            return ClassSpace(0, extent, 0, 0, missing=missing)
+            return ClassSpace(0, self._extent_bytes(scan), 0, 0, missing=missing)
         assert group is not None  # else it would be missing
         space = self._space(group, scan, live)
+        if (spare := self.device_class.spare_bytes) and space.available_bytes:
+            kept = min(spare, space.available_bytes)
+            space = dataclasses.replace(
+                space, available_bytes=space.available_bytes - kept, spare_bytes=kept
+            )
         if (full := metadata_full(group)) is not None:
             space = dataclasses.replace(space, available_bytes=0, metadata_full=full)
         needs_repair = self.needs_repair()
@@ -174,9 +192,15 @@ class Backend(ABC):
                 if needed > size
                 else ""
             )
+            spare = (
+                f"; {space.spare_bytes} more are the class's spare, kept for the growth of "
+                "its volumes"
+                if space.spare_bytes
+                else ""
+            )
             raise ResourceExhausted(
                 f"device class {self.name} on node {self.node_id} has {exc.available} bytes "
-                f"available, {needed} requested{during}"
+                f"available, {needed} requested{during}{spare}"
             ) from None
         except LvmError as exc:
             raise refused_create(exc, self._create_refusal(exc, ask, size)) from exc
@@ -258,8 +282,9 @@ class Backend(ABC):
                                       f"{existing.name}") from exc  # fmt: skip
 
     def _extent_bytes(self, scan: Scan) -> int:
+        """The unit of the class's sizes: an extent in every stripe."""
         group = scan.vgs.get(self.device_class.volume_group)
-        return group.extent_bytes if group is not None else 0
+        return group.extent_bytes * self.device_class.layout.stripes if group is not None else 0
 
     @abstractmethod
     def _create_blank(self, new: NewLv) -> None:
@@ -293,7 +318,7 @@ class Backend(ABC):
             return size
         growth = self.room_for_volume(size - owned.size_bytes, None, 0)
         try:
-            with self.reservations.holding(growth, space.available_bytes, scan.started):
+            with self.reservations.holding(growth, space.room_for_growth, scan.started):
                 self.lvm.extend(owned.lv.vg_name, owned.lv.name, size, timeout)
         except NoRoom as exc:
             raise OutOfRange(
@@ -440,7 +465,7 @@ class Backend(ABC):
         if problem is None and group is not None and group.partial:
             problem = f"volume group {owned.lv.vg_name} is missing a physical volume"
         if problem is not None:
-            return Condition(True, f"LV {owned.lv.full_name}: {problem}")
+            return Condition(True, f"LV {owned.lv.full_name}: {problem}{repair_hint(owned.lv)}")
         return Condition(False, "healthy")
 
     # ---- for the implementations

@@ -43,7 +43,7 @@ from csi_lvm.ids import Kind, Tag, encode_tags, view_name_for
 from csi_lvm.lifecycle import MAKING_TAG, Lifecycle
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
-from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
+from csi_lvm.lvm.records import LogicalVolume, PhysicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
 log = structlog.get_logger("csi_lvm.backends.thick")
@@ -84,15 +84,51 @@ class ThickBackend(Backend):
 
     def __init__(self, device_class: DeviceClass, inventory: Inventory, states: Lifecycle):
         super().__init__(device_class, inventory, states)
-        self.copier = ThickCopier(inventory, states)
+        self.copier = ThickCopier(inventory, states, views=not device_class.layout.integrity)
+        self._pv_memo: tuple[tuple[str, int, int], list[PhysicalVolume]] | None = None
+
+    def missing(self, scan: Scan) -> str | None:
+        missing = super().missing(scan)
+        layout = self.device_class.layout
+        if missing is not None or layout.is_linear:
+            return missing
+        group = scan.vgs[self.device_class.volume_group]
+        present = [pv for pv in self._pvs(group) if not pv.missing]
+        if len(present) >= layout.images:
+            return None
+        line = self.device_class.layout_line or self.device_class.line
+        return (
+            f"volume group {group.name} of device class {self.name} on node {self.node_id} "
+            f"has {len(present)} physical volumes present, and layout {layout.describe()} "
+            f"needs {layout.images}, each image on a PV of its own: add PVs (vgextend) or "
+            f"change the layout ({self.inventory.config.source} line {line})"
+        )
 
     def _space(self, group: VolumeGroup, scan: Scan, live: bool) -> ClassSpace:
+        layout = self.device_class.layout
+        used = group.size_bytes - group.free_bytes
+        if layout.is_linear:
+            available = group.free_bytes
+        else:  # what fits with each image on a PV of its own
+            extent = group.extent_bytes
+            free = [pv.free_bytes // extent for pv in self._pvs(group) if not pv.missing]
+            available = layout.largest(free, extent)
         return ClassSpace(
-            available_bytes=group.free_bytes,
-            extent_bytes=group.extent_bytes,
-            total_bytes=group.size_bytes,
-            used_bytes=group.size_bytes - group.free_bytes,
+            available_bytes=available,
+            extent_bytes=group.extent_bytes * layout.stripes,
+            total_bytes=layout.usable_share(group.size_bytes),
+            used_bytes=layout.usable_share(used),
         )
+
+    def _pvs(self, group: VolumeGroup) -> list[PhysicalVolume]:
+        """The VG's PVs as of the scan's metadata: read again only when the
+        VG's metadata changed (its seqno) or a PV went missing or came back,
+        so a capacity call costs no report of its own."""
+        key = (group.name, group.seqno, group.missing_pvs)
+        memo = self._pv_memo
+        if memo is None or memo[0] != key:
+            memo = self._pv_memo = (key, self.lvm.list_pvs(group.name))
+        return memo[1]
 
     def room_for_volume(self, size: int, source: Owned | None, extent_bytes: int) -> int:
         if source is None:
@@ -139,6 +175,7 @@ class ThickBackend(Backend):
         runs the cutting of the sources' temporary views alone; each target
         is then filled from its view while the sources take writes again. A
         failure removes every target and view made here."""
+        self.copier.check_views(self.name)
         with contextlib.ExitStack() as admitted, contextlib.ExitStack() as undone:
             news = [
                 admitted.enter_context(self._admitted(ask, source, scan, snapshot=True))
@@ -178,7 +215,11 @@ class ThickBackend(Backend):
     def _create(self, new: NewLv, lifecycle_tags: Sequence[str]) -> None:
         group = self.device_class.volume_group
         tags = [*new.tags, *lifecycle_tags]
-        self.lvm.create_linear_volume(group, new.name, new.size, tags, new.timeout)
+        layout = self.device_class.layout
+        if layout.is_linear:
+            self.lvm.create_linear_volume(group, new.name, new.size, tags, new.timeout)
+        else:
+            self.lvm.create_shaped_volume(group, new.name, new.size, tags, layout, new.timeout)
 
     def _copy_into(self, new: NewLv, kind: Kind, source: Owned) -> Owned:
         self._create(new, lifecycle.copy_tags(kind, by_copy=True))
@@ -209,6 +250,7 @@ class ThickBackend(Backend):
         """A classic COW snapshot with a fifth of the source as room for
         the changes written while the copy reads it (``view_intact`` says
         whether they fitted)."""
+        self.copier.check_views(self.name)
         create_view(self.lvm, source, name, tags, extent_bytes)
 
     def view_intact(self, view: LogicalVolume) -> bool:
@@ -228,15 +270,27 @@ class ThickBackend(Backend):
 
 
 class ThickCopier:
-    def __init__(self, inventory: Inventory, states: Lifecycle) -> None:
+    def __init__(self, inventory: Inventory, states: Lifecycle, views: bool = True) -> None:
         self.inventory = inventory
         self.lvm = inventory.lvm
         self.states = states
+        # LVM takes no COW snapshot of a RAID LV with integrity: a copy of
+        # such a volume reads it whole while nothing else may mount it.
+        self.views = views
+
+    def check_views(self, device_class: str) -> None:
+        """Refuse what needs a view of a volume in use, where none can be had."""
+        if not self.views:
+            raise FailedPrecondition(
+                f"device class {device_class} has RAID with integrity, of which LVM takes no "
+                "snapshot: its volumes are copied only while nothing uses them, one at a "
+                "time (snapshot or clone each unstaged volume on its own node)"
+            )
 
     def room_needed(self, source: Owned, target_bytes: int, extent_bytes: int) -> int:
         """VG space a copy of ``source`` into a new ``target_bytes`` LV takes
         while it runs: the target, plus the view of a volume source."""
-        if source.kind is Kind.SNAPSHOT:
+        if source.kind is Kind.SNAPSHOT or not self.views:
             return target_bytes
         return target_bytes + view_bytes(source.size_bytes, extent_bytes)
 
@@ -250,6 +304,9 @@ class ThickCopier:
                 f"{source.id} and {target.id} are in different volume groups; csi-lvm "
                 "copies only within one"
             )
+        if source.kind is Kind.VOLUME and not self.views:
+            self._copy_unused(target, source)
+            return
         if source.kind is Kind.VOLUME:
             self.remove_view(target)  # a crash left-over of an earlier try
             self.cut_view(source, target, extent_bytes)
@@ -274,10 +331,35 @@ class ThickCopier:
         self.states.copied(target.lv)
         log.info("copy complete", target=str(target.id), source=str(source.id))
 
-    def _copy(self, source_lv: LogicalVolume, target: Owned, source: Owned) -> None:
+    def _copy_unused(self, target: Owned, source: Owned) -> None:
+        """Copy the volume ``source`` itself, which nothing may use meanwhile:
+        it is not open now, and its exclusive claim, held for the copy, keeps
+        anyone from mounting it until the copy is done."""
+        now = self.lvm.find_lv(source.lv.vg_name, source.lv.name)
+        in_use = FailedPrecondition(
+            f"volume {source.id} is in use; its class has RAID with integrity, of which LVM "
+            "takes no snapshot, so csi-lvm copies its volumes only while nothing uses them: "
+            "stop the pods using it (scale the workload down), then retry"
+        )
+        if now is None or now.attr.device_open:
+            raise in_use
+        try:
+            self._copy(self.inventory.activated(now), target, source, exclusive=True)
+        except blockcopy.SourceInUse:
+            raise in_use from None
+        self.states.copied(target.lv)
+        log.info("copy complete", target=str(target.id), source=str(source.id))
+
+    def _copy(
+        self, source_lv: LogicalVolume, target: Owned, source: Owned, exclusive: bool = False
+    ) -> None:
         target_lv = self.inventory.activated(target.lv)
         stats = blockcopy.copy_device(
-            source_lv.device, target_lv.device, source.size_bytes, target.size_bytes
+            source_lv.device,
+            target_lv.device,
+            source.size_bytes,
+            target.size_bytes,
+            source_exclusive=exclusive,
         )
         log.info(
             "copied",

@@ -23,6 +23,7 @@ from csi_lvm.config import DeviceClass
 from csi_lvm.errors import refused_create
 from csi_lvm.ids import Kind
 from csi_lvm.lvm.errors import LvmError
+from csi_lvm.lvm.layouts import LINEAR
 from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
 from csi_lvm.volumes import Owned, Scan
 
@@ -30,6 +31,8 @@ from csi_lvm.volumes import Owned, Scan
 class ThinBackend(Backend):
     # The last report's sum (the tuple of LVs it came from, the sum).
     _provisioned_memo: tuple[tuple[LogicalVolume, ...], int] | None = None
+    # The pool's data layout, read again when the pool's record changes.
+    _layout_memo: tuple[tuple[str, int, str], str] | None = None
 
     @property
     def pool(self) -> str:
@@ -48,7 +51,28 @@ class ThinBackend(Backend):
                 f"{self.inventory.node_id} ({self.inventory.config.source} line "
                 f"{self.device_class.thin_pool_line})"
             )
-        return None
+        return self._wrong_layout(pool)
+
+    def _wrong_layout(self, pool: LogicalVolume) -> str | None:
+        """Why the pool's data is not laid out as the class says (a class
+        that says RAID1 must never put volumes on a pool without copies)."""
+        wanted = self.device_class.layout.kind
+        if wanted == LINEAR:
+            return None
+        key = (pool.uuid, pool.size_bytes, pool.attr.raw)
+        if self._layout_memo is None or self._layout_memo[0] != key:
+            found = self.lvm.data_layout(pool.vg_name, pool.name) or "unknown"
+            self._layout_memo = (key, found)
+        found = self._layout_memo[1]
+        if wanted in found.split(","):
+            return None
+        line = self.device_class.layout_line or self.device_class.line
+        return (
+            f"the data of thin pool {pool.full_name} of device class {self.name} is laid out "
+            f"{found!r}, but the config says layout {wanted} ({self.inventory.config.source} "
+            f"line {line}): convert it (lvconvert --type {wanted} {pool.full_name}_tdata) or "
+            "change the layout"
+        )
 
     def _space(self, group: VolumeGroup, scan: Scan, live: bool) -> ClassSpace:
         pool = scan.lv(group.name, self.pool)

@@ -15,22 +15,44 @@ import os
 from collections.abc import Iterable, Sequence
 
 from csi_lvm.lvm.journal import ChangeJournal
+from csi_lvm.lvm.layouts import RAID10, RAID_LAYOUTS, STRIPED, Layout
 from csi_lvm.lvm.names import NAME_RE, check_lv_names, check_name, pool_dm_names, tag_args
 from csi_lvm.lvm.records import (
     LV_FIELDS,
+    PV_FIELDS,
     THIN_FIELDS,
     VG_COLUMNS,
     VG_FIELDS,
     LogicalVolume,
+    PhysicalVolume,
     PoolFill,
     PoolStatus,
     VolumeGroup,
+    parse_lv_layouts,
     parse_lv_report,
     parse_pool_status,
+    parse_pv_report,
     parse_vg_report,
 )
 from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.shell import LvmShell
+
+
+def layout_args(layout: Layout) -> list[str]:
+    """lvcreate's options for ``layout``: only what the config's named
+    settings say, each one checked there."""
+    if layout.is_linear:
+        return []
+    args = ["--type", layout.kind]
+    if layout.kind in (STRIPED, RAID10):
+        args += ["--stripes", str(layout.stripes)]
+        if layout.stripe_bytes:
+            args += ["--stripesize", f"{layout.stripe_bytes >> 10}k"]
+    if layout.kind in RAID_LAYOUTS:
+        args += ["--mirrors", str(layout.mirrors)]
+        if layout.integrity:
+            args += ["--raidintegrity", "y"]
+    return args
 
 
 def read_pool_status(
@@ -214,6 +236,22 @@ class Lvm:
         # A select keeps a missing VG from failing the whole report.
         return parse_vg_report(self.runner.report(["vgs", "-o", VG_FIELDS, *select], timeout))
 
+    def list_pvs(self, volume_group: str, timeout: float | None = None) -> list[PhysicalVolume]:
+        """The PVs of ``volume_group``, missing ones included."""
+        check_name(volume_group, "volume group")
+        select = f"vg_name={volume_group}"
+        return parse_pv_report(self.runner.report(["pvs", "-o", PV_FIELDS, "-S", select], timeout))
+
+    def data_layout(self, volume_group: str, pool: str, timeout: float | None = None) -> str | None:
+        """The layout of a thin pool's data LV as LVM names it (``linear``,
+        ``striped``, ``raid,raid1``, ...), or None when there is no such pool."""
+        check_lv_names(volume_group, pool)
+        select = f"lv_name={pool}_tdata"
+        report = self.runner.report(
+            ["lvs", "-a", "-o", "lv_name,vg_name,lv_layout", "-S", select, volume_group], timeout
+        )
+        return parse_lv_layouts(report).get(f"{pool}_tdata")
+
     # ---- writes
 
     def create_thin_volume(
@@ -252,6 +290,30 @@ class Lvm:
             [
                 "lvcreate", "--yes", "--name", name, "--size", f"{size_bytes}b",
                 "--wipesignatures", "y", "--zero", "y",
+                *tag_args(tags), volume_group,
+            ],
+            timeout,
+            [(volume_group, name)],
+        )  # fmt: skip
+
+    def create_shaped_volume(
+        self,
+        volume_group: str,
+        name: str,
+        size_bytes: int,
+        tags: Sequence[str],
+        layout: Layout,
+        timeout: float | None = None,
+    ) -> None:
+        """An LV laid out as ``layout`` says (striped, RAID1 or RAID10, with
+        dm-integrity under RAID images when it says so), its start wiped as
+        a linear LV's is. A RAID LV syncs its images from the first one,
+        so every copy reads what the first does."""
+        check_lv_names(volume_group, name)
+        self.change(
+            [
+                "lvcreate", "--yes", "--name", name, "--size", f"{size_bytes}b",
+                "--wipesignatures", "y", "--zero", "y", *layout_args(layout),
                 *tag_args(tags), volume_group,
             ],
             timeout,

@@ -27,6 +27,8 @@ VG_FIELDS = f"vg_name,{VG_COLUMNS}"
 # Asked for only where the thin pool's own metadata is read: a thin LV's
 # device id in its pool, and a pool's chunk size.
 THIN_FIELDS = f"{LV_FIELDS},thin_id,chunk_size"
+# A VG's PVs, for classes whose LVs need room on several of them at once.
+PV_FIELDS = "pv_name,vg_name,pv_size,pv_free,pv_attr"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,15 @@ class LvAttr:
     def snapshot_invalid(self) -> bool:
         """A classic snapshot whose COW space overflowed: its view is lost."""
         return self._char(0) == "S" or self._char(4) in "IS"
+
+    @property
+    def is_raid(self) -> bool:
+        return self._char(0) in "rR"
+
+    @property
+    def health(self) -> str:
+        """LVM's health character ('-' when nothing is wrong)."""
+        return self._char(8)
 
     @property
     def active(self) -> bool:
@@ -159,6 +170,20 @@ class VolumeGroup:
     @property
     def partial(self) -> bool:
         return self.missing_pvs > 0 or (len(self.attr) > 3 and self.attr[3] == "p")
+
+
+@dataclass(frozen=True)
+class PhysicalVolume:
+    name: str
+    vg_name: str
+    size_bytes: int
+    free_bytes: int
+    attr: str
+
+    @property
+    def missing(self) -> bool:
+        """LVM's metadata names the PV, but its device is not there."""
+        return len(self.attr) > 2 and self.attr[2] == "m"
 
 
 @dataclass(frozen=True)
@@ -300,6 +325,25 @@ def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[Volu
             seqno=_int(row.get("vg_seqno", "")),
         )
         for name, row in rows.items()
+    ]
+
+
+def parse_lv_layouts(report: dict[str, object]) -> dict[str, str]:
+    """Each LV's ``lv_layout`` (``linear``, ``striped``, ``raid,raid1``, ...), by name."""
+    rows = _report_rows(report, "lv")  # a hidden LV's name is in brackets: [pool_tdata]
+    return {str(row["lv_name"]).strip("[]"): str(row.get("lv_layout", "")) for row in rows}
+
+
+def parse_pv_report(report: dict[str, object]) -> list[PhysicalVolume]:
+    return [
+        PhysicalVolume(
+            name=str(row.get("pv_name", "")),
+            vg_name=str(row.get("vg_name", "")),
+            size_bytes=_int(row.get("pv_size", "")),
+            free_bytes=_int(row.get("pv_free", "")),
+            attr=str(row.get("pv_attr", "")),
+        )
+        for row in _report_rows(report, "pv")
     ]
 
 
