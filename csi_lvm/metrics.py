@@ -8,6 +8,7 @@ so scrapers never add an LVM report each.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 
 import structlog
@@ -16,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from csi_lvm.backends import Backends
+from csi_lvm.backends.health import merged
 from csi_lvm.ids import Kind
 
 log = structlog.get_logger("csi_lvm.metrics")
@@ -93,6 +95,18 @@ class DeviceClassCollector(Collector):
             "Size of the metadata area of the class's volume group.",
             labels=labels,
         )
+        trouble = GaugeMetricFamily(
+            "csi_lvm_device_class_trouble",
+            "1 for each problem of the class's storage on this node (the findings "
+            "NodeGetStorageHealth reports, by status and reason).",
+            labels=[*labels, "status", "reason"],
+        )
+        unhealthy = GaugeMetricFamily(
+            "csi_lvm_volumes_unhealthy",
+            "Volumes with a problem, by the reason NodeGetVolumeHealth gives (as the last "
+            "scan shows them; a RAID volume's sync is read only when asked of it).",
+            labels=[*labels, "status", "reason"],
+        )
         volumes = GaugeMetricFamily("csi_lvm_volumes", "Volumes csi-lvm owns.", labels=labels)
         snapshots = GaugeMetricFamily("csi_lvm_snapshots", "Snapshots csi-lvm owns.", labels=labels)
         try:
@@ -120,9 +134,19 @@ class DeviceClassCollector(Collector):
                 if pool is not None:
                     data.add_metric(name, (pool.data_percent or 0.0) / 100)
                     metadata.add_metric(name, (pool.metadata_percent or 0.0) / 100)
+            for finding in merged(backend.storage_health(scan, live=False)):
+                trouble.add_metric([*name, finding.status, finding.reason], 1)
             volumes.add_metric(name, counts.get((device_class.name, Kind.VOLUME), 0))
             snapshots.add_metric(name, counts.get((device_class.name, Kind.SNAPSHOT), 0))
+        by_reason: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        for owned in self.inventory.owned(Kind.VOLUME, scan):
+            backend = self.backends.of(owned.device_class)
+            for finding in backend.findings(owned, scan):
+                by_reason[(backend.name, finding.status, finding.reason)] += 1
+        for key, count in sorted(by_reason.items()):
+            unhealthy.add_metric(list(key), count)
         yield from (size, available, full, missing, data, metadata, volumes, snapshots)
+        yield from (trouble, unhealthy)
         yield from (metadata_free, metadata_area)
 
 

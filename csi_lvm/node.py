@@ -27,6 +27,7 @@ from csi_lvm.errors import (
 )
 from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
+from csi_lvm.node_health import NodeHealth
 from csi_lvm.rpc import budget
 from csi_lvm.topology import NodeTopology
 from csi_lvm.validation import (
@@ -48,12 +49,14 @@ CAPABILITIES = (
     NodeCap.VOLUME_CONDITION,
     NodeCap.SINGLE_NODE_MULTI_WRITER,
     NodeCap.EXPAND_VOLUME,
+    NodeCap.GET_VOLUME_HEALTH,
+    NodeCap.GET_STORAGE_HEALTH,
 )
 DEFAULT_TIMEOUT = 300.0
 Context = grpc.ServicerContext
 
 
-class NodeService(csi_pb2_grpc.NodeServicer):
+class NodeService(NodeHealth, csi_pb2_grpc.NodeServicer):
     def __init__(
         self,
         inventory: Inventory,

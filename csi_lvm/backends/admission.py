@@ -67,6 +67,18 @@ def metadata_room_lvs(group: VolumeGroup) -> int | None:
     return max(0, group.metadata_free_bytes - METADATA_RESERVE_BYTES) // METADATA_BYTES_PER_LV
 
 
+def metadata_low(group: VolumeGroup) -> str | None:
+    """A warning while the VG's metadata area has little room left."""
+    room = metadata_room_lvs(group)
+    if room is None or room >= METADATA_LOW_LVS:
+        return None
+    return (
+        f"the metadata area of volume group {group.name} has room for about {room} more "
+        f"volumes or snapshots ({group.metadata_free_bytes} of "
+        f"{group.metadata_area_bytes} bytes left). {METADATA_FIX}"
+    )
+
+
 def metadata_full(group: VolumeGroup) -> str | None:
     """Why the VG takes no new LVs for want of metadata room, or None."""
     if group.metadata_area_bytes <= 0 or group.metadata_free_bytes >= METADATA_RESERVE_BYTES:

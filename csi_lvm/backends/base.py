@@ -22,16 +22,17 @@ from contextlib import contextmanager
 import structlog
 
 from csi_lvm import crypt, lifecycle
+from csi_lvm.backends import health
 from csi_lvm.backends.admission import (
-    METADATA_LOW_LVS,
     ClassSpace,
     NoRoom,
     RepairPause,
     Reservations,
     metadata_full,
-    metadata_room_lvs,
+    metadata_low,
 )
 from csi_lvm.backends.asks import Ask, Condition, Contents, NewLv
+from csi_lvm.backends.health import Finding
 from csi_lvm.block_maps import BlockMap, BlockMaps
 from csi_lvm.config import DeviceClass
 from csi_lvm.errors import (
@@ -46,7 +47,6 @@ from csi_lvm.errors import (
 from csi_lvm.ids import Kind
 from csi_lvm.lifecycle import Lifecycle
 from csi_lvm.lvm.errors import (
-    METADATA_FIX,
     LvmAlreadyExists,
     LvmError,
     LvmInUse,
@@ -54,7 +54,7 @@ from csi_lvm.lvm.errors import (
     LvmNoSpace,
     LvmPoolNeedsRepair,
 )
-from csi_lvm.lvm.records import LogicalVolume, VolumeGroup
+from csi_lvm.lvm.records import LogicalVolume, RaidState, VolumeGroup
 from csi_lvm.validation import SizeRange, choose_size
 from csi_lvm.volumes import Inventory, Owned, Scan
 
@@ -62,20 +62,6 @@ log = structlog.get_logger("csi_lvm.backends")
 
 # Runs the cutting of a group's snapshots while the sources' writes are held.
 Hold = Callable[[Callable[[], None]], None]
-
-
-def repair_hint(lv: LogicalVolume) -> str:
-    """What an admin does about a RAID LV LVM reports unwell: its images
-    are LVM's to rebuild, and the driver never does it unasked."""
-    if not lv.attr.is_raid or lv.attr.health not in "prm":
-        return ""
-    name = lv.full_name
-    if lv.attr.health == "m":
-        return f" (lvchange --syncaction repair {name} rewrites the differing blocks)"
-    return (
-        f" (I/O goes on with the images left; when the device is back, lvchange --refresh "
-        f"{name}; when it is gone, add a PV and run lvconvert --repair {name})"
-    )
 
 
 class Backend(ABC):
@@ -443,14 +429,7 @@ class Backend(ABC):
         """Something about present storage an admin must hear of at start-up
         and from ``doctor`` (it still takes volumes)."""
         group = scan.vgs.get(self.device_class.volume_group)
-        room = None if group is None else metadata_room_lvs(group)
-        if group is None or room is None or room >= METADATA_LOW_LVS:
-            return None
-        return (
-            f"the metadata area of volume group {group.name} has room for about {room} more "
-            f"volumes or snapshots ({group.metadata_free_bytes} of "
-            f"{group.metadata_area_bytes} bytes left). {METADATA_FIX}"
-        )
+        return None if group is None else metadata_low(group)
 
     def storage_problem(self, scan: Scan) -> str | None:
         """A problem of the class's storage itself that makes its objects
@@ -458,15 +437,33 @@ class Backend(ABC):
         return self.needs_repair()
 
     def condition(self, owned: Owned, scan: Scan) -> Condition:
-        problem = (
-            owned.lv.attr.problem or lifecycle.unready_problem(owned) or self.storage_problem(scan)
-        )
+        """The volume's health as one condition, from the scan alone (the
+        kubelet asks it of every volume every minute)."""
+        return health.condition_of(self.findings(owned, scan, None))
+
+    def volume_health(self, owned: Owned, scan: Scan, timeout: float | None) -> list[Finding]:
+        """What is wrong with the volume now (nothing: an empty list). A RAID
+        LV's state is read afresh; the rest comes from the scan."""
+        lv = owned.lv
+        raid = self.lvm.raid_state(lv.vg_name, lv.name, timeout) if lv.attr.is_raid else None
+        return self.findings(owned, scan, raid)
+
+    def findings(self, owned: Owned, scan: Scan, raid: RaidState | None = None) -> list[Finding]:
+        """The volume's findings from the scan (and a RAID state read apart)."""
+        unready = lifecycle.unready_problem(owned)
         group = scan.vgs.get(owned.lv.vg_name)
-        if problem is None and group is not None and group.partial:
-            problem = f"volume group {owned.lv.vg_name} is missing a physical volume"
-        if problem is not None:
-            return Condition(True, f"LV {owned.lv.full_name}: {problem}{repair_hint(owned.lv)}")
-        return Condition(False, "healthy")
+        problem = self.storage_problem(scan)
+        return health.volume_findings(owned.lv, raid, unready, problem, self.name, group)
+
+    def storage_health(self, scan: Scan, *, live: bool = True) -> list[Finding]:
+        """What is wrong with the class's storage on this node (nothing, on a
+        node the config does not give the class to)."""
+        if not self.offered_here:
+            return []
+        group = scan.vgs.get(self.device_class.volume_group)
+        space = self.space(scan, live=live)
+        warning = self.warning(scan) if space.missing is None else None
+        return health.class_findings(self.name, space, group, warning)
 
     # ---- for the implementations
 

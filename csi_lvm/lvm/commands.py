@@ -20,6 +20,7 @@ from csi_lvm.lvm.names import NAME_RE, check_lv_names, check_name, pool_dm_names
 from csi_lvm.lvm.records import (
     LV_FIELDS,
     PV_FIELDS,
+    RAID_FIELDS,
     THIN_FIELDS,
     VG_COLUMNS,
     VG_FIELDS,
@@ -27,11 +28,13 @@ from csi_lvm.lvm.records import (
     PhysicalVolume,
     PoolFill,
     PoolStatus,
+    RaidState,
     VolumeGroup,
     parse_lv_layouts,
     parse_lv_report,
     parse_pool_status,
     parse_pv_report,
+    parse_raid_state,
     parse_vg_report,
 )
 from csi_lvm.lvm.runner import Runner
@@ -251,6 +254,15 @@ class Lvm:
             ["lvs", "-a", "-o", "lv_name,vg_name,lv_layout", "-S", select, volume_group], timeout
         )
         return parse_lv_layouts(report).get(f"{pool}_tdata")
+
+    def raid_state(
+        self, volume_group: str, name: str, timeout: float | None = None
+    ) -> RaidState | None:
+        """A RAID LV's sync and mismatch counts (None when it is gone)."""
+        check_lv_names(volume_group, name)
+        select = f"lv_name={name}"
+        report = self.runner.report(["lvs", "-o", RAID_FIELDS, "-S", select, volume_group], timeout)
+        return parse_raid_state(report)
 
     # ---- writes
 

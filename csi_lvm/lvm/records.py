@@ -27,6 +27,11 @@ VG_FIELDS = f"vg_name,{VG_COLUMNS}"
 # Asked for only where the thin pool's own metadata is read: a thin LV's
 # device id in its pool, and a pool's chunk size.
 THIN_FIELDS = f"{LV_FIELDS},thin_id,chunk_size"
+# A RAID LV's state beyond lv_attr: its sync, and the blocks found to differ
+# between images or to fail their integrity checksums.
+RAID_FIELDS = (
+    "lv_name,vg_name,lv_attr,sync_percent,raid_sync_action,raid_mismatch_count,integritymismatches"
+)
 # A VG's PVs, for classes whose LVs need room on several of them at once.
 PV_FIELDS = "pv_name,vg_name,pv_size,pv_free,pv_attr"
 
@@ -170,6 +175,22 @@ class VolumeGroup:
     @property
     def partial(self) -> bool:
         return self.missing_pvs > 0 or (len(self.attr) > 3 and self.attr[3] == "p")
+
+
+@dataclass(frozen=True)
+class RaidState:
+    attr: LvAttr  # as of this report, fresher than a kept view's
+    sync_percent: float | None
+    sync_action: str  # idle, resync, recover, check, repair, frozen
+    mismatches: int  # blocks whose images differ (found by a check)
+    integrity_mismatches: int  # blocks whose checksum failed (read from another image)
+
+    @property
+    def syncing(self) -> bool:
+        """Copying to an image that is not yet in sync (after a create, a
+        repair or a returned device): until done, one failure loses data."""
+        in_sync = self.sync_percent is None or self.sync_percent >= 100.0
+        return not in_sync and self.sync_action in ("resync", "recover", "frozen", "")
 
 
 @dataclass(frozen=True)
@@ -326,6 +347,20 @@ def parse_vg_report(report: dict[str, object], section: str = "vg") -> list[Volu
         )
         for name, row in rows.items()
     ]
+
+
+def parse_raid_state(report: dict[str, object]) -> RaidState | None:
+    rows = _report_rows(report, "lv")
+    if not rows:
+        return None
+    row = rows[0]
+    return RaidState(
+        attr=LvAttr(str(row.get("lv_attr", ""))),
+        sync_percent=_percent(row.get("sync_percent", "")),
+        sync_action=str(row.get("raid_sync_action", "")),
+        mismatches=_int(row.get("raid_mismatch_count", "")),
+        integrity_mismatches=_int(row.get("integritymismatches", "")),
+    )
 
 
 def parse_lv_layouts(report: dict[str, object]) -> dict[str, str]:

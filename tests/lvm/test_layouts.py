@@ -126,6 +126,12 @@ def capacity(csi: CsiClient, device_class: str) -> csi_pb2.GetCapacityResponse:
     )
 
 
+def volume_health(csi: CsiClient, volume_id: str) -> list[csi_pb2.VolumeHealth.VolumeHealthEntry]:
+    answer = csi.node.NodeGetVolumeHealth(csi_pb2.NodeGetVolumeHealthRequest(volume_id=volume_id))
+    assert answer.volume_health.volume_id == volume_id
+    return list(answer.volume_health.health_statuses)
+
+
 def write_marker(path: Path) -> None:
     with open(path / "marker", "wb") as out:
         out.write(MARKER)
@@ -224,6 +230,23 @@ def test_a_layout_the_pvs_cannot_hold_is_reported_like_a_missing_volume_group(
         "laid out 'linear'",
         f"lvconvert --type raid1 {vg.name}/{vg.pool}_tdata",
     )
+    # The node's storage health names both, in one entry per status and reason.
+    storage = csi.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest())
+    unreachable = [e for e in storage.backend_health if e.status == csi_pb2.STORAGE_UNREACHABLE]
+    assert [e.reason for e in unreachable] == ["StorageMissing"]
+    assert "device class five-copies" in unreachable[0].message
+    assert "device class thin-claims-mirror" in unreachable[0].message
+    expect_error(
+        Code.NOT_FOUND,
+        csi.node.NodeGetVolumeHealth,
+        csi_pb2.NodeGetVolumeHealthRequest(volume_id=f"{NODE_ID}:mirror:csi-none"),
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        csi.node.NodeGetVolumeHealth,
+        csi_pb2.NodeGetVolumeHealthRequest(),
+        "volume_id is required",
+    )
 
 
 def test_the_spare_is_kept_from_new_volumes_but_not_from_growth(
@@ -261,6 +284,8 @@ def test_a_failed_raid_leg_shows_in_the_condition_and_io_goes_on(
     staging = workdir / "leg"
     stage(csi, volume.volume_id, str(staging), mount_capability("ext4"))
     write_marker(staging)
+    # Healthy once its images are in sync (a new RAID1 LV syncs them first).
+    eventually(lambda: not volume_health(csi, volume.volume_id), seconds=60)
     # The second image's device now fails every I/O, as a dead disk would.
     leg = f"{vg.name}-{lv.replace('-', '--')}_rimage_1"
     sectors = sh("blockdev", "--getsz", f"/dev/mapper/{leg}").strip()
@@ -284,6 +309,12 @@ def test_a_failed_raid_leg_shows_in_the_condition_and_io_goes_on(
         found = condition()
         assert f"LV {vg.name}/{lv}:" in found.message
         assert "lvconvert --repair" in found.message
+        entries = volume_health(csi, volume.volume_id)  # CSI 1.13: the same, by reason
+        assert [(e.status, e.reason) for e in entries] in (
+            [(csi_pb2.DEGRADED, "RaidImageFailed")],
+            [(csi_pb2.DEGRADED, "PhysicalVolumeMissing")],
+        )
+        assert f"lvconvert --repair {vg.name}/{lv}" in entries[0].message
     finally:
         unstage(csi, volume.volume_id, str(staging))
         subprocess.run(["lvchange", "-an", f"{vg.name}/{lv}"], capture_output=True, check=False)
