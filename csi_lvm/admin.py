@@ -17,6 +17,7 @@ from csi_lvm.errors import ConfigError, DriverError
 from csi_lvm.ids import Kind, Tag
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
+from csi_lvm.lvm.layouts import RAID_LAYOUTS
 from csi_lvm.volumes import Owned
 from csi_lvm.wiring import Options, build
 
@@ -246,6 +247,21 @@ def _encryption_checks() -> list[Check]:
     ]
 
 
+def _raid_checks(integrity: bool) -> list[Check]:
+    """What RAID classes need: dm-raid, and dm-integrity under checked ones."""
+    modules = [("dm_raid", "RAID classes")] + (
+        [("dm_integrity", "classes with integrity")] if integrity else []
+    )
+    return [
+        Check(
+            Path(f"/sys/module/{module}").exists(),
+            f"kernel module {module}",
+            f"run `modprobe {module}` ({who} need it) and add it to /etc/modules-load.d",
+        )
+        for module, who in modules
+    ]
+
+
 def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> list[Check]:
     """Everything a node needs, each with what to do when it is missing."""
     checks: list[Check] = []
@@ -274,6 +290,8 @@ def doctor(config: Config | None, lvm: Lvm, socket_dir: str, node_id: str) -> li
     )
     if config is not None and any(c.encrypted for c in config.device_classes):
         checks += _encryption_checks()
+    if config is not None and any(c.layout.kind in RAID_LAYOUTS for c in config.device_classes):
+        checks += _raid_checks(any(c.layout.integrity for c in config.device_classes))
     try:
         version = lvm.version().splitlines()[0]
         checks.append(Check(True, f"LVM tools ({version.strip()})"))

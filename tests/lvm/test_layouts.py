@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
+from csi_lvm.admin import node_status
+from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
+from csi_lvm.wiring import Options, build
+from tests.lvm.conftest import metrics_port
 from tests.lvm.helpers import (
     MiB,
     create,
@@ -28,10 +34,18 @@ from tests.lvm.helpers import (
     stage,
     unstage,
 )
-from tests.testbed import NODE_ID, CsiClient, Driver, LoopVolumeGroup, sh, write_config
+from tests.testbed import (
+    DRIVER_NAME,
+    NODE_ID,
+    CsiClient,
+    Driver,
+    LoopVolumeGroup,
+    sh,
+    write_config,
+)
 
 Code = grpc.StatusCode
-PV_SIZE = "256M"
+PV_SIZE = "128M"
 CLASSES = """\
   - name: striped
     volumeGroup: {vg}
@@ -75,8 +89,16 @@ LAYOUT_OF = {
 MARKER = b"csi-lvm layout marker\n" * 100
 
 
+@dataclass
+class Shaped:
+    csi: CsiClient
+    vg: LoopVolumeGroup
+    config: Path
+    metrics_port: int
+
+
 @pytest.fixture(scope="module")
-def shaped(workdir: Path) -> Iterator[tuple[CsiClient, LoopVolumeGroup]]:
+def shaped(workdir: Path) -> Iterator[Shaped]:
     """Four PVs, a 32 MiB linear thin pool and a 32 MiB one on RAID1, and a
     driver of its own with a class of every layout."""
     home = workdir / "layouts"
@@ -90,10 +112,11 @@ def shaped(workdir: Path) -> Iterator[tuple[CsiClient, LoopVolumeGroup]]:
         config = write_config(home / "config.yaml", group.name, group.pool)
         with config.open("a") as text:
             text.write(CLASSES.format(vg=group.name, pool=group.pool))
-        driver = Driver(home, config)
+        port = metrics_port() + 200
+        driver = Driver(home, config, "--metrics-address", f"127.0.0.1:{port}")
         client = driver.start()
         try:
-            yield client, group
+            yield Shaped(client, group, config, port)
         finally:
             client.close()
             assert driver.stop() == 0
@@ -102,13 +125,18 @@ def shaped(workdir: Path) -> Iterator[tuple[CsiClient, LoopVolumeGroup]]:
 
 
 @pytest.fixture
-def csi(shaped: tuple[CsiClient, LoopVolumeGroup]) -> CsiClient:
-    return shaped[0]
+def csi(shaped: Shaped) -> CsiClient:
+    return shaped.csi
 
 
 @pytest.fixture
-def vg(shaped: tuple[CsiClient, LoopVolumeGroup]) -> LoopVolumeGroup:
-    return shaped[1]
+def vg(shaped: Shaped) -> LoopVolumeGroup:
+    return shaped.vg
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
+        return str(response.read().decode())
 
 
 def lv_field(group: str, lv: str, field: str) -> str:
@@ -211,7 +239,7 @@ def test_capacity_is_exactly_what_the_layout_can_make(
 
 
 def test_a_layout_the_pvs_cannot_hold_is_reported_like_a_missing_volume_group(
-    csi: CsiClient, vg: LoopVolumeGroup
+    csi: CsiClient, vg: LoopVolumeGroup, shaped: Shaped
 ) -> None:
     assert capacity(csi, "five-copies").available_capacity == 0
     expect_error(
@@ -236,6 +264,12 @@ def test_a_layout_the_pvs_cannot_hold_is_reported_like_a_missing_volume_group(
     assert [e.reason for e in unreachable] == ["StorageMissing"]
     assert "device class five-copies" in unreachable[0].message
     assert "device class thin-claims-mirror" in unreachable[0].message
+    text = scrape(shaped.metrics_port)
+    for device_class in ("five-copies", "thin-claims-mirror"):
+        assert (
+            f'csi_lvm_device_class_trouble{{device_class="{device_class}",'
+            'reason="StorageMissing",status="STORAGE_UNREACHABLE"} 1.0'
+        ) in text
     expect_error(
         Code.NOT_FOUND,
         csi.node.NodeGetVolumeHealth,
@@ -276,8 +310,8 @@ def test_the_spare_is_kept_from_new_volumes_but_not_from_growth(
     delete(csi, volume.volume_id)
 
 
-def test_a_failed_raid_leg_shows_in_the_condition_and_io_goes_on(
-    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path
+def test_a_failed_raid_leg_shows_in_health_condition_status_and_metrics_and_io_goes_on(
+    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path, shaped: Shaped
 ) -> None:
     volume = create(csi, "leg", 16 * MiB, "mirror")
     lv = lv_of(volume.volume_id)
@@ -315,6 +349,14 @@ def test_a_failed_raid_leg_shows_in_the_condition_and_io_goes_on(
             [(csi_pb2.DEGRADED, "PhysicalVolumeMissing")],
         )
         assert f"lvconvert --repair {vg.name}/{lv}" in entries[0].message
+        reason = entries[0].reason
+        labels = f'device_class="mirror",reason="{reason}",status="DEGRADED"'
+        metric = f"csi_lvm_volumes_unhealthy{{{labels}}} 1.0"
+        eventually(lambda: metric in scrape(shaped.metrics_port), seconds=30)
+        graph = build(load_config(shaped.config), Options(NODE_ID, DRIVER_NAME))
+        (mirror,) = [c for c in node_status(graph.backends) if c.name == "mirror"]
+        (shown,) = [o for o in mirror.objects if o.name == "leg"]
+        assert shown.abnormal and "lvconvert --repair" in shown.condition
     finally:
         unstage(csi, volume.volume_id, str(staging))
         subprocess.run(["lvchange", "-an", f"{vg.name}/{lv}"], capture_output=True, check=False)
