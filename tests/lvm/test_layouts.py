@@ -45,7 +45,7 @@ from tests.testbed import (
 )
 
 Code = grpc.StatusCode
-PV_SIZE = "128M"
+PV_SIZE = "256M"
 CLASSES = """\
   - name: striped
     volumeGroup: {vg}
