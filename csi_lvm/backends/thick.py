@@ -1,4 +1,5 @@
-"""Thick classes: linear LVs in a volume group; snapshots, restores and
+"""Thick classes: LVs in a volume group, laid out as the class says
+(linear, striped, RAID: ``csi_lvm.lvm.layouts``); snapshots, restores and
 clones by copy.
 
 A thick class has no thin pool to share blocks, so each of these is a copy:
@@ -15,6 +16,12 @@ A thick class has no thin pool to share blocks, so each of these is a copy:
 A group snapshot (``make_snapshots_at_once``) does the same for each member,
 except that the views of all members are taken while the group's writes are
 held, and nothing else is: the copies read them once the writes go on.
+
+LVM takes no COW snapshot of a RAID LV with dm-integrity, so in a class with
+``integrity`` a volume is copied from itself, only while nothing uses it: it
+must not be open, and the copy holds its exclusive claim (O_EXCL), so nothing
+mounts it meanwhile. Group snapshots and views for copies across nodes are
+refused there.
 
 A crash anywhere leaves the tag on the target, so the target is never taken
 for a finished copy; the retry of the same call finds it, removes a stale view
@@ -336,12 +343,14 @@ class ThickCopier:
         it is not open now, and its exclusive claim, held for the copy, keeps
         anyone from mounting it until the copy is done."""
         now = self.lvm.find_lv(source.lv.vg_name, source.lv.name)
+        if now is None:
+            raise Aborted(f"volume {source.id} vanished while being copied; retry")
         in_use = FailedPrecondition(
             f"volume {source.id} is in use; its class has RAID with integrity, of which LVM "
             "takes no snapshot, so csi-lvm copies its volumes only while nothing uses them: "
             "stop the pods using it (scale the workload down), then retry"
         )
-        if now is None or now.attr.device_open:
+        if now.attr.device_open:
             raise in_use
         try:
             self._copy(self.inventory.activated(now), target, source, exclusive=True)

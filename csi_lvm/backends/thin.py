@@ -32,7 +32,7 @@ class ThinBackend(Backend):
     # The last report's sum (the tuple of LVs it came from, the sum).
     _provisioned_memo: tuple[tuple[LogicalVolume, ...], int] | None = None
     # The pool's data layout, read again when the pool's record changes.
-    _layout_memo: tuple[tuple[str, int, str], str] | None = None
+    _layout_memo: tuple[tuple[str, int], str] | None = None
 
     @property
     def pool(self) -> str:
@@ -51,15 +51,15 @@ class ThinBackend(Backend):
                 f"{self.inventory.node_id} ({self.inventory.config.source} line "
                 f"{self.device_class.thin_pool_line})"
             )
-        return self._wrong_layout(pool)
+        return self._wrong_layout(pool, scan.vgs[pool.vg_name].seqno)
 
-    def _wrong_layout(self, pool: LogicalVolume) -> str | None:
+    def _wrong_layout(self, pool: LogicalVolume, seqno: int) -> str | None:
         """Why the pool's data is not laid out as the class says (a class
         that says RAID1 must never put volumes on a pool without copies)."""
         wanted = self.device_class.layout.kind
         if wanted == LINEAR:
             return None
-        key = (pool.uuid, pool.size_bytes, pool.attr.raw)
+        key = (pool.uuid, seqno)  # an lvconvert of the pool's data bumps the seqno
         if self._layout_memo is None or self._layout_memo[0] != key:
             found = self.lvm.data_layout(pool.vg_name, pool.name) or "unknown"
             self._layout_memo = (key, found)
