@@ -229,6 +229,7 @@ class ThickBackend(Backend):
             self.lvm.create_shaped_volume(group, new.name, new.size, tags, layout, new.timeout)
 
     def _copy_into(self, new: NewLv, kind: Kind, source: Owned) -> Owned:
+        self.copier.check_unused(source)  # as the scan saw it: before any LV is made
         self._create(new, lifecycle.copy_tags(kind, by_copy=True))
         with self._removed_on_failure(new.name):
             self.copier.fill(self._made(new.name, new.timeout), source, new.extent_bytes)
@@ -276,6 +277,14 @@ class ThickBackend(Backend):
         super().remove(owned, timeout)
 
 
+def _in_use(source: Owned) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"volume {source.id} is in use; its class has RAID with integrity, of which LVM "
+        "takes no snapshot, so csi-lvm copies its volumes only while nothing uses them: "
+        "stop the pods using it (scale the workload down), then retry"
+    )
+
+
 class ThickCopier:
     def __init__(self, inventory: Inventory, states: Lifecycle, views: bool = True) -> None:
         self.inventory = inventory
@@ -293,6 +302,11 @@ class ThickCopier:
                 "snapshot: its volumes are copied only while nothing uses them, one at a "
                 "time (snapshot or clone each unstaged volume on its own node)"
             )
+
+    def check_unused(self, source: Owned, lv: LogicalVolume | None = None) -> None:
+        """Where no view can be had, refuse to copy a volume that is open."""
+        if not self.views and source.kind is Kind.VOLUME and (lv or source.lv).attr.device_open:
+            raise _in_use(source)
 
     def room_needed(self, source: Owned, target_bytes: int, extent_bytes: int) -> int:
         """VG space a copy of ``source`` into a new ``target_bytes`` LV takes
@@ -345,17 +359,11 @@ class ThickCopier:
         now = self.lvm.find_lv(source.lv.vg_name, source.lv.name)
         if now is None:
             raise Aborted(f"volume {source.id} vanished while being copied; retry")
-        in_use = FailedPrecondition(
-            f"volume {source.id} is in use; its class has RAID with integrity, of which LVM "
-            "takes no snapshot, so csi-lvm copies its volumes only while nothing uses them: "
-            "stop the pods using it (scale the workload down), then retry"
-        )
-        if now.attr.device_open:
-            raise in_use
+        self.check_unused(source, now)
         try:
             self._copy(self.inventory.activated(now), target, source, exclusive=True)
         except blockcopy.SourceInUse:
-            raise in_use from None
+            raise _in_use(source) from None
         self.states.copied(target.lv)
         log.info("copy complete", target=str(target.id), source=str(source.id))
 
