@@ -229,7 +229,8 @@ class ThickBackend(Backend):
             self.lvm.create_shaped_volume(group, new.name, new.size, tags, layout, new.timeout)
 
     def _copy_into(self, new: NewLv, kind: Kind, source: Owned) -> Owned:
-        self.copier.check_unused(source)  # as the scan saw it: before any LV is made
+        if not self.copier.views and source.kind is Kind.VOLUME:
+            self.copier.check_unused(source)  # before any LV is made for it
         self._create(new, lifecycle.copy_tags(kind, by_copy=True))
         with self._removed_on_failure(new.name):
             self.copier.fill(self._made(new.name, new.timeout), source, new.extent_bytes)
@@ -303,10 +304,16 @@ class ThickCopier:
                 "time (snapshot or clone each unstaged volume on its own node)"
             )
 
-    def check_unused(self, source: Owned, lv: LogicalVolume | None = None) -> None:
-        """Where no view can be had, refuse to copy a volume that is open."""
-        if not self.views and source.kind is Kind.VOLUME and (lv or source.lv).attr.device_open:
+    def check_unused(self, source: Owned) -> LogicalVolume:
+        """Where no view can be had, refuse to copy a volume that is open now
+        (a fresh report: the scan's may show a stage or unstage of moments
+        ago the other way round); the source's LV as that report shows it."""
+        now = self.lvm.find_lv(source.lv.vg_name, source.lv.name)
+        if now is None:
+            raise Aborted(f"volume {source.id} vanished while being copied; retry")
+        if not self.views and source.kind is Kind.VOLUME and now.attr.device_open:
             raise _in_use(source)
+        return now
 
     def room_needed(self, source: Owned, target_bytes: int, extent_bytes: int) -> int:
         """VG space a copy of ``source`` into a new ``target_bytes`` LV takes
@@ -356,10 +363,7 @@ class ThickCopier:
         """Copy the volume ``source`` itself, which nothing may use meanwhile:
         it is not open now, and its exclusive claim, held for the copy, keeps
         anyone from mounting it until the copy is done."""
-        now = self.lvm.find_lv(source.lv.vg_name, source.lv.name)
-        if now is None:
-            raise Aborted(f"volume {source.id} vanished while being copied; retry")
-        self.check_unused(source, now)
+        now = self.check_unused(source)
         try:
             self._copy(self.inventory.activated(now), target, source, exclusive=True)
         except blockcopy.SourceInUse:
