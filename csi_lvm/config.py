@@ -47,7 +47,7 @@ from csi_lvm.lvm.layouts import (
     PLAIN,
     RAID10,
     RAID_LAYOUTS,
-    STRIPED,
+    STRIPED_LAYOUTS,
     Layout,
 )
 
@@ -320,12 +320,12 @@ def _layout(
             )
         return fields[key][1]
 
-    stripes_node = only_for("stripes", (STRIPED, RAID10))
-    stripes = 1 if kind not in (STRIPED, RAID10) else 2
+    stripes_node = only_for("stripes", STRIPED_LAYOUTS)
+    stripes = 2 if kind in STRIPED_LAYOUTS else 1
     if stripes_node is not None:
         stripes = whole(stripes_node, source, "stripes", 2, MAX_STRIPES)
     stripe_bytes = 0
-    if (size_node := only_for("stripeSize", (STRIPED, RAID10))) is not None:
+    if (size_node := only_for("stripeSize", STRIPED_LAYOUTS)) is not None:
         stripe_bytes = quantity(size_node, source, "stripeSize")
         power_of_two = stripe_bytes & (stripe_bytes - 1) == 0
         if not power_of_two or not MIN_STRIPE_BYTES <= stripe_bytes <= MAX_STRIPE_BYTES:

@@ -17,7 +17,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from csi_lvm.backends import Backends
-from csi_lvm.backends.health import merged
 from csi_lvm.ids import Kind
 
 log = structlog.get_logger("csi_lvm.metrics")
@@ -134,7 +133,7 @@ class DeviceClassCollector(Collector):
                 if pool is not None:
                     data.add_metric(name, (pool.data_percent or 0.0) / 100)
                     metadata.add_metric(name, (pool.metadata_percent or 0.0) / 100)
-            for finding in merged(backend.storage_health(scan, live=False)):
+            for finding in backend.storage_health(scan, live=False):
                 trouble.add_metric([*name, finding.status, finding.reason], 1)
             volumes.add_metric(name, counts.get((device_class.name, Kind.VOLUME), 0))
             snapshots.add_metric(name, counts.get((device_class.name, Kind.SNAPSHOT), 0))

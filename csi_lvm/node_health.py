@@ -46,11 +46,7 @@ class NodeHealth:
         scan = self.inventory.view(timeout)
         owned = self.inventory.require(request.volume_id, Kind.VOLUME, "volume", scan)
         findings = self.backends.of(owned.device_class).volume_health(owned, scan, timeout)
-        entries = [
-            Entry(status=f.status, reason=f.reason,
-                  message=f.message)
-            for f in findings
-        ]  # fmt: skip
+        entries = [Entry(status=f.status, reason=f.reason, message=f.message) for f in findings]
         health = csi_pb2.VolumeHealth(volume_id=request.volume_id, health_statuses=entries)
         return csi_pb2.NodeGetVolumeHealthResponse(volume_health=health)
 
@@ -63,10 +59,7 @@ class NodeHealth:
         findings: list[Finding] = []
         for backend in self.backends:
             findings += backend.storage_health(scan)
-        return csi_pb2.NodeGetStorageHealthResponse(
-            backend_health=[
-                Backend(status=f.status, reason=f.reason,
-                        message=f.message)
-                for f in merged(findings)
-            ]
-        )  # fmt: skip
+        entries = [
+            Backend(status=f.status, reason=f.reason, message=f.message) for f in merged(findings)
+        ]
+        return csi_pb2.NodeGetStorageHealthResponse(backend_health=entries)

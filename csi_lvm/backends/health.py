@@ -15,7 +15,7 @@ from csi_lvm.backends.asks import Condition
 from csi_lvm.lvm.records import LogicalVolume, LvAttr, RaidState, VolumeGroup
 
 # A volume's (CSI's VolumeHealthErrorType names).
-DEGRADED, INACCESSIBLE, DATA_LOSS = "DEGRADED", "INACCESSIBLE", "DATA_LOSS"
+DEGRADED, INACCESSIBLE = "DEGRADED", "INACCESSIBLE"
 # A device class's storage (CSI's StorageHealthErrorType names).
 STORAGE_DEGRADED, STORAGE_UNREACHABLE = "STORAGE_DEGRADED", "STORAGE_UNREACHABLE"
 

@@ -229,7 +229,7 @@ class ThickBackend(Backend):
             self.lvm.create_shaped_volume(group, new.name, new.size, tags, layout, new.timeout)
 
     def _copy_into(self, new: NewLv, kind: Kind, source: Owned) -> Owned:
-        if not self.copier.views and source.kind is Kind.VOLUME:
+        if self.copier.copies_unused(source):
             self.copier.check_unused(source)  # before any LV is made for it
         self._create(new, lifecycle.copy_tags(kind, by_copy=True))
         with self._removed_on_failure(new.name):
@@ -304,14 +304,18 @@ class ThickCopier:
                 "time (snapshot or clone each unstaged volume on its own node)"
             )
 
+    def copies_unused(self, source: Owned) -> bool:
+        """Whether ``source`` is copied from itself, unused, for want of a view."""
+        return not self.views and source.kind is Kind.VOLUME
+
     def check_unused(self, source: Owned) -> LogicalVolume:
-        """Where no view can be had, refuse to copy a volume that is open now
-        (a fresh report: the scan's may show a stage or unstage of moments
-        ago the other way round); the source's LV as that report shows it."""
+        """Refuse to copy such a volume while it is open now (a fresh report:
+        the scan's may show a stage or unstage of moments ago the other way
+        round); the source's LV as that report shows it."""
         now = self.lvm.find_lv(source.lv.vg_name, source.lv.name)
         if now is None:
             raise Aborted(f"volume {source.id} vanished while being copied; retry")
-        if not self.views and source.kind is Kind.VOLUME and now.attr.device_open:
+        if now.attr.device_open:
             raise _in_use(source)
         return now
 
@@ -332,7 +336,7 @@ class ThickCopier:
                 f"{source.id} and {target.id} are in different volume groups; csi-lvm "
                 "copies only within one"
             )
-        if source.kind is Kind.VOLUME and not self.views:
+        if self.copies_unused(source):
             self._copy_unused(target, source)
             return
         if source.kind is Kind.VOLUME:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from csi_lvm.lvm.journal import ChangeJournal
-from csi_lvm.lvm.layouts import RAID10, RAID_LAYOUTS, STRIPED, Layout
+from csi_lvm.lvm.layouts import PLAIN, RAID_LAYOUTS, STRIPED_LAYOUTS, Layout
 from csi_lvm.lvm.names import NAME_RE, check_lv_names, check_name, pool_dm_names, tag_args
 from csi_lvm.lvm.records import (
     LV_FIELDS,
@@ -47,7 +47,7 @@ def layout_args(layout: Layout) -> list[str]:
     if layout.is_linear:
         return []
     args = ["--type", layout.kind]
-    if layout.kind in (STRIPED, RAID10):
+    if layout.kind in STRIPED_LAYOUTS:
         args += ["--stripes", str(layout.stripes)]
         if layout.stripe_bytes:
             args += ["--stripesize", f"{layout.stripe_bytes >> 10}k"]
@@ -295,18 +295,7 @@ class Lvm:
         tags: Sequence[str],
         timeout: float | None = None,
     ) -> None:
-        check_lv_names(volume_group, name)
-        # Wipe signatures and zero the start: extents freed by an earlier LV
-        # must never show up as a filesystem in a new volume.
-        self.change(
-            [
-                "lvcreate", "--yes", "--name", name, "--size", f"{size_bytes}b",
-                "--wipesignatures", "y", "--zero", "y",
-                *tag_args(tags), volume_group,
-            ],
-            timeout,
-            [(volume_group, name)],
-        )  # fmt: skip
+        self.create_shaped_volume(volume_group, name, size_bytes, tags, PLAIN, timeout)
 
     def create_shaped_volume(
         self,
@@ -317,11 +306,13 @@ class Lvm:
         layout: Layout,
         timeout: float | None = None,
     ) -> None:
-        """An LV laid out as ``layout`` says (striped, RAID1 or RAID10, with
-        dm-integrity under RAID images when it says so), its start wiped as
-        a linear LV's is. A RAID LV syncs its images from the first one,
-        so every copy reads what the first does."""
+        """An LV laid out as ``layout`` says (linear, striped, RAID1 or
+        RAID10, with dm-integrity under RAID images when it says so). A RAID
+        LV syncs its images from the first one, so every copy reads what the
+        first does."""
         check_lv_names(volume_group, name)
+        # Wipe signatures and zero the start: extents freed by an earlier LV
+        # must never show up as a filesystem in a new volume.
         self.change(
             [
                 "lvcreate", "--yes", "--name", name, "--size", f"{size_bytes}b",

@@ -22,6 +22,7 @@ GiB = 1 << 30
 LINEAR, STRIPED, RAID1, RAID10 = "linear", "striped", "raid1", "raid10"
 LAYOUTS = (LINEAR, STRIPED, RAID1, RAID10)
 RAID_LAYOUTS = (RAID1, RAID10)
+STRIPED_LAYOUTS = (STRIPED, RAID10)  # the layouts whose data lies in stripes
 # LVM's limits: stripes of a striped LV, and copies of a RAID1 LV.
 MAX_STRIPES = 128
 MAX_MIRRORS = 9

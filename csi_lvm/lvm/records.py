@@ -27,11 +27,9 @@ VG_FIELDS = f"vg_name,{VG_COLUMNS}"
 # Asked for only where the thin pool's own metadata is read: a thin LV's
 # device id in its pool, and a pool's chunk size.
 THIN_FIELDS = f"{LV_FIELDS},thin_id,chunk_size"
-# A RAID LV's state beyond lv_attr: its sync, and the blocks found to differ
-# between images or to fail their integrity checksums.
-RAID_FIELDS = (
-    "lv_name,vg_name,lv_attr,sync_percent,raid_sync_action,raid_mismatch_count,integritymismatches"
-)
+# A RAID LV's state beyond lv_attr (whose health character tells of images
+# that differ): its sync, and the blocks that failed their integrity checksums.
+RAID_FIELDS = "lv_name,vg_name,lv_attr,sync_percent,raid_sync_action,integritymismatches"
 # A VG's PVs, for classes whose LVs need room on several of them at once.
 PV_FIELDS = "pv_name,vg_name,pv_size,pv_free,pv_attr"
 
@@ -182,7 +180,6 @@ class RaidState:
     attr: LvAttr  # as of this report, fresher than a kept view's
     sync_percent: float | None
     sync_action: str  # idle, resync, recover, check, repair, frozen
-    mismatches: int  # blocks whose images differ (found by a check)
     integrity_mismatches: int  # blocks whose checksum failed (read from another image)
 
     @property
@@ -358,7 +355,6 @@ def parse_raid_state(report: dict[str, object]) -> RaidState | None:
         attr=LvAttr(str(row.get("lv_attr", ""))),
         sync_percent=_percent(row.get("sync_percent", "")),
         sync_action=str(row.get("raid_sync_action", "")),
-        mismatches=_int(row.get("raid_mismatch_count", "")),
         integrity_mismatches=_int(row.get("integritymismatches", "")),
     )
 

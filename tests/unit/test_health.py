@@ -38,7 +38,7 @@ def group(missing: int = 0) -> VolumeGroup:
 
 def raid(attr: str = "rwi-aor---", percent: float | None = 100.0, action: str = "idle",
          integrity: int = 0) -> RaidState:  # fmt: skip
-    return RaidState(LvAttr(attr), percent, action, 0, integrity)
+    return RaidState(LvAttr(attr), percent, action, integrity)
 
 
 def findings(
