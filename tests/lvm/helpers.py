@@ -74,13 +74,17 @@ def expect_error(
 REFRESH_SECONDS = 2.0
 
 
-def eventually(check: Callable[[], T], seconds: float = 3 * REFRESH_SECONDS) -> T:
+def eventually(
+    check: Callable[[], T],
+    seconds: float = 3 * REFRESH_SECONDS,
+    explain: Callable[[], object] = lambda: "",
+) -> T:
     """``check()`` once it is true, within ``seconds``: for what the driver
     reads from its kept view of the VGs, which shows others' changes within
-    the refresh interval."""
+    the refresh interval. A failure shows ``explain()``."""
     deadline = time.monotonic() + seconds
     while not (result := check()):
-        assert time.monotonic() < deadline, f"not true within {seconds:.0f} s"
+        assert time.monotonic() < deadline, f"not true within {seconds:.0f} s {explain()}"
         time.sleep(0.2)
     return result
 
@@ -187,14 +191,29 @@ def lock_file(vg: str) -> Path:
 
 def waiting_for(path: Path) -> list[int]:
     """The processes blocked on a flock of ``path`` (the kernel's /proc/locks:
-    a waiter's line has "->" before its lock)."""
-    inode = os.stat(path).st_ino
+    a waiter's line has "->" before its lock, which it names by device
+    "MAJ:MIN" in hex and inode; inode numbers repeat across filesystems)."""
+    stat = os.stat(path)
+    file = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
     found = []
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
-        if len(fields) > 6 and fields[1] == "->" and fields[6].rsplit(":", 1)[-1] == str(inode):
+        if len(fields) > 6 and fields[1] == "->" and fields[6] == file:
             found.append(int(fields[5]))
     return found
+
+
+def what_blocks(pid: int) -> str:
+    """For a test that failed to see a process wait: what it is doing, and
+    every flock waiter on the machine."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        stack = Path(f"/proc/{pid}/stack").read_text()
+    except OSError as error:
+        return f"process {pid}: {error}"
+    waiters = [line for line in Path("/proc/locks").read_text().splitlines() if "->" in line]
+    return f"process {pid}: state {stat}, in {wchan}\n{stack}flock waiters: {waiters}"
 
 
 @contextmanager

@@ -79,14 +79,17 @@ def transaction_ids(vg: LoopVolumeGroup) -> tuple[int, int]:
         ["lvs", "--noheadings", "-o", "transaction_id", f"{vg.name}/{vg.pool}"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    pools = subprocess.run(
-        ["dmsetup", "status", "--target", "thin-pool"], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    # "<name>: <start> <length> thin-pool <transaction id> ..."; the kernel's
-    # pool is <vg>-<pool>-tpool while thin LVs are active, else <vg>-<pool>.
-    names = (f"{vg.name}-{vg.pool}-tpool:", f"{vg.name}-{vg.pool}:")
-    (status,) = [line.split() for line in pools if line.split()[0] in names]
-    return int(recorded), int(status[4])
+    # The kernel's pool is <vg>-<pool>-tpool while thin LVs are active, else
+    # <vg>-<pool>. Asked by name: a listing of every device fails when another
+    # test's device goes between the list and its status.
+    stem = f"{vg.name.replace('-', '--')}-{vg.pool.replace('-', '--')}"
+    statuses = [
+        subprocess.run(["dmsetup", "status", name], capture_output=True, text=True, check=False)
+        for name in (f"{stem}-tpool", stem)
+    ]
+    # "<start> <length> thin-pool <transaction id> ..."
+    (status,) = [s.stdout.split() for s in statuses if s.stdout.split()[2:3] == ["thin-pool"]]
+    return int(recorded), int(status[3])
 
 
 def gone(pid: int) -> bool:

@@ -322,7 +322,11 @@ def test_a_failed_raid_leg_shows_in_health_condition_status_and_metrics_and_io_g
     stage(csi, volume.volume_id, str(staging), mount_capability("ext4"))
     write_marker(staging)
     # Healthy once its images are in sync (a new RAID1 LV syncs them first).
-    eventually(lambda: not volume_health(csi, volume.volume_id), seconds=60)
+    eventually(
+        lambda: not volume_health(csi, volume.volume_id),
+        seconds=120,
+        explain=lambda: (volume_health(csi, volume.volume_id), sh("dmsetup", "status")),
+    )
     # The second image's device now fails every I/O, as a dead disk would.
     leg = f"{vg.name}-{lv.replace('-', '--')}_rimage_1"
     sectors = sh("blockdev", "--getsz", f"/dev/mapper/{leg}").strip()
@@ -342,7 +346,11 @@ def test_a_failed_raid_leg_shows_in_health_condition_status_and_metrics_and_io_g
             )
             return stats.volume_condition
 
-        eventually(lambda: condition().abnormal, seconds=30)
+        eventually(
+            lambda: condition().abnormal,
+            seconds=60,
+            explain=lambda: (condition(), sh("dmsetup", "status"), sh("lvs", "-a", vg.name)),
+        )
         found = condition()
         assert f"LV {vg.name}/{lv}:" in found.message
         assert "lvconvert --repair" in found.message
@@ -355,7 +363,11 @@ def test_a_failed_raid_leg_shows_in_health_condition_status_and_metrics_and_io_g
         reason = entries[0].reason
         labels = f'device_class="mirror",reason="{reason}",status="DEGRADED"'
         metric = f"csi_lvm_volumes_unhealthy{{{labels}}} 1.0"
-        eventually(lambda: metric in scrape(shaped.metrics_port), seconds=30)
+        eventually(
+            lambda: metric in scrape(shaped.metrics_port),
+            seconds=60,
+            explain=lambda: [m for m in scrape(shaped.metrics_port).splitlines() if "mirror" in m],
+        )
         graph = build(load_config(shaped.config), Options(NODE_ID, DRIVER_NAME))
         (mirror,) = [c for c in node_status(graph.backends) if c.name == "mirror"]
         (shown,) = [o for o in mirror.objects if o.name == "leg"]

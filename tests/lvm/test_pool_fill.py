@@ -17,7 +17,7 @@ import pytest
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.records import PoolFill
 from csi_lvm.lvm.thin_metadata import ThinMetadata
-from tests.lvm.helpers import lvm_lock_held, waiting_for
+from tests.lvm.helpers import lvm_lock_held, waiting_for, what_blocks
 from tests.testbed import LoopVolumeGroup, sh
 
 POOL, POOL_MIB, VOLUME = "thin-pool", 64, "tenant-1"
@@ -100,10 +100,17 @@ def test_the_fill_is_read_without_the_volume_group_s_lock(group: LoopVolumeGroup
             ["lvs", "--noheadings", "-o", "data_percent", f"{group.name}/{POOL}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        # Behind this lock, or behind the global one that a command of another
+        # test's holds while it waits for this one.
+        lvm_locks = [lock, *lock.parent.glob("P_*")]
+
+        def waits() -> bool:
+            return any(waiting.pid in waiting_for(held) for held in lvm_locks if held.exists())
+
         deadline = time.monotonic() + 60
-        while waiting.pid not in waiting_for(lock) and time.monotonic() < deadline:
+        while not waits() and waiting.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert waiting.pid in waiting_for(lock), "lvs never waited: this test proves nothing"
+        assert waits(), f"lvs (exit {waiting.poll()}) never waited: {what_blocks(waiting.pid)}"
         lvm = Lvm()
         started = time.monotonic()
         fill = lvm.pool_fill(group.name, POOL, timeout=10.0)
