@@ -36,7 +36,7 @@ FROM debian:bookworm-slim
 # belong to the host and are loaded there; the container has no /lib/modules.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3 lvm2 thin-provisioning-tools e2fsprogs xfsprogs util-linux mount cryptsetup-bin \
+        python3 lvm2 thin-provisioning-tools e2fsprogs xfsprogs btrfs-progs util-linux mount cryptsetup-bin \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log \
     && mkdir -p /run/lock/lvm /run/lvm /run/cryptsetup /csi /etc/csi-lvm

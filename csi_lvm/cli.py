@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="MiB a copy from another node writes between records of its progress: what a "
         "copy resumed after an interruption may write again",
     )
+    serve.add_argument(
+        "--cgroup-root",
+        default="/sys/fs/cgroup",
+        help="where the host's cgroup v2 hierarchy is mounted in the plugin's container: "
+        "volumes' IO limits go into the io.max of the pods' cgroups there",
+    )
     add_tls_dir(serve)
     add_peer_lookup(serve, plugin_port=None)
     add_forwarder_parsers(commands, DEFAULT_ENDPOINT, DEFAULT_DRIVER_NAME)
@@ -321,6 +327,7 @@ class ServeOptions:
             max_volumes_per_node=args.max_volumes_per_node,
             state_dir=args.state_dir or os.path.dirname(socket_path(args.endpoint)),
             copy_checkpoint_bytes=args.copy_checkpoint_mib << 20,
+            cgroup_root=args.cgroup_root,
         )
         return cls(
             graph=graph,
@@ -381,6 +388,7 @@ def serve(args: argparse.Namespace) -> int:
         volume_source=graph.volume_source,
         group_controller=graph.group_controller,
         tls_group_controller=graph.forwarded_group_controller,
+        tls_controller=graph.peer_modifications,
     )
     log.info(
         "starting",

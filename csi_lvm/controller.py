@@ -26,6 +26,7 @@ from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
 from csi_lvm.ids import Kind, ObjectId, check_csi_name, lv_name_for
 from csi_lvm.locks import KeyedLocks
+from csi_lvm.modifications import Change, Modifier, parse_change
 from csi_lvm.peer_copy import PeerCopies
 from csi_lvm.peer_source import Leases
 from csi_lvm.rpc import budget, paged
@@ -56,9 +57,12 @@ CAPABILITIES = (
     Cap.LIST_SNAPSHOTS,
     Cap.GET_SNAPSHOT,
     Cap.CLONE_VOLUME,
+    Cap.MODIFY_VOLUME,
 )
 Context = grpc.ServicerContext
 T = TypeVar("T")
+# Sends a ControllerModifyVolume to the plugin of the node its volume is on.
+ModifyElsewhere = Callable[[str, csi_pb2.ControllerModifyVolumeRequest, float | None], None]
 
 
 def controller_capabilities(
@@ -87,8 +91,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         backends: Backends,
         locks: KeyedLocks,
         topology: NodeTopology,
+        modifier: Modifier,
         peer_copies: PeerCopies | None = None,
         leases: Leases | None = None,
+        modify_elsewhere: ModifyElsewhere | None = None,
     ) -> None:
         self.inventory = inventory
         self.backends = backends
@@ -98,6 +104,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         # objects only), and this node's objects other nodes copy.
         self.peer_copies = peer_copies
         self.leases = leases
+        self.modifier = modifier
+        self.modify_elsewhere = modify_elsewhere
         self.creation = VolumeCreation(inventory, backends, locks, topology, peer_copies)
         self._copies = ThreadPoolExecutor(COPY_WORKERS, thread_name_prefix="copy")
 
@@ -118,6 +126,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
         timeout = budget(context)
+        change = parse_change(request.mutable_parameters, device_class)
         lv_name = lv_name_for(Kind.VOLUME, request.name)
         remote = (
             None
@@ -129,7 +138,44 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             lambda: self.creation.create(request, lv_name, backend, wanted, remote, timeout),
             timeout,
         )
+        if request.mutable_parameters:  # its VolumeAttributesClass's
+            self._modify(volume.volume_id, change, timeout)
         return csi_pb2.CreateVolumeResponse(volume=volume)
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: Context
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        """The cluster's one resizer asks this node's plugin about any
+        volume: one of another node goes to that node's plugin."""
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        timeout = budget(context)
+        parsed = ObjectId.parse(request.volume_id)
+        elsewhere = parsed is not None and parsed.node != self.inventory.node_part
+        if elsewhere and self.modify_elsewhere is not None:
+            assert parsed is not None
+            self.modify_elsewhere(parsed.node, request, timeout)
+        else:
+            self.modify_here(request, timeout)
+        return csi_pb2.ControllerModifyVolumeResponse()
+
+    def modify_here(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, timeout: float | None
+    ) -> None:
+        """A ControllerModifyVolume of a volume of this node."""
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        owned = self._require_volume(request.volume_id, self.inventory.scan(timeout))
+        change = parse_change(request.mutable_parameters, owned.device_class)
+        self._modify(request.volume_id, change, timeout)
+
+    def _modify(self, volume_id: str, change: Change, timeout: float | None) -> None:
+        object_id = self.inventory.local_id(volume_id, Kind.VOLUME, "volume")
+        assert object_id is not None  # the volume was found
+        with self.locks.hold(object_id.lv_name):
+            owned = self._require_volume(volume_id, self.inventory.scan(timeout))
+            lifecycle.check_ready(owned, "volume")
+            self.modifier.modify(owned, change, timeout)
 
     def _off_the_rpc_threads(self, slow: bool, work: Callable[[], T], timeout: float | None) -> T:
         """Run ``work`` here, or, when ``slow`` (a zeroing or a copy, in

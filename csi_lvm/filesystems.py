@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SUPPORTED_FILESYSTEMS = ("ext4", "xfs")
-# mkfs.xfs refuses smaller devices (xfsprogs 5.19 and later).
-MINIMUM_BYTES = {"ext4": 0, "xfs": 300 << 20}
+SUPPORTED_FILESYSTEMS = ("ext4", "xfs", "btrfs")
+# mkfs.xfs refuses smaller devices (xfsprogs 5.19 and later), mkfs.btrfs
+# devices under 109 MiB (btrfs-progs 6.2: "minimum size for each btrfs device").
+MINIMUM_BYTES = {"ext4": 0, "xfs": 300 << 20, "btrfs": 109 << 20}
 DEFAULT_FILESYSTEM = "ext4"
 
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from csi_lvm.controller import Cap, controller_capabilities
+from csi_lvm.controller import Cap, ControllerService, controller_capabilities
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
 from csi_lvm.errors import InvalidArgument, NotFound, Relayed, Unimplemented
 from csi_lvm.group_controller import group_capabilities
@@ -173,6 +173,36 @@ def _group_of(text: str) -> GroupId | None:
     if not text:
         raise InvalidArgument("group_snapshot_id is required")
     return GroupId.parse(text)
+
+
+class ModifyForwarder:
+    """ControllerModifyVolume of a volume of another node. The resizer runs
+    as one leader for the cluster (deploy/kubernetes), beside any node's
+    plugin, and sends every volume's modification there: that plugin passes
+    it to the plugin of the volume's node, whose answer is relayed."""
+
+    def __init__(self, channels: PeerChannels) -> None:
+        self.channels = channels
+
+    def __call__(
+        self, node: str, request: csi_pb2.ControllerModifyVolumeRequest, timeout: float | None
+    ) -> None:
+        stub = csi_pb2_grpc.ControllerStub(self.channels.channel(node, "volume"))
+        _relayed_one(node, lambda: stub.ControllerModifyVolume(request, timeout=timeout or 60.0))
+
+
+class PeerModifications(csi_pb2_grpc.ControllerServicer):
+    """The Controller a plugin's TLS port offers the other plugins: only
+    ControllerModifyVolume, of this node's volumes (never passed on again)."""
+
+    def __init__(self, controller: ControllerService) -> None:
+        self.controller = controller
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: Context
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        self.controller.modify_here(request, budget(context))
+        return csi_pb2.ControllerModifyVolumeResponse()
 
 
 def _node_of(snapshot_id: str, field: str) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import errno
-import fcntl
 import os
 import stat
 import subprocess
@@ -131,6 +129,10 @@ def make_filesystem(
         ]  # fmt: skip
         _check(command, None)
         return reads_zeros
+    if fs_type == "btrfs":
+        # mkfs.btrfs writes its trees and superblocks and reads nothing else.
+        _check(["mkfs.btrfs", "-q", "--nodiscard", *options, "--", device], None)
+        return False
     if fs_type != "xfs":
         raise FsError(f"unsupported filesystem {fs_type!r}")
     command = ["mkfs.xfs", "-q", "-K", *options, "--", device]
@@ -155,12 +157,15 @@ def new_filesystem_uuid(device: str, fs_type: str) -> None:
     the UUID is compared before and after, and when it did not change, one
     private mount and unmount replays the journal before the second try.
     """
+    before = filesystem_uuid(device)
+    if fs_type == "btrfs":
+        _new_btrfs_fsid(device, before)
+        return
     command = (
         ["tune2fs", "-U", "random", device]
         if fs_type == "ext4"
         else ["xfs_admin", "-U", "generate", device]
     )
-    before = filesystem_uuid(device)
     if _run(command, None).returncode == 0 and filesystem_uuid(device) != before:
         return
     with tempfile.TemporaryDirectory(prefix="csi-lvm-replay-") as scratch:
@@ -171,12 +176,49 @@ def new_filesystem_uuid(device: str, fs_type: str) -> None:
         raise FsError(f"{' '.join(command)} left the filesystem UUID unchanged")
 
 
+def _new_btrfs_fsid(device: str, before: str) -> None:
+    """btrfs keys a filesystem by its fsid: Linux before 6.7 will not mount a
+    copy beside its source. ``btrfstune -m`` gives the copy a new fsid in its
+    superblock only (the trees keep theirs as metadata_uuid), but orphans a
+    log tree of fsyncs not yet committed: the mount after fails. A copy cut
+    with a log tree (its source was not cleanly unmounted; LVM freezes a
+    mounted source for a snapshot, which commits) is replayed first, by a
+    private mount, which the kernel refuses while the source is mounted."""
+    if _btrfs_log_root(device) != 0:
+        with tempfile.TemporaryDirectory(prefix="csi-lvm-replay-") as scratch:
+            try:
+                mount(device, scratch, "btrfs", [], None)
+            except FsError as error:
+                raise FailedPrecondition(
+                    f"{device} is a copy of a btrfs filesystem that was not cleanly unmounted "
+                    f"and must replay its log before it gets an ID of its own, which Linux "
+                    f"refuses while its source is mounted ({error}): stop the pods using the "
+                    "source volume, then retry"
+                ) from error
+            unmount(scratch, None)
+    _check(["btrfstune", "-m", device], None)
+    if filesystem_uuid(device) == before:
+        raise FsError(f"btrfstune -m left the filesystem ID of {device} unchanged")
+
+
+def _btrfs_log_root(device: str) -> int:
+    """The superblock's log tree root: 0 when no fsync awaits replay."""
+    shown = _check(["btrfs", "inspect-internal", "dump-super", device], None)
+    for line in shown.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == "log_root":
+            return int(fields[1])
+    raise FsError(f"btrfs inspect-internal dump-super {device} shows no log_root")
+
+
 def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
     """Grow a mounted filesystem to fill its device (online), to the end."""
     if fs_type == "ext4":
         _check(["resize2fs", device], None)
     elif fs_type == "xfs":
         _check(["xfs_growfs", mount_point], None)
+    elif fs_type == "btrfs":
+        _check(["btrfs", "filesystem", "resize", "max", mount_point], None)
     else:
         raise FsError(f"cannot grow filesystem {fs_type!r}")
 
@@ -197,6 +239,21 @@ def mount_at(path: str) -> Mount | None:
     return found
 
 
+def backing_device(entry: Mount) -> str:
+    """major:minor of the block device a mount's filesystem lives on. ext4
+    and xfs give their device's number as the filesystem's own; btrfs gives
+    an anonymous one (major 0, since one btrfs may span devices) and names
+    its device as the mount's source."""
+    if entry.device_number.startswith("0:") and entry.source.startswith("/"):
+        try:
+            info = os.stat(entry.source)
+        except OSError:
+            return entry.device_number
+        if stat.S_ISBLK(info.st_mode):
+            return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
+    return entry.device_number
+
+
 def mounted_device(path: str) -> str | None:
     """major:minor of what is mounted at ``path``: the filesystem's device, or
     for a bind-mounted device node, the device it stands for."""
@@ -206,7 +263,7 @@ def mounted_device(path: str) -> str | None:
     info = os.stat(path)
     if stat.S_ISBLK(info.st_mode):
         return f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
-    return entry.device_number
+    return backing_device(entry)
 
 
 def device_at(path: str) -> str | None:
@@ -214,13 +271,19 @@ def device_at(path: str) -> str | None:
     block device node stands for, else the device of the filesystem holding
     ``path`` (``st_dev``, which ext4 and xfs set to their block device). One
     stat, where ``mounted_device`` reads the whole mount table: for calls
-    that only ask whether a volume is what a path shows."""
+    that only ask whether a volume is what a path shows. An anonymous
+    ``st_dev`` (btrfs) is looked up in the mount table."""
     try:
         info = os.stat(path)
     except OSError:
         return None
     number = info.st_rdev if stat.S_ISBLK(info.st_mode) else info.st_dev
-    return f"{os.major(number)}:{os.minor(number)}"
+    found = f"{os.major(number)}:{os.minor(number)}"
+    if os.major(number) == 0:
+        for entry in mounts():
+            if entry.device_number == found:
+                return backing_device(entry)
+    return found
 
 
 def is_stale_device_node(path: str) -> bool:
@@ -239,55 +302,6 @@ def is_stale_device_node(path: str) -> bool:
         return False
     number = f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
     return info.st_nlink == 0 or not os.path.exists(f"/sys/dev/block/{number}")
-
-
-# ------------------------------------------------------------------- freezing
-
-_FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
-_FITHAW = 0xC0045878  # _IOWR('X', 120, int)
-
-
-def filesystem_mounts() -> dict[str, str]:
-    """A mount point here of each mounted filesystem, by its device's
-    ``major:minor`` (any one: a freeze holds the whole filesystem)."""
-    found: dict[str, str] = {}
-    for entry in mounts():
-        found.setdefault(entry.device_number, entry.mount_point)
-    return found
-
-
-def _open_directory(mount_point: str, doing: str) -> int:
-    try:
-        return os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise FsError(f"could not {doing} the filesystem at {mount_point}: {exc.strerror}") from exc
-
-
-def freeze(mount_point: str) -> None:
-    """Hold every write to the filesystem at ``mount_point`` until ``thaw``
-    (FIFREEZE: the kernel flushes it first and leaves its journal clean)."""
-    fd = _open_directory(mount_point, "freeze")
-    try:
-        fcntl.ioctl(fd, _FIFREEZE, 0)
-    except OSError as exc:
-        raise FsError(f"could not freeze the filesystem at {mount_point}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-
-
-def thaw(mount_point: str) -> bool:
-    """Let the writes to the filesystem at ``mount_point`` go on; False when
-    it was not frozen."""
-    fd = _open_directory(mount_point, "thaw")
-    try:
-        fcntl.ioctl(fd, _FITHAW, 0)
-        return True
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:  # not frozen
-            return False
-        raise FsError(f"could not thaw the filesystem at {mount_point}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
 
 
 def device_number(device: str) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from csi_lvm import fs, lifecycle
+from csi_lvm import freezing, fs, lifecycle
 from csi_lvm.backends import Backends
 from csi_lvm.backends.asks import Ask
 from csi_lvm.errors import (
@@ -182,7 +182,7 @@ class GroupSnapshots:
             started = time.monotonic()
             try:
                 for mount_point in holds:
-                    fs.freeze(mount_point)
+                    freezing.freeze(mount_point)
                     frozen.append(mount_point)
                 try:
                     cut()
@@ -200,7 +200,7 @@ class GroupSnapshots:
             finally:
                 for mount_point in frozen:
                     try:
-                        fs.thaw(mount_point)
+                        freezing.thaw(mount_point)
                     except Exception as error:  # every other one is thawed still
                         log.error("a filesystem stayed frozen after a group snapshot; the "
                                   "plugin thaws it when it restarts, or run fsfreeze -u",
@@ -212,7 +212,7 @@ class GroupSnapshots:
         """Where each source that takes writes is frozen: its filesystem's
         mount point here. A source open otherwise cannot be held."""
         holds = []
-        mounted = fs.filesystem_mounts()
+        mounted = freezing.filesystem_mounts()
         for source in sources:
             if not source.lv.attr.active:
                 continue  # no device: nothing writes to it
@@ -300,7 +300,7 @@ class GroupSnapshots:
         the middle of a group snapshot left frozen (thawing one that is not
         frozen does nothing); how many were."""
         thawed = 0
-        mounted = fs.filesystem_mounts()
+        mounted = freezing.filesystem_mounts()
         # The report start-up has just made serves: no report of its own.
         for volume in self.inventory.owned(Kind.VOLUME, self.inventory.view(timeout)):
             if not volume.lv.attr.active or not volume.lv.attr.device_open:
@@ -309,7 +309,7 @@ class GroupSnapshots:
             if mount_point is None:
                 continue
             try:
-                was_frozen = fs.thaw(mount_point)
+                was_frozen = freezing.thaw(mount_point)
             except DriverError as error:  # the others are thawed still
                 log.error("could not thaw a filesystem of the driver's", lv=volume.lv.full_name,
                           mount_point=mount_point, error=str(error))  # fmt: skip
@@ -323,7 +323,7 @@ class GroupSnapshots:
 
 def _mount_of(volume: Owned, mounted: dict[str, str]) -> str | None:
     """Where the active volume's filesystem is mounted here (``mounted``:
-    ``fs.filesystem_mounts``); None when it is not, or its device node is
+    ``freezing.filesystem_mounts``); None when it is not, or its device node is
     not there to say (nothing here mounted it through that node then)."""
     try:
         return mounted.get(fs.device_number(volume.data_device()))

@@ -223,6 +223,7 @@ class Tag(enum.Enum):
     VIEW_FOR = "view-for"  # on a temporary COW snapshot: the LV it is copied into
     GROUP = "group"  # on a snapshot of a group snapshot: the group's key (``GroupId.key``)
     ENCRYPTION = "encryption"  # "luks2": the LV holds a LUKS2 header (csi_lvm.crypt)
+    IO_LIMITS = "io"  # a volume's IO limits (csi_lvm.io_limits), e.g. "riops=100,wbps=1048576"
 
 
 _TAGS_BY_KEY = {tag.value: tag for tag in Tag}

@@ -27,6 +27,7 @@ from csi_lvm.errors import (
 )
 from csi_lvm.ids import Kind, ObjectId
 from csi_lvm.locks import KeyedLocks
+from csi_lvm.modifications import Modifier
 from csi_lvm.node_health import NodeHealth
 from csi_lvm.rpc import budget
 from csi_lvm.topology import NodeTopology
@@ -63,12 +64,14 @@ class NodeService(NodeHealth, csi_pb2_grpc.NodeServicer):
         backends: Backends,
         locks: KeyedLocks,
         topology: NodeTopology,
+        modifier: Modifier,
         max_volumes_per_node: int = 0,
     ) -> None:
         self.inventory = inventory
         self.backends = backends
         self.locks = locks
         self.topology = topology
+        self.modifier = modifier
         self.max_volumes_per_node = max_volumes_per_node
 
     @property
@@ -209,6 +212,8 @@ class NodeService(NodeHealth, csi_pb2_grpc.NodeServicer):
                     )
                 fs.unmount(path, timeout)
                 unmounted = True
+                if ours and owned is not None and what == "target path":
+                    self.modifier.on_unpublish(owned, path, current)
             # Unstaging closes an encrypted volume's mapping (found by name:
             # the LV may be gone); it stays open while a publication uses it.
             mapping = crypt.mapping_name(object_id.device_class, object_id.lv_name)
@@ -260,6 +265,8 @@ class NodeService(NodeHealth, csi_pb2_grpc.NodeServicer):
             lifecycle.check_ready(owned, "volume")
             device = self._data_device(owned, timeout)
             ours = fs.device_number(device)
+            # Before the pod can use the volume, and on each retry.
+            self.modifier.on_publish(owned, target, ours)
             current = fs.mounted_device(target)
             if current is not None:
                 entry = fs.mount_at(target)
@@ -289,7 +296,8 @@ class NodeService(NodeHealth, csi_pb2_grpc.NodeServicer):
         for entry in fs.mounts():
             if entry.mount_point in (staging, target):
                 continue
-            if entry.device_number == ours or entry.root.endswith("/" + os.path.basename(device)):
+            node_bound = entry.root.endswith("/" + os.path.basename(device))
+            if fs.backing_device(entry) == ours or node_bound:
                 raise FailedPrecondition(
                     f"the volume is already published at {entry.mount_point} and its access "
                     "mode SINGLE_NODE_SINGLE_WRITER allows one publication only"

@@ -212,6 +212,8 @@ class Server:
         group_controller: csi_pb2_grpc.GroupControllerServicer | None = None,
         # The GroupController the TLS port offers the cluster's group forwarder.
         tls_group_controller: csi_pb2_grpc.GroupControllerServicer | None = None,
+        # The Controller (modifications) the TLS port offers the other plugins.
+        tls_controller: csi_pb2_grpc.ControllerServicer | None = None,
     ) -> None:
         self.path = socket_path(endpoint)
         self.grpc = grpc.server(
@@ -248,6 +250,8 @@ class Server:
                 peer_pb2_grpc.add_VolumeSourceServicer_to_server(volume_source, self.tls)
             if tls_group_controller is not None:
                 csi_pb2_grpc.add_GroupControllerServicer_to_server(tls_group_controller, self.tls)
+            if tls_controller is not None:
+                csi_pb2_grpc.add_ControllerServicer_to_server(tls_controller, self.tls)
             self._tls_listener = tls_listener
         self._stopping = threading.Event()
 

@@ -279,6 +279,14 @@ class Inventory:
         except LvmNotFound:
             return None
 
+    def set_tag(self, owned: Owned, tag: Tag, value: str, timeout: float | None) -> None:
+        """One of the driver's tags on an owned LV, set anew ("": removed),
+        in one metadata update."""
+        old = [raw for raw in owned.lv.tags if decode_tags([raw]).keys() == {tag}]
+        self.lvm.change_tags(
+            owned.lv.vg_name, owned.lv.name, encode_tags({tag: value}), old, timeout
+        )
+
     def activated(self, lv: LogicalVolume, timeout: float | None = None) -> LogicalVolume:
         """The LV with its device node present, activating it when it is not
         (a thin snapshot, made with activation skipped, or a VG activated

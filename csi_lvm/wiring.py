@@ -17,16 +17,24 @@ from csi_lvm.block_maps import BlockMaps, PoolReservations
 from csi_lvm.config import Config
 from csi_lvm.controller import ControllerService
 from csi_lvm.errors import ConfigError
-from csi_lvm.forwarding import ForwardingService, GroupForwardingService, GroupSidecarController
+from csi_lvm.forwarding import (
+    ForwardingService,
+    GroupForwardingService,
+    GroupSidecarController,
+    ModifyForwarder,
+    PeerModifications,
+)
 from csi_lvm.group_controller import ForwardedGroupController, GroupControllerService
 from csi_lvm.group_labels import GroupLabeler
 from csi_lvm.group_snapshots import GroupSnapshots
 from csi_lvm.identity import IdentityService, Service
+from csi_lvm.io_limits import PodCgroups
 from csi_lvm.kept_view import REFRESH_SECONDS
 from csi_lvm.locks import KeyedLocks
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.runner import Runner
 from csi_lvm.lvm.thin_metadata import ThinMetadata
+from csi_lvm.modifications import Modifier
 from csi_lvm.node import NodeService
 from csi_lvm.peer_copy import CHECKPOINT_BYTES, PeerCopies
 from csi_lvm.peer_source import Leases, VolumeSourceService
@@ -71,6 +79,8 @@ class Options:
     state_dir: str = ""
     # What a copy from another node writes between records of its progress.
     copy_checkpoint_bytes: int = CHECKPOINT_BYTES
+    # Where the host's cgroup v2 hierarchy is mounted (the pods' IO limits).
+    cgroup_root: str = "/sys/fs/cgroup"
 
     def __post_init__(self) -> None:
         if not DRIVER_NAME_RE.fullmatch(self.driver_name):
@@ -139,6 +149,8 @@ class Graph:
     # from theirs (None: copies across nodes are off).
     volume_source: VolumeSourceService | None = None
     peer_copies: PeerCopies | None = None
+    # ControllerModifyVolume of this node's volumes, for the other plugins.
+    peer_modifications: PeerModifications | None = None
 
     def repair(self) -> None:
         """Before serving, what a crash left behind: filesystems a group
@@ -191,6 +203,7 @@ def build(
     volume_source = None
     peer_copies = None
     leases = None
+    modify_elsewhere = None
     if options.state_dir:
         reservations = PoolReservations(ThinMetadata(runner=lvm.runner), options.state_dir)
         maps = BlockMaps(lvm, reservations)
@@ -201,7 +214,12 @@ def build(
             peer_copies = PeerCopies(
                 PeerChannels(*peers), inventory, backends, options.copy_checkpoint_bytes
             )
+            modify_elsewhere = ModifyForwarder(peer_copies.channels)
     groups = GroupSnapshots(inventory, backends, locks, options.node_id)
+    modifier = Modifier(inventory, backends, PodCgroups(options.cgroup_root))
+    controller = ControllerService(
+        inventory, backends, locks, topology, modifier, peer_copies, leases, modify_elsewhere
+    )
     return Graph(
         config=config,
         options=options,
@@ -210,11 +228,14 @@ def build(
         backends=backends,
         locks=locks,
         identity=IdentityService(options.driver_name),
-        controller=ControllerService(inventory, backends, locks, topology, peer_copies, leases),
+        controller=controller,
+        peer_modifications=PeerModifications(controller) if modify_elsewhere else None,
         group_controller=GroupControllerService(groups),
         forwarded_group_controller=ForwardedGroupController(groups),
         groups=groups,
-        node=NodeService(inventory, backends, locks, topology, options.max_volumes_per_node),
+        node=NodeService(
+            inventory, backends, locks, topology, modifier, options.max_volumes_per_node
+        ),
         snapshot_metadata=snapshot_metadata,
         reservations=reservations,
         volume_source=volume_source,

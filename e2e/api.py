@@ -35,6 +35,7 @@ KINDS = (
     ("v1", "Event"), ("v1", "Service"), ("v1", "Node"), ("v1", "ServiceAccount"),
     ("v1", "Secret"), ("apps/v1", "StatefulSet"), ("storage.k8s.io/v1", "StorageClass"),
     ("storage.k8s.io/v1", "CSINode"), ("storage.k8s.io/v1", "CSIStorageCapacity"),
+    ("storage.k8s.io/v1", "VolumeAttributesClass"),
     (SNAPSHOT_API, "VolumeSnapshot"), (SNAPSHOT_API, "VolumeSnapshotContent"),
     (GROUP_SNAPSHOT_API, "VolumeGroupSnapshot"),
     (GROUP_SNAPSHOT_API, "VolumeGroupSnapshotContent"),

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from csi_lvm.cli import build_parser
+from e2e.attributes import attribute_checks
 from e2e.cluster import (
     BUSYBOX_IMAGE,
     KUBELET_DIR,
@@ -729,6 +730,7 @@ def workload_checks(checks: Checks) -> None:
     several_nodes_checks(checks)
     group_checks(checks, pvc, NAMESPACE, BUSYBOX_IMAGE)
     encryption_checks(checks, pvc, pod, example, NAMESPACE)
+    attribute_checks(checks, example, NAMESPACE)
 
     def cleanup() -> str:
         cluster.delete("pod", every=True, namespace=NAMESPACE, timeout=240)

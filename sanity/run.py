@@ -64,10 +64,14 @@ def inside_main(binary: str, focus: str | None) -> int:
         for device_class in CLASSES:
             parameters = work / f"{device_class}.yaml"
             parameters.write_text(f"deviceClass: {device_class}\n")
+            # A VolumeAttributesClass's parameters, for the ModifyVolume specs.
+            mutable = work / f"{device_class}-mutable.yaml"
+            mutable.write_text('readIOPS: "2000"\nwriteBytesPerSecond: "64Mi"\n')
             command = [
                 binary,
                 f"-csi.endpoint=unix://{driver.socket}",
                 f"-csi.testvolumeparameters={parameters}",
+                f"-csi.testvolumemutableparameters={mutable}",
                 f"-csi.testvolumesize={TEST_VOLUME_BYTES}",
                 f"-csi.stagingdir={work}/staging-{device_class}",
                 f"-csi.mountdir={work}/mount-{device_class}",

@@ -5,7 +5,7 @@
 results=$1
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
-for module in loop dm-mod dm-thin-pool dm-snapshot dm-crypt dm-raid dm-integrity; do
+for module in loop dm-mod dm-thin-pool dm-snapshot dm-crypt dm-raid dm-integrity btrfs; do
     modprobe "$module" 2>/dev/null
 done
 # virtme-ng hides the host's /etc/lvm under an empty tmpfs; a real node has

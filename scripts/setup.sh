@@ -5,7 +5,7 @@
 # TLS tests make; then the project's virtualenv.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
-packages="lvm2 thin-provisioning-tools xfsprogs e2fsprogs util-linux kmod udev
+packages="lvm2 thin-provisioning-tools xfsprogs e2fsprogs btrfs-progs util-linux kmod udev
     qemu-system-x86 linux-image-amd64 busybox-static docker.io debootstrap
     etcd-server containerd runc containernetworking-plugins iptables openssl
     cryptsetup-bin"

@@ -58,6 +58,7 @@ def load_kernel_modules() -> None:
         "dm-crypt",
         "dm-raid",
         "dm-integrity",
+        "btrfs",
     )
     for module in modules:
         subprocess.run(["modprobe", module], capture_output=True, check=False)

@@ -103,15 +103,13 @@ class Backend(ABC):
             return ClassSpace(0, self._extent_bytes(scan), 0, 0, missing=missing)
         assert group is not None  # else it would be missing
         space = self._space(group, scan, live)
-        if (spare := self.device_class.spare_bytes) and space.available_bytes:
-            kept = min(spare, space.available_bytes)
+        if (kept := min(self.device_class.spare_bytes, space.available_bytes)) > 0:
             space = dataclasses.replace(
                 space, available_bytes=space.available_bytes - kept, spare_bytes=kept
             )
         if (full := metadata_full(group)) is not None:
             space = dataclasses.replace(space, available_bytes=0, metadata_full=full)
-        needs_repair = self.needs_repair()
-        if needs_repair is None:
+        if (needs_repair := self.needs_repair()) is None:
             return space
         return dataclasses.replace(space, available_bytes=0, needs_repair=needs_repair)
 
@@ -123,16 +121,15 @@ class Backend(ABC):
         """What of the class's storage this node lacks, with the config line
         that names it; None when all is there."""
         device_class = self.device_class
-        node = self.inventory.node_id
         if not self.offered_here:
             return (
-                f"device class {device_class.name} is not on node {node}: the config gives "
+                f"device class {device_class.name} is not on node {self.node_id}: the config gives "
                 f"it to nodes {', '.join(device_class.nodes)} only"
             )
         if device_class.volume_group not in scan.vgs:
             return (
                 f"volume group {device_class.volume_group!r} of device class "
-                f"{device_class.name} does not exist on node {node} "
+                f"{device_class.name} does not exist on node {self.node_id} "
                 f"({self.inventory.config.source} line {device_class.volume_group_line})"
             )
         return None
@@ -316,6 +313,9 @@ class Backend(ABC):
                 exc, f"device class {self.name} cannot grow the volume to {size} bytes"
             ) from exc
         return size
+
+    def convert_layout(self, owned: Owned, kind: str, timeout: float | None) -> None:
+        raise FailedPrecondition(f"device class {self.name} cannot change a volume's layout")
 
     # ---- removing
 

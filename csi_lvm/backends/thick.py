@@ -50,6 +50,7 @@ from csi_lvm.ids import Kind, Tag, encode_tags, view_name_for
 from csi_lvm.lifecycle import MAKING_TAG, Lifecycle
 from csi_lvm.lvm.commands import Lvm
 from csi_lvm.lvm.errors import LvmError
+from csi_lvm.lvm.layouts import LINEAR, PLAIN, RAID1, Layout
 from csi_lvm.lvm.records import LogicalVolume, PhysicalVolume, VolumeGroup
 from csi_lvm.volumes import Inventory, Owned, Scan
 
@@ -269,6 +270,29 @@ class ThickBackend(Backend):
         """All of it: a thick LV has no map of what holds data."""
         whole = RangeSpool(maps.spool_dir).write([(0, point.size_bytes)])
         return BlockMap(point.size_bytes, 0, whole)
+
+    def convert_layout(self, owned: Owned, kind: str, timeout: float | None) -> None:
+        """Lay the volume out as ``kind`` (linear, or two-way RAID1) in place,
+        online; nothing is done when it is laid out so. LVM's test mode
+        first: a conversion it cannot make here (no second PV with room, a
+        snapshot's copy reading the volume) changes nothing."""
+        lv = owned.lv
+        if lv.attr.is_raid == (kind == RAID1):
+            return
+        target = PLAIN if kind == LINEAR else Layout(kind=RAID1, mirrors=1)
+        try:
+            self.lvm.convert_layout(lv.vg_name, lv.name, target, timeout, test=True)
+        except LvmError as error:
+            raise FailedPrecondition(
+                f"volume {owned.id} cannot be made {kind} on node {self.node_id}: {error}"
+                + (
+                    ": RAID1 needs a second PV of the volume group with room for a copy"
+                    if kind == RAID1
+                    else ""
+                )
+            ) from error
+        self.lvm.convert_layout(lv.vg_name, lv.name, target, timeout)
+        log.info("volume layout changed", lv=lv.full_name, layout=kind)
 
     def remove(self, owned: Owned, timeout: float | None) -> None:
         """Remove the LV, and the temporary view an interrupted copy into it

@@ -398,6 +398,26 @@ class Lvm:
             [(volume_group, name)],
         )
 
+    def convert_layout(
+        self,
+        volume_group: str,
+        name: str,
+        layout: Layout,
+        timeout: float | None = None,
+        *,
+        test: bool = False,
+    ) -> None:
+        """lvconvert an LV to ``layout`` (linear, or RAID1's images), online.
+        ``test``: LVM's test mode, which allocates but writes no metadata:
+        whether the conversion can be made, with LVM's reason when not."""
+        check_lv_names(volume_group, name)
+        shape = ["--type", "linear"] if layout.is_linear else layout_args(layout)
+        self.change(
+            ["lvconvert", "--yes", *(["--test"] if test else []), *shape, f"{volume_group}/{name}"],
+            timeout,
+            [] if test else [(volume_group, name)],
+        )  # fmt: skip
+
     def change_tags(
         self,
         volume_group: str,

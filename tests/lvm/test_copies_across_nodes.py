@@ -34,7 +34,7 @@ import pytest
 from csi_lvm import peer_source
 from csi_lvm.config import load_config
 from csi_lvm.csi import csi_pb2
-from csi_lvm.ids import Kind, lv_name_for
+from csi_lvm.ids import Kind, Tag, decode_tags, lv_name_for
 from csi_lvm.metrics import REGISTRY
 from csi_lvm.peer import peer_pb2, peer_pb2_grpc
 from csi_lvm.peers import StaticPeers
@@ -484,3 +484,26 @@ def test_without_copies_across_nodes_the_node_that_holds_the_source_is_named(
         client.close()
         assert driver.stop() == 0
     delete_snapshot(nodes.a, snap)
+
+
+def test_a_modification_sent_to_any_node_is_made_where_the_volume_is(
+    nodes: Nodes, name: str
+) -> None:
+    # The cluster's one resizer calls the plugin beside it, whatever node the
+    # volume is on: node-a passes node-b's volume on to node-b.
+    volume = create(nodes.b, name, 16 * MiB, "thin")
+    nodes.a.controller.ControllerModifyVolume(
+        csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=volume.volume_id, mutable_parameters={"writeIOPS": "300"}
+        )
+    )
+    tags = decode_tags(lv_tags(nodes.vg_b.name, lv_of(volume.volume_id)))
+    assert tags.get(Tag.IO_LIMITS) == "wiops=300"
+    # node-b's refusal comes back as it was given.
+    expect_error(
+        Code.INVALID_ARGUMENT, nodes.a.controller.ControllerModifyVolume,
+        csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=volume.volume_id, mutable_parameters={"bogus": "1"}),
+        "bogus cannot be set on a volume of device class thin",
+    )  # fmt: skip
+    nodes.b.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))

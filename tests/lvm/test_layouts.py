@@ -377,3 +377,41 @@ def test_a_failed_raid_leg_shows_in_health_condition_status_and_metrics_and_io_g
         subprocess.run(["lvchange", "-an", f"{vg.name}/{lv}"], capture_output=True, check=False)
         subprocess.run(["lvremove", "-f", f"{vg.name}/{lv}"], capture_output=True, check=False)
     assert NODE_ID in volume.volume_id
+
+
+def test_a_volume_changes_between_linear_and_raid1_in_use_and_keeps_its_data(
+    csi: CsiClient, vg: LoopVolumeGroup, workdir: Path
+) -> None:
+    volume = create(csi, "convert", 16 * MiB, "thick")
+    lv = lv_of(volume.volume_id)
+    staging = workdir / "convert"
+    stage(csi, volume.volume_id, str(staging), mount_capability("ext4"))
+
+    def modify(layout: str) -> None:
+        csi.controller.ControllerModifyVolume(
+            csi_pb2.ControllerModifyVolumeRequest(
+                volume_id=volume.volume_id, mutable_parameters={"layout": layout}
+            )
+        )
+
+    try:
+        write_marker(staging)
+        modify("raid1")
+        assert lv_field(vg.name, lv, "lv_layout") == "raid,raid1"
+        modify("raid1")  # a repeat finds it done
+        eventually(lambda: not volume_health(csi, volume.volume_id), seconds=120)
+        assert (staging / "marker").read_bytes() == MARKER
+        modify("linear")
+        assert lv_field(vg.name, lv, "lv_layout") == "linear"
+        assert (staging / "marker").read_bytes() == MARKER
+    finally:
+        unstage(csi, volume.volume_id, str(staging))
+    striped = create(csi, "no-convert", 16 * MiB, "striped")
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, csi.controller.ControllerModifyVolume,
+        csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=striped.volume_id, mutable_parameters={"layout": "raid1"}),
+        "layout cannot be set on a volume of device class striped",
+    )  # fmt: skip
+    for made in (volume, striped):
+        delete(csi, made.volume_id)

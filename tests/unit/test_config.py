@@ -119,7 +119,7 @@ def test_a_class_can_name_its_nodes_and_its_mkfs_options() -> None:
     [
         ("    nodes: []\n", "line 4: nodes must be a non-empty list"),
         ("    nodes: storage-1\n", "line 4: nodes must be a non-empty list"),
-        ("    mkfsOptions:\n      btrfs: [-f]\n", "line 5: unknown key 'btrfs'"),
+        ("    mkfsOptions:\n      zfs: [-f]\n", "line 5: unknown key 'zfs'"),
         ("    mkfsOptions:\n      xfs: -f\n", "line 5: mkfsOptions.xfs must be a non-empty list"),
         ("    mkfsOptions:\n      xfs: ['--']\n", "line 5: mkfs argument '--' is not allowed"),
     ],

@@ -104,6 +104,8 @@ PLUGIN_COMMAND = [
     "0.0.0.0:9811",
     "--tls-dir",
     "/etc/csi-lvm-tls",
+    "--cgroup-root",
+    "/host/sys/fs/cgroup",
 ]
 
 # ---------------------------------------------------------------- sidecars
@@ -1581,3 +1583,23 @@ def test_container_lvm_settings() -> None:
         "locking_dir": '"/run/lock/lvm"',
         "use_lvmpolld": "0",
     }
+
+
+def test_the_plugin_sees_the_host_s_pod_cgroups_where_its_flag_says() -> None:
+    plugin = containers()[PLUGIN]
+    args = plugin["args"]
+    root = args[args.index("--cgroup-root") + 1]
+    assert volumes()[mount(plugin, root)["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
+    assert not mount(plugin, root).get("readOnly")  # io.max is written
+
+
+def test_the_resizer_and_provisioner_read_volume_attributes_classes() -> None:
+    assert csi_pb2.ControllerServiceCapability.RPC.MODIFY_VOLUME in CONTROLLER_CAPABILITIES
+    for role in ("csi-lvm-resizer", "csi-lvm-provisioner"):
+        rules = the("ClusterRole", role)["rules"]
+        assert any(
+            "volumeattributesclasses" in rule["resources"]
+            and rule["apiGroups"] == ["storage.k8s.io"]
+            and set(rule["verbs"]) == {"get", "list", "watch"}
+            for rule in rules
+        ), role
