@@ -31,19 +31,21 @@ TIMEOUT = 240
 
 def attribute_checks(
     checks: Any,
+    pod: Callable[..., dict[str, Any]],
     example: Callable[[str], list[dict[str, Any]]],
     namespace: str,
 ) -> None:
     cluster = checks.cluster
 
     def changed_on_a_running_pod() -> str:
-        objects = example("12-io-limits.yaml")
+        # The example's classes and PVC; the tier's own pod (its local image).
+        objects = [o for o in example("12-io-limits.yaml") if o["kind"] != "Pod"]
         for made in objects:
             if made["kind"] == "VolumeAttributesClass":
                 made["driverName"] = checks.rendered.driver_name
             else:
                 made["metadata"]["namespace"] = namespace
-        cluster.apply(objects)
+        cluster.apply([*objects, pod(WRITER, CLAIM, "true")])
         checks.wait_running(WRITER)
         uid = cluster.get("pod", WRITER, "-n", namespace)["metadata"]["uid"]
         cgroup = PodCgroups("/sys/fs/cgroup").find(uid)

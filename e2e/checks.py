@@ -730,7 +730,7 @@ def workload_checks(checks: Checks) -> None:
     several_nodes_checks(checks)
     group_checks(checks, pvc, NAMESPACE, BUSYBOX_IMAGE)
     encryption_checks(checks, pvc, pod, example, NAMESPACE)
-    attribute_checks(checks, example, NAMESPACE)
+    attribute_checks(checks, pod, example, NAMESPACE)
 
     def cleanup() -> str:
         cluster.delete("pod", every=True, namespace=NAMESPACE, timeout=240)

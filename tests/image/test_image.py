@@ -385,6 +385,9 @@ def test_lvm_is_configured_for_a_container(plugin: Plugin) -> None:
         ("mkfs.xfs", "-V"),
         ("mkfs.ext4", "-V"),
         ("xfs_growfs", "-V"),
+        ("mkfs.btrfs", "--version"),
+        ("btrfs", "--version"),  # filesystem resize, inspect-internal dump-super
+        ("btrfstune", "--help"),  # a copy's new filesystem ID (exits 0 on --help)
         ("thin_check", "-V"),
         ("blkid", "-V"),
         ("mount", "-V"),
