@@ -191,7 +191,7 @@ class Driver:
         self.launcher = list(launcher)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> CsiClient:
+    def start(self, timeout: float = 180.0) -> CsiClient:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [
@@ -213,7 +213,10 @@ class Driver:
                 return client
             except grpc.FutureTimeoutError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("csi-lvm did not open its socket in time") from None
+                    raise RuntimeError(
+                        f"csi-lvm did not open its socket within {timeout:.0f} s; its log "
+                        f"ends:\n{self.log_path.read_text()[-3000:]}"
+                    ) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.process is None:
@@ -264,7 +267,10 @@ class ForkedDriver:
                         f"csi-lvm died:\n{self.log_path.read_text()[-3000:]}"
                     ) from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError("csi-lvm did not open its socket in time") from None
+                    raise RuntimeError(
+                        f"csi-lvm did not open its socket within {timeout:.0f} s; its log "
+                        f"ends:\n{self.log_path.read_text()[-3000:]}"
+                    ) from None
 
     def alive(self) -> bool:
         try:
