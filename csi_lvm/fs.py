@@ -181,9 +181,10 @@ def _new_btrfs_fsid(device: str, before: str) -> None:
     copy beside its source. ``btrfstune -m`` gives the copy a new fsid in its
     superblock only (the trees keep theirs as metadata_uuid), but orphans a
     log tree of fsyncs not yet committed: the mount after fails. A copy cut
-    with a log tree (its source was not cleanly unmounted; LVM freezes a
-    mounted source for a snapshot, which commits) is replayed first, by a
-    private mount, which the kernel refuses while the source is mounted."""
+    with a log tree (its source was not cleanly unmounted, or was written
+    between the commit ``freezing.commit_btrfs`` makes before every cut and
+    the cut) is replayed first, by a private mount, which the kernel refuses
+    while the source is mounted."""
     if _btrfs_log_root(device) != 0:
         with tempfile.TemporaryDirectory(prefix="csi-lvm-replay-") as scratch:
             try:
@@ -278,11 +279,23 @@ def device_at(path: str) -> str | None:
     except OSError:
         return None
     number = info.st_rdev if stat.S_ISBLK(info.st_mode) else info.st_dev
-    found = f"{os.major(number)}:{os.minor(number)}"
-    if os.major(number) == 0:
-        for entry in mounts():
-            if entry.device_number == found:
-                return backing_device(entry)
+    if os.major(number) == 0:  # btrfs: another anonymous number per subvolume
+        holding = mount_holding(path)
+        if holding is not None:
+            return backing_device(holding)
+    return f"{os.major(number)}:{os.minor(number)}"
+
+
+def mount_holding(path: str) -> Mount | None:
+    """The mount that shows ``path``: the one mounted last on the path or
+    on its nearest parent that is a mount point."""
+    real = os.path.realpath(path)
+    found = None
+    for entry in mounts():
+        point = entry.mount_point
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (found is None or len(point) >= len(found.mount_point)):
+            found = entry
     return found
 
 

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from csi_lvm import blockcopy, lifecycle
+from csi_lvm import blockcopy, freezing, lifecycle
 from csi_lvm.backends.admission import ClassSpace
 from csi_lvm.backends.asks import Ask, NewLv
 from csi_lvm.backends.base import Backend, Hold
@@ -75,6 +75,7 @@ def create_view(lvm: Lvm, source: Owned, name: str, tags: Sequence[str], extent_
     """``name``: a classic COW snapshot of ``source`` with ``view_bytes`` of
     room for the changes written while a copy reads it."""
     size = view_bytes(source.size_bytes, extent_bytes)
+    freezing.commit_btrfs(source.data_device())
     lvm.create_cow_snapshot(source.lv.vg_name, source.lv.name, name, size, VIEW_CHUNK_BYTES, tags)
 
 
@@ -280,18 +281,16 @@ class ThickBackend(Backend):
         if lv.attr.is_raid == (kind == RAID1):
             return
         target = PLAIN if kind == LINEAR else Layout(kind=RAID1, mirrors=1)
-        try:
-            self.lvm.convert_layout(lv.vg_name, lv.name, target, timeout, test=True)
-        except LvmError as error:
-            raise FailedPrecondition(
-                f"volume {owned.id} cannot be made {kind} on node {self.node_id}: {error}"
-                + (
-                    ": RAID1 needs a second PV of the volume group with room for a copy"
-                    if kind == RAID1
-                    else ""
-                )
-            ) from error
-        self.lvm.convert_layout(lv.vg_name, lv.name, target, timeout)
+        # Dropping a copy needs no room (and LVM's test mode cannot act it out).
+        steps = [True, False] if kind == RAID1 else [False]
+        for test in steps:
+            try:
+                self.lvm.convert_layout(lv.vg_name, lv.name, target, timeout, test=test)
+            except LvmError as error:
+                room = ": RAID1 needs a second PV with room for a copy" if kind == RAID1 else ""
+                raise FailedPrecondition(
+                    f"volume {owned.id} cannot be made {kind} on node {self.node_id}: {error}{room}"
+                ) from error
         log.info("volume layout changed", lv=lv.full_name, layout=kind)
 
     def remove(self, owned: Owned, timeout: float | None) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from csi_lvm import lifecycle
+from csi_lvm import freezing, lifecycle
 from csi_lvm.backends.admission import ClassSpace
 from csi_lvm.backends.asks import Ask, Contents, NewLv
 from csi_lvm.backends.base import Backend, Hold
@@ -169,6 +169,7 @@ class ThinBackend(Backend):
         """A restore or clone is made active; a snapshot inactive, with
         activation skipped (see ``csi_lvm.lifecycle``)."""
         group = self.device_class.volume_group
+        freezing.commit_btrfs(source.data_device())
         self.lvm.create_thin_snapshot(
             group, source.lv.name, new.name, tags, active=active, timeout=new.timeout
         )
@@ -187,6 +188,7 @@ class ThinBackend(Backend):
 
     def make_view(self, source: Owned, name: str, tags: Sequence[str], extent_bytes: int) -> None:
         """A thin snapshot: instant, and it cannot overflow."""
+        freezing.commit_btrfs(source.data_device())
         self.lvm.create_thin_snapshot(source.lv.vg_name, source.lv.name, name, tags, active=False)
 
     def data_ranges(self, point: Owned, maps: BlockMaps, timeout: float | None) -> BlockMap:

@@ -187,7 +187,7 @@ def test_a_layout_this_node_cannot_make_is_refused_and_nothing_changes(
         csi_pb2.ControllerModifyVolumeRequest(
             volume_id=volume.volume_id,
             mutable_parameters={"layout": "raid1", "writeIOPS": "10"}),
-        "cannot be made raid1", "second PV",
+        "cannot be made raid1", "second PV with room",
     )  # fmt: skip
     layout = sh("lvs", "--noheadings", "-o", "lv_layout", f"{vg.name}/{lv}").strip()
     assert layout == "linear"
