@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 SUPPORTED_FILESYSTEMS = ("ext4", "xfs", "btrfs")
-# mkfs.xfs refuses smaller devices (xfsprogs 5.19 and later), mkfs.btrfs
-# devices under 109 MiB (btrfs-progs 6.2: "minimum size for each btrfs device").
-MINIMUM_BYTES = {"ext4": 0, "xfs": 300 << 20, "btrfs": 109 << 20}
+# mkfs.xfs refuses smaller devices (xfsprogs 5.19 and later). mkfs.btrfs
+# makes one from 109 MiB, but Linux resizes no btrfs to under 256 MiB (the
+# resize ioctl is EINVAL, even to the same size): the floor is what can grow.
+MINIMUM_BYTES = {"ext4": 0, "xfs": 300 << 20, "btrfs": 256 << 20}
 DEFAULT_FILESYSTEM = "ext4"
 
 

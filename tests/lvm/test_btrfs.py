@@ -51,7 +51,7 @@ def written_with_fsync(path: Path, text: str) -> None:
 def test_a_btrfs_volume_is_made_once_staged_published_and_measured(
     csi: CsiClient, workdir: Path, name: str
 ) -> None:
-    volume = create(csi, name, 160 * MiB, "thin", capability=BTRFS)
+    volume = create(csi, name, 256 * MiB, "thin", capability=BTRFS)
     staging, target = str(workdir / f"{name}-s"), str(workdir / f"{name}-t")
     stage(csi, volume.volume_id, staging, BTRFS)
     stage(csi, volume.volume_id, staging, BTRFS)  # the same mount: OK again
@@ -64,10 +64,10 @@ def test_a_btrfs_volume_is_made_once_staged_published_and_measured(
         csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume.volume_id, volume_path=target)
     )
     space = {u.unit: u for u in stats.usage}[csi_pb2.VolumeUsage.BYTES]
-    assert 100 * MiB < space.total <= 160 * MiB and 0 < space.available < space.total
+    assert 200 * MiB < space.total <= 256 * MiB and 0 < space.available < space.total
     assert not stats.volume_condition.abnormal
     # Another volume's path is not this volume's.
-    other = create(csi, f"{name}-other", 160 * MiB, "thin", capability=BTRFS)
+    other = create(csi, f"{name}-other", 256 * MiB, "thin", capability=BTRFS)
     other_staging = str(workdir / f"{name}-os")
     stage(csi, other.volume_id, other_staging, BTRFS)
     expect_error(
@@ -93,18 +93,18 @@ def test_a_btrfs_volume_is_made_once_staged_published_and_measured(
     delete(csi, volume.volume_id)
 
 
-def test_a_btrfs_volume_is_made_at_least_as_large_as_mkfs_btrfs_needs(
+def test_a_btrfs_volume_is_made_at_least_as_large_as_linux_grows(
     csi: CsiClient, workdir: Path, name: str
 ) -> None:
     small = create(csi, name, 16 * MiB, "thin", capability=BTRFS)
-    assert small.capacity_bytes >= 109 * MiB
+    assert small.capacity_bytes >= 256 * MiB
     mounted = Mounted(csi, workdir, small.volume_id, "btrfs", name)
     mounted.release()
     delete(csi, small.volume_id)
     too_small = create_request(f"{name}-cut", 16 * MiB, "thin", capability=BTRFS)
-    too_small.capacity_range.limit_bytes = 64 * MiB
+    too_small.capacity_range.limit_bytes = 128 * MiB
     expect_error(
-        Code.OUT_OF_RANGE, csi.controller.CreateVolume, too_small, f"at least {109 * MiB} bytes"
+        Code.OUT_OF_RANGE, csi.controller.CreateVolume, too_small, f"at least {256 * MiB} bytes"
     )
 
 
@@ -112,7 +112,7 @@ def test_a_btrfs_volume_is_made_at_least_as_large_as_mkfs_btrfs_needs(
 def test_a_mounted_btrfs_grows_while_in_use(
     csi: CsiClient, workdir: Path, name: str, device_class: str
 ) -> None:
-    volume = create(csi, name, 160 * MiB, device_class, capability=BTRFS)
+    volume = create(csi, name, 256 * MiB, device_class, capability=BTRFS)
     mounted = Mounted(csi, workdir, volume.volume_id, "btrfs", name)
     before = mounted.size()
     with open(mounted.path("busy.log"), "w") as busy:  # open across the resize
@@ -121,11 +121,11 @@ def test_a_mounted_btrfs_grows_while_in_use(
             csi_pb2.NodeExpandVolumeRequest(
                 volume_id=volume.volume_id, volume_path=mounted.target,
                 staging_target_path=mounted.staging,
-                capacity_range=csi_pb2.CapacityRange(required_bytes=320 * MiB),
+                capacity_range=csi_pb2.CapacityRange(required_bytes=400 * MiB),
             )
         )  # fmt: skip
         busy.write("still writing\n")
-    assert grown.capacity_bytes == 320 * MiB
+    assert grown.capacity_bytes == 400 * MiB
     assert mounted.size() > before + 120 * MiB
     mounted.release()
     delete(csi, volume.volume_id)
@@ -135,7 +135,7 @@ def test_a_mounted_btrfs_grows_while_in_use(
 def test_a_restore_and_a_clone_mount_beside_their_mounted_source(
     csi: CsiClient, workdir: Path, name: str, device_class: str
 ) -> None:
-    volume = create(csi, name, 160 * MiB, device_class, capability=BTRFS)
+    volume = create(csi, name, 256 * MiB, device_class, capability=BTRFS)
     origin = Mounted(csi, workdir, volume.volume_id, "btrfs", f"{name}-o")
     origin.path("committed").write_text("committed")
     os.sync()
@@ -143,11 +143,11 @@ def test_a_restore_and_a_clone_mount_beside_their_mounted_source(
     snap = snapshot(csi, f"{name}-snap", volume.volume_id)
     origin.path("after").write_text("written after the snapshot")
     restored = csi.controller.CreateVolume(
-        create_request(f"{name}-r", 320 * MiB, device_class, capability=BTRFS,
+        create_request(f"{name}-r", 512 * MiB, device_class, capability=BTRFS,
                        volume_content_source=from_snapshot(snap.snapshot_id))
     ).volume  # fmt: skip
     written_with_fsync(origin.path("fsynced-again"), "in the log tree again")
-    clone = create(csi, f"{name}-c", 160 * MiB, device_class, capability=BTRFS,
+    clone = create(csi, f"{name}-c", 256 * MiB, device_class, capability=BTRFS,
                    volume_content_source=from_volume(volume.volume_id))  # fmt: skip
 
     copy = Mounted(csi, workdir, restored.volume_id, "btrfs", f"{name}-r")
