@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -23,10 +23,10 @@ from csi_lvm import lifecycle
 from csi_lvm.backends import Backends
 from csi_lvm.backends.asks import Ask, Condition
 from csi_lvm.csi import csi_pb2, csi_pb2_grpc
-from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument
+from csi_lvm.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound
 from csi_lvm.ids import Kind, ObjectId, check_csi_name, lv_name_for
 from csi_lvm.locks import KeyedLocks
-from csi_lvm.modifications import Change, Modifier, parse_change
+from csi_lvm.modifications import Modifier, parse_change
 from csi_lvm.peer_copy import PeerCopies
 from csi_lvm.peer_source import Leases
 from csi_lvm.rpc import budget, paged
@@ -126,7 +126,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             request.capacity_range.required_bytes, request.capacity_range.limit_bytes
         )
         timeout = budget(context)
-        change = parse_change(request.mutable_parameters, device_class)
+        parse_change(request.mutable_parameters, device_class)  # refused before anything is made
         lv_name = lv_name_for(Kind.VOLUME, request.name)
         remote = (
             None
@@ -139,7 +139,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             timeout,
         )
         if request.mutable_parameters:  # its VolumeAttributesClass's
-            self._modify(volume.volume_id, change, timeout)
+            self._modify(volume.volume_id, request.mutable_parameters, timeout)
         return csi_pb2.CreateVolumeResponse(volume=volume)
 
     def ControllerModifyVolume(
@@ -165,15 +165,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         """A ControllerModifyVolume of a volume of this node."""
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
-        owned = self._require_volume(request.volume_id, self.inventory.scan(timeout))
-        change = parse_change(request.mutable_parameters, owned.device_class)
-        self._modify(request.volume_id, change, timeout)
+        self._modify(request.volume_id, request.mutable_parameters, timeout)
 
-    def _modify(self, volume_id: str, change: Change, timeout: float | None) -> None:
+    def _modify(self, volume_id: str, parameters: Mapping[str, str], timeout: float | None) -> None:
+        """The volume found (NOT_FOUND else), its class's parameters checked,
+        then the change made, under the volume's lock."""
         object_id = self.inventory.local_id(volume_id, Kind.VOLUME, "volume")
-        assert object_id is not None  # the volume was found
+        if object_id is None:  # not an id csi-lvm makes
+            raise NotFound(f"volume {volume_id} does not exist on node {self.node_id}")
         with self.locks.hold(object_id.lv_name):
             owned = self._require_volume(volume_id, self.inventory.scan(timeout))
+            change = parse_change(parameters, owned.device_class)
             lifecycle.check_ready(owned, "volume")
             self.modifier.modify(owned, change, timeout)
 

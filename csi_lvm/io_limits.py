@@ -159,13 +159,3 @@ class PodCgroups:
                 f"could not set IO limits in {io_max}: {error.strerror}"
             ) from error
         return True
-
-    def limits_of(self, pod_uid: str, device_number: str) -> str | None:
-        """The pod's io.max line for the device, as the kernel has it."""
-        cgroup = self.find(pod_uid)
-        if cgroup is None or not (cgroup / "io.max").exists():
-            return None
-        for line in (cgroup / "io.max").read_text().splitlines():
-            if line.split(" ", 1)[0] == device_number:
-                return line
-        return None

@@ -95,8 +95,9 @@ class Modifier:
         a repeat finds both done."""
         if change.layout is not None:
             self.backends.of(owned.device_class).convert_layout(owned, change.layout, timeout)
-        limits = limits_of(owned).changed(change.limits)
-        if limits != limits_of(owned):
+        current = limits_of(owned)
+        limits = current.changed(change.limits)
+        if limits != current:
             self.inventory.set_tag(owned, Tag.IO_LIMITS, limits.tag_value(), timeout)
             log.info("IO limits set", lv=owned.lv.full_name, limits=limits.tag_value() or "none")
         self._apply_to_publications(owned, limits)
