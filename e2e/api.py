@@ -4,12 +4,16 @@ A kubectl run costs seconds under TCG (a large Go binary starting, then a
 TLS handshake) and the checks poll, so reads, applies, patches and deletes go
 through one kept-alive client; kubectl keeps what needs its own protocols or
 logic (kustomize, waiting for CRDs). Objects come back as the API's JSON
-(dicts), as ``kubectl get -o json`` prints them. lightkube has no exec: that
-one is a WebSocket of the API's own (websocket-client).
+(dicts), as ``kubectl get -o json`` prints them: each kind is read through an
+untyped twin of lightkube's model, since the models refuse JSON the API
+serves (a new node's CSINode has ``"drivers": null``, and the model wants a
+list). lightkube has no exec: that one is a WebSocket of the API's own
+(websocket-client).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -22,7 +26,11 @@ from lightkube import ALL_NS, Client, KubeConfig
 from lightkube.core.exceptions import ApiError, LoadResourceError
 from lightkube.core.resource import NamespacedResource
 from lightkube.core.resource_registry import resource_registry
-from lightkube.generic_resource import load_in_cluster_generic_resources
+from lightkube.generic_resource import (
+    GenericGlobalResource,
+    GenericNamespacedResource,
+    load_in_cluster_generic_resources,
+)
 from lightkube.types import PatchType
 
 DEFAULT_NAMESPACE = "default"
@@ -61,6 +69,15 @@ def selector(text: str | None) -> dict[str, Any] | None:
     return {key: value for key, value in pairs}
 
 
+@functools.cache
+def untyped(model: Any) -> Any:
+    """A class for the same API path as ``model`` whose objects are the
+    API's JSON as it came (dicts), unchecked against the model's types."""
+    namespaced = issubclass(model, NamespacedResource)
+    base = GenericNamespacedResource if namespaced else GenericGlobalResource
+    return type(model.__name__, (base,), {"_api_info": model._api_info})
+
+
 class Api:
     def __init__(self, kubeconfig: Path, server: str, tls: tuple[Path, Path, Path]) -> None:
         """``tls``: the CA, the client certificate and its key (for exec)."""
@@ -80,16 +97,17 @@ class Api:
             self.seconds += time.monotonic() - start
 
     def resource(self, api_version: str, kind: str) -> Any:
-        """lightkube's class for the kind; the cluster's CRDs are read again
+        """The untyped class for the kind; the cluster's CRDs are read again
         when it is one of theirs not yet known (the checks install CRDs)."""
+        found: Any
         try:
-            return resource_registry.load(api_version, kind)
+            found = resource_registry.load(api_version, kind)
         except LoadResourceError:
             self._timed(lambda: load_in_cluster_generic_resources(self.client))
             found = resource_registry.get(api_version, kind)
             if found is None:
                 raise
-            return found
+        return untyped(found)
 
     def named(self, name: str) -> Any:
         """The class of the kind kubectl would take ``name`` to mean (kind,
