@@ -384,9 +384,14 @@ class Node:
         return run(["ctr", "--address", str(self.containerd_socket), "-n", "k8s.io", *args],
                    timeout=timeout)  # fmt: skip
 
-    def import_images(self, tarballs: list[Path]) -> None:
+    def import_images(self, tarballs: list[Path]) -> dict[str, float]:
+        """Seconds each tarball took, by its name."""
+        took = {}
         for tarball in tarballs:
+            start = time.monotonic()
             self.ctr("images", "import", str(tarball))
+            took[tarball.name] = time.monotonic() - start
+        return took
 
     # ---- kubelet and kube-proxy ------------------------------------------------
     def start_kubelet(self, ca: Path, again: bool = False) -> None:
@@ -463,7 +468,7 @@ class Cluster:
         self.pki = Pki(self.scratch / "pki")
         self.admin = self.scratch / "admin.kubeconfig"
         self.nodes = [Node(spec, self.bin, self.scratch, self.procs) for spec in NODES]
-        self.importing: list[Future[None]] = []
+        self.importing: list[Future[dict[str, float]]] = []
         self.kubectl_runs, self.kubectl_seconds = 0, 0.0
 
     def node(self, name: str) -> Node:
@@ -737,11 +742,13 @@ class Cluster:
         """The workloads' images in every node's containerd. Nothing may
         ask for them before: a kubelet would try to pull them, fail (no
         network), and back off for minutes."""
-        for importing in self.importing:
-            importing.result()
+        took = [importing.result() for importing in self.importing]
         print(f"         the workloads' images imported into each node "
               f"{time.monotonic() - self.import_started:.0f} s after the kubelets started",
               flush=True)  # fmt: skip
+        for node, seconds in zip(self.nodes, took, strict=True):
+            each = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
+            print(f"         {node.name}: {each}", flush=True)
 
     def wait_ready(self, report: Any, timeout: float = 600) -> None:
         for node in self.nodes:
