@@ -17,6 +17,7 @@ from lightkube.core import decoders
 from lightkube.resources.storage_v1 import CSINode
 
 from e2e.api import Api
+from tests.unit.kubeconfig import kubeconfig
 
 NEW_NODE = {
     "apiVersion": "storage.k8s.io/v1",
@@ -24,19 +25,6 @@ NEW_NODE = {
     "metadata": {"name": "e2e-node", "resourceVersion": "7"},
     "spec": {"drivers": None},
 }
-KUBECONFIG = """apiVersion: v1
-kind: Config
-clusters:
-  - name: c
-    cluster: {{server: "{server}"}}
-users:
-  - name: u
-    user: {{token: t}}
-contexts:
-  - name: x
-    context: {{cluster: c, user: u}}
-current-context: x
-"""
 
 
 class FakeApi(BaseHTTPRequestHandler):
@@ -70,7 +58,7 @@ def api(tmp_path: Path) -> Iterator[Api]:
     thread.start()
     address = f"http://127.0.0.1:{server.server_address[1]}"
     config = tmp_path / "kubeconfig"
-    config.write_text(KUBECONFIG.format(server=address))
+    config.write_text(kubeconfig(address))
     unused = tmp_path / "unused"
     try:
         yield Api(config, address, (unused, unused, unused))

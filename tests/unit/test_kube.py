@@ -11,20 +11,7 @@ import pytest
 
 from csi_lvm import kube
 from csi_lvm.errors import ConfigError
-
-KUBECONFIG = """apiVersion: v1
-kind: Config
-clusters:
-  - name: c
-    cluster: {{server: "{server}", insecure-skip-tls-verify: true}}
-users:
-  - name: u
-    user: {{token: t}}
-contexts:
-  - name: x
-    context: {{cluster: c, user: u}}
-current-context: x
-"""
+from tests.unit.kubeconfig import kubeconfig
 
 
 def server_of() -> str:
@@ -35,7 +22,7 @@ def test_an_explicit_kubeconfig_wins_over_a_service_account(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tmp_path / "config"
-    config.write_text(KUBECONFIG.format(server="https://explicit:6443"))
+    config.write_text(kubeconfig("https://explicit:6443"))
     monkeypatch.setenv("KUBECONFIG", str(config))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     assert server_of() == "https://explicit:6443"
@@ -45,7 +32,7 @@ def test_the_home_config_is_the_last_resort(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / ".kube").mkdir()
-    (tmp_path / ".kube" / "config").write_text(KUBECONFIG.format(server="https://home:6443"))
+    (tmp_path / ".kube" / "config").write_text(kubeconfig("https://home:6443"))
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
